@@ -1,0 +1,15 @@
+"""ComfyUI glue: the node classes of the pack (V3 schema) and its extension object."""
+from __future__ import annotations
+
+from comfy_api.v0_0_2 import ComfyExtension, io
+
+from .dit import DiTLoader, Sampler
+from .text import T5Loader, TextEncode
+from .vae import VAEDecode, VAELoader
+
+NODES: list[type[io.ComfyNode]] = [T5Loader, TextEncode, DiTLoader, Sampler, VAELoader, VAEDecode]
+
+
+class PixArtExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES

@@ -1,0 +1,66 @@
+"""The one place that talks to ComfyUI's model management: ModelPatcher wrapping, loading, progress, interrupt."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.utils
+
+
+class Holder(torch.nn.Module):
+    """ModelPatcher writes `.device` and bookkeeping attributes onto the module it manages; diffusers and
+    transformers models have a read-only `.device`, so they ride inside this plain container."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+
+def wrap(model: torch.nn.Module, load_device: torch.device, offload_device: torch.device) -> comfy.model_patcher.ModelPatcher:
+    """A ModelPatcher for one of our models (sized from its state dict, as ComfyUI sizes its own)."""
+    return comfy.model_patcher.ModelPatcher(Holder(model), load_device=load_device, offload_device=offload_device)
+
+
+def use(patcher: comfy.model_patcher.ModelPatcher, memory_required: int = 0) -> torch.nn.Module:
+    """Have ComfyUI put the model on its load device (evicting others as needed) and return the inner model.
+
+    Loaded whole: our modules have no ComfyUI cast-weights ops, so a partial (lowvram) load would split them
+    across devices.
+    """
+    mm.load_models_gpu([patcher], memory_required=memory_required, force_full_load=True)
+    return patcher.model.inner
+
+
+def dit_devices() -> tuple[torch.device, torch.device]:
+    return mm.get_torch_device(), mm.unet_offload_device()
+
+
+def t5_devices() -> tuple[torch.device, torch.device]:
+    return mm.text_encoder_device(), mm.text_encoder_offload_device()
+
+
+def vae_devices() -> tuple[torch.device, torch.device]:
+    return mm.vae_device(), mm.vae_offload_device()
+
+
+def intermediate_device() -> torch.device:
+    """Where node outputs (conditioning, latents) live between nodes."""
+    return mm.intermediate_device()
+
+
+def step_callback(total: int) -> Callable[[int, int, Any], None]:
+    """Per-step hook for the sampling loop: ComfyUI progress bar, then raise if the user pressed Cancel."""
+    bar = comfy.utils.ProgressBar(total)
+
+    def on_step(step: int, steps: int, latents: Any) -> None:
+        bar.update_absolute(step, steps)
+        mm.throw_exception_if_processing_interrupted()
+
+    return on_step
+
+
+def check_interrupt() -> None:
+    mm.throw_exception_if_processing_interrupted()

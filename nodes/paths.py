@@ -1,0 +1,51 @@
+"""Model file and folder lists for the loader widgets, from ComfyUI's folder_paths."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import folder_paths
+
+WEIGHT_EXT = (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin")
+
+
+def _diffusers_roots() -> list[Path]:
+    return [Path(p) for p in folder_paths.get_folder_paths("diffusers") if os.path.isdir(p)]
+
+
+def diffusers_folders(subfolder: str) -> list[str]:
+    """Folders under models/diffusers with `subfolder`/config.json (a pipeline) or config.json (a bare component)."""
+    found = set()
+    for root in _diffusers_roots():
+        for d in sorted(root.iterdir()):
+            if d.is_dir() and ((d / subfolder / "config.json").is_file() or (d / "config.json").is_file()):
+                found.add(d.name)
+    return sorted(found)
+
+
+def files(*folder_names: str, ext: tuple[str, ...] = WEIGHT_EXT) -> list[str]:
+    names: set[str] = set()
+    for folder in folder_names:
+        names.update(n for n in folder_paths.get_filename_list(folder) if n.lower().endswith(ext))
+    return sorted(names)
+
+
+def choices(folder_names: tuple[str, ...], subfolder: str, ext: tuple[str, ...] = WEIGHT_EXT) -> list[str]:
+    """Widget options: weight files in the ComfyUI folders, then diffusers folders."""
+    return files(*folder_names, ext=ext) + diffusers_folders(subfolder)
+
+
+def resolve(name: str, folder_names: tuple[str, ...]) -> Path:
+    """The file or diffusers folder a widget value names; a clear error if it vanished since listing."""
+    for root in _diffusers_roots():
+        if (root / name).is_dir():
+            return root / name
+    for folder in folder_names:
+        full = folder_paths.get_full_path(folder, name)
+        if full is not None:
+            return Path(full)
+    where = " or ".join(f"models/{f}" for f in folder_names)
+    raise FileNotFoundError(
+        f"{name}: not found in {where} or models/diffusers. It may have been moved or deleted since the list was "
+        "made: press 'r' (refresh) in ComfyUI and pick the file again."
+    )

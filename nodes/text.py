@@ -1,0 +1,85 @@
+"""T5 loader and prompt encoder nodes."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import comfy
+from comfy_api.v0_0_2 import io
+
+from ..pixart_core import t5 as core_t5
+from ..pixart_core.sampling import Conditioning
+from . import management, paths
+from .types import CATEGORY, T5, T5Handle
+from .types import Conditioning as CondType
+
+log = logging.getLogger(__name__)
+T5_FOLDERS = ("text_encoders",)
+COMFY_TOKENIZER = Path(comfy.__file__).parent / "text_encoders" / "t5_tokenizer"
+
+
+class T5Loader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PixArtSigmaT5Loader",
+            display_name="PixArt-Σ T5 Loader",
+            category=f"{CATEGORY}/loaders",
+            description="Loads the T5-v1.1-XXL text encoder, optionally quantized with bitsandbytes.",
+            inputs=[
+                io.Combo.Input("t5_name", options=paths.choices(T5_FOLDERS, "text_encoder", paths.WEIGHT_EXT[:2]),
+                               tooltip="A T5-v1.1-XXL single file in models/text_encoders (e.g. t5xxl_fp16.safetensors) "
+                                       "or a diffusers/transformers folder in models/diffusers."),
+                io.Combo.Input("quantization", options=list(core_t5.QUANTIZATIONS), default=core_t5.QUANTIZATIONS[0],
+                               tooltip="bitsandbytes 8-bit (~4.9 GB) or 4-bit nf4 (~2.9 GB) instead of ~9.5 GB in bf16."),
+                io.Combo.Input("dtype", options=list(core_t5.DTYPES), default="auto",
+                               tooltip="Compute dtype. Never fp16: T5-XXL overflows in fp16. auto = bf16 on GPUs, fp32 on CPU."),
+            ],
+            outputs=[T5.Output(display_name="t5")],
+        )
+
+    @classmethod
+    def execute(cls, t5_name: str, quantization: str, dtype: str) -> io.NodeOutput:
+        path = paths.resolve(t5_name, T5_FOLDERS)
+        load_device, offload_device = management.t5_devices()
+        compute = core_t5.compute_dtype(dtype, load_device)
+        tokenizer = core_t5.load_tokenizer(core_t5.tokenizer_candidates(path) + [COMFY_TOKENIZER])
+        loaded = core_t5.load_t5(path, quantization, compute)
+        patcher = management.wrap(loaded.model, load_device, offload_device)
+        log.info("PixArt T5 %s loaded (%s, %s)", t5_name, quantization, compute)
+        return io.NodeOutput(T5Handle(patcher, tokenizer, compute, t5_name, quantization))
+
+
+class TextEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PixArtSigmaTextEncode",
+            display_name="PixArt-Σ Text Encode",
+            category=f"{CATEGORY}/conditioning",
+            description="Encodes a positive and a negative prompt with T5 (padded to the token limit, with attention mask).",
+            inputs=[
+                T5.Input("t5", tooltip="The T5 encoder from PixArt-Σ T5 Loader."),
+                io.String.Input("positive", multiline=True, default="",
+                                tooltip="What the image should show. Lowercased and stripped, as the reference does."),
+                io.String.Input("negative", multiline=True, default="",
+                                tooltip="What to steer away from. Empty = the padded empty string, as the reference uses."),
+                io.Int.Input("max_tokens", default=300, min=1, max=1024,
+                             tooltip="T5 token limit: 300 for PixArt-Σ, 120 for PixArt-α. Longer prompts are cut with a warning."),
+            ],
+            outputs=[CondType.Output("POSITIVE", display_name="positive"),
+                     CondType.Output("NEGATIVE", display_name="negative")],
+        )
+
+    @classmethod
+    def execute(cls, t5: T5Handle, positive: str, negative: str, max_tokens: int) -> io.NodeOutput:
+        model = management.use(t5.patcher)
+        device = next(model.parameters()).device
+        loaded = core_t5.LoadedT5(model, t5.dtype, t5.quantization, t5.name)
+        out = []
+        for text in (positive, negative):
+            management.check_interrupt()
+            embeds, mask = core_t5.encode(loaded, t5.tokenizer, text, max_tokens, device)
+            keep = management.intermediate_device()
+            out.append(Conditioning(embeds.to(keep), mask.to(keep)))
+        return io.NodeOutput(*out)

@@ -1,0 +1,40 @@
+"""Socket types of the pack and the handles that travel on them."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from comfy_api.v0_0_2 import io
+
+from ..pixart_core.variants import Variant
+
+T5 = io.Custom("PIXART_T5")
+DiT = io.Custom("PIXART_DIT")
+Conditioning = io.Custom("PIXART_CONDITIONING")
+VAE = io.Custom("PIXART_VAE")
+
+CATEGORY = "PixArt-Σ"
+
+
+@dataclasses.dataclass
+class T5Handle:
+    patcher: Any  # comfy ModelPatcher around a transformers T5EncoderModel
+    tokenizer: Any
+    dtype: torch.dtype
+    name: str
+    quantization: str
+
+
+@dataclasses.dataclass
+class DiTHandle:
+    patcher: Any  # comfy ModelPatcher around a diffusers PixArtTransformer2DModel
+    variant: Variant
+    name: str
+    detected: str  # how the variant was decided, shown to the user
+
+
+@dataclasses.dataclass
+class VAEHandle:
+    patcher: Any  # comfy ModelPatcher around a diffusers AutoencoderKL
+    name: str

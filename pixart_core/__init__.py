@@ -1,0 +1,1 @@
+"""Plain PyTorch + diffusers + transformers core of the PixArt nodes; never imports ComfyUI."""

@@ -1,0 +1,180 @@
+"""Reading weight files safely, and telling users what a file looks like when it is not what they chose."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import struct
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_EXT = (".safetensors", ".sft")
+PICKLE_EXT = (".pth", ".pt", ".ckpt", ".bin")
+
+
+class WeightFileError(ValueError):
+    """A weight file that cannot be used: the message names the file, what is wrong and what to do."""
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a .safetensors or (weights-only) .pth/.ckpt/.bin file, on the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightFileError(f"{path}: file not found. It may have been moved or deleted; refresh the node list.")
+    if path.stat().st_size == 0:
+        raise WeightFileError(f"{path.name}: the file is empty (0 bytes). Download it again.")
+    if path.suffix.lower() in SAFETENSORS_EXT:
+        return _read_safetensors(path)
+    if path.suffix.lower() in PICKLE_EXT:
+        return _read_pickle(path)
+    raise WeightFileError(f"{path.name}: unsupported file type {path.suffix!r}; use .safetensors (or .pth/.ckpt).")
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError, safe_open
+
+    _check_safetensors_header(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise WeightFileError(
+            f"{path.name}: cannot read this safetensors file ({e}). It is probably truncated or corrupt: download it again."
+        ) from e
+
+
+def _check_safetensors_header(path: Path) -> None:
+    """Check that the header parses and the data the header promises is in the file (a truncated download fails here)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("shorter than a safetensors header")
+            n = struct.unpack("<Q", head)[0]
+            if n > size - 8 or n > 100_000_000:
+                raise ValueError("header length points past the end of the file")
+            header = json.loads(f.read(n))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise WeightFileError(
+            f"{path.name}: not a valid safetensors file ({e}). It is truncated, corrupt, or not a safetensors file: download it again."
+        ) from e
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise WeightFileError(
+            f"{path.name}: the file is truncated ({size} bytes, its header needs {8 + n + end}). Download it again."
+        )
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a safetensors file ({} for other files)."""
+    path = Path(path)
+    if path.suffix.lower() not in SAFETENSORS_EXT:
+        return {}
+    from safetensors import safe_open
+
+    _check_safetensors_header(path)
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return dict(f.metadata() or {})
+
+
+def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as e:
+        raise WeightFileError(
+            f"{path.name}: refused to load. This pickle file contains code or objects other than tensors, "
+            f"and running it could harm your computer; it was not executed. Use a .safetensors version of the model. ({e})"
+        ) from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise WeightFileError(f"{path.name}: cannot read this file ({e}). It is probably truncated or corrupt.") from e
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightFileError(f"{path.name}: this file holds no state dict of tensors.")
+    return obj
+
+
+def describe(keys: Iterable[str], shapes: dict[str, tuple[int, ...]] | None = None) -> str:
+    """What kind of model a state dict's keys look like, in words a user recognizes."""
+    keys = list(keys)
+    shapes = shapes or {}
+
+    def has(fragment: str) -> bool:
+        return any(fragment in k for k in keys)
+
+    if not keys:
+        return "an empty file with no tensors"
+    if has("conditioner.embedders") or has("label_emb.0.0"):
+        return "a Stable Diffusion XL checkpoint (UNet)"
+    if has("input_blocks.0.0.weight") or has("down_blocks.0.attentions.0.transformer_blocks"):
+        return "a Stable Diffusion (SD1.x/SD2/SDXL) UNet checkpoint"
+    if has("double_blocks.") or has("single_transformer_blocks."):
+        return "a Flux transformer"
+    if has("joint_blocks.") or has("context_embedder") and has("x_embedder"):
+        return "a Stable Diffusion 3 (MMDiT) transformer"
+    if has("blocks.0.attn.qkv") and has("y_embedder"):
+        return "a PixArt transformer in the original key layout"
+    if has("transformer_blocks.0.attn1.to_q") and has("caption_projection"):
+        return "a PixArt transformer in the diffusers layout"
+    if has("text_model.encoder.layers") or has("text_projection"):
+        return "a CLIP text encoder"
+    if has("SelfAttention.relative_attention_bias") or has("block.0.layer.0.SelfAttention"):
+        vocab = next((s[0] for k, s in shapes.items() if k.endswith(("shared.weight", "embed_tokens.weight"))), None)
+        if vocab == 256384:
+            return "a umT5 text encoder (256384-token vocabulary; PixArt needs T5-v1.1-XXL with 32128 tokens)"
+        return "a T5 text encoder"
+    if (has("encoder.down.0.block") or has("encoder.down_blocks.0.resnets")) and has("decoder."):
+        return "a VAE (autoencoder)"
+    if has("first_stage_model.") and has("model.diffusion_model."):
+        return "a Stable Diffusion checkpoint"
+    return f"an unknown model (first keys: {', '.join(sorted(keys)[:3])})"
+
+
+def shapes_of(sd: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def strip_prefix(sd: dict[str, torch.Tensor], anchor: str) -> dict[str, torch.Tensor]:
+    """Drop whatever prefix ('model.diffusion_model.', 'text_encoders.t5xxl.transformer.', ...) stands before `anchor` keys."""
+    hit = next((k for k in sd if k.endswith(anchor)), None)
+    if hit is None:
+        return sd
+    prefix = hit[: len(hit) - len(anchor)]
+    if not prefix:
+        return sd
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def check_keys(
+    path_name: str, got: Iterable[str], expected: Iterable[str], what: str
+) -> None:
+    """Fail naming missing and unexpected keys; never load with strict=False silently."""
+    got, expected = set(got), set(expected)
+    missing, unexpected = sorted(expected - got), sorted(got - expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:4])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:4])})")
+        raise WeightFileError(f"{path_name}: the weights do not match {what}: {'; '.join(parts)}.")
+
+
+def check_shapes(path_name: str, sd: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], what: str) -> None:
+    bad = [(k, tuple(sd[k].shape), s) for k, s in expected.items() if k in sd and tuple(sd[k].shape) != tuple(s)]
+    if bad:
+        k, got, want = bad[0]
+        raise WeightFileError(
+            f"{path_name}: {len(bad)} tensor shape(s) do not match {what}, e.g. {k} is {list(got)}, expected {list(want)}."
+        )

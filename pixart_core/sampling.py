@@ -1,0 +1,209 @@
+"""The denoising loop (diffusers schedulers, as PixArtSigmaPipeline runs them) and its scheduler presets."""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+from typing import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# The released training schedule: 1000 steps, linear betas 1e-4 -> 0.02, epsilon prediction.
+_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                 prediction_type="epsilon")
+
+
+def _dpmpp_2m():
+    """DPM-Solver++ multistep, order 2, as the official scheduler_config.json of PixArt-Σ (Lu et al. 2022)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler(**_SCHEDULE, algorithm_type="dpmsolver++", solver_order=2,
+                                       solver_type="midpoint", lower_order_final=True, timestep_spacing="linspace",
+                                       steps_offset=0, use_karras_sigmas=False, thresholding=False)
+
+
+def _sa_solver():
+    """SA-Solver (Xue et al. 2023), the PixArt-Σ repository's second sampler."""
+    from diffusers import SASolverScheduler
+
+    return SASolverScheduler(**_SCHEDULE, predictor_order=2, corrector_order=2, algorithm_type="data_prediction")
+
+
+def _ddim():
+    """DDIM (Song et al. 2020), eta 0."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=0)
+
+
+def _euler():
+    """Euler (Karras et al. 2022) on the discrete schedule."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(**_SCHEDULE)
+
+
+def _euler_a():
+    """Euler ancestral (Karras et al. 2022)."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    return EulerAncestralDiscreteScheduler(**_SCHEDULE)
+
+
+def _unipc():
+    """UniPC multistep (Zhao et al. 2023)."""
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(**_SCHEDULE)
+
+
+def _ddpm():
+    """DDPM ancestral sampling (Ho et al. 2020)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**_SCHEDULE, clip_sample=False)
+
+
+SCHEDULERS: dict[str, Callable[[], object]] = {
+    "dpm++ 2m": _dpmpp_2m,
+    "sa-solver": _sa_solver,
+    "ddim": _ddim,
+    "euler": _euler,
+    "euler ancestral": _euler_a,
+    "unipc": _unipc,
+    "ddpm": _ddpm,
+}
+DEFAULT_SCHEDULER = "dpm++ 2m"
+
+
+def make_scheduler(name: str):
+    if name not in SCHEDULERS:
+        raise ValueError(f"Unknown scheduler {name!r}; choose one of {list(SCHEDULERS)}.")
+    return SCHEDULERS[name]()
+
+
+@dataclasses.dataclass
+class Conditioning:
+    """T5 embeddings of one prompt and their attention mask (1 = real token)."""
+
+    embeds: torch.Tensor  # [1, L, C]
+    mask: torch.Tensor  # [1, L]
+
+
+def _pad(c: Conditioning, length: int) -> Conditioning:
+    extra = length - c.embeds.shape[1]
+    if extra <= 0:
+        return c
+    emb = torch.nn.functional.pad(c.embeds, (0, 0, 0, extra))
+    mask = torch.nn.functional.pad(c.mask, (0, extra))
+    return Conditioning(emb, mask)
+
+
+def inference_memory(batch: int, height: int, width: int, inner: int, dtype: torch.dtype, cfg: bool) -> int:
+    """Bytes of activations one DiT forward needs beyond its weights (rough upper estimate, for ComfyUI)."""
+    n = batch * (2 if cfg else 1)
+    tokens = (height // 16) * (width // 16)
+    size = torch.tensor([], dtype=dtype).element_size()
+    mlp_and_qkv = n * tokens * inner * 12 * size  # the widest intermediate (MLP 4x, q/k/v, residuals) live at once
+    attention = n * 16 * tokens * tokens * size  # SDPA math path worst case; fused kernels need far less
+    return mlp_and_qkv + min(attention, 4 * mlp_and_qkv) + (64 << 20)
+
+
+def initial_noise(seed: int, batch: int, channels: int, height: int, width: int) -> tuple[torch.Tensor, torch.Generator]:
+    """Noise by ComfyUI's convention (one CPU generator seeded with `seed` for the whole batch), and that
+    generator, which stochastic schedulers go on drawing from."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    noise = torch.randn((batch, channels, height // 8, width // 8), generator=generator, dtype=torch.float32)
+    return noise, generator
+
+
+def img2img_timesteps(scheduler, steps: int, denoise: float) -> tuple[torch.Tensor, int]:
+    """The part of the schedule that img2img runs, as diffusers' strength does: (timesteps, steps run)."""
+    init = min(int(steps * denoise), steps)
+    start = max(steps - init, 0)
+    order = getattr(scheduler, "order", 1)
+    timesteps = scheduler.timesteps[start * order:]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start * order)
+    return timesteps, steps - start
+
+
+@torch.no_grad()
+def sample(
+    model: torch.nn.Module,
+    positive: Conditioning,
+    negative: Conditioning,
+    noise: torch.Tensor,
+    *,
+    steps: int,
+    cfg: float,
+    scheduler_name: str = DEFAULT_SCHEDULER,
+    generator: torch.Generator | None = None,
+    init_latents: torch.Tensor | None = None,
+    denoise: float = 1.0,
+    on_step: Callable[[int, int, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Denoise `noise` [B,4,h,w] with a PixArtTransformer2DModel; returns scaled (model-space) latents.
+
+    Runs the same computation as diffusers' PixArtSigmaPipeline/PixArtAlphaPipeline loop: one CFG-batched
+    forward per step ([negative, positive]), the first half of the output channels as epsilon.
+    `init_latents` (scaled) with `denoise` < 1 starts part-way, as diffusers' img2img strength does.
+    """
+    p = next(model.parameters())
+    device, dtype = p.device, p.dtype
+    batch = noise.shape[0]
+    scheduler = make_scheduler(scheduler_name)
+    scheduler.set_timesteps(steps, device=device)
+    timesteps = scheduler.timesteps
+    noise = noise.to(device=device, dtype=torch.float32)
+    if init_latents is None:
+        latents = noise * scheduler.init_noise_sigma
+    else:
+        timesteps, steps = img2img_timesteps(scheduler, steps, denoise)
+        if len(timesteps) == 0:
+            raise ValueError(f"denoise {denoise} with {steps} steps runs no step; raise denoise or steps.")
+        init = init_latents.to(device=device, dtype=torch.float32)
+        if init.shape[0] != batch:
+            init = init.repeat((batch + init.shape[0] - 1) // init.shape[0], 1, 1, 1)[:batch]
+        latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(batch))
+
+    do_cfg = cfg > 1.0
+    length = max(positive.embeds.shape[1], negative.embeds.shape[1])
+    pos, neg = _pad(positive, length), _pad(negative, length)
+    embeds = pos.embeds.repeat(batch, 1, 1)
+    mask = pos.mask.repeat(batch, 1)
+    if do_cfg:
+        embeds = torch.cat([neg.embeds.repeat(batch, 1, 1), embeds])
+        mask = torch.cat([neg.mask.repeat(batch, 1), mask])
+    embeds = embeds.to(device=device, dtype=dtype)
+    mask = mask.to(device=device)
+
+    added = {"resolution": None, "aspect_ratio": None}
+    if getattr(model, "use_additional_conditions", False):
+        h, w = noise.shape[-2] * 8, noise.shape[-1] * 8
+        n = embeds.shape[0]
+        added = {"resolution": torch.tensor([[h, w]], dtype=dtype, device=device).repeat(n, 1),
+                 "aspect_ratio": torch.tensor([[float(h / w)]], dtype=dtype, device=device).repeat(n, 1)}
+
+    step_kwargs = {}
+    if "generator" in inspect.signature(scheduler.step).parameters:
+        step_kwargs["generator"] = generator
+    learned_sigma = model.config.out_channels // 2 == model.config.in_channels
+
+    for i, t in enumerate(timesteps):
+        x = torch.cat([latents] * 2) if do_cfg else latents
+        x = scheduler.scale_model_input(x, t)
+        tt = t[None].to(device).expand(x.shape[0]) if torch.is_tensor(t) else torch.full((x.shape[0],), t, device=device)
+        out = model(x.to(dtype), encoder_hidden_states=embeds, encoder_attention_mask=mask, timestep=tt,
+                    added_cond_kwargs=added, return_dict=False)[0].float()
+        if do_cfg:
+            uncond, cond = out.chunk(2)
+            out = uncond + cfg * (cond - uncond)
+        if learned_sigma:
+            out = out.chunk(2, dim=1)[0]
+        latents = scheduler.step(out, t, latents, **step_kwargs, return_dict=False)[0]
+        if on_step is not None:
+            on_step(i + 1, len(timesteps), latents)
+    return latents

@@ -1,0 +1,215 @@
+"""T5-v1.1 encoder: config from a state dict, loading (optionally bitsandbytes-quantized), tokenizer, encoding."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from . import files
+from .meta import assign_state_dict, empty_weights
+
+log = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("none", "8-bit (bitsandbytes)", "4-bit nf4 (bitsandbytes)")
+DTYPES = ("auto", "bf16", "fp32")
+REAL_VOCAB, REAL_WIDTH = 32128, 4096
+_ANCHOR = "block.0.layer.0.SelfAttention.q.weight"
+BNB_INSTALL_HINT = (
+    "bitsandbytes is not installed, so quantized T5 modes are unavailable. Install it into ComfyUI's Python with "
+    "`python -m pip install bitsandbytes>=0.48`, restart ComfyUI, or choose quantization 'none'."
+)
+
+
+@dataclasses.dataclass
+class LoadedT5:
+    """A loaded T5 encoder and what the encoder node needs to use it."""
+
+    model: torch.nn.Module  # transformers T5EncoderModel
+    compute_dtype: torch.dtype
+    quantization: str
+    source: str
+
+
+def compute_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """The T5 compute dtype: never float16 (T5-XXL overflows in fp16 and gives NaN)."""
+    if choice == "fp32":
+        return torch.float32
+    if choice == "bf16":
+        return torch.bfloat16
+    if choice != "auto":
+        raise ValueError(f"T5 dtype {choice!r} is not one of {DTYPES}.")
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32  # bf16 matmuls are ~5x slower than fp32 on CPUs
+
+
+def config_from_state_dict(sd: dict[str, torch.Tensor], name: str):
+    """The T5Config a T5-v1.1 encoder state dict implies (width, depth, heads, vocab from the shapes)."""
+    from transformers import T5Config
+
+    emb = sd.get("shared.weight", sd.get("encoder.embed_tokens.weight"))
+    bias = sd.get("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
+    q = sd.get("encoder.block.0.layer.0.SelfAttention.q.weight")
+    if emb is None or bias is None or q is None:
+        raise files.WeightFileError(
+            f"{name}: this is not a T5 encoder; it looks like {files.describe(sd, files.shapes_of(sd))}. "
+            "Choose a T5-v1.1-XXL file (e.g. t5xxl_fp16.safetensors) in models/text_encoders."
+        )
+    vocab, d_model = emb.shape
+    if vocab == 256384:
+        raise files.WeightFileError(
+            f"{name}: this is a umT5 encoder (256384-token vocabulary); PixArt needs T5-v1.1-XXL (32128 tokens), "
+            "e.g. t5xxl_fp16.safetensors."
+        )
+    gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in sd
+    wi = sd["encoder.block.0.layer.1.DenseReluDense.wi_0.weight" if gated else "encoder.block.0.layer.1.DenseReluDense.wi.weight"]
+    if not gated:
+        raise files.WeightFileError(
+            f"{name}: this is an original T5 (not v1.1: no gated feed-forward); PixArt needs T5-v1.1-XXL."
+        )
+    heads = bias.shape[1]
+    layers = len({k.split(".")[2] for k in sd if k.startswith("encoder.block.")})
+    return T5Config(
+        vocab_size=vocab,
+        d_model=d_model,
+        d_kv=q.shape[0] // heads,
+        d_ff=wi.shape[0],
+        num_layers=layers,
+        num_heads=heads,
+        relative_attention_num_buckets=bias.shape[0],
+        relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        use_cache=False,
+        tie_word_embeddings=False,
+    )
+
+
+def _bnb_config(quantization: str, dtype: torch.dtype):
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(BNB_INSTALL_HINT) from e
+    from transformers import BitsAndBytesConfig
+
+    if quantization == QUANTIZATIONS[1]:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quantization == QUANTIZATIONS[2]:
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=False
+        )
+    raise ValueError(f"T5 quantization {quantization!r} is not one of {QUANTIZATIONS}.")
+
+
+def _normalize_single_file(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    sd = files.strip_prefix(sd, "encoder." + _ANCHOR)
+    # Files with an encoder-decoder model or a tied/untied embedding copy: keep what T5EncoderModel has.
+    sd = {k: v for k, v in sd.items() if k.startswith("encoder.") or k == "shared.weight"}
+    if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
+        sd["shared.weight"] = sd["encoder.embed_tokens.weight"]
+    sd.pop("encoder.embed_tokens.weight", None)
+    return sd
+
+
+def folder_weights_dir(path: Path) -> Path:
+    """The folder holding a T5's config.json: the folder itself or a diffusers pipeline's text_encoder/."""
+    for p in (path, path / "text_encoder"):
+        if (p / "config.json").is_file():
+            return p
+    raise files.WeightFileError(
+        f"{path}: no config.json here or in text_encoder/; this is not a transformers/diffusers T5 folder."
+    )
+
+
+def load_t5(path: str | os.PathLike, quantization: str, dtype: torch.dtype) -> LoadedT5:
+    """Load a T5-v1.1 encoder from a single safetensors file or a transformers/diffusers folder, on the CPU."""
+    from transformers import T5EncoderModel
+
+    path = Path(path)
+    qconfig = None if quantization == QUANTIZATIONS[0] else _bnb_config(quantization, dtype)
+    if path.is_dir():
+        wdir = folder_weights_dir(path)
+        cfg = json.loads((wdir / "config.json").read_text())
+        if "t5" not in str(cfg.get("model_type", "")).lower():
+            raise files.WeightFileError(
+                f"{wdir}: config.json describes a {cfg.get('model_type', 'unknown')!r} model, not a T5 encoder."
+            )
+        model, info = T5EncoderModel.from_pretrained(
+            str(wdir), dtype=dtype, quantization_config=qconfig, local_files_only=True, output_loading_info=True
+        )
+        if info.get("missing_keys"):
+            raise files.WeightFileError(f"{wdir}: weights are missing for {sorted(info['missing_keys'])[:4]}.")
+        return LoadedT5(model.eval().requires_grad_(False), dtype, quantization, str(path))
+
+    sd = files.read_state_dict(path)
+    if not any(k.endswith(_ANCHOR) for k in sd):
+        raise files.WeightFileError(
+            f"{path.name}: this is not a T5 encoder; it looks like {files.describe(sd, files.shapes_of(sd))}. "
+            "Choose a T5-v1.1-XXL file (e.g. t5xxl_fp16.safetensors) in models/text_encoders."
+        )
+    sd = _normalize_single_file(sd)
+    config = config_from_state_dict(sd, path.name)
+    with empty_weights():
+        skeleton = T5EncoderModel(config)
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    files.check_keys(path.name, sd, expected, "a T5-v1.1 encoder")
+    files.check_shapes(path.name, sd, expected, "a T5-v1.1 encoder")
+    if qconfig is None:
+        sd = {k: v.to(dtype) for k, v in sd.items()}
+        sd["encoder.embed_tokens.weight"] = sd["shared.weight"]
+        assign_state_dict(skeleton, sd)
+        skeleton.encoder.embed_tokens = skeleton.shared  # tied, as in transformers
+        model = skeleton
+    else:
+        del skeleton
+        model = T5EncoderModel.from_pretrained(
+            None, config=config, state_dict=sd, dtype=dtype, quantization_config=qconfig
+        )
+    return LoadedT5(model.eval().requires_grad_(False), dtype, quantization, str(path))
+
+
+def tokenizer_candidates(weights: Path) -> list[Path]:
+    """Tokenizer folders that belong to these weights (a folder's tokenizer/ or the folder itself), best first."""
+    return [weights / "tokenizer", weights] if weights.is_dir() else []
+
+
+def load_tokenizer(candidates: list[Path]):
+    """The first T5 tokenizer found in `candidates` (folders with tokenizer.json or spiece.model)."""
+    from transformers import AutoTokenizer
+
+    for d in candidates:
+        if (d / "tokenizer.json").is_file() or (d / "spiece.model").is_file():
+            return AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+    raise FileNotFoundError(
+        "No T5 tokenizer found (looked in: " + ", ".join(str(c) for c in candidates) + "). "
+        "Put tokenizer.json (from the T5-v1.1-XXL or PixArt-Sigma repository) next to the weights."
+    )
+
+
+def preprocess(prompt: str) -> str:
+    """The reference's caption preprocessing without caption cleaning: lowercase and strip."""
+    return prompt.lower().strip()
+
+
+@torch.no_grad()
+def encode(
+    t5: LoadedT5, tokenizer, prompt: str, max_tokens: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """T5 last hidden state [1, max_tokens, C] (float32) and attention mask [1, max_tokens], as diffusers encodes."""
+    text = preprocess(prompt)
+    tok = tokenizer(
+        [text], padding="max_length", max_length=max_tokens, truncation=True, add_special_tokens=True, return_tensors="pt"
+    )
+    full = tokenizer([text], padding="longest", add_special_tokens=True, return_tensors="pt").input_ids
+    if full.shape[-1] > max_tokens:
+        dropped = tokenizer.batch_decode(full[:, max_tokens - 1 : -1])[0]
+        log.warning(
+            "PixArt prompt is %d tokens; T5 takes %d, so this part was cut off: %r", full.shape[-1], max_tokens, dropped
+        )
+    ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
+    hidden = t5.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    return hidden.float(), mask

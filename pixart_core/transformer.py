@@ -1,0 +1,148 @@
+"""PixArt DiT: diffusers config from a state dict + variant, and loading (meta device, assigned weights)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import files
+from .meta import assign_state_dict, empty_weights
+from .variants import DEFAULT_VARIANT, PRESETS, Variant, variant_from_config, variant_from_name
+
+log = logging.getLogger(__name__)
+
+HEAD_DIM = 72  # every released PixArt (XL/2 and the 42-block community models) uses 72-wide heads
+_ANCHOR = "transformer_blocks.0.attn1.to_q.weight"
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
+def compute_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """The DiT dtype: bf16 on GPUs that have it, fp32 on the CPU, or what the user chose."""
+    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if choice in table:
+        return table[choice]
+    if choice != "auto":
+        raise ValueError(f"DiT dtype {choice!r} is not one of {DTYPES}.")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def config_from_state_dict(sd: dict[str, torch.Tensor], variant: Variant, name: str) -> dict[str, Any]:
+    """The PixArtTransformer2DModel config that a diffusers-layout state dict and a variant imply."""
+    proj = sd["pos_embed.proj.weight"]  # [inner, in_channels, patch, patch]
+    inner, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
+    if inner % HEAD_DIM:
+        raise files.WeightFileError(f"{name}: hidden width {inner} is not a multiple of PixArt's head size {HEAD_DIM}.")
+    out_channels = sd["proj_out.weight"].shape[0] // (patch * patch)
+    layers = len({k.split(".")[1] for k in sd if k.startswith("transformer_blocks.")})
+    micro = any(k.startswith("adaln_single.emb.resolution_embedder") for k in sd)
+    if micro != variant.micro_conditioning:
+        raise files.WeightFileError(
+            f"{name}: the weights {'have' if micro else 'lack'} the resolution/aspect-ratio embedders, so they are "
+            f"{'PixArt-α 1024-MS' if micro else 'not PixArt-α 1024-MS'}, but the variant is {variant.name}. "
+            "Pick the matching variant in the loader (or 'auto')."
+        )
+    return {
+        "num_attention_heads": inner // HEAD_DIM,
+        "attention_head_dim": HEAD_DIM,
+        "in_channels": in_channels,
+        "out_channels": out_channels,
+        "num_layers": layers,
+        "cross_attention_dim": sd["transformer_blocks.0.attn2.to_k.weight"].shape[0],
+        "attention_bias": True,
+        "sample_size": variant.sample_size,
+        "patch_size": patch,
+        "activation_fn": "gelu-approximate",
+        "num_embeds_ada_norm": 1000,
+        "norm_type": "ada_norm_single",
+        "norm_elementwise_affine": False,
+        "norm_eps": 1e-6,
+        "interpolation_scale": variant.interpolation_scale,
+        "use_additional_conditions": variant.micro_conditioning,
+        "caption_channels": sd["caption_projection.linear_1.weight"].shape[1],
+    }
+
+
+def resolve_variant(choice: str, name: str, sd_keys: list[str] | None = None, config: dict | None = None) -> tuple[Variant, str]:
+    """The variant to load as, and how it was decided (shown to the user)."""
+    if choice != "auto":
+        if choice not in PRESETS:
+            raise ValueError(f"Unknown PixArt variant {choice!r}; choose one of {['auto', *PRESETS]}.")
+        return PRESETS[choice], "chosen in the loader"
+    if config is not None:
+        return variant_from_config(config, name), "from config.json and the name"
+    by_name = variant_from_name(name)
+    micro = sd_keys is not None and any(k.startswith("adaln_single.emb.resolution_embedder") for k in sd_keys)
+    if micro:
+        return PRESETS["alpha-1024"], "from the weights (micro-conditioning embedders)"
+    if by_name is not None and not by_name.micro_conditioning:
+        return by_name, "from the file name"
+    log.warning("PixArt: cannot tell the variant of %s from its name; assuming %s.", name, DEFAULT_VARIANT)
+    return PRESETS[DEFAULT_VARIANT], f"assumed (name says nothing; default {DEFAULT_VARIANT})"
+
+
+def _folder(path: Path) -> Path:
+    for p in (path / "transformer", path):
+        if (p / "config.json").is_file():
+            return p
+    raise files.WeightFileError(f"{path}: no config.json here or in transformer/; not a diffusers PixArt folder.")
+
+
+def _folder_state_dict(wdir: Path) -> dict[str, torch.Tensor]:
+    index = wdir / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        sd: dict[str, torch.Tensor] = {}
+        for s in shards:
+            sd.update(files.read_state_dict(wdir / s))
+        return sd
+    for fname in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
+        if (wdir / fname).is_file():
+            return files.read_state_dict(wdir / fname)
+    raise files.WeightFileError(f"{wdir}: no diffusion_pytorch_model.safetensors (or shards) in this folder.")
+
+
+def load_dit(path: str | os.PathLike, variant_choice: str, dtype: torch.dtype):
+    """Load a PixArt transformer (diffusers folder or diffusers-layout single file) on the CPU.
+
+    Returns (PixArtTransformer2DModel, Variant, how the variant was decided).
+    """
+    from diffusers import PixArtTransformer2DModel
+
+    path = Path(path)
+    folder_config = None
+    if path.is_dir():
+        wdir = _folder(path)
+        folder_config = json.loads((wdir / "config.json").read_text())
+        if folder_config.get("_class_name") not in (None, "PixArtTransformer2DModel", "Transformer2DModel"):
+            raise files.WeightFileError(
+                f"{wdir}: config.json describes a {folder_config.get('_class_name')}, not a PixArt transformer."
+            )
+        sd = _folder_state_dict(wdir)
+        name = path.name
+    else:
+        sd = files.read_state_dict(path)
+        name = path.name
+    sd = files.strip_prefix(sd, _ANCHOR)
+    if "pos_embed.proj.weight" not in sd or not any(k.endswith(_ANCHOR) for k in sd):
+        raise files.WeightFileError(
+            f"{name}: this is not a PixArt transformer in the diffusers layout; it looks like "
+            f"{files.describe(sd, files.shapes_of(sd))}. Choose a PixArt-Σ/α transformer file "
+            "(models/checkpoints or models/diffusion_models) or a diffusers folder (models/diffusers)."
+        )
+    variant, how = resolve_variant(variant_choice, name, list(sd), folder_config if variant_choice == "auto" else None)
+    config = config_from_state_dict(sd, variant, name)
+    if folder_config is not None and variant_choice == "auto" and folder_config.get("interpolation_scale") is not None:
+        config["interpolation_scale"] = folder_config["interpolation_scale"]
+    with empty_weights():
+        model = PixArtTransformer2DModel.from_config(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    files.check_keys(name, sd, expected, f"a PixArt transformer ({variant.name}, {config['num_layers']} blocks)")
+    files.check_shapes(name, sd, expected, f"a PixArt transformer ({variant.name})")
+    assign_state_dict(model, {k: v.to(dtype) for k, v in sd.items()})
+    return model.eval().requires_grad_(False), variant, how

@@ -1,0 +1,128 @@
+"""VAE (diffusers AutoencoderKL): config from a state dict, loading from single files or folders, decoding."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import files
+from .meta import assign_state_dict, empty_weights
+from .variants import VAE_SCALING
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("auto", "bf16", "fp32")
+
+
+def compute_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """Decode dtype: never fp16 (the SDXL VAE overflows in fp16); bf16 on GPUs that have it, else fp32."""
+    if choice == "fp32":
+        return torch.float32
+    if choice == "bf16":
+        return torch.bfloat16
+    if choice != "auto":
+        raise ValueError(f"VAE dtype {choice!r} is not one of {DTYPES}.")
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def family_from_name(name: str) -> str | None:
+    """'sdxl' or 'sd' when the file name says which VAE it is."""
+    low = name.lower()
+    if "sdxl" in low or "sd_xl" in low or "sigma" in low:
+        return "sdxl"
+    if "ft-mse" in low or "ft-ema" in low or "sd15" in low or "sd-vae" in low or "alpha" in low:
+        return "sd"
+    return None
+
+
+def config_from_state_dict(sd: dict[str, torch.Tensor], family: str | None) -> dict[str, Any]:
+    """AutoencoderKL config implied by a diffusers-layout state dict."""
+    n_blocks = len({k.split(".")[2] for k in sd if k.startswith("encoder.down_blocks.")})
+    channels = [sd[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(n_blocks)]
+    layers = len({k.split(".")[4] for k in sd if k.startswith("encoder.down_blocks.0.resnets.")})
+    return {
+        "in_channels": sd["encoder.conv_in.weight"].shape[1],
+        "out_channels": sd["decoder.conv_out.weight"].shape[0],
+        "down_block_types": ["DownEncoderBlock2D"] * n_blocks,
+        "up_block_types": ["UpDecoderBlock2D"] * n_blocks,
+        "block_out_channels": channels,
+        "layers_per_block": layers,
+        "act_fn": "silu",
+        "latent_channels": sd["encoder.conv_out.weight"].shape[0] // 2,
+        "norm_num_groups": 32,
+        "sample_size": 1024 if family == "sdxl" else 512,
+        "scaling_factor": VAE_SCALING.get(family or "sdxl"),
+        "force_upcast": True,
+    }
+
+
+def _ldm_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Original (LDM) VAE keys -> diffusers keys, using diffusers' own single-file converter."""
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    n_blocks = len({k.split(".")[2] for k in sd if k.startswith("encoder.down.")})
+    cfg = {"down_block_types": ["DownEncoderBlock2D"] * n_blocks, "up_block_types": ["UpDecoderBlock2D"] * n_blocks,
+           "layers_per_block": len({k.split(".")[4] for k in sd if k.startswith("encoder.down.0.block.")})}
+    return convert_ldm_vae_checkpoint(sd, cfg)
+
+
+def _folder(path: Path) -> Path:
+    for p in (path / "vae", path):
+        if (p / "config.json").is_file():
+            return p
+    raise files.WeightFileError(f"{path}: no config.json here or in vae/; not a diffusers VAE folder.")
+
+
+def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """Load an AutoencoderKL from a single file (LDM or diffusers keys) or a diffusers folder, on the CPU."""
+    from diffusers import AutoencoderKL
+
+    path = Path(path)
+    if path.is_dir():
+        wdir = _folder(path)
+        config = json.loads((wdir / "config.json").read_text())
+        weights = next((wdir / f for f in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+                        if (wdir / f).is_file()), None)
+        if weights is None:
+            raise files.WeightFileError(f"{wdir}: no diffusion_pytorch_model.safetensors in this folder.")
+        sd = files.read_state_dict(weights)
+        config = {k: v for k, v in config.items() if not k.startswith("_")}
+    else:
+        sd = files.read_state_dict(path)
+        if any(".down.0.block." in k for k in sd) and any("decoder.up." in k for k in sd):
+            sd = files.strip_prefix(sd, "encoder.conv_in.weight")
+            sd = _ldm_to_diffusers(sd)
+        sd = files.strip_prefix(sd, "encoder.conv_in.weight")
+        if "encoder.conv_in.weight" not in sd or "encoder.down_blocks.0.resnets.0.conv1.weight" not in sd:
+            raise files.WeightFileError(
+                f"{path.name}: this is not a VAE; it looks like {files.describe(sd, files.shapes_of(sd))}. "
+                "Choose sdxl_vae.safetensors (for PixArt-Σ) in models/vae."
+            )
+        config = config_from_state_dict(sd, family_from_name(path.name))
+    with empty_weights():
+        vae = AutoencoderKL.from_config(config)
+    expected = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
+    files.check_keys(path.name, sd, expected, "an AutoencoderKL VAE")
+    files.check_shapes(path.name, sd, expected, "an AutoencoderKL VAE")
+    assign_state_dict(vae, {k: v.to(dtype) for k, v in sd.items()})
+    return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def decode(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """Raw (unscaled) VAE latents [B,4,h,w] -> images [B,H,W,3] in 0..1 (float32, CPU)."""
+    p = next(vae.parameters())
+    z = latents.to(device=p.device, dtype=p.dtype)
+    images = vae.decode(z, return_dict=False)[0].float()
+    if not torch.isfinite(images).all():
+        raise RuntimeError(
+            "VAE decode produced NaN/inf values. The latents or the VAE overflowed: decode in fp32 "
+            "(VAE dtype 'fp32'), and check that the VAE matches the model (SDXL VAE for PixArt-Σ)."
+        )
+    return (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()

@@ -1,0 +1,215 @@
+"""pixart_core on its own (no ComfyUI): every loader against the diffusers/transformers model holding the same weights."""
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import tiny
+from conftest import COMFY, REPO
+from pixart_core import files, sampling
+from pixart_core import t5 as ct5
+from pixart_core import transformer as cdit
+from pixart_core import vae as cvae
+
+TOKENIZER = COMFY / "comfy" / "text_encoders" / "t5_tokenizer"
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return ct5.load_tokenizer([TOKENIZER])
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return {"t5": tiny.make_t5(), "dit": tiny.make_dit(), "vae": tiny.make_vae()}
+
+
+def _ids(tokenizer, text="a red fox in the snow"):
+    tok = tokenizer([text], padding="max_length", max_length=300, truncation=True, return_tensors="pt")
+    return tok.input_ids, tok.attention_mask
+
+
+def test_pixart_core_never_imports_comfy():
+    code = ("import sys; sys.path.insert(0, %r); import pixart_core.t5, pixart_core.transformer, pixart_core.vae, "
+            "pixart_core.sampling, pixart_core.files; bad=[m for m in sys.modules if m.split('.')[0] in "
+            "('comfy','folder_paths','nodes','comfy_api')]; assert not bad, bad" % str(REPO))
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_package_imports_outside_comfyui(tmp_path):
+    (tmp_path / "pixart_pack").symlink_to(REPO, target_is_directory=True)
+    code = ("import sys; sys.path.insert(0, %r); import pixart_pack; assert callable(pixart_pack.comfy_entrypoint); "
+            "assert 'comfy' not in sys.modules" % str(tmp_path))
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_t5_single_fp16_file_computes_in_fp32_like_transformers(tmp_path, ref, tokenizer):
+    path = tmp_path / "t5xxl_fp16.safetensors"
+    save_file(tiny.t5_single_file_sd(ref["t5"], prefix="text_encoders.t5xxl.transformer."), str(path))
+    loaded = ct5.load_t5(path, "none", torch.float32)
+    assert loaded.model.dtype == torch.float32
+    expected = tiny.make_t5()
+    expected.load_state_dict({k: v.half().float() for k, v in expected.state_dict().items()})
+    ids, mask = _ids(tokenizer)
+    got = loaded.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    want = expected(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert (got - want).abs().max() <= 1e-5  # fp32 summation-order noise only
+
+
+def test_t5_folder_and_encode_match_diffusers_padding(tmp_path, ref, tokenizer):
+    ref["t5"].save_pretrained(tmp_path / "text_encoder")
+    loaded = ct5.load_t5(tmp_path, "none", torch.float32)
+    emb, mask = ct5.encode(loaded, tokenizer, "  A Red Fox in the SNOW ", 300, CPU)
+    ids, m = _ids(tokenizer)  # diffusers lowercases and strips, pads to max_length
+    want = ref["t5"](input_ids=ids, attention_mask=m).last_hidden_state
+    assert torch.equal(mask, m) and emb.shape == (1, 300, tiny.T5_WIDTH)
+    assert (emb - want).abs().max() <= 1e-5
+
+
+def test_t5_truncates_long_prompt_with_warning(ref, tokenizer, caplog):
+    loaded = ct5.LoadedT5(ref["t5"], torch.float32, "none", "ref")
+    emb, mask = ct5.encode(loaded, tokenizer, "word " * 400, 300, CPU)
+    assert emb.shape[1] == 300 and int(mask.sum()) == 300
+    assert "cut off" in caplog.text
+
+
+@pytest.mark.parametrize("quant,min_cos", [(ct5.QUANTIZATIONS[1], 0.99), (ct5.QUANTIZATIONS[2], 0.97)])
+@pytest.mark.parametrize("layout", ["single", "folder"])
+def test_t5_bitsandbytes_quantized_from_file_and_folder(tmp_path, ref, tokenizer, quant, min_cos, layout):
+    import bitsandbytes as bnb
+
+    if layout == "single":
+        path = tmp_path / "t5xxl_fp16.safetensors"
+        save_file(tiny.t5_single_file_sd(ref["t5"]), str(path))
+    else:
+        path = tmp_path
+        ref["t5"].save_pretrained(tmp_path / "text_encoder")
+    loaded = ct5.load_t5(path, quant, torch.float32)
+    layer = loaded.model.encoder.block[0].layer[1].DenseReluDense.wi_0
+    assert isinstance(layer, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))
+    emb, _ = ct5.encode(loaded, tokenizer, "a red fox in the snow", 300, CPU)
+    want, _ = ct5.encode(ct5.LoadedT5(ref["t5"], torch.float32, "none", "ref"), tokenizer, "a red fox in the snow", 300, CPU)
+    assert torch.isfinite(emb).all()
+    assert torch.nn.functional.cosine_similarity(emb.flatten(), want.flatten(), dim=0) >= min_cos
+
+
+def test_t5_dtype_policy_never_fp16():
+    assert ct5.compute_dtype("auto", CPU) == torch.float32
+    with pytest.raises(ValueError, match="not one of"):
+        ct5.compute_dtype("fp16", CPU)
+
+
+@pytest.mark.parametrize("layout", ["single", "prefixed", "folder"])
+def test_dit_loads_identical_to_diffusers(tmp_path, ref, layout):
+    dit = ref["dit"]
+    if layout == "folder":
+        dit.save_pretrained(tmp_path / "PixArt-Sigma-XL-2-1024-MS" / "transformer")
+        path = tmp_path / "PixArt-Sigma-XL-2-1024-MS"
+    else:
+        prefix = "model.diffusion_model." if layout == "prefixed" else ""
+        path = tmp_path / "PixArt-Sigma-XL-2-1024-MS.safetensors"
+        save_file({prefix + k: v for k, v in dit.state_dict().items()}, str(path))
+    model, variant, how = cdit.load_dit(path, "auto", torch.float32)
+    assert variant.name == "sigma-1024" and variant.max_tokens == 300 and variant.vae == "sdxl"
+    assert model.config.interpolation_scale == 2.0 and model.config.sample_size == 128
+    torch.manual_seed(1)
+    x, enc = torch.randn(2, 4, 8, 8), torch.randn(2, 7, tiny.T5_WIDTH)
+    mask, t = torch.tensor([[1] * 7, [1] * 3 + [0] * 4]), torch.tensor([999, 500])
+    kw = dict(encoder_hidden_states=enc, encoder_attention_mask=mask, timestep=t,
+              added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
+    with torch.no_grad():
+        assert (model(x, **kw)[0] - dit(x, **kw)[0]).abs().max() <= 1e-6
+
+
+def test_dit_variant_from_name_and_override(tmp_path, ref):
+    path = tmp_path / "PixArt-Sigma-XL-2-512-MS.safetensors"
+    save_file(ref["dit"].state_dict(), str(path))
+    model, variant, how = cdit.load_dit(path, "auto", torch.float32)
+    assert (variant.name, model.config.sample_size, model.config.interpolation_scale) == ("sigma-512", 64, 1.0)
+    model, variant, how = cdit.load_dit(path, "sigma-2k", torch.float32)
+    assert (variant.name, model.config.interpolation_scale, how) == ("sigma-2k", 4.0, "chosen in the loader")
+
+
+def test_vae_ldm_single_file_and_folder_decode_like_diffusers(tmp_path, ref):
+    vae = ref["vae"]
+    single = tmp_path / "sdxl_vae.safetensors"
+    save_file(tiny.vae_to_ldm(vae.state_dict()), str(single))
+    vae.save_pretrained(tmp_path / "pipe" / "vae")
+    z = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        want = (vae.decode(z).sample / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+    for path in (single, tmp_path / "pipe"):
+        got = cvae.decode(cvae.load_vae(path), z)
+        assert got.shape == (1, 64, 64, 3)
+        assert (got - want).abs().max() <= 1e-6
+
+
+def _raises(path, loader, *fragments):
+    with pytest.raises(files.WeightFileError) as e:
+        loader(path)
+    for f in fragments:
+        assert f in str(e.value), str(e.value)
+
+
+def test_wrong_files_are_named(tmp_path, ref):
+    dit_file, vae_file, t5_file = tmp_path / "dit.safetensors", tmp_path / "vae.safetensors", tmp_path / "t5.safetensors"
+    save_file(ref["dit"].state_dict(), str(dit_file))
+    save_file(tiny.vae_to_ldm(ref["vae"].state_dict()), str(vae_file))
+    save_file(tiny.t5_single_file_sd(ref["t5"]), str(t5_file))
+    load_dit = lambda p: cdit.load_dit(p, "auto", torch.float32)  # noqa: E731
+    load_t5 = lambda p: ct5.load_t5(p, "none", torch.float32)  # noqa: E731
+    _raises(vae_file, load_dit, "vae.safetensors", "not a PixArt transformer", "a VAE")
+    _raises(t5_file, load_dit, "t5.safetensors", "a T5 text encoder")
+    _raises(dit_file, cvae.load_vae, "dit.safetensors", "not a VAE", "PixArt transformer in the diffusers layout")
+    _raises(t5_file, cvae.load_vae, "not a VAE", "a T5 text encoder")
+    _raises(dit_file, load_t5, "not a T5 encoder", "PixArt transformer")
+    sdxl = tmp_path / "sd_xl_base_1.0.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2, 4, 3, 3),
+               "conditioner.embedders.0.transformer.text_model.embeddings.position_ids": torch.zeros(1, 2)}, str(sdxl))
+    _raises(sdxl, load_dit, "Stable Diffusion XL")
+    flux = tmp_path / "flux1-dev.safetensors"
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(3, 2)}, str(flux))
+    _raises(flux, load_dit, "a Flux transformer")
+    umt5 = tmp_path / "umt5_xxl.safetensors"
+    sd = tiny.t5_single_file_sd(ref["t5"])
+    sd["shared.weight"] = torch.zeros(256384, tiny.T5_WIDTH, dtype=torch.float16)
+    save_file(sd, str(umt5))
+    _raises(umt5, load_t5, "umT5", "256384")
+
+
+def test_empty_truncated_and_code_carrying_files(tmp_path, ref):
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    _raises(empty, files.read_state_dict, "empty.safetensors", "empty")
+    good = tmp_path / "good.safetensors"
+    save_file(ref["dit"].state_dict(), str(good))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    _raises(cut, files.read_state_dict, "cut.safetensors", "truncated")
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    evil = tmp_path / "evil.pth"
+    with open(evil, "wb") as f:
+        pickle.dump({"state_dict": {"w": Evil()}}, f)
+    _raises(evil, files.read_state_dict, "evil.pth", "refused", "not executed")
+    assert not marker.exists()
+    torch.save({"state_dict": {"w": torch.ones(2)}}, tmp_path / "ok.pth")
+    assert torch.equal(files.read_state_dict(tmp_path / "ok.pth")["w"], torch.ones(2))
+
+
+def test_noise_follows_comfyui_seed_convention():
+    noise, gen = sampling.initial_noise(2**64 - 1, 2, 4, 64, 32)
+    want = torch.randn((2, 4, 8, 4), generator=torch.manual_seed(2**64 - 1))
+    assert torch.equal(noise, want) and noise.shape == (2, 4, 8, 4)

@@ -1,0 +1,108 @@
+"""Tiny PixArt/T5/VAE models with the real classes and random weights, saved in the layouts users have."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+T5_WIDTH = 64  # a multiple of 64: bitsandbytes nf4 on CPU packs weights in 64-wide blocks
+T5_CONFIG = dict(vocab_size=32128, d_model=T5_WIDTH, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                 relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                 feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False)
+
+
+def dit_config(sample_size: int = 128, interpolation_scale: float = 2.0, micro: bool = False, layers: int = 2) -> dict:
+    return dict(num_attention_heads=2, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=layers,
+                cross_attention_dim=144, attention_bias=True, sample_size=sample_size, patch_size=2,
+                activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+                norm_elementwise_affine=False, norm_eps=1e-6, interpolation_scale=interpolation_scale,
+                use_additional_conditions=micro, caption_channels=T5_WIDTH)
+
+
+VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+                  up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[32, 32, 32, 32], layers_per_block=1,
+                  act_fn="silu", latent_channels=4, norm_num_groups=32, sample_size=64, scaling_factor=0.13025)
+
+
+def make_t5(seed: int = 0):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(**T5_CONFIG)).eval()
+
+
+def make_dit(seed: int = 0, **kw):
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = PixArtTransformer2DModel(**dit_config(**kw)).eval()
+    with torch.no_grad():  # diffusers zero-inits nothing here; keep outputs in a sane range
+        for p in model.parameters():
+            p.mul_(0.5)
+    return model
+
+
+def make_vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(**VAE_CONFIG).eval()
+
+
+def t5_single_file_sd(model, dtype=torch.float16, prefix: str = "") -> dict[str, torch.Tensor]:
+    """As ComfyUI users' t5xxl_fp16.safetensors: encoder keys + shared.weight, no tied duplicate."""
+    sd = {k: v.to(dtype).contiguous() for k, v in model.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    return {prefix + k: v for k, v in sd.items()}
+
+
+def vae_to_ldm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers AutoencoderKL keys -> original (LDM) keys, as in sdxl_vae.safetensors."""
+    n_up = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("decoder.up_blocks."))
+    out = {}
+    for k, v in sd.items():
+        n = k
+        for a, b in (("conv_shortcut", "nin_shortcut"), ("conv_norm_out", "norm_out"),
+                     ("mid_block.resnets.0", "mid.block_1"), ("mid_block.resnets.1", "mid.block_2"),
+                     ("mid_block.attentions.0.group_norm", "mid.attn_1.norm"),
+                     ("mid_block.attentions.0.to_q", "mid.attn_1.q"), ("mid_block.attentions.0.to_k", "mid.attn_1.k"),
+                     ("mid_block.attentions.0.to_v", "mid.attn_1.v"),
+                     ("mid_block.attentions.0.to_out.0", "mid.attn_1.proj_out"),
+                     ("downsamplers.0.conv", "downsample.conv"), ("upsamplers.0.conv", "upsample.conv")):
+            n = n.replace(a, b)
+        parts = n.split(".")
+        if parts[1] == "down_blocks":
+            parts[1] = "down"
+        if parts[1] == "up_blocks":
+            parts[1], parts[2] = "up", str(n_up - 1 - int(parts[2]))
+        if len(parts) > 3 and parts[3] == "resnets":
+            parts[3] = "block"
+        n = ".".join(parts)
+        if "attn_1" in n and n.endswith("weight") and v.ndim == 2:
+            v = v[:, :, None, None]
+        out[n] = v.contiguous()
+    return out
+
+
+def copy_tokenizer(comfy_path: Path, dest: Path) -> None:
+    src = comfy_path / "comfy" / "text_encoders" / "t5_tokenizer"
+    shutil.copytree(src, dest, dirs_exist_ok=True)
+
+
+def write_models(models: Path, comfy_path: Path) -> dict[str, object]:
+    """Every tiny model in every layout the foundation supports, under a ComfyUI models/ folder."""
+    for d in ("text_encoders", "checkpoints", "diffusion_models", "vae", "diffusers"):
+        (models / d).mkdir(parents=True, exist_ok=True)
+    t5, dit, vae = make_t5(), make_dit(), make_vae()
+    save_file(t5_single_file_sd(t5), str(models / "text_encoders" / "tiny_t5xxl_fp16.safetensors"))
+    save_file(dit.state_dict(), str(models / "checkpoints" / "tiny-PixArt-Sigma-XL-2-1024-MS.safetensors"))
+    save_file(vae_to_ldm(vae.state_dict()), str(models / "vae" / "tiny_sdxl_vae.safetensors"))
+    pipe = models / "diffusers" / "tiny-PixArt-Sigma-XL-2-1024-MS"
+    t5.save_pretrained(pipe / "text_encoder")
+    dit.save_pretrained(pipe / "transformer")
+    vae.save_pretrained(pipe / "vae")
+    copy_tokenizer(comfy_path, pipe / "tokenizer")
+    (pipe / "model_index.json").write_text(json.dumps({"_class_name": "PixArtSigmaPipeline"}))
+    return {"t5": t5, "dit": dit, "vae": vae}
