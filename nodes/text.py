@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import comfy
+import comfy.model_management
 from comfy_api.v0_0_2 import io
 
 from ..pixart_core import t5 as core_t5
@@ -15,7 +15,7 @@ from .types import Conditioning as CondType
 
 log = logging.getLogger(__name__)
 T5_FOLDERS = ("text_encoders",)
-COMFY_TOKENIZER = Path(comfy.__file__).parent / "text_encoders" / "t5_tokenizer"
+COMFY_TOKENIZER = Path(comfy.model_management.__file__).parent / "text_encoders" / "t5_tokenizer"  # shipped by ComfyUI
 
 
 class T5Loader(io.ComfyNode):

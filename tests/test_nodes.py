@@ -1,0 +1,153 @@
+"""The nodes inside a real ComfyUI (in this process): its prompt validation, executor, caches and model management."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import tiny
+
+DIT_FILE = "tiny-PixArt-Sigma-XL-2-1024-MS.safetensors"
+PIPE = "tiny-PixArt-Sigma-XL-2-1024-MS"
+
+
+def graph(t5="tiny_t5xxl_fp16.safetensors", quant="none", dit=DIT_FILE, vae="tiny_sdxl_vae.safetensors",
+          seed=7, width=64, height=64, batch=1, prefix="pixart_test", positive="a red fox in the snow",
+          negative="", steps=3, cfg=4.5, save_latent=False, **sampler):
+    """An API-format prompt: T5 -> encode -> DiT -> sample -> decode -> SaveImage (+ SaveLatent)."""
+    p = {
+        "1": {"class_type": "PixArtSigmaT5Loader", "inputs": {"t5_name": t5, "quantization": quant, "dtype": "auto"}},
+        "2": {"class_type": "PixArtSigmaTextEncode",
+              "inputs": {"t5": ["1", 0], "positive": positive, "negative": negative, "max_tokens": 300}},
+        "3": {"class_type": "PixArtSigmaDiTLoader", "inputs": {"dit_name": dit, "variant": "auto", "dtype": "auto"}},
+        "4": {"class_type": "PixArtSigmaSampler",
+              "inputs": {"dit": ["3", 0], "positive": ["2", 0], "negative": ["2", 1], "seed": seed, "steps": steps,
+                         "cfg": cfg, "scheduler": "dpm++ 2m", "width": width, "height": height, "batch_size": batch,
+                         "denoise": 1.0, **sampler}},
+        "5": {"class_type": "PixArtSigmaVAELoader", "inputs": {"vae_name": vae, "dtype": "auto"}},
+        "6": {"class_type": "PixArtSigmaVAEDecode", "inputs": {"vae": ["5", 0], "samples": ["4", 0]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": prefix}},
+    }
+    if save_latent:
+        p["8"] = {"class_type": "SaveLatent", "inputs": {"samples": ["4", 0], "filename_prefix": prefix}}
+    return p
+
+
+def _saved_images(result, comfy_base: Path) -> list[np.ndarray]:
+    out = []
+    for img in result["outputs"]["7"]["images"]:
+        path = comfy_base / "output" / img["subfolder"] / img["filename"]
+        out.append(np.asarray(Image.open(path)))
+    return out
+
+
+def _loaded_models(comfy):
+    import comfy.model_management as mm
+
+    return [type(m.model.model.inner).__name__ for m in mm.current_loaded_models if m.model is not None
+            and hasattr(m.model.model, "inner")]
+
+
+def test_nodes_registered_with_tooltips_and_categories(comfy):
+    from conftest import NODE_IDS
+
+    for node_id in NODE_IDS:
+        info = comfy.NODE_CLASS_MAPPINGS[node_id].GET_NODE_INFO_V1()
+        assert info["category"].startswith("PixArt-Σ") and info["display_name"].startswith("PixArt-Σ")
+        for section in ("required", "optional"):
+            for name, spec in info["input"].get(section, {}).items():
+                assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+
+
+def test_full_graph_makes_an_image_and_matches_diffusers(executor, comfy, comfy_base, tiny_models):
+    from diffusers import PixArtSigmaPipeline
+
+    from pixart_core import sampling
+    from pixart_core import t5 as ct5
+
+    result = executor.run(graph(save_latent=True, batch=2))
+    assert result["ok"], result["error"]
+    images = _saved_images(result, comfy_base)
+    assert len(images) == 2 and images[0].shape == (64, 64, 3) and images[0].std() > 1.0
+    assert not np.array_equal(images[0], images[1])  # one generator for the batch: different noise per image
+
+    latent_info = result["outputs"]["8"]["latents"][0]
+    saved = load_file(str(comfy_base / "output" / latent_info["subfolder"] / latent_info["filename"]))
+    ours = saved["latent_tensor"] * 0.13025  # ComfyUI LATENTs are raw VAE latents; diffusers returns scaled ones
+
+    # The reference: diffusers' pipeline, encoding the same prompt with the fp16-rounded T5 of the file.
+    t5 = tiny.make_t5()
+    t5.load_state_dict({k: v.half().float() for k, v in t5.state_dict().items()})
+    tokenizer = ct5.load_tokenizer([Path(comfy.__file__).parent / "comfy" / "text_encoders" / "t5_tokenizer"])
+    noise, gen = sampling.initial_noise(7, 2, 4, 64, 64)
+    pipe = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=t5, vae=tiny_models["vae"],
+                               transformer=tiny_models["dit"], scheduler=sampling.make_scheduler("dpm++ 2m"))
+    ref = pipe(prompt="a red fox in the snow", negative_prompt="", num_images_per_prompt=2, latents=noise,
+               generator=gen, num_inference_steps=3, guidance_scale=4.5, height=64, width=64, output_type="latent",
+               use_resolution_binning=False, clean_caption=False).images
+    assert (ours - ref).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("quant", ["8-bit (bitsandbytes)", "4-bit nf4 (bitsandbytes)"])
+def test_diffusers_folder_and_quantized_t5(executor, comfy_base, quant):
+    result = executor.run(graph(t5=PIPE, quant=quant, dit=PIPE, vae=PIPE, prefix="folder"))
+    assert result["ok"], result["error"]
+    assert _saved_images(result, comfy_base)[0].std() > 1.0
+
+
+def test_seed_change_reuses_loaded_models_and_cached_encoding(executor, comfy):
+    import comfy.model_management as mm
+
+    assert executor.run(graph(seed=11))["ok"]
+    result = executor.run(graph(seed=12))
+    assert result["ok"], result["error"]
+    cached = next(d["nodes"] for e, d in result["messages"] if e == "execution_cached")
+    assert {"1", "2", "3", "5"} <= set(cached)  # the T5 did not run again for a seed-only change
+    ours = [m for m in mm.current_loaded_models if hasattr(m.model.model, "inner")]
+    ids = [id(m.model) for m in ours]
+    assert len(ids) == len(set(ids)), "a model is loaded twice"
+
+
+def test_size_not_divisible_by_16_names_valid_sizes(executor):
+    result = executor.run(graph(width=1000))
+    assert not result["ok"]
+    msg = result["error"]["exception_message"]
+    assert "width 1000 is not a multiple of 16" in msg and "992 or 1008" in msg
+    assert executor.run(graph(seed=3))["ok"]  # the next good prompt still runs
+
+
+def test_wrong_file_in_dit_loader_says_what_it_is(executor, comfy_base):
+    vae_sd = tiny.vae_to_ldm(tiny.make_vae().state_dict())
+    save_file(vae_sd, str(comfy_base / "models" / "checkpoints" / "sdxl_vae_copy.safetensors"))
+    result = executor.run(graph(dit="sdxl_vae_copy.safetensors"))
+    assert not result["ok"]
+    msg = result["error"]["exception_message"]
+    assert "sdxl_vae_copy.safetensors" in msg and "not a PixArt transformer" in msg and "a VAE" in msg
+    assert executor.run(graph(seed=4))["ok"]
+
+
+def test_interrupt_during_sampling_then_next_run_works(executor, comfy):
+    import comfy.model_management as mm
+    import comfy.utils
+
+    calls = []
+
+    def hook(value, total, preview, node_id=None):
+        calls.append(value)
+        if value == 2:
+            mm.interrupt_current_processing(True)
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        result = executor.run(graph(seed=99, steps=5))
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert not result["ok"]
+    assert any(e == "execution_interrupted" for e, _ in result["messages"])
+    assert calls[:2] == [1, 2] and 5 not in calls
+    after = executor.run(graph(seed=99, steps=5))
+    assert after["ok"], after["error"]

@@ -1,0 +1,110 @@
+"""The example workflow through a real ComfyUI HTTP server on 127.0.0.1, with the pack in its custom_nodes/."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from conftest import COMFY, NODE_IDS, REPO
+from workflow import ui_to_api
+
+TINY = {"t5xxl_fp16.safetensors": "tiny_t5xxl_fp16.safetensors",
+        "PixArt-Sigma-XL-2-1024-MS": "tiny-PixArt-Sigma-XL-2-1024-MS",
+        "sdxl_vae.safetensors": "tiny_sdxl_vae.safetensors"}
+
+
+@pytest.fixture(scope="module")
+def server(comfy_base):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(comfy_base / f"server-{port}.log", "w")
+    proc = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+                             "--base-directory", str(comfy_base), "--database-url", "sqlite:///:memory:"],
+                            cwd=COMFY, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                if requests.get(url + "/system_stats", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("ComfyUI server did not start:\n" + (comfy_base / f"server-{port}.log").read_text()[-3000:])
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _run(url: str, prompt: dict, timeout: float = 300) -> dict:
+    r = requests.post(url + "/prompt", json={"prompt": prompt, "client_id": "pytest"}, timeout=30)
+    assert r.ok, r.text
+    pid = r.json()["prompt_id"]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        hist = requests.get(f"{url}/history/{pid}", timeout=10).json()
+        if pid in hist and hist[pid]["status"].get("completed") is not None and (
+                hist[pid]["status"]["completed"] or hist[pid]["status"]["status_str"] == "error"):
+            return hist[pid]
+        time.sleep(0.5)
+    raise TimeoutError(f"prompt {pid} did not finish")
+
+
+def _api_prompt(url: str, workflow_path: Path) -> dict:
+    object_info = requests.get(url + "/object_info", timeout=60).json()
+    for node_id in NODE_IDS:
+        assert node_id in object_info, f"{node_id} missing from the server's /object_info"
+    prompt = ui_to_api(json.loads(workflow_path.read_text()), object_info)
+    for node in prompt.values():
+        for k, v in node["inputs"].items():
+            if isinstance(v, str) and v in TINY:
+                node["inputs"][k] = TINY[v]
+        if node["class_type"] == "PixArtSigmaSampler":  # the example's 1024 px / 20 steps, shrunk for the CPU
+            node["inputs"].update(width=64, height=64, steps=2)
+    return prompt
+
+
+def test_example_workflow_over_http(server, comfy_base):
+    wf = REPO / "example_workflows" / "pixart_sigma_1024_t5_8bit.json"
+    prompt = _api_prompt(server, wf)
+    sampler = next(n for n in prompt.values() if n["class_type"] == "PixArtSigmaSampler")["inputs"]
+    assert (sampler["seed"], sampler["cfg"], sampler["scheduler"]) == (0, 4.5, "dpm++ 2m")
+    t5 = next(n for n in prompt.values() if n["class_type"] == "PixArtSigmaT5Loader")["inputs"]
+    assert t5["quantization"] == "8-bit (bitsandbytes)"
+
+    hist = _run(server, prompt)
+    assert hist["status"]["status_str"] == "success", hist["status"]
+    images = [i for out in hist["outputs"].values() for i in out.get("images", [])]
+    assert len(images) == 1
+    png = comfy_base / "output" / images[0]["subfolder"] / images[0]["filename"]
+    arr = np.asarray(Image.open(png))
+    assert arr.shape == (64, 64, 3) and arr.std() > 1.0
+
+
+def test_bad_prompt_over_http_then_server_keeps_serving(server):
+    wf = REPO / "example_workflows" / "pixart_sigma_1024_t5_8bit.json"
+    prompt = _api_prompt(server, wf)
+    sampler = next(n for n in prompt.values() if n["class_type"] == "PixArtSigmaSampler")["inputs"]
+    sampler["height"] = 50
+    hist = _run(server, prompt)
+    assert hist["status"]["status_str"] == "error"
+    err = next(m[1] for m in hist["status"]["messages"] if m[0] == "execution_error")
+    assert "height 50 is not a multiple of 16" in err["exception_message"] and "48 or 64" in err["exception_message"]
+    sampler["height"], sampler["seed"] = 64, 1
+    assert _run(server, prompt)["status"]["status_str"] == "success"
