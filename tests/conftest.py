@@ -14,6 +14,10 @@ REPO = Path(__file__).resolve().parents[1]
 COMFY = Path(os.environ.get("COMFYUI_PATH") or REPO / ".cache" / "comfyui-0.3.75")
 PACK = "pixart_sigma_nodes"
 
+# Nothing may reach a model hub: any attempt fails the test instead of going online.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
 if not (COMFY / "main.py").is_file():
     raise RuntimeError(f"No ComfyUI at {COMFY}: run the tests through ./scripts/test or set COMFYUI_PATH.")
 # ComfyUI's top-level modules (nodes, utils, app, ...) must win over same-named folders of this repo.

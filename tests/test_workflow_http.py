@@ -97,6 +97,11 @@ def test_example_workflow_over_http(server, comfy_base):
     assert arr.shape == (64, 64, 3) and arr.std() > 1.0
 
 
+def test_example_workflow_listed_as_template(server):
+    templates = requests.get(server + "/workflow_templates", timeout=30).json()
+    assert "pixart_sigma_1024_t5_8bit" in templates.get("pixart_sigma_nodes", []), templates
+
+
 def test_bad_prompt_over_http_then_server_keeps_serving(server):
     wf = REPO / "example_workflows" / "pixart_sigma_1024_t5_8bit.json"
     prompt = _api_prompt(server, wf)
