@@ -68,6 +68,72 @@ def config_from_state_dict(sd: dict[str, torch.Tensor], variant: Variant, name: 
     }
 
 
+# Original PixArt key prefix -> diffusers key prefix (fused qkv / kv tensors are split in convert_original).
+_RENAMES = (
+    ("x_embedder.proj.", "pos_embed.proj."),
+    ("y_embedder.y_proj.fc1.", "caption_projection.linear_1."),
+    ("y_embedder.y_proj.fc2.", "caption_projection.linear_2."),
+    ("t_embedder.mlp.0.", "adaln_single.emb.timestep_embedder.linear_1."),
+    ("t_embedder.mlp.2.", "adaln_single.emb.timestep_embedder.linear_2."),
+    ("csize_embedder.mlp.0.", "adaln_single.emb.resolution_embedder.linear_1."),
+    ("csize_embedder.mlp.2.", "adaln_single.emb.resolution_embedder.linear_2."),
+    ("ar_embedder.mlp.0.", "adaln_single.emb.aspect_ratio_embedder.linear_1."),
+    ("ar_embedder.mlp.2.", "adaln_single.emb.aspect_ratio_embedder.linear_2."),
+    ("t_block.1.", "adaln_single.linear."),
+    ("final_layer.linear.", "proj_out."),
+    ("final_layer.scale_shift_table", "scale_shift_table"),
+)
+_BLOCK_RENAMES = (
+    ("attn.proj.", "attn1.to_out.0."),
+    ("cross_attn.q_linear.", "attn2.to_q."),
+    ("cross_attn.proj.", "attn2.to_out.0."),
+    ("mlp.fc1.", "ff.net.0.proj."),
+    ("mlp.fc2.", "ff.net.2."),
+    ("scale_shift_table", "scale_shift_table"),
+)
+_DROPPED = ("pos_embed", "y_embedder.y_embedding")  # diffusers computes / does not keep these
+
+
+def is_original_layout(sd: dict[str, torch.Tensor]) -> bool:
+    return any(k.endswith("attn.qkv.weight") for k in sd) and any("x_embedder.proj" in k for k in sd)
+
+
+def convert_original(sd: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """Original PixArt keys (blocks.N.attn.qkv, y_embedder, t_block, ...) -> diffusers keys; fused qkv/kv split.
+
+    Fails naming every key it does not know, instead of dropping it silently.
+    """
+    sd = files.strip_prefix(sd, "x_embedder.proj.weight")
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, value in sd.items():
+        if key in _DROPPED:
+            continue
+        new = next((d + key[len(o):] for o, d in _RENAMES if key.startswith(o)), None)
+        if new is None and key.startswith("blocks."):
+            _, n, rest = key.split(".", 2)
+            base = f"transformer_blocks.{n}."
+            if rest.startswith("attn.qkv."):
+                for part, t in zip(("to_q", "to_k", "to_v"), value.chunk(3, dim=0)):
+                    out[f"{base}attn1.{part}.{rest.rsplit('.', 1)[1]}"] = t
+                continue
+            if rest.startswith("cross_attn.kv_linear."):
+                for part, t in zip(("to_k", "to_v"), value.chunk(2, dim=0)):
+                    out[f"{base}attn2.{part}.{rest.rsplit('.', 1)[1]}"] = t
+                continue
+            new = next((base + d + rest[len(o):] for o, d in _BLOCK_RENAMES if rest.startswith(o)), None)
+        if new is None:
+            unknown.append(key)
+        else:
+            out[new] = value
+    if unknown:
+        raise files.WeightFileError(
+            f"{name}: {len(unknown)} keys of this original-layout PixArt file are unknown "
+            f"(e.g. {', '.join(sorted(unknown)[:4])}); it may be a variant this loader does not support yet."
+        )
+    return out
+
+
 def resolve_variant(choice: str, name: str, sd_keys: list[str] | None = None, config: dict | None = None) -> tuple[Variant, str]:
     """The variant to load as, and how it was decided (shown to the user)."""
     if choice != "auto":
@@ -108,7 +174,7 @@ def _folder_state_dict(wdir: Path) -> dict[str, torch.Tensor]:
 
 
 def load_dit(path: str | os.PathLike, variant_choice: str, dtype: torch.dtype):
-    """Load a PixArt transformer (diffusers folder or diffusers-layout single file) on the CPU.
+    """Load a PixArt transformer (diffusers folder, or a single file in the diffusers or original layout) on the CPU.
 
     Returns (PixArtTransformer2DModel, Variant, how the variant was decided).
     """
@@ -128,10 +194,12 @@ def load_dit(path: str | os.PathLike, variant_choice: str, dtype: torch.dtype):
     else:
         sd = files.read_state_dict(path)
         name = path.name
+    if is_original_layout(sd):
+        sd = convert_original(sd, name)
     sd = files.strip_prefix(sd, _ANCHOR)
     if "pos_embed.proj.weight" not in sd or not any(k.endswith(_ANCHOR) for k in sd):
         raise files.WeightFileError(
-            f"{name}: this is not a PixArt transformer in the diffusers layout; it looks like "
+            f"{name}: this is not a PixArt transformer; it looks like "
             f"{files.describe(sd, files.shapes_of(sd))}. Choose a PixArt-Σ/α transformer file "
             "(models/checkpoints or models/diffusion_models) or a diffusers folder (models/diffusers)."
         )

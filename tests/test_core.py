@@ -106,12 +106,18 @@ def test_t5_dtype_policy_never_fp16():
         ct5.compute_dtype("fp16", CPU)
 
 
-@pytest.mark.parametrize("layout", ["single", "prefixed", "folder"])
+@pytest.mark.parametrize("layout", ["single", "prefixed", "folder", "original-pth", "original-safetensors"])
 def test_dit_loads_identical_to_diffusers(tmp_path, ref, layout):
     dit = ref["dit"]
     if layout == "folder":
         dit.save_pretrained(tmp_path / "PixArt-Sigma-XL-2-1024-MS" / "transformer")
         path = tmp_path / "PixArt-Sigma-XL-2-1024-MS"
+    elif layout == "original-pth":
+        path = tmp_path / "PixArt-Sigma-XL-2-1024-MS.pth"
+        torch.save({"state_dict": tiny.dit_to_original(dit.state_dict())}, path)
+    elif layout == "original-safetensors":
+        path = tmp_path / "PixArt-Sigma-XL-2-1024-MS.safetensors"
+        save_file(tiny.dit_to_original(dit.state_dict()), str(path))
     else:
         prefix = "model.diffusion_model." if layout == "prefixed" else ""
         path = tmp_path / "PixArt-Sigma-XL-2-1024-MS.safetensors"
@@ -126,6 +132,31 @@ def test_dit_loads_identical_to_diffusers(tmp_path, ref, layout):
               added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
     with torch.no_grad():
         assert (model(x, **kw)[0] - dit(x, **kw)[0]).abs().max() <= 1e-6
+
+
+def test_alpha_1024_ms_original_pth_detected_with_micro_conditioning(tmp_path):
+    dit = tiny.make_dit(micro=True)
+    path = tmp_path / "PixArt-XL-2-1024-MS.pth"
+    torch.save(tiny.dit_to_original(dit.state_dict()), path)
+    model, variant, how = cdit.load_dit(path, "auto", torch.float32)
+    assert (variant.name, variant.max_tokens, variant.vae, model.use_additional_conditions) == ("alpha-1024", 120, "sd", True)
+    x, enc, t = torch.randn(2, 4, 8, 8), torch.randn(2, 5, tiny.T5_WIDTH), torch.tensor([10, 900])
+    added = {"resolution": torch.tensor([[64.0, 64.0]] * 2), "aspect_ratio": torch.tensor([[1.0]] * 2)}
+    with torch.no_grad():
+        got = model(x, encoder_hidden_states=enc, timestep=t, added_cond_kwargs=added, return_dict=False)[0]
+        want = dit(x, encoder_hidden_states=enc, timestep=t, added_cond_kwargs=added, return_dict=False)[0]
+    assert (got - want).abs().max() <= 1e-6
+    with pytest.raises(files.WeightFileError, match="resolution/aspect-ratio embedders"):
+        cdit.load_dit(path, "sigma-1024", torch.float32)
+
+
+def test_original_layout_with_unknown_keys_is_refused_by_name(tmp_path, ref):
+    sd = tiny.dit_to_original(ref["dit"].state_dict())
+    sd["blocks.0.attn.q_norm.weight"] = torch.ones(144)
+    path = tmp_path / "PixArt-Sigma-XL-2-1024-MS.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(files.WeightFileError, match="blocks.0.attn.q_norm.weight"):
+        cdit.load_dit(path, "auto", torch.float32)
 
 
 def test_dit_variant_from_name_and_override(tmp_path, ref):

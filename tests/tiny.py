@@ -86,6 +86,40 @@ def vae_to_ldm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def dit_to_original(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers PixArt keys -> the original PixArt release's keys (fused qkv and kv), written from DESIGN.md §3."""
+    out = {}
+    top = {"pos_embed.proj.": "x_embedder.proj.", "caption_projection.linear_1.": "y_embedder.y_proj.fc1.",
+           "caption_projection.linear_2.": "y_embedder.y_proj.fc2.",
+           "adaln_single.emb.timestep_embedder.linear_1.": "t_embedder.mlp.0.",
+           "adaln_single.emb.timestep_embedder.linear_2.": "t_embedder.mlp.2.",
+           "adaln_single.emb.resolution_embedder.linear_1.": "csize_embedder.mlp.0.",
+           "adaln_single.emb.resolution_embedder.linear_2.": "csize_embedder.mlp.2.",
+           "adaln_single.emb.aspect_ratio_embedder.linear_1.": "ar_embedder.mlp.0.",
+           "adaln_single.emb.aspect_ratio_embedder.linear_2.": "ar_embedder.mlp.2.",
+           "adaln_single.linear.": "t_block.1.", "proj_out.": "final_layer.linear.",
+           "scale_shift_table": "final_layer.scale_shift_table"}
+    block = {"attn1.to_out.0.": "attn.proj.", "attn2.to_q.": "cross_attn.q_linear.", "attn2.to_out.0.": "cross_attn.proj.",
+             "ff.net.0.proj.": "mlp.fc1.", "ff.net.2.": "mlp.fc2.", "scale_shift_table": "scale_shift_table"}
+    for k, v in sd.items():
+        if k.startswith("transformer_blocks."):
+            _, n, rest = k.split(".", 2)
+            kind = rest.rsplit(".", 1)[-1]
+            if rest.startswith("attn1.to_q."):
+                out[f"blocks.{n}.attn.qkv.{kind}"] = torch.cat([sd[f"transformer_blocks.{n}.attn1.to_{c}.{kind}"] for c in "qkv"])
+            elif rest.startswith("attn2.to_k."):
+                out[f"blocks.{n}.cross_attn.kv_linear.{kind}"] = torch.cat([sd[f"transformer_blocks.{n}.attn2.to_{c}.{kind}"] for c in "kv"])
+            elif not rest.startswith(("attn1.to_k.", "attn1.to_v.", "attn2.to_v.")):
+                o = next(o for d, o in block.items() if rest.startswith(d))
+                out[f"blocks.{n}.{o}{rest[len(next(d for d in block if rest.startswith(d))):]}"] = v
+        else:
+            d = next(d for d in top if k.startswith(d))
+            out[top[d] + k[len(d):]] = v
+    out["pos_embed"] = torch.zeros(1, 4, 144)  # the original keeps a fixed sin-cos table; diffusers recomputes it
+    out["y_embedder.y_embedding"] = torch.zeros(120, T5_WIDTH)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
 def copy_tokenizer(comfy_path: Path, dest: Path) -> None:
     src = comfy_path / "comfy" / "text_encoders" / "t5_tokenizer"
     shutil.copytree(src, dest, dirs_exist_ok=True)
