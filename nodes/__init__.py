@@ -4,10 +4,11 @@ from __future__ import annotations
 from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .dit import DiTLoader, Sampler
+from .resolution import Resolution
 from .text import T5Loader, TextEncode
-from .vae import VAEDecode, VAELoader
+from .vae import VAEDecode, VAEEncode, VAELoader
 
-NODES: list[type[io.ComfyNode]] = [T5Loader, TextEncode, DiTLoader, Sampler, VAELoader, VAEDecode]
+NODES: list[type[io.ComfyNode]] = [T5Loader, TextEncode, DiTLoader, Sampler, Resolution, VAELoader, VAEDecode, VAEEncode]
 
 
 class PixArtExtension(ComfyExtension):

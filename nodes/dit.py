@@ -112,6 +112,6 @@ class Sampler(io.ComfyNode):
         model = management.use(p, memory_required=need)
         latents = sampling.sample(model, positive, negative, noise, steps=steps, cfg=cfg, scheduler_name=scheduler,
                                   generator=generator, init_latents=init, denoise=denoise,
-                                  on_step=management.step_callback(steps))
+                                  on_step=management.step_callback(steps, dit.variant.vae, p.load_device))
         return io.NodeOutput({"samples": (latents / scale).to(management.intermediate_device())})
 

@@ -1,7 +1,7 @@
 """The one place that talks to ComfyUI's model management: ModelPatcher wrapping, loading, progress, interrupt."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
@@ -51,15 +51,36 @@ def intermediate_device() -> torch.device:
     return mm.intermediate_device()
 
 
-def step_callback(total: int) -> Callable[[int, int, Any], None]:
-    """Per-step hook for the sampling loop: ComfyUI progress bar, then raise if the user pressed Cancel."""
-    bar = comfy.utils.ProgressBar(total)
+def step_callback(total: int, vae_family: str, device: torch.device) -> Callable[[int, int, torch.Tensor], None]:
+    """Per-step hook for the sampling loop: ComfyUI progress bar with a latent preview (ComfyUI's previewer for
+    the SDXL or SD latent space), then raise if the user pressed Cancel."""
+    import comfy.latent_formats
+    import latent_preview
 
-    def on_step(step: int, steps: int, latents: Any) -> None:
-        bar.update_absolute(step, steps)
+    bar = comfy.utils.ProgressBar(total)
+    fmt = comfy.latent_formats.SDXL() if vae_family == "sdxl" else comfy.latent_formats.SD15()
+    previewer = latent_preview.get_previewer(device, fmt)
+
+    def on_step(step: int, steps: int, x0: torch.Tensor) -> None:
+        preview = previewer.decode_latent_to_preview_image("JPEG", x0) if previewer is not None else None
+        bar.update_absolute(step, steps, preview)
         mm.throw_exception_if_processing_interrupted()
 
     return on_step
+
+
+def free_memory(device: torch.device) -> int:
+    return mm.get_free_memory(device)
+
+
+def is_oom(error: BaseException) -> bool:
+    """A device out-of-memory error (ComfyUI's OOM_EXCEPTION is plain Exception on CPU-only torch builds)."""
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(error, oom)) or "out of memory" in str(error).lower()
+
+
+def soft_empty_cache() -> None:
+    mm.soft_empty_cache()
 
 
 def check_interrupt() -> None:

@@ -1,4 +1,4 @@
-"""VAE loader and decode nodes."""
+"""VAE loader, decode and encode nodes."""
 from __future__ import annotations
 
 import logging
@@ -11,6 +11,7 @@ from .types import CATEGORY, VAE, VAEHandle
 
 log = logging.getLogger(__name__)
 VAE_FOLDERS = ("vae",)
+TILING = ("auto", "always", "never")
 
 
 class VAELoader(io.ComfyNode):
@@ -45,16 +46,65 @@ class VAEDecode(io.ComfyNode):
             node_id="PixArtSigmaVAEDecode",
             display_name="PixArt-Σ VAE Decode",
             category=f"{CATEGORY}/latent",
-            description="Decodes a ComfyUI LATENT (raw VAE latents) to an IMAGE, checking for NaN.",
+            description="Decodes a ComfyUI LATENT (raw VAE latents) to an IMAGE, checking for NaN; tiles when memory is short.",
             inputs=[
                 VAE.Input("vae", tooltip="The VAE from PixArt-Σ VAE Loader."),
                 io.Latent.Input("samples", tooltip="Latents from PixArt-Σ Sampler (or any SDXL-VAE latent)."),
+                io.Combo.Input("tiling", options=list(TILING), default="auto", optional=True,
+                               tooltip="auto: decode in tiles when ComfyUI says the whole image would not fit in memory "
+                                       "(e.g. 2K), or after an out-of-memory error."),
+                io.Int.Input("target_width", default=0, min=0, max=16384, optional=True,
+                             tooltip="Resize and centre-crop to this width after decoding (0 = keep); from PixArt-Σ Resolution."),
+                io.Int.Input("target_height", default=0, min=0, max=16384, optional=True,
+                             tooltip="Resize and centre-crop to this height after decoding (0 = keep)."),
             ],
             outputs=[io.Image.Output(display_name="IMAGE")],
         )
 
     @classmethod
-    def execute(cls, vae: VAEHandle, samples) -> io.NodeOutput:
-        model = management.use(vae.patcher)
+    def execute(cls, vae: VAEHandle, samples, tiling: str = "auto", target_width: int = 0,
+                target_height: int = 0) -> io.NodeOutput:
+        latents = samples["samples"]
+        if (target_width > 0) != (target_height > 0):
+            raise ValueError("PixArt VAE decode: set both target_width and target_height, or neither (0).")
+        target = (target_width, target_height) if target_width > 0 else None
+        dtype = vae.patcher.model.inner.dtype
+        need = core_vae.decode_memory(tuple(latents.shape), dtype) * latents.shape[0]
+        tiled = tiling == "always" or (
+            tiling == "auto" and need > management.free_memory(vae.patcher.load_device) + vae.patcher.loaded_size())
+        model = management.use(vae.patcher, memory_required=core_vae.tile_memory(dtype) if tiled else need)
         management.check_interrupt()
-        return io.NodeOutput(core_vae.decode(model, samples["samples"]))
+        try:
+            images = core_vae.decode(model, latents, tiled=tiled, target=target)
+        except Exception as e:
+            if tiled or tiling == "never" or not management.is_oom(e):
+                raise
+            log.warning("PixArt VAE decode ran out of memory; retrying in tiles.")
+            management.soft_empty_cache()
+            images = core_vae.decode(model, latents, tiled=True, target=target)
+        return io.NodeOutput(images)
+
+
+class VAEEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PixArtSigmaVAEEncode",
+            display_name="PixArt-Σ VAE Encode",
+            category=f"{CATEGORY}/latent",
+            description="Encodes an IMAGE to a ComfyUI LATENT (raw VAE latents, posterior mean) for img2img.",
+            inputs=[
+                VAE.Input("vae", tooltip="The VAE from PixArt-Σ VAE Loader."),
+                io.Image.Input("image", tooltip="The image to start from; its size should be a multiple of 16."),
+            ],
+            outputs=[io.Latent.Output(display_name="LATENT")],
+        )
+
+    @classmethod
+    def execute(cls, vae: VAEHandle, image) -> io.NodeOutput:
+        h, w = image.shape[1:3]
+        if h % 16 or w % 16:
+            raise ValueError(f"PixArt VAE encode: the image is {w}x{h}; PixArt needs sides in multiples of 16 "
+                             f"(crop or resize it, e.g. with ImageScale to {w // 16 * 16}x{h // 16 * 16}).")
+        model = management.use(vae.patcher)
+        return io.NodeOutput({"samples": core_vae.encode(model, image).to(management.intermediate_device())})

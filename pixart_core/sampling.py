@@ -66,6 +66,15 @@ def _ddpm():
     return DDPMScheduler(**_SCHEDULE, clip_sample=False)
 
 
+def _dmd():
+    """One step at timestep 400 with DDPM, as the PixArt-α DMD release samples (Yin et al. 2023); CFG 1."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**_SCHEDULE, clip_sample=False)
+
+
+DMD_TIMESTEP = 400
+
 SCHEDULERS: dict[str, Callable[[], object]] = {
     "dpm++ 2m": _dpmpp_2m,
     "sa-solver": _sa_solver,
@@ -74,7 +83,9 @@ SCHEDULERS: dict[str, Callable[[], object]] = {
     "euler ancestral": _euler_a,
     "unipc": _unipc,
     "ddpm": _ddpm,
+    "dmd 1-step (t=400)": _dmd,
 }
+DMD = "dmd 1-step (t=400)"
 DEFAULT_SCHEDULER = "dpm++ 2m"
 
 
@@ -130,6 +141,12 @@ def img2img_timesteps(scheduler, steps: int, denoise: float) -> tuple[torch.Tens
     return timesteps, steps - start
 
 
+def _x0(scheduler, model_input: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
+    """Clean-latent estimate from the (VP-scaled) model input and epsilon: valid for every scheduler here."""
+    a = scheduler.alphas_cumprod[int(t)].to(model_input.device)
+    return (model_input - (1 - a).sqrt() * eps) / a.sqrt()
+
+
 @torch.no_grad()
 def sample(
     model: torch.nn.Module,
@@ -150,12 +167,19 @@ def sample(
     Runs the same computation as diffusers' PixArtSigmaPipeline/PixArtAlphaPipeline loop: one CFG-batched
     forward per step ([negative, positive]), the first half of the output channels as epsilon.
     `init_latents` (scaled) with `denoise` < 1 starts part-way, as diffusers' img2img strength does.
+    `on_step(step, total, x0)` gets the current estimate of the clean (scaled) latents, for previews.
     """
     p = next(model.parameters())
     device, dtype = p.device, p.dtype
     batch = noise.shape[0]
     scheduler = make_scheduler(scheduler_name)
-    scheduler.set_timesteps(steps, device=device)
+    if scheduler_name == DMD:
+        if init_latents is not None:
+            raise ValueError("The one-step DMD sampler does not do img2img; pick another scheduler.")
+        scheduler.set_timesteps(timesteps=[DMD_TIMESTEP], device=device)
+        steps = 1
+    else:
+        scheduler.set_timesteps(steps, device=device)
     timesteps = scheduler.timesteps
     noise = noise.to(device=device, dtype=torch.float32)
     if init_latents is None:
@@ -203,7 +227,7 @@ def sample(
             out = uncond + cfg * (cond - uncond)
         if learned_sigma:
             out = out.chunk(2, dim=1)[0]
-        latents = scheduler.step(out, t, latents, **step_kwargs, return_dict=False)[0]
         if on_step is not None:
-            on_step(i + 1, len(timesteps), latents)
+            on_step(i + 1, len(timesteps), _x0(scheduler, x.chunk(2)[0] if do_cfg else x, out, t))
+        latents = scheduler.step(out, t, latents, **step_kwargs, return_dict=False)[0]
     return latents

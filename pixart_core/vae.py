@@ -114,15 +114,56 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     return vae.eval().requires_grad_(False)
 
 
+def decode_memory(latent_shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Bytes an SD/SDXL VAE decode needs for these latents (ComfyUI's own estimate for this VAE, comfy/sd.py)."""
+    return 2178 * latent_shape[2] * latent_shape[3] * 64 * torch.tensor([], dtype=dtype).element_size()
+
+
+def tile_memory(dtype: torch.dtype, tile_latent: int = 64) -> int:
+    """Bytes one tile of a tiled decode needs."""
+    return decode_memory((1, 4, tile_latent, tile_latent), dtype)
+
+
 @torch.no_grad()
-def decode(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
-    """Raw (unscaled) VAE latents [B,4,h,w] -> images [B,H,W,3] in 0..1 (float32, CPU)."""
+def decode(
+    vae: torch.nn.Module,
+    latents: torch.Tensor,
+    tiled: bool = False,
+    target: tuple[int, int] | None = None,
+    tile_latent: int = 64,
+) -> torch.Tensor:
+    """Raw (unscaled) VAE latents [B,4,h,w] -> images [B,H,W,3] in 0..1 (float32, CPU).
+
+    `tiled` decodes overlapping tiles (diffusers' tiled_decode) to bound memory; `target` (width, height)
+    resizes and centre-crops back to a requested size, as diffusers' resolution binning does.
+    """
     p = next(vae.parameters())
     z = latents.to(device=p.device, dtype=p.dtype)
-    images = vae.decode(z, return_dict=False)[0].float()
+    if tiled:
+        saved = vae.tile_sample_min_size, vae.tile_latent_min_size
+        vae.tile_latent_min_size = tile_latent
+        vae.tile_sample_min_size = tile_latent * 2 ** (len(vae.config.block_out_channels) - 1)
+        try:
+            images = vae.tiled_decode(z, return_dict=False)[0].float()
+        finally:
+            vae.tile_sample_min_size, vae.tile_latent_min_size = saved
+    else:
+        images = vae.decode(z, return_dict=False)[0].float()
     if not torch.isfinite(images).all():
         raise RuntimeError(
             "VAE decode produced NaN/inf values. The latents or the VAE overflowed: decode in fp32 "
             "(VAE dtype 'fp32'), and check that the VAE matches the model (SDXL VAE for PixArt-Σ)."
         )
+    if target is not None:
+        from .resolution import resize_and_crop
+
+        images = resize_and_crop(images, *target)
     return (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+
+
+@torch.no_grad()
+def encode(vae: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Images [B,H,W,3] in 0..1 -> raw (unscaled) latents [B,4,H/8,W/8]: the posterior mean (deterministic)."""
+    p = next(vae.parameters())
+    x = (images.movedim(-1, 1) * 2 - 1).to(device=p.device, dtype=p.dtype)
+    return vae.encode(x).latent_dist.mode().float().cpu()

@@ -1,0 +1,41 @@
+"""Trained aspect-ratio bins (diffusers' ASPECT_RATIO_*_BIN: keys are H/W, values [H, W]) and resize-back."""
+from __future__ import annotations
+
+import torch
+
+FAMILIES = (256, 512, 1024, 2048)
+
+
+def bins(family: int) -> dict[str, list[float]]:
+    """diffusers' bin table for a resolution family (the reference, imported rather than copied)."""
+    from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (
+        ASPECT_RATIO_256_BIN, ASPECT_RATIO_512_BIN, ASPECT_RATIO_1024_BIN)
+    from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import ASPECT_RATIO_2048_BIN
+
+    table = {256: ASPECT_RATIO_256_BIN, 512: ASPECT_RATIO_512_BIN, 1024: ASPECT_RATIO_1024_BIN,
+             2048: ASPECT_RATIO_2048_BIN}
+    if family not in table:
+        raise ValueError(f"No aspect-ratio bins for a {family}px family; choose one of {FAMILIES}.")
+    return table[family]
+
+
+def snap(width: int, height: int, family: int) -> tuple[int, int]:
+    """The trained bin nearest in aspect ratio to width x height: (bin width, bin height)."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"Requested size {width}x{height} must be positive.")
+    ratio = height / width
+    key = min(bins(family), key=lambda r: abs(float(r) - ratio))
+    h, w = bins(family)[key]
+    return int(w), int(h)
+
+
+def resize_and_crop(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """[B,C,H,W] -> [B,C,height,width]: scale to cover, then centre-crop, as diffusers' resolution binning does."""
+    h, w = images.shape[-2:]
+    if (h, w) == (height, width):
+        return images
+    ratio = max(height / h, width / w)
+    rh, rw = int(h * ratio), int(w * ratio)
+    images = torch.nn.functional.interpolate(images, size=(rh, rw), mode="bilinear", align_corners=False)
+    top, left = (rh - height) // 2, (rw - width) // 2
+    return images[:, :, top:top + height, left:left + width]
