@@ -185,9 +185,9 @@ def sample(
     if init_latents is None:
         latents = noise * scheduler.init_noise_sigma
     else:
-        timesteps, steps = img2img_timesteps(scheduler, steps, denoise)
-        if len(timesteps) == 0:
-            raise ValueError(f"denoise {denoise} with {steps} steps runs no step; raise denoise or steps.")
+        timesteps, run = img2img_timesteps(scheduler, steps, denoise)
+        if run == 0:
+            raise ValueError(f"denoise {denoise} of {steps} steps runs no step; use denoise >= {1 / steps:.3g} or more steps.")
         init = init_latents.to(device=device, dtype=torch.float32)
         if init.shape[0] != batch:
             init = init.repeat((batch + init.shape[0] - 1) // init.shape[0], 1, 1, 1)[:batch]
