@@ -1,4 +1,7 @@
-"""Tiny PixArt/T5/VAE models with the real classes and random weights, saved in the layouts users have."""
+"""Tiny PixArt/T5/VAE models with the real classes and random weights, saved in the layouts users have.
+
+Used by the tests (as `tests/tiny.py`) and by the headless runner (scripts/run_workflow.py), which builds them when
+the model files a workflow names are missing. Never imports ComfyUI or the pack."""
 from __future__ import annotations
 
 import json
@@ -45,11 +48,16 @@ def make_dit(seed: int = 0, **kw):
     return model
 
 
-def make_vae(seed: int = 0):
+# ComfyUI's own VAELoader builds every SD/SDXL-style VAE with this fixed architecture (comfy/sd.py): a VAE that
+# ComfyUI's VAE Encode/Decode must load cannot be smaller (83.7M parameters; random weights, but full size).
+COMFY_VAE_CONFIG = dict(VAE_CONFIG, block_out_channels=[128, 256, 512, 512], layers_per_block=2)
+
+
+def make_vae(seed: int = 0, comfy_compatible: bool = False):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(**VAE_CONFIG).eval()
+    return AutoencoderKL(**(COMFY_VAE_CONFIG if comfy_compatible else VAE_CONFIG)).eval()
 
 
 def t5_single_file_sd(model, dtype=torch.float16, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -140,3 +148,60 @@ def write_models(models: Path, comfy_path: Path) -> dict[str, object]:
     copy_tokenizer(comfy_path, pipe / "tokenizer")
     (pipe / "model_index.json").write_text(json.dumps({"_class_name": "PixArtSigmaPipeline"}))
     return {"t5": t5, "dit": dit, "vae": vae}
+
+
+KINDS = ("t5", "dit", "vae")
+FILE_SUFFIXES = (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin")
+
+
+def _is_alpha_1024(name: str) -> bool:
+    """Only PixArt-alpha 1024-MS has the micro-conditioning embedders (PixArt-XL-2-1024-MS.pth)."""
+    low = name.lower().replace("_", "-")
+    return "sigma" not in low and ("alpha" in low or "pixart-xl-2" in low) and "1024" in low
+
+
+def _vae_scaling(name: str) -> float:
+    low = name.lower()
+    return 0.18215 if any(w in low for w in ("ft-mse", "ft-ema", "sd15", "sd-vae", "alpha")) else 0.13025
+
+
+def write_tiny(kind: str, dest: Path, comfy_path: Path, comfy_vae: bool = False) -> Path:
+    """One tiny random model of `kind` at `dest`, in the layout the name implies: a diffusers folder when `dest`
+    has no weight-file suffix, the original key layout for .pth/.pt/.ckpt DiTs, LDM keys for single-file VAEs.
+
+    `comfy_vae` gives the VAE ComfyUI's fixed architecture, for workflows that also load it with ComfyUI's
+    VAELoader. Deterministic (seed 0): the same name always gives the same weights.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown tiny model kind {kind!r} (one of {KINDS})")
+    dest = Path(dest)
+    suffix = dest.suffix.lower() if dest.suffix.lower() in FILE_SUFFIXES else ""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if kind == "t5":
+        t5 = make_t5()
+        if suffix:
+            save_file(t5_single_file_sd(t5), str(tmp))
+        else:
+            t5.save_pretrained(tmp / "text_encoder")
+            copy_tokenizer(comfy_path, tmp / "tokenizer")
+    elif kind == "dit":
+        dit = make_dit(micro=_is_alpha_1024(dest.name))
+        if not suffix:
+            dit.save_pretrained(tmp / "transformer")
+        elif suffix in (".pth", ".pt", ".ckpt"):
+            torch.save(dit_to_original(dit.state_dict()), str(tmp))
+        else:
+            save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, str(tmp))
+    else:
+        vae = make_vae(comfy_compatible=comfy_vae)
+        vae.register_to_config(scaling_factor=_vae_scaling(dest.name))
+        if suffix:
+            save_file(vae_to_ldm({k: v.half() for k, v in vae.state_dict().items()}), str(tmp))
+        else:
+            vae.save_pretrained(tmp / "vae")
+    if dest.is_dir():
+        shutil.rmtree(dest)
+    tmp.replace(dest)  # atomic: a half-written model is never picked up
+    return dest
