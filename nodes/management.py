@@ -9,6 +9,8 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.utils
 
+from ..pixart_core.quant import move_quantized_state
+
 
 class Holder(torch.nn.Module):
     """ModelPatcher writes `.device` and bookkeeping attributes onto the module it manages; diffusers and
@@ -17,6 +19,14 @@ class Holder(torch.nn.Module):
     def __init__(self, inner: torch.nn.Module):
         super().__init__()
         self.inner = inner
+
+    def to(self, *args, **kwargs):
+        """ComfyUI loads and offloads with .to(); quantized T5 layers need their side tensors moved too."""
+        super().to(*args, **kwargs)
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        if device is not None:
+            move_quantized_state(self, device)
+        return self
 
 
 def wrap(model: torch.nn.Module, load_device: torch.device, offload_device: torch.device) -> comfy.model_patcher.ModelPatcher:

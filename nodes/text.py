@@ -8,6 +8,7 @@ import comfy.model_management
 from comfy_api.v0_0_2 import io
 
 from ..pixart_core import t5 as core_t5
+from ..pixart_core.cache import LRUCache
 from ..pixart_core.sampling import Conditioning
 from . import management, paths
 from .types import CATEGORY, T5, T5Handle
@@ -15,6 +16,8 @@ from .types import Conditioning as CondType
 
 log = logging.getLogger(__name__)
 T5_FOLDERS = ("text_encoders",)
+# Recent prompt embeddings (~5 MB each at 300 x 4096 fp32): re-encoding a prompt seen lately never loads the T5.
+EMBEDDINGS = LRUCache(max_items=16)
 COMFY_TOKENIZER = Path(comfy.model_management.__file__).parent / "text_encoders" / "t5_tokenizer"  # shipped by ComfyUI
 
 
@@ -47,7 +50,9 @@ class T5Loader(io.ComfyNode):
         loaded = core_t5.load_t5(path, quantization, compute)
         patcher = management.wrap(loaded.model, load_device, offload_device)
         log.info("PixArt T5 %s loaded (%s, %s)", t5_name, quantization, compute)
-        return io.NodeOutput(T5Handle(patcher, tokenizer, compute, t5_name, quantization))
+        stat = path.stat()
+        identity = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, quantization, str(compute))
+        return io.NodeOutput(T5Handle(patcher, tokenizer, compute, t5_name, quantization, identity))
 
 
 class TextEncode(io.ComfyNode):
@@ -73,13 +78,17 @@ class TextEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, t5: T5Handle, positive: str, negative: str, max_tokens: int) -> io.NodeOutput:
-        model = management.use(t5.patcher)
-        device = next(model.parameters()).device
-        loaded = core_t5.LoadedT5(model, t5.dtype, t5.quantization, t5.name)
-        out = []
-        for text in (positive, negative):
-            management.check_interrupt()
-            embeds, mask = core_t5.encode(loaded, t5.tokenizer, text, max_tokens, device)
-            keep = management.intermediate_device()
-            out.append(Conditioning(embeds.to(keep), mask.to(keep)))
+        keys = [(t5.identity, core_t5.preprocess(text), max_tokens) for text in (positive, negative)]
+        out = [EMBEDDINGS.get(k) for k in keys]
+        if any(c is None for c in out):
+            model = management.use(t5.patcher)
+            device = next(model.parameters()).device
+            loaded = core_t5.LoadedT5(model, t5.dtype, t5.quantization, t5.name)
+            for i, (key, text) in enumerate(zip(keys, (positive, negative))):
+                if out[i] is None:
+                    management.check_interrupt()
+                    embeds, mask = core_t5.encode(loaded, t5.tokenizer, text, max_tokens, device)
+                    keep = management.intermediate_device()
+                    out[i] = Conditioning(embeds.to(keep), mask.to(keep))
+                    EMBEDDINGS.put(key, out[i])
         return io.NodeOutput(*out)

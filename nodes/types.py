@@ -24,6 +24,7 @@ class T5Handle:
     dtype: torch.dtype
     name: str
     quantization: str
+    identity: tuple  # file, its mtime/size and the load settings: what the embedding cache is keyed by
 
 
 @dataclasses.dataclass

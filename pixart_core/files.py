@@ -71,6 +71,22 @@ def _check_safetensors_header(path: Path) -> None:
         )
 
 
+def read_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in a safetensors file, from its header only (no tensor data is read)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightFileError(f"{path}: file not found. It may have been moved or deleted; refresh the node list.")
+    if path.stat().st_size == 0:
+        raise WeightFileError(f"{path.name}: the file is empty (0 bytes). Download it again.")
+    if path.suffix.lower() not in SAFETENSORS_EXT:
+        raise WeightFileError(f"{path.name}: expected a .safetensors file.")
+    _check_safetensors_header(path)
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
 def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The string metadata of a safetensors file ({} for other files)."""
     path = Path(path)
@@ -171,8 +187,9 @@ def check_keys(
         raise WeightFileError(f"{path_name}: the weights do not match {what}: {'; '.join(parts)}.")
 
 
-def check_shapes(path_name: str, sd: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], what: str) -> None:
-    bad = [(k, tuple(sd[k].shape), s) for k, s in expected.items() if k in sd and tuple(sd[k].shape) != tuple(s)]
+def check_shapes(path_name: str, got: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], what: str) -> None:
+    """Fail naming the first tensor whose shape differs (shapes, not tensors: headers suffice)."""
+    bad = [(k, tuple(got[k]), s) for k, s in expected.items() if k in got and tuple(got[k]) != tuple(s)]
     if bad:
         k, got, want = bad[0]
         raise WeightFileError(

@@ -5,12 +5,14 @@ import dataclasses
 import json
 import logging
 import os
+import re
+import tempfile
 from pathlib import Path
 
 import torch
 
 from . import files
-from .meta import assign_state_dict, empty_weights
+from .meta import empty_weights
 
 log = logging.getLogger(__name__)
 
@@ -47,45 +49,51 @@ def compute_dtype(choice: str, device: torch.device) -> torch.dtype:
     return torch.float32  # bf16 matmuls are ~5x slower than fp32 on CPUs
 
 
-def config_from_state_dict(sd: dict[str, torch.Tensor], name: str):
-    """The T5Config a T5-v1.1 encoder state dict implies (width, depth, heads, vocab from the shapes)."""
+def config_from_shapes(shapes: dict[str, tuple[int, ...]], name: str):
+    """The T5Config a T5-v1.1 encoder's tensor shapes imply (width, depth, heads, vocab), or a clear error."""
     from transformers import T5Config
 
-    emb = sd.get("shared.weight", sd.get("encoder.embed_tokens.weight"))
-    bias = sd.get("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
-    q = sd.get("encoder.block.0.layer.0.SelfAttention.q.weight")
+    emb = shapes.get("shared.weight", shapes.get("encoder.embed_tokens.weight"))
+    bias = shapes.get("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
+    q = shapes.get("encoder.block.0.layer.0.SelfAttention.q.weight")
     if emb is None or bias is None or q is None:
         raise files.WeightFileError(
-            f"{name}: this is not a T5 encoder; it looks like {files.describe(sd, files.shapes_of(sd))}. "
+            f"{name}: this is not a T5 encoder; it looks like {files.describe(shapes, shapes)}. "
             "Choose a T5-v1.1-XXL file (e.g. t5xxl_fp16.safetensors) in models/text_encoders."
         )
-    vocab, d_model = emb.shape
+    vocab, d_model = emb
     if vocab == 256384:
         raise files.WeightFileError(
             f"{name}: this is a umT5 encoder (256384-token vocabulary); PixArt needs T5-v1.1-XXL (32128 tokens), "
             "e.g. t5xxl_fp16.safetensors."
         )
-    gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in sd
-    wi = sd["encoder.block.0.layer.1.DenseReluDense.wi_0.weight" if gated else "encoder.block.0.layer.1.DenseReluDense.wi.weight"]
-    if not gated:
+    wi = shapes.get("encoder.block.0.layer.1.DenseReluDense.wi_0.weight")
+    if wi is None:
         raise files.WeightFileError(
-            f"{name}: this is an original T5 (not v1.1: no gated feed-forward); PixArt needs T5-v1.1-XXL."
+            f"{name}: this is an original T5 (no gated feed-forward), not T5-v1.1; PixArt needs T5-v1.1-XXL."
         )
-    heads = bias.shape[1]
-    layers = len({k.split(".")[2] for k in sd if k.startswith("encoder.block.")})
+    if vocab != REAL_VOCAB:
+        raise files.WeightFileError(
+            f"{name}: a T5 with a {vocab}-token vocabulary; PixArt needs T5-v1.1-XXL's {REAL_VOCAB} tokens."
+        )
+    if d_model != REAL_WIDTH:
+        log.warning("%s: T5 width %d, not T5-v1.1-XXL's %d: the DiT's caption projection must match it.", name, d_model, REAL_WIDTH)
+    heads = bias[1]
+    layers = len({k.split(".")[2] for k in shapes if k.startswith("encoder.block.")})
     return T5Config(
         vocab_size=vocab,
         d_model=d_model,
-        d_kv=q.shape[0] // heads,
-        d_ff=wi.shape[0],
+        d_kv=q[0] // heads,
+        d_ff=wi[0],
         num_layers=layers,
         num_heads=heads,
-        relative_attention_num_buckets=bias.shape[0],
+        relative_attention_num_buckets=bias[0],
         relative_attention_max_distance=128,
         feed_forward_proj="gated-gelu",
         is_encoder_decoder=False,
         use_cache=False,
         tie_word_embeddings=False,
+        architectures=["T5EncoderModel"],
     )
 
 
@@ -105,16 +113,6 @@ def _bnb_config(quantization: str, dtype: torch.dtype):
     raise ValueError(f"T5 quantization {quantization!r} is not one of {QUANTIZATIONS}.")
 
 
-def _normalize_single_file(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    sd = files.strip_prefix(sd, "encoder." + _ANCHOR)
-    # Files with an encoder-decoder model or a tied/untied embedding copy: keep what T5EncoderModel has.
-    sd = {k: v for k, v in sd.items() if k.startswith("encoder.") or k == "shared.weight"}
-    if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
-        sd["shared.weight"] = sd["encoder.embed_tokens.weight"]
-    sd.pop("encoder.embed_tokens.weight", None)
-    return sd
-
-
 def folder_weights_dir(path: Path) -> Path:
     """The folder holding a T5's config.json: the folder itself or a diffusers pipeline's text_encoder/."""
     for p in (path, path / "text_encoder"):
@@ -126,9 +124,11 @@ def folder_weights_dir(path: Path) -> Path:
 
 
 def load_t5(path: str | os.PathLike, quantization: str, dtype: torch.dtype) -> LoadedT5:
-    """Load a T5-v1.1 encoder from a single safetensors file or a transformers/diffusers folder, on the CPU."""
-    from transformers import T5EncoderModel
+    """Load a T5-v1.1 encoder from a single safetensors file or a transformers/diffusers folder, on the CPU.
 
+    Weights stream from the memory-mapped file tensor by tensor (transformers' loader), converted to `dtype`
+    or quantized as they arrive, so the whole model never sits in memory twice.
+    """
     path = Path(path)
     qconfig = None if quantization == QUANTIZATIONS[0] else _bnb_config(quantization, dtype)
     if path.is_dir():
@@ -138,38 +138,50 @@ def load_t5(path: str | os.PathLike, quantization: str, dtype: torch.dtype) -> L
             raise files.WeightFileError(
                 f"{wdir}: config.json describes a {cfg.get('model_type', 'unknown')!r} model, not a T5 encoder."
             )
-        model, info = T5EncoderModel.from_pretrained(
-            str(wdir), dtype=dtype, quantization_config=qconfig, local_files_only=True, output_loading_info=True
-        )
-        if info.get("missing_keys"):
-            raise files.WeightFileError(f"{wdir}: weights are missing for {sorted(info['missing_keys'])[:4]}.")
-        return LoadedT5(model.eval().requires_grad_(False), dtype, quantization, str(path))
+        return LoadedT5(_from_pretrained(wdir, wdir.name, dtype, qconfig, None), dtype, quantization, str(path))
 
-    sd = files.read_state_dict(path)
-    if not any(k.endswith(_ANCHOR) for k in sd):
+    shapes = files.read_shapes(path)
+    anchor = next((k for k in shapes if k.endswith(_ANCHOR)), None)
+    if anchor is None:
         raise files.WeightFileError(
-            f"{path.name}: this is not a T5 encoder; it looks like {files.describe(sd, files.shapes_of(sd))}. "
+            f"{path.name}: this is not a T5 encoder; it looks like {files.describe(shapes, shapes)}. "
             "Choose a T5-v1.1-XXL file (e.g. t5xxl_fp16.safetensors) in models/text_encoders."
         )
-    sd = _normalize_single_file(sd)
-    config = config_from_state_dict(sd, path.name)
+    prefix = anchor[: len(anchor) - len(_ANCHOR) - len("encoder.")]
+    shapes = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+    config = config_from_shapes(shapes, path.name)
+    from transformers import T5EncoderModel
+
     with empty_weights():
         skeleton = T5EncoderModel(config)
-    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items() if k != "encoder.embed_tokens.weight"}
-    files.check_keys(path.name, sd, expected, "a T5-v1.1 encoder")
-    files.check_shapes(path.name, sd, expected, "a T5-v1.1 encoder")
-    if qconfig is None:
-        sd = {k: v.to(dtype) for k, v in sd.items()}
-        sd["encoder.embed_tokens.weight"] = sd["shared.weight"]
-        assign_state_dict(skeleton, sd)
-        skeleton.encoder.embed_tokens = skeleton.shared  # tied, as in transformers
-        model = skeleton
-    else:
-        del skeleton
-        model = T5EncoderModel.from_pretrained(
-            None, config=config, state_dict=sd, dtype=dtype, quantization_config=qconfig
-        )
-    return LoadedT5(model.eval().requires_grad_(False), dtype, quantization, str(path))
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    del skeleton
+    got = {k: v for k, v in shapes.items() if k.startswith("encoder.") or k == "shared.weight"}
+    if "shared.weight" not in got and "encoder.embed_tokens.weight" in got:
+        got["shared.weight"] = got["encoder.embed_tokens.weight"]
+    got.setdefault("encoder.embed_tokens.weight", got.get("shared.weight"))
+    files.check_keys(path.name, got, expected, "a T5-v1.1 encoder")
+    files.check_shapes(path.name, got, expected, "a T5-v1.1 encoder")
+    # transformers streams a folder's model.safetensors; give it one that points at the user's file.
+    with tempfile.TemporaryDirectory(prefix="pixart_t5_") as tmp:
+        config.save_pretrained(tmp)
+        os.symlink(path.resolve(), Path(tmp) / "model.safetensors")
+        mapping = {f"^{re.escape(prefix)}": ""} if prefix else None
+        model = _from_pretrained(Path(tmp), path.name, dtype, qconfig, mapping)
+    return LoadedT5(model, dtype, quantization, str(path))
+
+
+def _from_pretrained(folder: Path, name: str, dtype: torch.dtype, qconfig, key_mapping):
+    from transformers import T5EncoderModel
+
+    model, info = T5EncoderModel.from_pretrained(
+        str(folder), dtype=dtype, quantization_config=qconfig, local_files_only=True, output_loading_info=True,
+        key_mapping=key_mapping,
+    )
+    missing = [k for k in info.get("missing_keys", []) if k != "encoder.embed_tokens.weight"]
+    if missing:
+        raise files.WeightFileError(f"{name}: weights are missing for {sorted(missing)[:4]} ({len(missing)} in all).")
+    return model.eval().requires_grad_(False)
 
 
 def tokenizer_candidates(weights: Path) -> list[Path]:

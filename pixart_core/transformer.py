@@ -211,6 +211,6 @@ def load_dit(path: str | os.PathLike, variant_choice: str, dtype: torch.dtype):
         model = PixArtTransformer2DModel.from_config(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     files.check_keys(name, sd, expected, f"a PixArt transformer ({variant.name}, {config['num_layers']} blocks)")
-    files.check_shapes(name, sd, expected, f"a PixArt transformer ({variant.name})")
+    files.check_shapes(name, files.shapes_of(sd), expected, f"a PixArt transformer ({variant.name})")
     assign_state_dict(model, {k: v.to(dtype) for k, v in sd.items()})
     return model.eval().requires_grad_(False), variant, how

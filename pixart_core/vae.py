@@ -109,7 +109,7 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
         vae = AutoencoderKL.from_config(config)
     expected = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
     files.check_keys(path.name, sd, expected, "an AutoencoderKL VAE")
-    files.check_shapes(path.name, sd, expected, "an AutoencoderKL VAE")
+    files.check_shapes(path.name, files.shapes_of(sd), expected, "an AutoencoderKL VAE")
     assign_state_dict(vae, {k: v.to(dtype) for k, v in sd.items()})
     return vae.eval().requires_grad_(False)
 
