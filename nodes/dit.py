@@ -7,9 +7,10 @@ from comfy_api.v0_0_2 import io, ui
 
 from ..pixart_core import sampling
 from ..pixart_core import transformer as core_dit
+from ..pixart_core import vae as core_vae
 from ..pixart_core.variants import PRESETS
 from . import management, paths
-from .types import CATEGORY, Conditioning, DiT, DiTHandle
+from .types import CATEGORY, LATENT_SPACE_KEY, Conditioning, DiT, DiTHandle
 
 log = logging.getLogger(__name__)
 DIT_FOLDERS = ("checkpoints", "diffusion_models")
@@ -98,6 +99,12 @@ class Sampler(io.ComfyNode):
         scale = dit.variant.vae_scaling_factor
         init = None
         if latent is not None:
+            space = latent.get(LATENT_SPACE_KEY)
+            if space and space != dit.variant.vae:
+                raise ValueError(
+                    f"PixArt sampler: the input latent was encoded with {core_vae.FAMILY_NAMES[space]}, but "
+                    f"{dit.name} ({dit.variant.name}) works in the {dit.variant.vae.upper()} latent space. "
+                    f"Encode with {core_vae.FAMILY_NAMES[dit.variant.vae]}.")
             init = latent["samples"].float() * scale
             batch_size = max(batch_size, init.shape[0])
             height, width = init.shape[-2] * 8, init.shape[-1] * 8
@@ -113,5 +120,6 @@ class Sampler(io.ComfyNode):
         latents = sampling.sample(model, positive, negative, noise, steps=steps, cfg=cfg, scheduler_name=scheduler,
                                   generator=generator, init_latents=init, denoise=denoise,
                                   on_step=management.step_callback(steps, dit.variant.vae, p.load_device))
-        return io.NodeOutput({"samples": (latents / scale).to(management.intermediate_device())})
+        return io.NodeOutput({"samples": (latents / scale).to(management.intermediate_device()),
+                              LATENT_SPACE_KEY: dit.variant.vae})
 

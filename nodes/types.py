@@ -39,3 +39,7 @@ class DiTHandle:
 class VAEHandle:
     patcher: Any  # comfy ModelPatcher around a diffusers AutoencoderKL
     name: str
+    family: str | None  # "sdxl" / "sd" when the name or config says; None when unknown
+
+
+LATENT_SPACE_KEY = "pixart_latent_space"  # our LATENT dicts say which VAE family made/needs them

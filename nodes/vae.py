@@ -7,7 +7,7 @@ from comfy_api.v0_0_2 import io
 
 from ..pixart_core import vae as core_vae
 from . import management, paths
-from .types import CATEGORY, VAE, VAEHandle
+from .types import CATEGORY, LATENT_SPACE_KEY, VAE, VAEHandle
 
 log = logging.getLogger(__name__)
 VAE_FOLDERS = ("vae",)
@@ -35,8 +35,8 @@ class VAELoader(io.ComfyNode):
     def execute(cls, vae_name: str, dtype: str) -> io.NodeOutput:
         path = paths.resolve(vae_name, VAE_FOLDERS)
         load_device, offload_device = management.vae_devices()
-        model = core_vae.load_vae(path, core_vae.compute_dtype(dtype, load_device))
-        return io.NodeOutput(VAEHandle(management.wrap(model, load_device, offload_device), vae_name))
+        model, family = core_vae.load_vae(path, core_vae.compute_dtype(dtype, load_device))
+        return io.NodeOutput(VAEHandle(management.wrap(model, load_device, offload_device), vae_name, family))
 
 
 class VAEDecode(io.ComfyNode):
@@ -65,6 +65,7 @@ class VAEDecode(io.ComfyNode):
     def execute(cls, vae: VAEHandle, samples, tiling: str = "auto", target_width: int = 0,
                 target_height: int = 0) -> io.NodeOutput:
         latents = samples["samples"]
+        core_vae.check_pairing(samples.get(LATENT_SPACE_KEY), vae.family, vae.name)
         if (target_width > 0) != (target_height > 0):
             raise ValueError("PixArt VAE decode: set both target_width and target_height, or neither (0).")
         target = (target_width, target_height) if target_width > 0 else None
@@ -107,4 +108,7 @@ class VAEEncode(io.ComfyNode):
             raise ValueError(f"PixArt VAE encode: the image is {w}x{h}; PixArt needs sides in multiples of 16 "
                              f"(crop or resize it, e.g. with ImageScale to {w // 16 * 16}x{h // 16 * 16}).")
         model = management.use(vae.patcher)
-        return io.NodeOutput({"samples": core_vae.encode(model, image).to(management.intermediate_device())})
+        latent = {"samples": core_vae.encode(model, image).to(management.intermediate_device())}
+        if vae.family:
+            latent[LATENT_SPACE_KEY] = vae.family
+        return io.NodeOutput(latent)

@@ -66,6 +66,13 @@ def _ddpm():
     return DDPMScheduler(**_SCHEDULE, clip_sample=False)
 
 
+def _lcm():
+    """Latent consistency sampling (Luo et al. 2023) for PixArt-LCM: 4 steps, cfg 1."""
+    from diffusers import LCMScheduler
+
+    return LCMScheduler(**_SCHEDULE)
+
+
 def _dmd():
     """One step at timestep 400 with DDPM, as the PixArt-α DMD release samples (Yin et al. 2023); CFG 1."""
     from diffusers import DDPMScheduler
@@ -83,6 +90,7 @@ SCHEDULERS: dict[str, Callable[[], object]] = {
     "euler ancestral": _euler_a,
     "unipc": _unipc,
     "ddpm": _ddpm,
+    "lcm": _lcm,
     "dmd 1-step (t=400)": _dmd,
 }
 DMD = "dmd 1-step (t=400)"
@@ -141,6 +149,11 @@ def img2img_timesteps(scheduler, steps: int, denoise: float) -> tuple[torch.Tens
     return timesteps, steps - start
 
 
+def _t5_name(width: int) -> str:
+    names = {512: "T5-v1.1-small", 768: "T5-v1.1-base", 1024: "T5-v1.1-large", 2048: "T5-v1.1-XL", 4096: "T5-v1.1-XXL"}
+    return names.get(width, "an unusual T5")
+
+
 def _x0(scheduler, model_input: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
     """Clean-latent estimate from the (VP-scaled) model input and epsilon: valid for every scheduler here."""
     a = scheduler.alphas_cumprod[int(t)].to(model_input.device)
@@ -193,6 +206,14 @@ def sample(
             init = init.repeat((batch + init.shape[0] - 1) // init.shape[0], 1, 1, 1)[:batch]
         latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(batch))
 
+    want = model.config.caption_channels
+    for label, c in (("positive", positive), ("negative", negative)):
+        if c.embeds.shape[-1] != want:
+            raise ValueError(
+                f"The {label} conditioning is {c.embeds.shape[-1]} wide ({_t5_name(c.embeds.shape[-1])}), but this "
+                f"DiT takes {want}-wide T5 embeddings ({_t5_name(want)}). Load the T5 the model was trained with "
+                "(T5-v1.1-XXL for every released PixArt)."
+            )
     do_cfg = cfg > 1.0
     length = max(positive.embeds.shape[1], negative.embeds.shape[1])
     pos, neg = _pad(positive, length), _pad(negative, length)

@@ -194,6 +194,9 @@ def load_dit(path: str | os.PathLike, variant_choice: str, dtype: torch.dtype):
     else:
         sd = files.read_state_dict(path)
         name = path.name
+        hint = " ".join(str(v) for v in files.read_safetensors_metadata(path).values() if len(str(v)) < 200)
+        if variant_from_name(name) is None and variant_from_name(hint) is not None:
+            name = f"{name} ({hint})"  # the file's metadata names the variant when its file name does not
     if is_original_layout(sd):
         sd = convert_original(sd, name)
     sd = files.strip_prefix(sd, _ANCHOR)
@@ -212,5 +215,17 @@ def load_dit(path: str | os.PathLike, variant_choice: str, dtype: torch.dtype):
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     files.check_keys(name, sd, expected, f"a PixArt transformer ({variant.name}, {config['num_layers']} blocks)")
     files.check_shapes(name, files.shapes_of(sd), expected, f"a PixArt transformer ({variant.name})")
-    assign_state_dict(model, {k: v.to(dtype) for k, v in sd.items()})
-    return model.eval().requires_grad_(False), variant, how
+    for k in list(sd):  # convert tensor by tensor, freeing each source as it is replaced
+        sd[k] = sd[k].to(dtype)
+    assign_state_dict(model, sd)
+    return model.eval().requires_grad_(False), variant, how + _sampling_hint(name)
+
+
+def _sampling_hint(name: str) -> str:
+    """Distilled checkpoints sample differently; say how when the name shows one."""
+    low = name.lower()
+    if "dmd" in low:
+        return "; a DMD one-step model: use scheduler 'dmd 1-step (t=400)' with cfg 1"
+    if "lcm" in low:
+        return "; an LCM model: use scheduler 'lcm' with 4 steps and cfg 1"
+    return ""

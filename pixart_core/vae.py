@@ -41,6 +41,25 @@ def family_from_name(name: str) -> str | None:
     return None
 
 
+def family_from_config(config: dict[str, Any]) -> str | None:
+    """'sdxl' or 'sd' from a diffusers VAE config's scaling factor."""
+    scale = config.get("scaling_factor")
+    return next((fam for fam, v in VAE_SCALING.items() if scale is not None and abs(scale - v) < 1e-6), None)
+
+
+FAMILY_NAMES = {"sdxl": "the SDXL VAE (PixArt-Σ)", "sd": "the SD 1.x VAE (PixArt-α)"}
+
+
+def check_pairing(latent_space: str | None, vae_family: str | None, vae_name: str) -> None:
+    """Refuse to decode one latent space with the other family's VAE (same shapes, wrong colours)."""
+    if latent_space and vae_family and latent_space != vae_family:
+        raise ValueError(
+            f"These latents are in the {latent_space.upper()} latent space, but {vae_name} is "
+            f"{FAMILY_NAMES[vae_family]}. Load {FAMILY_NAMES[latent_space]}: sdxl_vae.safetensors for PixArt-Σ, "
+            "vae-ft-mse-840000-ema-pruned.safetensors for PixArt-α."
+        )
+
+
 def config_from_state_dict(sd: dict[str, torch.Tensor], family: str | None) -> dict[str, Any]:
     """AutoencoderKL config implied by a diffusers-layout state dict."""
     n_blocks = len({k.split(".")[2] for k in sd if k.startswith("encoder.down_blocks.")})
@@ -80,7 +99,11 @@ def _folder(path: Path) -> Path:
 
 
 def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    """Load an AutoencoderKL from a single file (LDM or diffusers keys) or a diffusers folder, on the CPU."""
+    """Load an AutoencoderKL from a single file (LDM or diffusers keys) or a diffusers folder, on the CPU.
+
+    Returns (AutoencoderKL, family): 'sdxl' or 'sd' as the folder's config or the file name says, None when
+    neither does (the two VAEs have identical shapes).
+    """
     from diffusers import AutoencoderKL
 
     path = Path(path)
@@ -93,6 +116,7 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
             raise files.WeightFileError(f"{wdir}: no diffusion_pytorch_model.safetensors in this folder.")
         sd = files.read_state_dict(weights)
         config = {k: v for k, v in config.items() if not k.startswith("_")}
+        fam = family_from_config(config) or family_from_name(path.name)
     else:
         sd = files.read_state_dict(path)
         if any(".down.0.block." in k for k in sd) and any("decoder.up." in k for k in sd):
@@ -104,14 +128,15 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
                 f"{path.name}: this is not a VAE; it looks like {files.describe(sd, files.shapes_of(sd))}. "
                 "Choose sdxl_vae.safetensors (for PixArt-Σ) in models/vae."
             )
-        config = config_from_state_dict(sd, family_from_name(path.name))
+        fam = family_from_name(path.name)
+        config = config_from_state_dict(sd, fam)
     with empty_weights():
         vae = AutoencoderKL.from_config(config)
     expected = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
     files.check_keys(path.name, sd, expected, "an AutoencoderKL VAE")
     files.check_shapes(path.name, files.shapes_of(sd), expected, "an AutoencoderKL VAE")
     assign_state_dict(vae, {k: v.to(dtype) for k, v in sd.items()})
-    return vae.eval().requires_grad_(False)
+    return vae.eval().requires_grad_(False), fam
 
 
 def decode_memory(latent_shape: tuple[int, ...], dtype: torch.dtype) -> int:

@@ -177,7 +177,7 @@ def test_vae_ldm_single_file_and_folder_decode_like_diffusers(tmp_path, ref):
     with torch.no_grad():
         want = (vae.decode(z).sample / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
     for path in (single, tmp_path / "pipe"):
-        got = cvae.decode(cvae.load_vae(path), z)
+        got = cvae.decode(cvae.load_vae(path)[0], z)
         assert got.shape == (1, 64, 64, 3)
         assert (got - want).abs().max() <= 1e-6
 
