@@ -86,11 +86,23 @@ def free_memory(device: torch.device) -> int:
 def is_oom(error: BaseException) -> bool:
     """A device out-of-memory error (ComfyUI's OOM_EXCEPTION is plain Exception on CPU-only torch builds)."""
     oom = getattr(torch.cuda, "OutOfMemoryError", None)
-    return (oom is not None and isinstance(error, oom)) or "out of memory" in str(error).lower()
+    text = str(error).lower()
+    return (oom is not None and isinstance(error, oom)) or "out of memory" in text or "can't allocate memory" in text
 
 
 def soft_empty_cache() -> None:
     mm.soft_empty_cache()
+
+
+def progress_callback(total: int) -> Callable[[int, int], None]:
+    """ComfyUI progress bar, then raise if the user pressed Cancel (between images, tiles, ...)."""
+    bar = comfy.utils.ProgressBar(total)
+
+    def on_progress(done: int, of: int) -> None:
+        bar.update_absolute(done, of)
+        mm.throw_exception_if_processing_interrupted()
+
+    return on_progress
 
 
 def check_interrupt() -> None:

@@ -70,19 +70,20 @@ class VAEDecode(io.ComfyNode):
             raise ValueError("PixArt VAE decode: set both target_width and target_height, or neither (0).")
         target = (target_width, target_height) if target_width > 0 else None
         dtype = vae.patcher.model.inner.dtype
-        need = core_vae.decode_memory(tuple(latents.shape), dtype) * latents.shape[0]
+        need = core_vae.decode_memory(tuple(latents.shape), dtype)  # one image at a time
         tiled = tiling == "always" or (
             tiling == "auto" and need > management.free_memory(vae.patcher.load_device) + vae.patcher.loaded_size())
         model = management.use(vae.patcher, memory_required=core_vae.tile_memory(dtype) if tiled else need)
         management.check_interrupt()
+        progress = management.progress_callback(latents.shape[0])
         try:
-            images = core_vae.decode(model, latents, tiled=tiled, target=target)
+            images = core_vae.decode(model, latents, tiled=tiled, target=target, on_image=progress)
         except Exception as e:
             if tiled or tiling == "never" or not management.is_oom(e):
                 raise
             log.warning("PixArt VAE decode ran out of memory; retrying in tiles.")
             management.soft_empty_cache()
-            images = core_vae.decode(model, latents, tiled=True, target=target)
+            images = core_vae.decode(model, latents, tiled=True, target=target, on_image=progress)
         return io.NodeOutput(images)
 
 

@@ -251,4 +251,10 @@ def sample(
         if on_step is not None:
             on_step(i + 1, len(timesteps), _x0(scheduler, x.chunk(2)[0] if do_cfg else x, out, t))
         latents = scheduler.step(out, t, latents, **step_kwargs, return_dict=False)[0]
+        if not torch.isfinite(latents).all():
+            raise FloatingPointError(
+                f"PixArt sampling produced NaN/inf at step {i + 1} of {len(timesteps)} (timestep {int(t)}). The model "
+                f"overflowed: lower cfg (now {cfg}), load the DiT in bf16 or fp32 instead of fp16, or check that the "
+                "weights file is not corrupt."
+            )
     return latents

@@ -95,7 +95,8 @@ _DROPPED = ("pos_embed", "y_embedder.y_embedding")  # diffusers computes / does 
 
 
 def is_original_layout(sd: dict[str, torch.Tensor]) -> bool:
-    return any(k.endswith("attn.qkv.weight") for k in sd) and any("x_embedder.proj" in k for k in sd)
+    """The original PixArt release's keys (t_block and y_embedder are PixArt's own names)."""
+    return any(k.endswith("t_block.1.weight") for k in sd) and any(k.endswith("y_embedder.y_proj.fc1.weight") for k in sd)
 
 
 def convert_original(sd: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:

@@ -5,7 +5,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -156,34 +156,44 @@ def decode(
     tiled: bool = False,
     target: tuple[int, int] | None = None,
     tile_latent: int = 64,
+    on_image: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    """Raw (unscaled) VAE latents [B,4,h,w] -> images [B,H,W,3] in 0..1 (float32, CPU).
+    """Raw (unscaled) VAE latents [B,4,h,w] -> images [B,H,W,3] in 0..1 (float32, CPU), one image at a time
+    (`on_image(done, total)` after each: progress and cancel between images).
 
     `tiled` decodes overlapping tiles (diffusers' tiled_decode) to bound memory; `target` (width, height)
     resizes and centre-crops back to a requested size, as diffusers' resolution binning does.
     """
     p = next(vae.parameters())
-    z = latents.to(device=p.device, dtype=p.dtype)
-    if tiled:
-        saved = vae.tile_sample_min_size, vae.tile_latent_min_size
-        vae.tile_latent_min_size = tile_latent
-        vae.tile_sample_min_size = tile_latent * 2 ** (len(vae.config.block_out_channels) - 1)
-        try:
-            images = vae.tiled_decode(z, return_dict=False)[0].float()
-        finally:
-            vae.tile_sample_min_size, vae.tile_latent_min_size = saved
-    else:
-        images = vae.decode(z, return_dict=False)[0].float()
-    if not torch.isfinite(images).all():
-        raise RuntimeError(
-            "VAE decode produced NaN/inf values. The latents or the VAE overflowed: decode in fp32 "
-            "(VAE dtype 'fp32'), and check that the VAE matches the model (SDXL VAE for PixArt-Σ)."
-        )
-    if target is not None:
-        from .resolution import resize_and_crop
+    out = []
+    for i in range(latents.shape[0]):
+        z = latents[i:i + 1].to(device=p.device, dtype=p.dtype)
+        images = _decode_one(vae, z, tiled, tile_latent)
+        if not torch.isfinite(images).all():
+            raise FloatingPointError(
+                "VAE decode produced NaN/inf values. The latents or the VAE overflowed: decode in fp32 "
+                "(VAE dtype 'fp32'), and check that the VAE matches the model (SDXL VAE for PixArt-Σ)."
+            )
+        if target is not None:
+            from .resolution import resize_and_crop
 
-        images = resize_and_crop(images, *target)
-    return (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+            images = resize_and_crop(images, *target)
+        out.append((images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu())
+        if on_image is not None:
+            on_image(i + 1, latents.shape[0])
+    return torch.cat(out)
+
+
+def _decode_one(vae: torch.nn.Module, z: torch.Tensor, tiled: bool, tile_latent: int) -> torch.Tensor:
+    if not tiled:
+        return vae.decode(z, return_dict=False)[0].float()
+    saved = vae.tile_sample_min_size, vae.tile_latent_min_size
+    vae.tile_latent_min_size = tile_latent
+    vae.tile_sample_min_size = tile_latent * 2 ** (len(vae.config.block_out_channels) - 1)
+    try:
+        return vae.tiled_decode(z, return_dict=False)[0].float()
+    finally:
+        vae.tile_sample_min_size, vae.tile_latent_min_size = saved
 
 
 @torch.no_grad()

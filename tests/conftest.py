@@ -113,3 +113,52 @@ class Executor:
 @pytest.fixture(scope="session")
 def executor(comfy) -> Executor:
     return Executor()
+
+
+class Server:
+    """A ComfyUI main.py on 127.0.0.1 (CPU) over the tests' base directory."""
+
+    def __init__(self, url: str, proc, log: Path):
+        self.url, self.proc, self.log = url, proc, log
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfy_base):
+    import socket
+    import subprocess
+    import time
+
+    import requests
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log_path = comfy_base / f"server-{port}.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+                             "--base-directory", str(comfy_base), "--database-url", "sqlite:///:memory:"],
+                            cwd=COMFY, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                if requests.get(url + "/system_stats", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("ComfyUI server did not start:\n" + log_path.read_text()[-3000:])
+            time.sleep(0.5)
+        yield Server(url, proc, log_path)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,7 +10,7 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import COMFY, NODE_IDS, REPO
+from conftest import NODE_IDS, REPO
 from workflow import ui_to_api
 
 TINY = {"t5xxl_fp16.safetensors": "tiny_t5xxl_fp16.safetensors",
@@ -22,34 +19,8 @@ TINY = {"t5xxl_fp16.safetensors": "tiny_t5xxl_fp16.safetensors",
 
 
 @pytest.fixture(scope="module")
-def server(comfy_base):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(comfy_base / f"server-{port}.log", "w")
-    proc = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                             "--base-directory", str(comfy_base), "--database-url", "sqlite:///:memory:"],
-                            cwd=COMFY, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                if requests.get(url + "/system_stats", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("ComfyUI server did not start:\n" + (comfy_base / f"server-{port}.log").read_text()[-3000:])
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+def server(comfy_server):
+    return comfy_server.url
 
 
 def _run(url: str, prompt: dict, timeout: float = 300) -> dict:

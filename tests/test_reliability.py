@@ -1,0 +1,233 @@
+"""Bad inputs and faults never hurt the user's ComfyUI: each gets a clear message, the next good prompt runs,
+and model management holds one healthy copy of each model."""
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import tiny
+from test_nodes import DIT_FILE, graph
+
+
+def _models(comfy):
+    import comfy.model_management as mm
+
+    return [m.model for m in mm.current_loaded_models if m.model is not None and hasattr(m.model.model, "inner")]
+
+
+def _healthy(executor, comfy, seed):
+    """The next good prompt runs, and no model is loaded twice."""
+    good = executor.run(graph(seed=seed))
+    assert good["ok"], good["error"]
+    ids = [id(p.model) for p in _models(comfy)]
+    assert len(ids) == len(set(ids)), "a model is held twice by model management"
+
+
+def _text(result) -> str:
+    return f"{result.get('error')} {result.get('node_errors', '')}"
+
+
+def expect_error(executor, comfy, prompt, *fragments, seed=1000):
+    result = executor.run(prompt)
+    assert not result["ok"], "the bad prompt ran"
+    text = _text(result)
+    for f in fragments:
+        assert f in text, f"{f!r} not in: {text[:800]}"
+    _healthy(executor, comfy, seed)
+
+
+@pytest.fixture(scope="module")
+def bad_files(comfy_base):
+    """Wrong, broken and hostile files, placed where a user might pick them."""
+    ck, te, vae = (comfy_base / "models" / d for d in ("checkpoints", "text_encoders", "vae"))
+    ref_vae = tiny.vae_to_ldm(tiny.make_vae().state_dict())
+    ref_dit = tiny.make_dit().state_dict()
+    (ck / "empty.safetensors").write_bytes(b"")
+    good = (ck / DIT_FILE).read_bytes()
+    (ck / "truncated.safetensors").write_bytes(good[: len(good) // 3])
+    (ck / "garbage.safetensors").write_bytes(os.urandom(4096))
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2, 4, 3, 3),
+               "model.diffusion_model.out.2.weight": torch.zeros(4, 2, 3, 3)}, str(ck / "v1-5-pruned-emaonly.safetensors"))
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2, 4, 3, 3),
+               "model.diffusion_model.label_emb.0.0.weight": torch.zeros(2, 2)}, str(ck / "sd_xl_base_1.0.safetensors"))
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(3, 2),
+               "single_blocks.0.linear1.weight": torch.zeros(2, 2)}, str(ck / "flux1-dev.safetensors"))
+    save_file({"joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(3, 2),
+               "x_embedder.proj.weight": torch.zeros(2, 4, 2, 2), "context_embedder.weight": torch.zeros(2, 2)},
+              str(ck / "sd3_medium.safetensors"))
+    save_file(ref_vae, str(ck / "sdxl_vae_in_checkpoints.safetensors"))
+    save_file({"text_model.encoder.layers.0.mlp.fc1.weight": torch.zeros(4, 2),
+               "text_model.embeddings.token_embedding.weight": torch.zeros(49408, 2)}, str(te / "clip_l.safetensors"))
+    umt5 = tiny.t5_single_file_sd(tiny.make_t5())
+    umt5["shared.weight"] = torch.zeros(256384, tiny.T5_WIDTH, dtype=torch.float16)
+    save_file(umt5, str(te / "umt5_xxl_fp16.safetensors"))
+    save_file(ref_dit, str(vae / "pixart_dit_as_vae.safetensors"))
+    save_file(tiny.t5_single_file_sd(tiny.make_t5()), str(vae / "t5_as_vae.safetensors"))
+    nan_dit = dict(ref_dit)
+    nan_dit["proj_out.weight"] = torch.full_like(nan_dit["proj_out.weight"], float("nan"))
+    save_file(nan_dit, str(ck / "PixArt-Sigma-XL-2-1024-MS-nan.safetensors"))
+
+    marker = comfy_base / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    with open(ck / "PixArt-Sigma-XL-2-1024-MS-evil.pth", "wb") as f:
+        pickle.dump({"state_dict": {"x_embedder.proj.weight": Evil()}}, f)
+    return {"marker": marker, "ck": ck}
+
+
+NOT_DIT = "not a PixArt transformer"
+DIT_CASES = [
+    ("empty.safetensors", ["empty.safetensors", "empty", "Download it again"]),
+    ("truncated.safetensors", ["truncated.safetensors", "truncated", "Download it again"]),
+    ("garbage.safetensors", ["garbage.safetensors", "not a valid safetensors file"]),
+    ("v1-5-pruned-emaonly.safetensors", ["v1-5-pruned-emaonly.safetensors", NOT_DIT, "Stable Diffusion (SD1.x/SD2/SDXL) UNet"]),
+    ("sd_xl_base_1.0.safetensors", ["sd_xl_base_1.0.safetensors", NOT_DIT, "Stable Diffusion XL"]),
+    ("flux1-dev.safetensors", ["flux1-dev.safetensors", NOT_DIT, "a Flux transformer"]),
+    ("sd3_medium.safetensors", ["sd3_medium.safetensors", NOT_DIT, "Stable Diffusion 3"]),
+    ("sdxl_vae_in_checkpoints.safetensors", ["sdxl_vae_in_checkpoints.safetensors", NOT_DIT, "a VAE"]),
+]
+
+
+@pytest.mark.parametrize("name,fragments", DIT_CASES, ids=[c[0] for c in DIT_CASES])
+def test_wrong_or_broken_dit_file(executor, comfy, bad_files, name, fragments):
+    expect_error(executor, comfy, graph(dit=name), *fragments)
+
+
+@pytest.mark.parametrize("name,fragments", [
+    ("clip_l.safetensors", ["clip_l.safetensors", "not a T5 encoder", "a CLIP text encoder"]),
+    ("umt5_xxl_fp16.safetensors", ["umt5_xxl_fp16.safetensors", "umT5", "256384"]),
+])
+def test_wrong_text_encoder_file(executor, comfy, bad_files, name, fragments):
+    expect_error(executor, comfy, graph(t5=name), *fragments)
+
+
+@pytest.mark.parametrize("name,fragments", [
+    ("pixart_dit_as_vae.safetensors", ["pixart_dit_as_vae.safetensors", "not a VAE", "PixArt transformer"]),
+    ("t5_as_vae.safetensors", ["t5_as_vae.safetensors", "not a VAE", "a T5 text encoder"]),
+])
+def test_wrong_vae_file(executor, comfy, bad_files, name, fragments):
+    expect_error(executor, comfy, graph(vae=name), *fragments)
+
+
+def test_code_carrying_pickle_is_refused_and_never_run(executor, comfy, bad_files):
+    expect_error(executor, comfy, graph(dit="PixArt-Sigma-XL-2-1024-MS-evil.pth"), "refused", "not executed",
+                 ".safetensors")
+    assert not bad_files["marker"].exists()
+
+
+def test_file_deleted_between_listing_and_loading(executor, comfy, bad_files):
+    import folder_paths
+
+    doomed = bad_files["ck"] / "PixArt-Sigma-XL-2-1024-MS-doomed.safetensors"
+    save_file(tiny.make_dit().state_dict(), str(doomed))
+    assert doomed.name in folder_paths.get_filename_list("checkpoints")  # listed in the widget ...
+    prompt = graph(dit=doomed.name)
+    import execution
+    import asyncio
+
+    assert asyncio.run(execution.validate_prompt("v", prompt, None))[0]  # ... and valid when queued
+    doomed.unlink()  # then gone before the loader runs
+    from conftest import Executor
+
+    runner = Executor()
+    runner.executor.execute(prompt, "deleted", {"client_id": "t"}, ["7"])
+    err = next(d for e, d in runner.executor.status_messages if e == "execution_error")
+    assert "not found" in err["exception_message"] and "refresh" in err["exception_message"]
+    _healthy(executor, comfy, 1001)
+
+
+def test_dangling_link_reads_as_missing(executor, comfy, bad_files):
+    link = bad_files["ck"] / "PixArt-Sigma-XL-2-1024-MS-link.safetensors"
+    link.symlink_to(bad_files["ck"] / "does-not-exist.safetensors")
+    result = executor.run(graph(dit=link.name))
+    assert not result["ok"]  # not offered in the list, or 'not found' if it was
+    _healthy(executor, comfy, 1002)
+
+
+def test_nan_from_the_model_is_a_clear_error(executor, comfy, bad_files):
+    expect_error(executor, comfy, graph(dit="PixArt-Sigma-XL-2-1024-MS-nan.safetensors"), "NaN", "step 1",
+                 "lower cfg")
+
+
+@pytest.mark.parametrize("positive", ["", "   \n\t  ", "ünïcødé prompt: 東京の夜景 🌃🚀✨", "a cat " * 1700],
+                         ids=["empty", "whitespace", "unicode-emoji", "10000-chars"])
+def test_odd_prompts_still_make_images(executor, comfy, positive, caplog):
+    result = executor.run(graph(positive=positive, seed=hash(positive) % 1000))
+    assert result["ok"], result["error"]
+    if len(positive) > 5000:
+        assert "cut off" in caplog.text  # truncation is said, not silent
+
+
+@pytest.mark.parametrize("change,fragments", [
+    ({"width": 0}, ["width", "smaller than min"]),
+    ({"height": -64}, ["height", "smaller than min"]),
+    ({"width": 100000}, ["width", "bigger than max"]),
+    ({"width": 1000}, ["width 1000 is not a multiple of 16", "992 or 1008"]),
+    ({"steps": 0}, ["steps", "smaller than min"]),
+    ({"batch_size": 0}, ["batch_size", "smaller than min"]),
+    ({"denoise": 0.0}, ["denoise below 1.0 needs an input latent"]),
+    ({"denoise": 1.5}, ["denoise", "bigger than max"]),
+    ({"cfg": -1.0}, ["cfg", "smaller than min"]),
+    ({"seed": -1}, ["seed", "smaller than min"]),
+], ids=["width0", "height-neg", "width-huge", "width-1000", "steps0", "batch0", "denoise0", "denoise>1", "cfg-neg",
+        "seed-neg"])
+def test_bad_sizes_and_settings(executor, comfy, change, fragments):
+    prompt = graph()
+    prompt["4"]["inputs"].update(change)
+    expect_error(executor, comfy, prompt, *fragments)
+
+
+@pytest.mark.parametrize("cfg", [0.0, 100.0])
+def test_extreme_cfg_runs(executor, comfy, cfg):
+    result = executor.run(graph(cfg=cfg, seed=int(cfg) + 5))
+    assert result["ok"], result["error"]
+
+
+def test_seed_at_the_64_bit_limit(executor, comfy):
+    result = executor.run(graph(seed=2**64 - 1))
+    assert result["ok"], result["error"]
+
+
+def test_no_tokenizer_anywhere_says_where_it_looked(tmp_path):
+    from pixart_core import t5 as ct5
+
+    with pytest.raises(FileNotFoundError, match="No T5 tokenizer found .*tokenizer.json"):
+        ct5.load_tokenizer([tmp_path / "tokenizer", tmp_path])
+
+
+def test_interrupt_during_decode_then_next_run_works(executor, comfy):
+    import comfy.model_management as mm
+    import comfy.utils
+
+    events = []
+
+    def hook(value, total, preview, node_id=None):
+        events.append((node_id, value, total))
+        if total == 3 and value == 1:  # the decode of a batch of 3: cancel after its first image
+            mm.interrupt_current_processing(True)
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        result = executor.run(graph(batch=3, steps=2, seed=4321))
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert not result["ok"]
+    interrupted = [d for e, d in result["messages"] if e == "execution_interrupted"]
+    assert interrupted and interrupted[0]["node_type"] == "PixArtSigmaVAEDecode"
+    _healthy(executor, comfy, 1003)
+
+
+def test_repeated_runs_keep_one_copy_of_each_model(executor, comfy):
+    for i in range(10):
+        assert executor.run(graph(seed=5000 + i))["ok"]
+    kinds = sorted(type(p.model.inner).__name__ for p in _models(comfy))
+    assert kinds.count("PixArtTransformer2DModel") == 1 and kinds.count("AutoencoderKL") == 1
+    assert kinds.count("T5EncoderModel") <= 1
