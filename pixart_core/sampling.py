@@ -223,7 +223,8 @@ def sample(
         embeds = torch.cat([neg.embeds.repeat(batch, 1, 1), embeds])
         mask = torch.cat([neg.mask.repeat(batch, 1), mask])
     embeds = embeds.to(device=device, dtype=dtype)
-    mask = mask.to(device=device)
+    # An all-ones mask changes nothing; without one, SDPA keeps its unmasked fast kernels.
+    mask = None if bool(mask.all()) else mask.to(device=device)
 
     added = {"resolution": None, "aspect_ratio": None}
     if getattr(model, "use_additional_conditions", False):

@@ -209,14 +209,18 @@ def preprocess(prompt: str) -> str:
 
 @torch.no_grad()
 def encode(
-    t5: LoadedT5, tokenizer, prompt: str, max_tokens: int, device: torch.device
+    t5: LoadedT5, tokenizer, prompt: str, max_tokens: int, device: torch.device, pad: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """T5 last hidden state [1, max_tokens, C] (float32) and attention mask [1, max_tokens], as diffusers encodes."""
+    """T5 last hidden state [1, n, C] (float32) and attention mask [1, n] of a prompt, truncated to max_tokens.
+
+    Without `pad`, n is the prompt's real token count (EOS included): padding to max_tokens, as diffusers does,
+    changes nothing that the masked DiT reads (padded keys are masked out of every attention, and T5's real
+    tokens never attend to pads), so it is skipped; `pad=True` gives diffusers' exact [1, max_tokens] tensors.
+    """
     text = preprocess(prompt)
-    tok = tokenizer(
-        [text], padding="max_length", max_length=max_tokens, truncation=True, add_special_tokens=True, return_tensors="pt"
-    )
-    full = tokenizer([text], padding="longest", add_special_tokens=True, return_tensors="pt").input_ids
+    tok = tokenizer([text], padding="max_length" if pad else "do_not_pad", max_length=max_tokens, truncation=True,
+                    add_special_tokens=True, return_tensors="pt")
+    full = tokenizer([text], add_special_tokens=True, return_tensors="pt").input_ids
     if full.shape[-1] > max_tokens:
         dropped = tokenizer.batch_decode(full[:, max_tokens - 1 : -1])[0]
         log.warning(

@@ -66,11 +66,34 @@ def test_t5_single_fp16_file_computes_in_fp32_like_transformers(tmp_path, ref, t
 def test_t5_folder_and_encode_match_diffusers_padding(tmp_path, ref, tokenizer):
     ref["t5"].save_pretrained(tmp_path / "text_encoder")
     loaded = ct5.load_t5(tmp_path, "none", torch.float32)
-    emb, mask = ct5.encode(loaded, tokenizer, "  A Red Fox in the SNOW ", 300, CPU)
+    emb, mask = ct5.encode(loaded, tokenizer, "  A Red Fox in the SNOW ", 300, CPU, pad=True)
     ids, m = _ids(tokenizer)  # diffusers lowercases and strips, pads to max_length
     want = ref["t5"](input_ids=ids, attention_mask=m).last_hidden_state
     assert torch.equal(mask, m) and emb.shape == (1, 300, tiny.T5_WIDTH)
     assert (emb - want).abs().max() <= 1e-5
+
+
+def test_trimmed_padding_is_exact_for_t5_and_the_dit(ref, tokenizer):
+    """Encoding only the real tokens (our default) gives what the masked DiT reads from diffusers' 300 pads."""
+    loaded = ct5.LoadedT5(ref["t5"], torch.float32, "none", "ref")
+    full, full_mask = ct5.encode(loaded, tokenizer, "a red fox in the snow", 300, CPU, pad=True)
+    short, short_mask = ct5.encode(loaded, tokenizer, "a red fox in the snow", 300, CPU)
+    n = int(full_mask.sum())
+    assert short.shape[1] == n < 300 and bool(short_mask.all())
+    assert (short - full[:, :n]).abs().max() <= 1e-5
+    neg_full, neg_full_mask = ct5.encode(loaded, tokenizer, "", 300, CPU, pad=True)
+    neg, neg_mask = ct5.encode(loaded, tokenizer, "", 300, CPU)
+    assert neg.shape[1] == 1  # the empty prompt is just EOS
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([700, 700])
+    added = {"resolution": None, "aspect_ratio": None}
+    with torch.no_grad():
+        padded = ref["dit"](x, encoder_hidden_states=torch.cat([neg_full, full]), timestep=t, added_cond_kwargs=added,
+                            encoder_attention_mask=torch.cat([neg_full_mask, full_mask]), return_dict=False)[0]
+        neg_p = torch.nn.functional.pad(neg, (0, 0, 0, n - 1))
+        trimmed = ref["dit"](x, encoder_hidden_states=torch.cat([neg_p, short]), timestep=t, added_cond_kwargs=added,
+                             encoder_attention_mask=torch.tensor([[1] + [0] * (n - 1), [1] * n]), return_dict=False)[0]
+    assert (padded - trimmed).abs().max() <= 1e-5
 
 
 def test_t5_truncates_long_prompt_with_warning(ref, tokenizer, caplog):
