@@ -1,0 +1,164 @@
+"""The headless runner (scripts/run) as a user runs it: every example workflow in one in-process run on tiny
+stand-in models, command-line overrides reaching the saved image's prompt, one-line errors and exit codes, and the
+UI->API converter on the frontend-only node kinds (Reroute, PrimitiveNode, Note, muted nodes)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import COMFY, REPO
+
+sys.path.append(str(REPO / "scripts"))
+import comfy_server  # noqa: E402
+import run_workflow  # noqa: E402
+
+EXAMPLES = sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
+RUN = str(REPO / "scripts" / "run")
+
+
+def run(*args, timeout=600, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([RUN, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def examples_run(tmp_path_factory):
+    """All example workflows through ./scripts/run in one process, with an empty models folder (so every model is
+    a tiny stand-in), small sizes and two steps, and --prompt/--seed overrides."""
+    tmp = tmp_path_factory.mktemp("runner")
+    (tmp / "models").mkdir()
+    r = run(*[REPO / "example_workflows" / f"{n}.json" for n in EXAMPLES], "--output", tmp / "img" / "{name}.png",
+            "--models-dir", tmp / "models", "--output-dir", tmp / "out", "--width", 64, "--height", 64, "--steps", 2,
+            "--prompt", "a red fox in the snow", "--seed", 7)
+    return r, tmp
+
+
+def test_runner_runs_all_examples(examples_run):
+    r, _ = examples_run
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert f"{len(EXAMPLES)} of {len(EXAMPLES)} workflows ran" in r.stderr
+    assert "Traceback" not in r.stderr
+    # Loud, at the start and at the end of each run.
+    assert r.stderr.count(run_workflow.TINY_WARNING) == 2 * len(EXAMPLES)
+    assert "PixArtSigmaSampler #4 [" in r.stderr  # the per-step progress bar
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_runner_example_image(examples_run, name):
+    r, tmp = examples_run
+    png = tmp / "img" / f"{name}.png"
+    assert png.is_file(), r.stderr[-3000:]
+    img = Image.open(png)
+    arr = np.asarray(img.convert("RGB"))
+    assert arr.shape == (64, 64, 3) and arr.std() > 1.0
+    # ComfyUI's SaveImage metadata: the prompt that ran (overrides, tiny stand-ins) and the UI workflow.
+    prompt = json.loads(img.info["prompt"])
+    sampler = next(n["inputs"] for n in prompt.values() if n["class_type"] == "PixArtSigmaSampler")
+    encode = next(n["inputs"] for n in prompt.values() if n["class_type"] == "PixArtSigmaTextEncode")
+    assert (sampler["seed"], sampler["steps"], encode["positive"]) == (7, 2, "a red fox in the snow")
+    names = [n["inputs"][k] for n in prompt.values() for k in ("t5_name", "dit_name", "vae_name") if k in n["inputs"]]
+    assert names and all(v.startswith(run_workflow.TINY_PREFIX) for v in names), names
+    assert json.loads(img.info["workflow"])["nodes"]
+    assert f"wrote {png}" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def example_models(tmp_path_factory) -> Path:
+    """A models/ folder with tiny models under the official file names."""
+    return comfy_server.example_base(tmp_path_factory.mktemp("base"), COMFY) / "models"
+
+
+def test_runner_errors_are_one_line_each(tmp_path, examples_run, example_models):
+    """API-format workflows: a validation error, a node failure, a missing model with --no-tiny, and one that runs;
+    each failure is one 'error:' line, the exit status is 1, and nothing falls back to tiny models."""
+    # The API-format prompt the runner saved in an example's PNG, with the official model names back in place.
+    good = json.loads(Image.open(examples_run[1] / "img" / "pixart_sigma_1024_t5_8bit.png").info["prompt"])
+    for node in good.values():
+        for k, v in node["inputs"].items():
+            if isinstance(v, str) and v.startswith(run_workflow.TINY_PREFIX):
+                node["inputs"][k] = v.removeprefix(run_workflow.TINY_PREFIX).removeprefix("comfyvae-")
+    sampler = next(k for k, n in good.items() if n["class_type"] == "PixArtSigmaSampler")
+    t5 = next(k for k, n in good.items() if n["class_type"] == "PixArtSigmaT5Loader")
+    good[sampler]["inputs"].update(width=64, height=64, steps=2)
+    bad_value = json.loads(json.dumps(good))
+    bad_value[sampler]["inputs"]["steps"] = 0
+    bad_size = json.loads(json.dumps(good))
+    bad_size[sampler]["inputs"]["height"] = 50
+    no_model = json.loads(json.dumps(good))
+    no_model[t5]["inputs"]["t5_name"] = "t5xxl_missing.safetensors"
+    files = []
+    for name, wf in (("bad_value", bad_value), ("bad_size", bad_size), ("no_model", no_model), ("good", good)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(wf))
+        files.append(tmp_path / f"{name}.json")
+    r = run(*files, "--no-tiny", "--models-dir", example_models, "--output-dir", tmp_path / "out",
+            "--output", tmp_path / "{name}.png")
+    assert r.returncode == 1, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 3, r.stderr[-3000:]
+    assert errors[0].startswith(f"error: {files[0]}: the workflow is invalid: node {sampler} (PixArtSigmaSampler): "
+                                "Value 0 smaller than min of 1: steps")
+    assert errors[1].startswith(f"error: {files[1]}: node {sampler} (PixArtSigmaSampler) failed: ValueError: ")
+    assert "height 50 is not a multiple of 16" in errors[1] and "48 or 64" in errors[1]
+    assert errors[2].startswith(f"error: {files[2]}: model files not found in {example_models}: "
+                                "t5xxl_missing.safetensors. Fetch them with ./scripts/download")
+    assert "1 of 4 workflows ran; failed:" in r.stderr
+    assert "Traceback" not in r.stderr and run_workflow.TINY_WARNING not in r.stderr
+    assert Image.open(tmp_path / "good.png").size == (64, 64)
+
+
+def test_runner_usage_errors(tmp_path):
+    r = run(tmp_path / "nope.json")
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nope.json'}: no such file"
+    (tmp_path / "a.json").write_text("{}")
+    r = run(tmp_path / "a.json", tmp_path / "a.json", "--output", tmp_path / "x.png")
+    assert r.returncode == 2 and "--output needs {name}" in r.stderr
+
+
+# --- the converter on what the frontend saves but never sends ------------------------------------------------
+
+INFO = {
+    "Loader": {"input": {"required": {"name": [["a.safetensors", "b.safetensors"], {}]}},
+               "input_order": {"required": ["name"]}, "output": ["MODEL"], "output_name": ["MODEL"]},
+    "Sample": {"input": {"required": {"model": ["MODEL", {}], "seed": ["INT", {"control_after_generate": True}],
+                                      "text": ["STRING", {}]},
+                         "optional": {"extra": ["MODEL", {}], "mode": ["COMBO", {"options": ["x", "y"]}]}},
+               "input_order": {"required": ["model", "seed", "text"], "optional": ["extra", "mode"]},
+               "output": ["IMAGE"], "output_name": ["IMAGE"]},
+}
+
+
+def _wf(nodes, links):
+    return {"nodes": nodes, "links": links}
+
+
+def test_converter_follows_reroutes_and_skips_frontend_only_nodes():
+    wf = _wf([
+        {"id": 1, "type": "Loader", "inputs": [], "widgets_values": ["b.safetensors"]},
+        {"id": 2, "type": "Reroute", "inputs": [{"name": "", "link": 1}]},
+        {"id": 3, "type": "PrimitiveNode", "widgets_values": ["from primitive"]},
+        {"id": 4, "type": "Sample", "inputs": [{"name": "model", "link": 2}, {"name": "text", "link": 3,
+                                                                               "widget": {"name": "text"}}],
+         "widgets_values": [42, "randomize", "from primitive", "y"]},
+        {"id": 5, "type": "Note", "widgets_values": ["just a note"]},
+        {"id": 6, "type": "Loader", "mode": 4, "widgets_values": ["a.safetensors"]},  # bypassed
+    ], [[1, 1, 0, 2, 0, "MODEL"], [2, 2, 0, 4, 0, "MODEL"], [3, 3, 0, 4, 2, "STRING"]])
+    assert run_workflow.ui_to_api(wf, INFO) == {
+        "1": {"class_type": "Loader", "inputs": {"name": "b.safetensors"}},
+        "4": {"class_type": "Sample", "inputs": {"model": ["1", 0], "seed": 42, "text": "from primitive", "mode": "y"}},
+    }
+
+
+def test_converter_and_overrides_name_the_problem():
+    with pytest.raises(run_workflow.RunError, match="node 7: node type 'Nope' is not installed"):
+        run_workflow.ui_to_api(_wf([{"id": 7, "type": "Nope"}], []), INFO)
+    with pytest.raises(run_workflow.RunError, match=r"node 1 \(Loader\): no widget value for 'name'"):
+        run_workflow.ui_to_api(_wf([{"id": 1, "type": "Loader", "widgets_values": []}], []), INFO)
+    prompt = {"1": {"class_type": "Loader", "inputs": {"name": "a.safetensors"}}}
+    opts = run_workflow.parse_args(["x.json", "--prompt", "hello"])
+    with pytest.raises(run_workflow.RunError, match="--prompt: no node in this workflow has a 'positive' value"):
+        run_workflow.apply_overrides(prompt, opts)
