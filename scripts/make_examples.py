@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""Writes example_workflows/*.json (ComfyUI UI format) from the compact specs below, taking each node's widget
+order and defaults from the node definitions ComfyUI loads (so the files follow the nodes when inputs change).
+
+    .venv/bin/python scripts/make_examples.py            # rewrite every example
+    .venv/bin/python scripts/make_thumbnails.py          # then their .png thumbnails (real frontend, chromium)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import run_workflow  # noqa: E402
+
+EXAMPLES = run_workflow.REPO / "example_workflows"
+PROMPT = "A small cactus with a happy face in the Sahara desert, golden hour, highly detailed photograph"
+
+# node: (id, type, pos, size, {widget: value}); links: (from id, from slot, to id, to input name)
+T5 = (1, "PixArtSigmaT5Loader", [40, 80], [340, 110])
+ENC = (2, "PixArtSigmaTextEncode", [420, 80], [420, 300])
+DIT = (3, "PixArtSigmaDiTLoader", [40, 260], [340, 110])
+SAMPLER = (4, "PixArtSigmaSampler", [880, 80], [320, 360])
+VAE = (5, "PixArtSigmaVAELoader", [880, 480], [320, 90])
+DECODE = (6, "PixArtSigmaVAEDecode", [1240, 80], [300, 130])
+SAVE = (7, "SaveImage", [1560, 80], [400, 420])
+BASE_LINKS = [(1, 0, 2, "t5"), (2, 0, 4, "positive"), (2, 1, 4, "negative"), (3, 0, 4, "dit"), (4, 0, 6, "samples"),
+              (5, 0, 6, "vae"), (6, 0, 7, "images")]
+
+
+def sigma(t5_quant: str, dit_name: str, variant: str, size: int, prefix: str, tiling: str = "auto") -> dict:
+    return {
+        "nodes": [
+            (*T5, {"t5_name": "t5xxl_fp16.safetensors", "quantization": t5_quant}),
+            (*ENC, {"positive": PROMPT, "negative": "", "max_tokens": 300}),
+            (*DIT, {"dit_name": dit_name, "variant": variant}),
+            (*SAMPLER, {"seed": 0, "steps": 20, "cfg": 4.5, "scheduler": "dpm++ 2m", "width": size, "height": size}),
+            (*VAE, {"vae_name": "sdxl_vae.safetensors"}),
+            (*DECODE, {"tiling": tiling}),
+            (*SAVE, {"filename_prefix": prefix}),
+        ],
+        "links": BASE_LINKS,
+    }
+
+
+def img2img() -> dict:
+    wf = sigma("8-bit (bitsandbytes)", "PixArt-Sigma-XL-2-1024-MS", "auto", 1024, "PixArt-Sigma-img2img")
+    for i, n in enumerate(wf["nodes"]):
+        if n[1] == "PixArtSigmaSampler":
+            wf["nodes"][i] = (*SAMPLER[:2], [880, 460], SAMPLER[3], {**n[4], "denoise": 0.6})
+        if n[1] == "PixArtSigmaVAELoader":
+            wf["nodes"][i] = (*VAE[:2], [880, 880], VAE[3], n[4])
+    wf["nodes"] += [
+        (8, "LoadImage", [40, 480], [320, 360], {"image": "example.png"}),
+        (9, "ImageScale", [400, 480], [300, 130], {"upscale_method": "lanczos", "width": 1024, "height": 1024,
+                                                   "crop": "center"}),
+        (10, "VAELoader", [400, 680], [300, 60], {"vae_name": "sdxl_vae.safetensors"}),
+        (11, "VAEEncode", [740, 480], [120, 50], {}),
+    ]
+    wf["links"] = BASE_LINKS + [(8, 0, 9, "image"), (9, 0, 11, "pixels"), (10, 0, 11, "vae"), (11, 0, 4, "latent")]
+    return wf
+
+
+def alpha512() -> dict:
+    wf = sigma("8-bit (bitsandbytes)", "PixArt-XL-2-512x512.pth", "alpha-512", 512, "PixArt-alpha-512")
+    for i, n in enumerate(wf["nodes"]):
+        if n[1] == "PixArtSigmaTextEncode":
+            wf["nodes"][i] = (*n[:4], {**n[4], "max_tokens": 120})
+        if n[1] == "PixArtSigmaVAELoader":
+            wf["nodes"][i] = (*n[:4], {"vae_name": "vae-ft-mse-840000-ema-pruned.safetensors"})
+    return wf
+
+
+SPECS = {
+    "pixart_sigma_1024_t5_8bit": sigma("8-bit (bitsandbytes)", "PixArt-Sigma-XL-2-1024-MS", "auto", 1024,
+                                       "PixArt-Sigma"),
+    "pixart_sigma_1024_lowvram_t5_nf4": sigma("4-bit nf4 (bitsandbytes)", "PixArt-Sigma-XL-2-1024-MS", "auto", 1024,
+                                              "PixArt-Sigma-lowvram", tiling="auto"),
+    "pixart_sigma_2k": sigma("8-bit (bitsandbytes)", "PixArt-Sigma-XL-2-2K-MS.pth", "sigma-2k", 2048,
+                             "PixArt-Sigma-2K"),
+    "pixart_sigma_img2img": img2img(),
+    "pixart_alpha_512": alpha512(),
+}
+
+
+def build(name: str, spec: dict, info: dict) -> dict:
+    """A UI-format workflow (the layout ComfyUI's frontend saves) from a spec."""
+    link_rows = []
+    out_links: dict[tuple[int, int], list[int]] = {}
+    in_links: dict[tuple[int, str], int] = {}
+    types = {n[0]: n[1] for n in spec["nodes"]}
+    for i, (src, slot, dst, name) in enumerate(spec["links"], 1):
+        out_type = info[types[src]]["output"][slot]
+        out_links.setdefault((src, slot), []).append(i)
+        in_links[(dst, name)] = i
+        link_rows.append([i, src, slot, dst, None, out_type])  # the target slot is filled in below
+    nodes = []
+    for order, (nid, ntype, pos, size, values) in enumerate(spec["nodes"]):
+        node_info = info[ntype]
+        specs = {**node_info["input"].get("required", {}), **node_info["input"].get("optional", {})}
+        optional = set(node_info["input"].get("optional", {}))
+        order_names = node_info["input_order"].get("required", []) + node_info["input_order"].get("optional", [])
+        inputs, widgets = [], []
+        for name in order_names:
+            s = specs[name]
+            if run_workflow._is_widget(s):
+                opts = s[1] if len(s) > 1 else {}
+                choices = run_workflow.combo_options(s)
+                value = values.get(name, opts.get("default", choices[0] if choices else None))
+                widgets.append(value)
+                if opts.get("control_after_generate") or name in ("seed", "noise_seed"):
+                    widgets.append("fixed")
+                if opts.get("image_upload"):
+                    widgets.append("image")
+            else:
+                link = in_links.get((nid, name))
+                if link is None and name not in optional:
+                    raise ValueError(f"{ntype} #{nid}: required input {name!r} is not connected")
+                entry = {"name": name, "type": s[0], "link": link}
+                if name in optional:
+                    entry["shape"] = 7
+                if link is not None:
+                    link_rows[link - 1][4] = len(inputs)
+                inputs.append(entry)
+        unknown = set(values) - set(order_names)
+        if unknown:
+            raise ValueError(f"{ntype} #{nid}: no inputs named {sorted(unknown)}")
+        outputs = [{"name": oname, "type": otype, "links": out_links.get((nid, slot), [])}
+                   for slot, (otype, oname) in enumerate(zip(node_info["output"], node_info["output_name"]))]
+        nodes.append({"id": nid, "type": ntype, "pos": pos, "size": size, "flags": {}, "order": order, "mode": 0,
+                      "inputs": inputs, "outputs": outputs, "properties": {"Node name for S&R": ntype},
+                      "widgets_values": widgets})
+    return {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, "pixart-sigma-nodes/" + name)), "revision": 0,
+            "last_node_id": max(n["id"] for n in nodes), "last_link_id": len(link_rows),
+            "nodes": nodes, "links": link_rows, "groups": [], "config": {},
+            "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("names", nargs="*", help=f"which examples (default: all): {', '.join(SPECS)}")
+    p.add_argument("--comfyui", default=str(run_workflow.DEFAULT_COMFYUI))
+    opts = p.parse_args(argv)
+    run_opts = run_workflow.parse_args(["unused.json", "--comfyui", opts.comfyui, "--cpu"])
+    nodes = run_workflow.init_comfy(run_opts)
+    for name in opts.names or SPECS:
+        spec = SPECS[name]
+        info = run_workflow.object_info(nodes, {n[1] for n in spec["nodes"]})
+        path = EXAMPLES / f"{name}.json"
+        path.write_text(json.dumps(build(name, spec, info), indent=2, ensure_ascii=False) + "\n")
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

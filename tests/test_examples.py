@@ -1,0 +1,140 @@
+"""Every example workflow in a real ComfyUI server (127.0.0.1, the pack in custom_nodes/, tiny models under the
+official file names): queued over HTTP, run by the headless runner's --server mode, and opened in the real ComfyUI
+frontend (headless Debian chromium + Playwright) with no missing node types or invalid widget values, its
+graphToPrompt() equal to our converter's output. Screenshots go to .cache/test-artifacts/frontend/."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from conftest import COMFY, REPO
+
+sys.path.append(str(REPO / "scripts"))
+import comfy_server  # noqa: E402
+import frontend  # noqa: E402
+import run_workflow  # noqa: E402
+
+EXAMPLES = sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
+ARTIFACTS = REPO / ".cache" / "test-artifacts" / "frontend"
+
+
+def load(name: str) -> dict:
+    return json.loads((REPO / "example_workflows" / f"{name}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return comfy_server.example_base(tmp_path_factory.mktemp("examples_base"), COMFY)
+
+
+@pytest.fixture(scope="module")
+def server(base):
+    with comfy_server.serve(COMFY, base) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def object_info(server) -> dict:
+    return requests.get(server + "/object_info", timeout=60).json()
+
+
+def shrink(prompt: dict) -> dict:
+    """The examples' 512-2048 px / 20 steps, cut down for a CPU (and tiny models)."""
+    for node in prompt.values():
+        if node["class_type"] in ("PixArtSigmaSampler", "ImageScale"):
+            node["inputs"].update(width=64, height=64)
+        if node["class_type"] == "PixArtSigmaSampler":
+            node["inputs"]["steps"] = 2
+    return prompt
+
+
+def run(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([str(REPO / "scripts" / "run"), *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def queue(url: str, prompt: dict, timeout: float = 300) -> dict:
+    r = requests.post(url + "/prompt", json={"prompt": prompt, "client_id": "pytest"}, timeout=30)
+    assert r.ok, r.text
+    pid = r.json()["prompt_id"]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        hist = requests.get(f"{url}/history/{pid}", timeout=10).json()
+        status = hist.get(pid, {}).get("status", {})
+        if status.get("completed") or status.get("status_str") == "error":
+            return hist[pid]
+        time.sleep(0.3)
+    raise TimeoutError(f"prompt {pid} did not finish")
+
+
+def test_examples_are_listed_as_templates(server):
+    templates = requests.get(server + "/workflow_templates", timeout=30).json()
+    assert sorted(templates.get(run_workflow.PACK, [])) == EXAMPLES
+    for name in EXAMPLES:  # each with its thumbnail
+        assert (REPO / "example_workflows" / f"{name}.png").is_file(), name
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_over_http(server, object_info, base, name):
+    prompt = shrink(run_workflow.ui_to_api(load(name), object_info))
+    hist = queue(server, prompt)
+    assert hist["status"]["status_str"] == "success", hist["status"]
+    images = [i for out in hist["outputs"].values() for i in out.get("images", [])]
+    assert len(images) == 1
+    arr = np.asarray(Image.open(base / "output" / images[0]["subfolder"] / images[0]["filename"]).convert("RGB"))
+    assert arr.shape == (64, 64, 3) and arr.std() > 1.0
+
+
+def test_runner_against_server(server, tmp_path):
+    """scripts/run --server: converts through the server's /object_info, queues, polls, fetches the PNG; a node
+    failure is one line and exit status 1."""
+    wf = REPO / "example_workflows" / "pixart_sigma_img2img.json"
+    img = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(img)
+    r = run(wf, "--server", server, "--output", tmp_path / "out.png", "--image", img, "--width", 48, "--height", 32,
+            "--steps", 3, "--seed", 5)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = Image.open(tmp_path / "out.png")
+    assert out.size == (48, 32)  # the uploaded image, scaled by the workflow's ImageScale to the override size
+    prompt = json.loads(out.info["prompt"])
+    assert any(n["class_type"] == "LoadImage" and n["inputs"]["image"] == "in.png" for n in prompt.values())
+    assert "PixArtSigmaSampler #4 [" in r.stderr  # progress from the server's websocket
+
+    r = run(REPO / "example_workflows" / "pixart_alpha_512.json", "--server", server, "--width", 64, "--height", 50,
+            "--steps", 2)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1].startswith(
+        "error: node 4 (PixArtSigmaSampler) failed: ValueError: PixArt sampler: height 50 is not a multiple of 16")
+
+
+# --- the real frontend -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def browser(server):
+    if not os.access(frontend.CHROMIUM, os.X_OK):
+        pytest.skip(f"no {frontend.CHROMIUM} (scripts/test installs Debian's chromium when run as root)")
+    with frontend.Frontend(server) as fe:
+        yield fe
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_frontend_opens_example(browser, object_info, name):
+    wf = load(name)
+    report = browser.load(wf)
+    assert report["missing"] == [], report
+    assert report["invalid"] == [], report
+    assert report["roundtrip"] == [], report
+    assert (report["nodes"], report["links"]) == (len(wf["nodes"]), len(wf["links"]))
+    # The frontend's own UI->API conversion is what our converter (runner, tests) produces.
+    assert browser.to_prompt() == run_workflow.ui_to_api(wf, object_info)
+    shot = browser.screenshot(ARTIFACTS / f"{name}.png")
+    assert Image.open(shot).size[0] > 400
+    assert browser.errors == [], browser.errors
