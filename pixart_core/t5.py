@@ -174,9 +174,11 @@ def load_t5(path: str | os.PathLike, quantization: str, dtype: torch.dtype) -> L
 def _from_pretrained(folder: Path, name: str, dtype: torch.dtype, qconfig, key_mapping):
     from transformers import T5EncoderModel
 
+    # Quantized loads default to the GPU in transformers; load on the CPU so ComfyUI's model management decides
+    # when the T5 goes to the GPU (and accounts for it), as for every other model.
     model, info = T5EncoderModel.from_pretrained(
         str(folder), dtype=dtype, quantization_config=qconfig, local_files_only=True, output_loading_info=True,
-        key_mapping=key_mapping,
+        key_mapping=key_mapping, device_map={"": "cpu"} if qconfig is not None else None,
     )
     missing = [k for k in info.get("missing_keys", []) if k != "encoder.embed_tokens.weight"]
     if missing:
