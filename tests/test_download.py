@@ -219,3 +219,30 @@ def test_missing_file_and_unknown_name_fail_clearly(hub, tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "scripts" / "download_models.py"), "no-such-model.safetensors",
                         "--models-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "unknown model no-such-model.safetensors" in r.stderr
+
+
+def test_runner_download_then_run(hub, tmp_path):
+    """scripts/run --download: fetches what the workflow names from the (stand-in) hub into --models-dir, then runs
+    on those files with no tiny stand-ins. The files served are tiny models in the official layouts."""
+    sys.path.append(str(REPO / "scripts"))
+    import tiny_models
+    from conftest import COMFY
+
+    made = tmp_path / "made"
+    tiny_models.write_tiny("dit", made / "PixArt-Sigma-XL-2-1024-MS", COMFY)
+    tiny_models.write_tiny("t5", made / "t5xxl_fp16.safetensors", COMFY)
+    tiny_models.write_tiny("vae", made / "sdxl_vae.safetensors", COMFY)
+    for name in download_models.DEFAULT_SET:
+        entry = download_models.CATALOG[name]
+        for hub_path, local in entry.files:
+            src = made / "PixArt-Sigma-XL-2-1024-MS" / hub_path if name.startswith("PixArt") else made / name
+            hub.files[f"{entry.repo}/{hub_path}"] = src.read_bytes()
+    models = tmp_path / "models"
+    r = subprocess.run([str(REPO / "scripts" / "run"), str(REPO / "example_workflows" / "pixart_sigma_1024_t5_8bit.json"),
+                        "--download", "--models-dir", str(models), "--output-dir", str(tmp_path / "out"),
+                        "--output", str(tmp_path / "out.png"), "--width", "64", "--height", "64", "--steps", "2"],
+                       env={**os.environ, "HF_ENDPOINT": hub.url}, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (models / "text_encoders" / "t5xxl_fp16.safetensors").is_file()
+    assert (models / "diffusers" / "PixArt-Sigma-XL-2-1024-MS" / "transformer" / "config.json").is_file()
+    assert "TINY RANDOM" not in r.stderr and (tmp_path / "out.png").is_file()
