@@ -199,21 +199,21 @@ class Progress:
     def __init__(self, label: Callable[[str | None], str], stream=sys.stderr):
         self.label, self.stream = label, stream
         self.tty = stream.isatty()
-        self.start: dict[str | None, float] = {}
+        self.start: dict[str | None, tuple[float, int]] = {}  # per node: time and value of its first report
         self.last_pct: dict[str | None, int] = {}
         self.lock = threading.Lock()
 
     def __call__(self, value: int, total: int, preview=None, node_id: str | None = None) -> None:
         with self.lock:
             now = time.time()
-            t0 = self.start.setdefault(node_id, now)
+            t0, v0 = self.start.setdefault(node_id, (now, value))
             if value <= 0 or total <= 0:
                 return
             pct = int(100 * value / total)
-            rate = (now - t0) / value if value else 0.0
+            rate = f" {(now - t0) / (value - v0):.2f} s/step" if value > v0 else ""
             width = 30
             done = int(width * value / total)
-            line = f"{self.label(node_id)} [{'#' * done}{'-' * (width - done)}] {value}/{total} {rate:.2f} s/step"
+            line = f"{self.label(node_id)} [{'#' * done}{'-' * (width - done)}] {value}/{total}{rate}"
             if self.tty:
                 self.stream.write("\r" + line + ("\n" if value >= total else ""))
                 self.stream.flush()
