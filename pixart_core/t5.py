@@ -22,7 +22,7 @@ REAL_VOCAB, REAL_WIDTH = 32128, 4096
 _ANCHOR = "block.0.layer.0.SelfAttention.q.weight"
 BNB_INSTALL_HINT = (
     "bitsandbytes is not installed, so quantized T5 modes are unavailable. Install it into ComfyUI's Python with "
-    "`python -m pip install bitsandbytes>=0.48`, restart ComfyUI, or choose quantization 'none'."
+    "`python -m pip install \"bitsandbytes>=0.48\"`, restart ComfyUI, or choose quantization 'none'."
 )
 
 
