@@ -111,6 +111,10 @@ class Sampler(io.ComfyNode):
         elif denoise < 1.0:
             raise ValueError("PixArt sampler: denoise below 1.0 needs an input latent (connect 'latent' for img2img).")
         check_size(width, height)
+        longest = max(positive.mask.shape[1], negative.mask.shape[1])
+        if longest > dit.variant.max_tokens:
+            log.warning("PixArt sampler: %s was trained with %d T5 tokens but gets %d; set max_tokens to %d in "
+                        "Text Encode.", dit.variant.name, dit.variant.max_tokens, longest, dit.variant.max_tokens)
         if denoise <= 0.0:
             raise ValueError("PixArt sampler: denoise 0 runs no step; use a value in (0, 1].")
         noise, generator = sampling.initial_noise(seed, batch_size, 4, height, width)

@@ -182,6 +182,14 @@ def sample(
     `init_latents` (scaled) with `denoise` < 1 starts part-way, as diffusers' img2img strength does.
     `on_step(step, total, x0)` gets the current estimate of the clean (scaled) latents, for previews.
     """
+    want = model.config.caption_channels
+    for label, c in (("positive", positive), ("negative", negative)):
+        if c.embeds.shape[-1] != want:
+            raise ValueError(
+                f"The {label} conditioning is {c.embeds.shape[-1]} wide ({_t5_name(c.embeds.shape[-1])}), but this "
+                f"DiT takes {want}-wide T5 embeddings ({_t5_name(want)}). Load the T5 the model was trained with "
+                "(T5-v1.1-XXL for every released PixArt)."
+            )
     p = next(model.parameters())
     device, dtype = p.device, p.dtype
     batch = noise.shape[0]
@@ -206,14 +214,6 @@ def sample(
             init = init.repeat((batch + init.shape[0] - 1) // init.shape[0], 1, 1, 1)[:batch]
         latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(batch))
 
-    want = model.config.caption_channels
-    for label, c in (("positive", positive), ("negative", negative)):
-        if c.embeds.shape[-1] != want:
-            raise ValueError(
-                f"The {label} conditioning is {c.embeds.shape[-1]} wide ({_t5_name(c.embeds.shape[-1])}), but this "
-                f"DiT takes {want}-wide T5 embeddings ({_t5_name(want)}). Load the T5 the model was trained with "
-                "(T5-v1.1-XXL for every released PixArt)."
-            )
     do_cfg = cfg > 1.0
     length = max(positive.embeds.shape[1], negative.embeds.shape[1])
     pos, neg = _pad(positive, length), _pad(negative, length)
