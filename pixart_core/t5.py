@@ -147,6 +147,11 @@ def load_t5(path: str | os.PathLike, quantization: str, dtype: torch.dtype) -> L
             f"{path.name}: this is not a T5 encoder; it looks like {files.describe(shapes, shapes)}. "
             "Choose a T5-v1.1-XXL file (e.g. t5xxl_fp16.safetensors) in models/text_encoders."
         )
+    if any(k.endswith(".scale_weight") or k.endswith("scaled_fp8") for k in shapes):
+        raise files.WeightFileError(
+            f"{path.name}: a 'scaled fp8' T5 (weights stored with per-tensor scales), which this loader does not read "
+            "yet. Use t5xxl_fp16.safetensors or the plain t5xxl_fp8_e4m3fn.safetensors."
+        )
     prefix = anchor[: len(anchor) - len(_ANCHOR) - len("encoder.")]
     shapes = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
     config = config_from_shapes(shapes, path.name)

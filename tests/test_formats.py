@@ -154,6 +154,16 @@ def test_wrong_text_encoders_are_named(tmp_path):
         ct5.load_t5(base, "none", torch.float32)
 
 
+def test_scaled_fp8_t5_is_named(tmp_path):
+    sd = tiny.t5_single_file_sd(tiny.make_t5(), dtype=torch.float8_e4m3fn)
+    sd["encoder.block.0.layer.0.SelfAttention.q.scale_weight"] = torch.ones(1)
+    sd["scaled_fp8"] = torch.zeros(2, dtype=torch.float8_e4m3fn)
+    path = tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(files.WeightFileError, match="scaled fp8"):
+        ct5.load_t5(path, "none", torch.float32)
+
+
 def test_t5_of_the_wrong_width_is_named_at_sampling():
     from pixart_core import sampling
 
