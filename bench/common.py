@@ -136,31 +136,11 @@ def dit_to_original(sd: dict, tokens: int = 300, pos_tokens: int = 1024) -> dict
 
 
 def vae_to_ldm(sd: dict) -> dict:
-    """diffusers AutoencoderKL keys -> original (LDM) keys, as in sdxl_vae.safetensors."""
-    n_up = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("decoder.up_blocks."))
-    out = {}
-    for k, v in sd.items():
-        n = k
-        for a, b in (("conv_shortcut", "nin_shortcut"), ("conv_norm_out", "norm_out"),
-                     ("mid_block.resnets.0", "mid.block_1"), ("mid_block.resnets.1", "mid.block_2"),
-                     ("mid_block.attentions.0.group_norm", "mid.attn_1.norm"),
-                     ("mid_block.attentions.0.to_q", "mid.attn_1.q"), ("mid_block.attentions.0.to_k", "mid.attn_1.k"),
-                     ("mid_block.attentions.0.to_v", "mid.attn_1.v"),
-                     ("mid_block.attentions.0.to_out.0", "mid.attn_1.proj_out"),
-                     ("downsamplers.0.conv", "downsample.conv"), ("upsamplers.0.conv", "upsample.conv")):
-            n = n.replace(a, b)
-        parts = n.split(".")
-        if parts[1] == "down_blocks":
-            parts[1] = "down"
-        if parts[1] == "up_blocks":
-            parts[1], parts[2] = "up", str(n_up - 1 - int(parts[2]))
-        if len(parts) > 3 and parts[3] == "resnets":
-            parts[3] = "block"
-        n = ".".join(parts)
-        if "attn_1" in n and n.endswith("weight") and v.ndim == 2:
-            v = v[:, :, None, None]
-        out[n] = v.contiguous()
-    return out
+    """diffusers AutoencoderKL keys -> original (LDM) keys: the tiny-model builder's converter, shared."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from tiny_models import vae_to_ldm as convert
+
+    return convert(sd)
 
 
 def ensure_weights(dit_layers: int = 28, t5_layers: int = 2, rebuild: bool = False) -> Path:
