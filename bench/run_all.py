@@ -3,7 +3,7 @@ every table into bench/out/results.md (+ each script's JSON in bench/out/). Size
 a quiet 2-core CPU once the weights exist (building them the first time takes about a minute more).
 
     .venv/bin/python bench/run_all.py              # P1-P3
-    .venv/bin/python bench/run_all.py --profile    # + bench/profile_forward.py (about 4 minutes more)
+    .venv/bin/python bench/run_all.py --profile    # + bench/profile_forward.py (about 3 minutes more)
     .venv/bin/python bench/run_all.py --quick      # 2-block DiT, 1-block T5, 1 step, 1 repeat: checks the harness
 """
 from __future__ import annotations
