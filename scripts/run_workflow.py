@@ -580,9 +580,11 @@ def run_on_server(workflow: dict, opts: argparse.Namespace, output: Path | None)
     client_id = str(uuid.uuid4())
     labels = {nid: f"{n['class_type']} #{nid}" for nid, n in prompt.items()}
     progress = Progress(lambda nid: labels.get(str(nid), "progress"))
-    stop = threading.Event()
-    watcher = threading.Thread(target=_watch_progress, args=(url, client_id, progress, stop), daemon=True)
+    stop, ready, ended = threading.Event(), threading.Event(), threading.Event()
+    watcher = threading.Thread(target=_watch_progress, args=(url, client_id, progress, stop, ready, ended),
+                               daemon=True)
     watcher.start()
+    ready.wait(10)  # the server sends progress only to a connected client: connect before queueing
     try:
         body = {"prompt": prompt, "client_id": client_id}
         if ui_workflow is not None:
@@ -602,6 +604,8 @@ def run_on_server(workflow: dict, opts: argparse.Namespace, output: Path | None)
             if time.time() > deadline:
                 raise RunError(f"prompt {pid} did not finish within {opts.timeout} s")
             time.sleep(0.3)
+        if watcher.is_alive():
+            ended.wait(5)  # the websocket may still carry the last progress events
     finally:
         stop.set()
     if status.get("status_str") == "error" or not status.get("completed"):
@@ -635,11 +639,14 @@ def _upload_image(url: str, path: Path) -> str:
     return f"{d['subfolder']}/{d['name']}" if d.get("subfolder") else d["name"]
 
 
-def _watch_progress(url: str, client_id: str, progress: Progress, stop: threading.Event) -> None:
-    """Per-step progress from the server's websocket ('progress' events); silent if the websocket is unavailable."""
+def _watch_progress(url: str, client_id: str, progress: Progress, stop: threading.Event,
+                    ready: threading.Event, ended: threading.Event) -> None:
+    """Per-step progress from the server's websocket ('progress' events); silent if the websocket is unavailable.
+    Sets `ready` once connected (or once it is clear that it will not connect), `ended` when the prompt has ended."""
     try:
         import aiohttp
     except ImportError:
+        ready.set()
         return
 
     async def watch():
@@ -656,14 +663,22 @@ def _watch_progress(url: str, client_id: str, progress: Progress, stop: threadin
                             return
                         continue
                     data = json.loads(msg.data)
-                    if data.get("type") == "progress":
+                    if data.get("type") == "status":  # sent once the server has registered this client
+                        ready.set()
+                    elif data.get("type") == "progress":
                         d = data["data"]
                         progress(d["value"], d["max"], node_id=d.get("node"))
+                    elif data.get("type") in ("execution_success", "execution_error", "execution_interrupted") or (
+                            data.get("type") == "executing" and (data.get("data") or {}).get("node") is None):
+                        ended.set()
 
     try:
         asyncio.run(watch())
     except Exception as e:  # progress is a nicety; the run itself is checked through /history
         log.debug("progress websocket: %s", e)
+    finally:
+        ready.set()
+        ended.set()
 
 
 # ---------------------------------------------------------------------------------------------------------------
