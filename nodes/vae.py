@@ -69,22 +69,41 @@ class VAEDecode(io.ComfyNode):
         if (target_width > 0) != (target_height > 0):
             raise ValueError("PixArt VAE decode: set both target_width and target_height, or neither (0).")
         target = (target_width, target_height) if target_width > 0 else None
-        dtype = vae.patcher.model.inner.dtype
-        need = core_vae.decode_memory(tuple(latents.shape), dtype)  # one image at a time
+        inner = vae.patcher.model.inner
+        dtype, width = inner.dtype, inner.config.block_out_channels[0]
+        need = core_vae.decode_memory(tuple(latents.shape), dtype, width)  # one image at a time
         tiled = tiling == "always" or (
             tiling == "auto" and need > management.free_memory(vae.patcher.load_device) + vae.patcher.loaded_size())
-        model = management.use(vae.patcher, memory_required=core_vae.tile_memory(dtype) if tiled else need)
+        model = management.use(vae.patcher, memory_required=core_vae.tile_memory(dtype, base_channels=width)
+                               if tiled else need)
         management.check_interrupt()
         progress = management.progress_callback(latents.shape[0])
+        size = f"{latents.shape[-1] * 8}x{latents.shape[-2] * 8}"
+        images = None
         try:
             images = core_vae.decode(model, latents, tiled=tiled, target=target, on_image=progress)
         except Exception as e:
-            if tiled or tiling == "never" or not management.is_oom(e):
+            if not management.is_oom(e):
                 raise
-            log.warning("PixArt VAE decode ran out of memory; retrying in tiles.")
+            if tiled:
+                raise _oom(e, f"PixArt VAE decode ran out of memory at {size} even in tiles. Free memory (close other "
+                              "programs, or unload models from ComfyUI's menu) or decode a smaller image.") from e
+            if tiling == "never":
+                raise _oom(e, f"PixArt VAE decode ran out of memory at {size}. Set tiling to 'auto' (decodes in "
+                              "tiles when memory runs short) or 'always'.") from e
+            log.warning("PixArt VAE decode ran out of memory at %s; retrying in tiles.", size)
+        if images is None:  # retried outside the except block, so the failed attempt's tensors are freed first
             management.soft_empty_cache()
             images = core_vae.decode(model, latents, tiled=True, target=target, on_image=progress)
         return io.NodeOutput(images)
+
+
+def _oom(error: Exception, message: str) -> Exception:
+    """The same kind of out-of-memory error (ComfyUI's executor treats OOM specially), with our message."""
+    try:
+        return type(error)(message)
+    except Exception:
+        return RuntimeError(message)
 
 
 class VAEEncode(io.ComfyNode):

@@ -21,13 +21,36 @@ class WeightFileError(ValueError):
     """A weight file that cannot be used: the message names the file, what is wrong and what to do."""
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of a .safetensors or (weights-only) .pth/.ckpt/.bin file, on the CPU."""
+def check_file(path: str | os.PathLike) -> Path:
+    """The path, if it names a non-empty file this process can read; else a WeightFileError saying what to do."""
     path = Path(path)
     if not path.is_file():
         raise WeightFileError(f"{path}: file not found. It may have been moved or deleted; refresh the node list.")
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except PermissionError as e:
+        raise WeightFileError(
+            f"{path}: permission denied. The user running ComfyUI cannot read this file: fix its permissions "
+            f"(e.g. chmod a+r on it) or its owner."
+        ) from e
+    except OSError as e:
+        raise WeightFileError(f"{path}: cannot read the file ({e.strerror or e}). Check the disk, or copy the file again.") from e
     if path.stat().st_size == 0:
         raise WeightFileError(f"{path.name}: the file is empty (0 bytes). Download it again.")
+    return path
+
+
+def check_folder(folder: Path) -> None:
+    """check_file on every config and weight file in a model folder (before any library reads one)."""
+    for f in sorted(folder.iterdir()):
+        if f.suffix.lower() in (".json", *SAFETENSORS_EXT, *PICKLE_EXT) and (f.is_file() or f.is_symlink()):
+            check_file(f)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a .safetensors or (weights-only) .pth/.ckpt/.bin file, on the CPU."""
+    path = check_file(path)
     if path.suffix.lower() in SAFETENSORS_EXT:
         return _read_safetensors(path)
     if path.suffix.lower() in PICKLE_EXT:
@@ -75,11 +98,7 @@ def read_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """Every tensor's shape in a safetensors file, from its header only (no tensor data is read)."""
     from safetensors import safe_open
 
-    path = Path(path)
-    if not path.is_file():
-        raise WeightFileError(f"{path}: file not found. It may have been moved or deleted; refresh the node list.")
-    if path.stat().st_size == 0:
-        raise WeightFileError(f"{path.name}: the file is empty (0 bytes). Download it again.")
+    path = check_file(path)
     if path.suffix.lower() not in SAFETENSORS_EXT:
         raise WeightFileError(f"{path.name}: expected a .safetensors file.")
     _check_safetensors_header(path)
@@ -94,6 +113,7 @@ def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
         return {}
     from safetensors import safe_open
 
+    check_file(path)
     _check_safetensors_header(path)
     with safe_open(str(path), framework="pt", device="cpu") as f:
         return dict(f.metadata() or {})

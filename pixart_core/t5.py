@@ -133,6 +133,7 @@ def load_t5(path: str | os.PathLike, quantization: str, dtype: torch.dtype) -> L
     qconfig = None if quantization == QUANTIZATIONS[0] else _bnb_config(quantization, dtype)
     if path.is_dir():
         wdir = folder_weights_dir(path)
+        files.check_folder(wdir)
         cfg = json.loads((wdir / "config.json").read_text())
         if "t5" not in str(cfg.get("model_type", "")).lower():
             raise files.WeightFileError(

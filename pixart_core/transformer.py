@@ -185,6 +185,7 @@ def load_dit(path: str | os.PathLike, variant_choice: str, dtype: torch.dtype):
     folder_config = None
     if path.is_dir():
         wdir = _folder(path)
+        files.check_folder(wdir)
         folder_config = json.loads((wdir / "config.json").read_text())
         if folder_config.get("_class_name") not in (None, "PixArtTransformer2DModel", "Transformer2DModel"):
             raise files.WeightFileError(

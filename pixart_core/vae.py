@@ -109,6 +109,7 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     path = Path(path)
     if path.is_dir():
         wdir = _folder(path)
+        files.check_folder(wdir)
         config = json.loads((wdir / "config.json").read_text())
         weights = next((wdir / f for f in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
                         if (wdir / f).is_file()), None)
@@ -139,14 +140,16 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     return vae.eval().requires_grad_(False), fam
 
 
-def decode_memory(latent_shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    """Bytes an SD/SDXL VAE decode needs for these latents (ComfyUI's own estimate for this VAE, comfy/sd.py)."""
-    return 2178 * latent_shape[2] * latent_shape[3] * 64 * torch.tensor([], dtype=dtype).element_size()
+def decode_memory(latent_shape: tuple[int, ...], dtype: torch.dtype, base_channels: int = 128) -> int:
+    """Bytes an SD/SDXL VAE decode needs for these latents: ComfyUI's own estimate for this VAE (comfy/sd.py),
+    scaled by the width of the decoder's full-resolution block (128 in the real VAEs), which dominates."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    return 2178 * latent_shape[2] * latent_shape[3] * 64 * size * base_channels // 128
 
 
-def tile_memory(dtype: torch.dtype, tile_latent: int = 64) -> int:
+def tile_memory(dtype: torch.dtype, tile_latent: int = 64, base_channels: int = 128) -> int:
     """Bytes one tile of a tiled decode needs."""
-    return decode_memory((1, 4, tile_latent, tile_latent), dtype)
+    return decode_memory((1, 4, tile_latent, tile_latent), dtype, base_channels)
 
 
 @torch.no_grad()

@@ -152,6 +152,45 @@ def test_dangling_link_reads_as_missing(executor, comfy, bad_files):
     _healthy(executor, comfy, 1002)
 
 
+def _without_read_override() -> None:
+    """In a child process: give up root's power to read any file, so file permissions apply as for a user."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH: dropped from the bounding set, gone after exec
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+@pytest.mark.parametrize("folder,name,node", [
+    ("text_encoders", "t5xxl_fp16.safetensors", "PixArtSigmaT5Loader"),
+    ("diffusion_models", "PixArt-XL-2-512x512.pth", "PixArtSigmaDiTLoader"),
+    ("vae", "vae-ft-mse-840000-ema-pruned.safetensors", "PixArtSigmaVAELoader"),
+])
+def test_unreadable_file(tmp_path, folder, name, node):
+    """A model file ComfyUI lists but cannot read (chmod 000): the run fails at that loader with 'permission
+    denied' and what to do. Runs the headless runner (a real in-process ComfyUI) as a process that file
+    permissions apply to (as root: without CAP_DAC_OVERRIDE)."""
+    import subprocess
+
+    from conftest import REPO
+
+    (tmp_path / "models" / folder).mkdir(parents=True)
+    bad = tmp_path / "models" / folder / name
+    bad.write_bytes(b"\0" * 64)
+    bad.chmod(0)
+    r = subprocess.run([str(REPO / "scripts" / "run"), str(REPO / "example_workflows" / "pixart_alpha_512.json"),
+                        "--models-dir", str(tmp_path / "models"), "--output-dir", str(tmp_path / "out"),
+                        "--width", "64", "--height", "64", "--steps", "1"],
+                       capture_output=True, text=True, timeout=300,
+                       preexec_fn=_without_read_override if os.geteuid() == 0 else None)
+    assert r.returncode == 1, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert f"({node}) failed" in last and name in last, last
+    assert "permission denied" in last and "chmod a+r" in last, last
+    assert "Traceback" not in r.stderr
+
+
 def test_nan_from_the_model_is_a_clear_error(executor, comfy, bad_files):
     expect_error(executor, comfy, graph(dit="PixArt-Sigma-XL-2-1024-MS-nan.safetensors"), "NaN", "step 1",
                  "lower cfg")
@@ -223,6 +262,49 @@ def test_interrupt_during_decode_then_next_run_works(executor, comfy):
     interrupted = [d for e, d in result["messages"] if e == "execution_interrupted"]
     assert interrupted and interrupted[0]["node_type"] == "PixArtSigmaVAEDecode"
     _healthy(executor, comfy, 1003)
+
+
+def _address_space() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+
+
+def test_out_of_memory_during_decode_falls_back_to_tiles(executor, comfy, caplog, comfy_base):
+    """A real out-of-memory error: the process's address space is capped (RLIMIT_AS) 750 MiB above its size, which
+    a tiled decode of a 1280x1280 image fits in (~400 MiB) and a whole-image decode does not (~1.2 GiB). 'never'
+    says what to do; 'auto' retries in tiles and makes the image."""
+    import resource
+
+    import numpy as np
+    from PIL import Image
+
+    def prompt(tiling, prefix):
+        p = graph(width=1280, height=1280, steps=1, seed=77, prefix=prefix)
+        p["6"]["inputs"]["tiling"] = tiling
+        return p
+
+    latent_only = {k: v for k, v in graph(width=1280, height=1280, steps=1, seed=77, save_latent=True).items()
+                   if k not in ("6", "7")}
+    first = executor.run(latent_only)  # samples outside the cap; the sampler's output stays cached
+    assert first["ok"], first["error"]
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (_address_space() + 750 * 2**20, hard))
+    try:
+        never = executor.run(prompt("never", "oom_never"))
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            auto = executor.run(prompt("auto", "oom_auto"))
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    assert not never["ok"], "the whole-image decode fitted under the cap; the test no longer makes an OOM"
+    assert never["error"]["node_type"] == "PixArtSigmaVAEDecode"
+    assert "ran out of memory at 1280x1280" in _text(never) and "Set tiling to 'auto'" in _text(never)
+    assert auto["ok"], auto["error"]
+    assert "ran out of memory at 1280x1280; retrying in tiles" in caplog.text
+    img = auto["outputs"]["7"]["images"][0]
+    arr = np.asarray(Image.open(comfy_base / "output" / img["subfolder"] / img["filename"]))
+    assert arr.shape == (1280, 1280, 3) and arr.std() > 1.0
+    _healthy(executor, comfy, 1004)
 
 
 def test_repeated_runs_keep_one_copy_of_each_model(executor, comfy):
