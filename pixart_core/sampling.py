@@ -160,6 +160,19 @@ def _x0(scheduler, model_input: torch.Tensor, eps: torch.Tensor, t) -> torch.Ten
     return (model_input - (1 - a).sqrt() * eps) / a.sqrt()
 
 
+def _nan_error(step: int, timesteps: torch.Tensor, cfg: float) -> FloatingPointError:
+    return FloatingPointError(
+        f"PixArt sampling produced NaN/inf at step {step} of {len(timesteps)} (timestep {int(timesteps[step - 1])}). "
+        f"The model overflowed: lower cfg (now {cfg}), load the DiT in bf16 or fp32 instead of fp16, or check that "
+        "the weights file is not corrupt."
+    )
+
+
+def defers_nan_check(device: torch.device) -> bool:
+    """Whether the per-step NaN check stays on the device (no host sync per step) and is read once at the end."""
+    return device.type != "cpu"
+
+
 @torch.no_grad()
 def sample(
     model: torch.nn.Module,
@@ -238,6 +251,10 @@ def sample(
         step_kwargs["generator"] = generator
     learned_sigma = model.config.out_channels // 2 == model.config.in_channels
 
+    # NaN/inf check per step: at once on the CPU; on a GPU without a host sync per step (the first bad step is
+    # kept on the device and read once at the end).
+    sync_free = defers_nan_check(device)
+    first_bad = torch.zeros((), dtype=torch.int32, device=device) if sync_free else None
     for i, t in enumerate(timesteps):
         x = torch.cat([latents] * 2) if do_cfg else latents
         x = scheduler.scale_model_input(x, t)
@@ -252,10 +269,10 @@ def sample(
         if on_step is not None:
             on_step(i + 1, len(timesteps), _x0(scheduler, x.chunk(2)[0] if do_cfg else x, out, t))
         latents = scheduler.step(out, t, latents, **step_kwargs, return_dict=False)[0]
-        if not torch.isfinite(latents).all():
-            raise FloatingPointError(
-                f"PixArt sampling produced NaN/inf at step {i + 1} of {len(timesteps)} (timestep {int(t)}). The model "
-                f"overflowed: lower cfg (now {cfg}), load the DiT in bf16 or fp32 instead of fp16, or check that the "
-                "weights file is not corrupt."
-            )
+        if sync_free:
+            first_bad = torch.where((first_bad == 0) & ~torch.isfinite(latents).all(), i + 1, first_bad)
+        elif not torch.isfinite(latents).all():
+            raise _nan_error(i + 1, timesteps, cfg)
+    if sync_free and int(first_bad):
+        raise _nan_error(int(first_bad), timesteps, cfg)
     return latents
