@@ -282,8 +282,8 @@ class Timers:
         self.calls[label] = self.calls.get(label, 0) + 1
 
 
-def init_comfy(base: Path, custom_nodes: bool):
-    """ComfyUI in this process (CPU), base folder `base`, with or without this pack."""
+def init_comfy(base: Path, custom_nodes: bool, cpu: bool = True):
+    """ComfyUI in this process (on the CPU unless cpu=False), base folder `base`, with or without this pack."""
     import asyncio
     import logging
 
@@ -291,7 +291,7 @@ def init_comfy(base: Path, custom_nodes: bool):
     sys.path.insert(0, str(COMFY))
     from comfy.cli_args import args
 
-    args.cpu = True
+    args.cpu = cpu
     args.base_directory = str(base)
     args.disable_all_custom_nodes = not custom_nodes
     import folder_paths  # noqa: F401  (reads args.base_directory)
