@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import files
+from . import dtypes, files
 from .meta import assign_state_dict, empty_weights
 from .variants import VAE_SCALING
 
@@ -20,15 +20,7 @@ DTYPES = ("auto", "bf16", "fp32")
 
 def compute_dtype(choice: str, device: torch.device) -> torch.dtype:
     """Decode dtype: never fp16 (the SDXL VAE overflows in fp16); bf16 on GPUs that have it, else fp32."""
-    if choice == "fp32":
-        return torch.float32
-    if choice == "bf16":
-        return torch.bfloat16
-    if choice != "auto":
-        raise ValueError(f"VAE dtype {choice!r} is not one of {DTYPES}.")
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    return dtypes.pick(choice, device, "VAE", DTYPES)
 
 
 def family_from_name(name: str) -> str | None:
@@ -137,8 +129,7 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     files.check_keys(path.name, sd, expected, "an AutoencoderKL VAE")
     files.check_shapes(path.name, files.shapes_of(sd), expected, "an AutoencoderKL VAE")
     assign_state_dict(vae, {k: v.to(dtype) for k, v in sd.items()})
-    # channels_last convolutions: 0.90x the decode time of the default layout on the CPU (bench/RESULTS.md).
-    return vae.to(memory_format=torch.channels_last).eval().requires_grad_(False), fam
+    return vae.eval().requires_grad_(False), fam
 
 
 def decode_memory(latent_shape: tuple[int, ...], dtype: torch.dtype, base_channels: int = 128) -> int:
@@ -171,7 +162,7 @@ def decode(
     p = next(vae.parameters())
     out = []
     for i in range(latents.shape[0]):
-        z = latents[i:i + 1].to(device=p.device, dtype=p.dtype).contiguous(memory_format=torch.channels_last)
+        z = latents[i:i + 1].to(device=p.device, dtype=p.dtype)
         images = _decode_one(vae, z, tiled, tile_latent)
         if not torch.isfinite(images).all():
             raise FloatingPointError(
