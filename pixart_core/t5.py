@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import files
+from . import dtypes, files
 from .meta import empty_weights
 
 log = logging.getLogger(__name__)
@@ -38,15 +38,7 @@ class LoadedT5:
 
 def compute_dtype(choice: str, device: torch.device) -> torch.dtype:
     """The T5 compute dtype: never float16 (T5-XXL overflows in fp16 and gives NaN)."""
-    if choice == "fp32":
-        return torch.float32
-    if choice == "bf16":
-        return torch.bfloat16
-    if choice != "auto":
-        raise ValueError(f"T5 dtype {choice!r} is not one of {DTYPES}.")
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32  # bf16 matmuls are ~5x slower than fp32 on CPUs
+    return dtypes.pick(choice, device, "T5", DTYPES)
 
 
 def config_from_shapes(shapes: dict[str, tuple[int, ...]], name: str):

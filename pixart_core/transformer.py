@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from . import files
+from . import dtypes, files
 from .meta import assign_state_dict, empty_weights
 from .variants import DEFAULT_VARIANT, PRESETS, Variant, variant_from_config, variant_from_name
 
@@ -21,15 +21,8 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 
 def compute_dtype(choice: str, device: torch.device) -> torch.dtype:
-    """The DiT dtype: bf16 on GPUs that have it, fp32 on the CPU, or what the user chose."""
-    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if choice in table:
-        return table[choice]
-    if choice != "auto":
-        raise ValueError(f"DiT dtype {choice!r} is not one of {DTYPES}.")
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    """The DiT dtype: bf16 on GPUs that have it (else fp16), fp32 on the CPU, or what the user chose."""
+    return dtypes.pick(choice, device, "DiT", DTYPES, gpu_without_bf16=torch.float16)
 
 
 def config_from_state_dict(sd: dict[str, torch.Tensor], variant: Variant, name: str) -> dict[str, Any]:
