@@ -50,6 +50,12 @@ def tiny_models(comfy_base):
 @pytest.fixture(scope="session")
 def comfy(comfy_base):
     """ComfyUI initialised in this process (CPU), with the pack loaded from custom_nodes/."""
+    return init_comfy(comfy_base)
+
+
+def init_comfy(comfy_base: Path):
+    """ComfyUI initialised in this process (CPU) over a base directory, with the pack loaded from custom_nodes/;
+    returns ComfyUI's `nodes` module."""
     from comfy.cli_args import args
 
     args.cpu = True
@@ -126,39 +132,28 @@ class Server:
         return self.proc.pid
 
 
-@pytest.fixture(scope="session")
-def comfy_server(comfy_base):
-    import socket
-    import subprocess
+def queue_prompt(url: str, prompt: dict, timeout: float = 300) -> dict:
+    """POST an API-format prompt to a ComfyUI server and poll /history until it succeeded or failed."""
     import time
 
     import requests
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log_path = comfy_base / f"server-{port}.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                             "--base-directory", str(comfy_base), "--database-url", "sqlite:///:memory:"],
-                            cwd=COMFY, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                if requests.get(url + "/system_stats", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("ComfyUI server did not start:\n" + log_path.read_text()[-3000:])
-            time.sleep(0.5)
-        yield Server(url, proc, log_path)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    r = requests.post(url + "/prompt", json={"prompt": prompt, "client_id": "pytest"}, timeout=30)
+    assert r.ok, r.text
+    pid = r.json()["prompt_id"]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = requests.get(f"{url}/history/{pid}", timeout=10).json().get(pid, {}).get("status", {})
+        if status.get("completed") or status.get("status_str") == "error":
+            return requests.get(f"{url}/history/{pid}", timeout=10).json()[pid]
+        time.sleep(0.3)
+    raise TimeoutError(f"prompt {pid} did not finish")
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfy_base):
+    sys.path.append(str(REPO / "scripts"))
+    import comfy_server as server_script
+
+    with server_script.serve_process(COMFY, comfy_base) as (url, proc, log):
+        yield Server(url, proc, log)

@@ -264,47 +264,67 @@ def test_interrupt_during_decode_then_next_run_works(executor, comfy):
     _healthy(executor, comfy, 1003)
 
 
-def _address_space() -> int:
+OOM_SCRIPT = r"""
+import json, resource, sys
+sys.path.insert(0, sys.argv[2])
+import conftest
+from test_nodes import graph
+from test_reliability import _healthy, _text
+
+def address_space():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
 
+def prompt(tiling, prefix):
+    p = graph(width=1280, height=1280, steps=1, seed=77, prefix=prefix)
+    p["6"]["inputs"]["tiling"] = tiling
+    return p
 
-def test_out_of_memory_during_decode_falls_back_to_tiles(executor, comfy, caplog, comfy_base):
-    """A real out-of-memory error: the process's address space is capped (RLIMIT_AS) 750 MiB above its size, which
-    a tiled decode of a 1280x1280 image fits in (~400 MiB) and a whole-image decode does not (~1.2 GiB). 'never'
-    says what to do; 'auto' retries in tiles and makes the image."""
-    import resource
+conftest.init_comfy(conftest.Path(sys.argv[1]))
+ex = conftest.Executor()
+latent_only = {k: v for k, v in graph(width=1280, height=1280, steps=1, seed=77, save_latent=True).items()
+               if k not in ("6", "7")}
+first = ex.run(latent_only)  # samples outside the cap; the sampler's output stays cached
+assert first["ok"], first["error"]
+soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+resource.setrlimit(resource.RLIMIT_AS, (address_space() + 750 * 2**20, hard))
+try:
+    never = ex.run(prompt("never", "oom_never"))
+    auto = ex.run(prompt("auto", "oom_auto"))
+finally:
+    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+_healthy(ex, None, 1004)
+print("RESULT " + json.dumps({
+    "never": {"ok": never["ok"], "text": _text(never), "node": (never["error"] or {}).get("node_type")},
+    "auto": {"ok": auto["ok"], "text": _text(auto), "images": auto["outputs"].get("7", {}).get("images", [])}}))
+"""
+
+
+def test_out_of_memory_during_decode_falls_back_to_tiles(comfy_base):
+    """A real out-of-memory error, in a fresh process (so its memory history is always the same): the address
+    space is capped (RLIMIT_AS) 750 MiB above its size, which a tiled decode of a 1280x1280 image fits in
+    (~400 MiB) and a whole-image decode does not (~1.2 GiB). 'never' says what to do; 'auto' retries in tiles and
+    makes the image; the next prompt runs with one copy of each model."""
+    import json
+    import subprocess
+    import sys
 
     import numpy as np
     from PIL import Image
 
-    def prompt(tiling, prefix):
-        p = graph(width=1280, height=1280, steps=1, seed=77, prefix=prefix)
-        p["6"]["inputs"]["tiling"] = tiling
-        return p
-
-    latent_only = {k: v for k, v in graph(width=1280, height=1280, steps=1, seed=77, save_latent=True).items()
-                   if k not in ("6", "7")}
-    first = executor.run(latent_only)  # samples outside the cap; the sampler's output stays cached
-    assert first["ok"], first["error"]
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    resource.setrlimit(resource.RLIMIT_AS, (_address_space() + 750 * 2**20, hard))
-    try:
-        never = executor.run(prompt("never", "oom_never"))
-        caplog.clear()
-        with caplog.at_level("WARNING"):
-            auto = executor.run(prompt("auto", "oom_auto"))
-    finally:
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    r = subprocess.run([sys.executable, "-c", OOM_SCRIPT, str(comfy_base), str(Path(__file__).parent)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    out = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("RESULT "))[len("RESULT "):])
+    never, auto = out["never"], out["auto"]
     assert not never["ok"], "the whole-image decode fitted under the cap; the test no longer makes an OOM"
-    assert never["error"]["node_type"] == "PixArtSigmaVAEDecode"
-    assert "ran out of memory at 1280x1280" in _text(never) and "Set tiling to 'auto'" in _text(never)
-    assert auto["ok"], auto["error"]
-    assert "ran out of memory at 1280x1280; retrying in tiles" in caplog.text
-    img = auto["outputs"]["7"]["images"][0]
+    assert never["node"] == "PixArtSigmaVAEDecode"
+    assert "ran out of memory at 1280x1280" in never["text"] and "Set tiling to 'auto'" in never["text"]
+    assert auto["ok"], auto["text"]
+    assert "ran out of memory at 1280x1280; retrying in tiles" in r.stderr
+    img = auto["images"][0]
     arr = np.asarray(Image.open(comfy_base / "output" / img["subfolder"] / img["filename"]))
     assert arr.shape == (1280, 1280, 3) and arr.std() > 1.0
-    _healthy(executor, comfy, 1004)
 
 
 def test_repeated_runs_keep_one_copy_of_each_model(executor, comfy):
