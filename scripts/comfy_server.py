@@ -64,8 +64,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve(comfy_path: Path, base: Path, timeout: float = 180, extra_args: tuple[str, ...] = ()) -> Iterator[str]:
-    """Run ComfyUI's main.py on a free 127.0.0.1 port (CPU) with this base directory; yields its URL."""
+def serve_process(comfy_path: Path, base: Path, timeout: float = 180,
+                  extra_args: tuple[str, ...] = ()) -> Iterator[tuple[str, subprocess.Popen, Path]]:
+    """Run ComfyUI's main.py on a free 127.0.0.1 port (CPU) with this base directory; yields (URL, the server
+    process, its log file) once it answers, and stops it afterwards."""
     import requests
 
     port = free_port()
@@ -87,7 +89,7 @@ def serve(comfy_path: Path, base: Path, timeout: float = 180, extra_args: tuple[
                 if proc.poll() is not None or time.time() > deadline:
                     raise RuntimeError("ComfyUI server did not start:\n" + log_path.read_text()[-3000:])
                 time.sleep(0.3)
-            yield url
+            yield url, proc, log_path
         finally:
             proc.terminate()
             try:
@@ -95,3 +97,10 @@ def serve(comfy_path: Path, base: Path, timeout: float = 180, extra_args: tuple[
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@contextlib.contextmanager
+def serve(comfy_path: Path, base: Path, timeout: float = 180, extra_args: tuple[str, ...] = ()) -> Iterator[str]:
+    """serve_process, yielding only the URL."""
+    with serve_process(comfy_path, base, timeout, extra_args) as (url, _, _):
+        yield url

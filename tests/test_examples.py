@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import COMFY, REPO
+from conftest import COMFY, REPO, queue_prompt
 
 sys.path.append(str(REPO / "scripts"))
 import comfy_server  # noqa: E402
@@ -61,20 +60,6 @@ def run(*args) -> subprocess.CompletedProcess:
     return subprocess.run([str(REPO / "scripts" / "run"), *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
-def queue(url: str, prompt: dict, timeout: float = 300) -> dict:
-    r = requests.post(url + "/prompt", json={"prompt": prompt, "client_id": "pytest"}, timeout=30)
-    assert r.ok, r.text
-    pid = r.json()["prompt_id"]
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        hist = requests.get(f"{url}/history/{pid}", timeout=10).json()
-        status = hist.get(pid, {}).get("status", {})
-        if status.get("completed") or status.get("status_str") == "error":
-            return hist[pid]
-        time.sleep(0.3)
-    raise TimeoutError(f"prompt {pid} did not finish")
-
-
 def test_examples_are_listed_as_templates(server):
     templates = requests.get(server + "/workflow_templates", timeout=30).json()
     assert sorted(templates.get(run_workflow.PACK, [])) == EXAMPLES
@@ -85,7 +70,7 @@ def test_examples_are_listed_as_templates(server):
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_example_over_http(server, object_info, base, name):
     prompt = shrink(run_workflow.ui_to_api(load(name), object_info))
-    hist = queue(server, prompt)
+    hist = queue_prompt(server, prompt)
     assert hist["status"]["status_str"] == "success", hist["status"]
     images = [i for out in hist["outputs"].values() for i in out.get("images", [])]
     assert len(images) == 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 import psutil
 
 from test_nodes import graph
-from test_workflow_http import _run
+from conftest import queue_prompt
 
 
 def test_twenty_runs_in_one_server_keep_memory_flat(comfy_server):
@@ -12,7 +12,7 @@ def test_twenty_runs_in_one_server_keep_memory_flat(comfy_server):
     rss = []
     for i in range(20):
         prompt = graph(seed=9000 + i)  # a new seed each time (control_after_generate), so the graph really runs
-        hist = _run(comfy_server.url, prompt)
+        hist = queue_prompt(comfy_server.url, prompt)
         assert hist["status"]["status_str"] == "success", hist["status"]
         rss.append(proc.memory_info().rss)
     after_second = max(rss[:2])

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import NODE_IDS, REPO
+from conftest import NODE_IDS, REPO, queue_prompt
 from workflow import ui_to_api
 
 TINY = {"t5xxl_fp16.safetensors": "tiny_t5xxl_fp16.safetensors",
@@ -21,20 +20,6 @@ TINY = {"t5xxl_fp16.safetensors": "tiny_t5xxl_fp16.safetensors",
 @pytest.fixture(scope="module")
 def server(comfy_server):
     return comfy_server.url
-
-
-def _run(url: str, prompt: dict, timeout: float = 300) -> dict:
-    r = requests.post(url + "/prompt", json={"prompt": prompt, "client_id": "pytest"}, timeout=30)
-    assert r.ok, r.text
-    pid = r.json()["prompt_id"]
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        hist = requests.get(f"{url}/history/{pid}", timeout=10).json()
-        if pid in hist and hist[pid]["status"].get("completed") is not None and (
-                hist[pid]["status"]["completed"] or hist[pid]["status"]["status_str"] == "error"):
-            return hist[pid]
-        time.sleep(0.5)
-    raise TimeoutError(f"prompt {pid} did not finish")
 
 
 def _api_prompt(url: str, workflow_path: Path) -> dict:
@@ -59,7 +44,7 @@ def test_example_workflow_over_http(server, comfy_base):
     t5 = next(n for n in prompt.values() if n["class_type"] == "PixArtSigmaT5Loader")["inputs"]
     assert t5["quantization"] == "8-bit (bitsandbytes)"
 
-    hist = _run(server, prompt)
+    hist = queue_prompt(server, prompt)
     assert hist["status"]["status_str"] == "success", hist["status"]
     images = [i for out in hist["outputs"].values() for i in out.get("images", [])]
     assert len(images) == 1
@@ -78,9 +63,9 @@ def test_bad_prompt_over_http_then_server_keeps_serving(server):
     prompt = _api_prompt(server, wf)
     sampler = next(n for n in prompt.values() if n["class_type"] == "PixArtSigmaSampler")["inputs"]
     sampler["height"] = 50
-    hist = _run(server, prompt)
+    hist = queue_prompt(server, prompt)
     assert hist["status"]["status_str"] == "error"
     err = next(m[1] for m in hist["status"]["messages"] if m[0] == "execution_error")
     assert "height 50 is not a multiple of 16" in err["exception_message"] and "48 or 64" in err["exception_message"]
     sampler["height"], sampler["seed"] = 64, 1
-    assert _run(server, prompt)["status"]["status_str"] == "success"
+    assert queue_prompt(server, prompt)["status"]["status_str"] == "success"
