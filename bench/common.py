@@ -102,37 +102,17 @@ def make_vae():
 
 
 def dit_to_original(sd: dict, tokens: int = 300, pos_tokens: int = 1024) -> dict:
-    """diffusers PixArt keys -> the original release's keys (fused qkv / kv; pos_embed and y_embedding as released)."""
+    """diffusers PixArt keys -> the original release's keys (the tiny-model builder's converter), with pos_embed and
+    y_embedding shaped as released (the pos_embed's token count tells ComfyUI the family: 1024 tokens = 512 px)."""
     import torch
 
-    top = {"pos_embed.proj.": "x_embedder.proj.", "caption_projection.linear_1.": "y_embedder.y_proj.fc1.",
-           "caption_projection.linear_2.": "y_embedder.y_proj.fc2.",
-           "adaln_single.emb.timestep_embedder.linear_1.": "t_embedder.mlp.0.",
-           "adaln_single.emb.timestep_embedder.linear_2.": "t_embedder.mlp.2.",
-           "adaln_single.linear.": "t_block.1.", "proj_out.": "final_layer.linear.",
-           "scale_shift_table": "final_layer.scale_shift_table"}
-    block = {"attn1.to_out.0.": "attn.proj.", "attn2.to_q.": "cross_attn.q_linear.", "attn2.to_out.0.": "cross_attn.proj.",
-             "ff.net.0.proj.": "mlp.fc1.", "ff.net.2.": "mlp.fc2.", "scale_shift_table": "scale_shift_table"}
-    out = {}
-    for k, v in sd.items():
-        if k.startswith("transformer_blocks."):
-            _, n, rest = k.split(".", 2)
-            kind = rest.rsplit(".", 1)[-1]
-            b = f"transformer_blocks.{n}."
-            if rest.startswith("attn1.to_q."):
-                out[f"blocks.{n}.attn.qkv.{kind}"] = torch.cat([sd[f"{b}attn1.to_{c}.{kind}"] for c in "qkv"])
-            elif rest.startswith("attn2.to_k."):
-                out[f"blocks.{n}.cross_attn.kv_linear.{kind}"] = torch.cat([sd[f"{b}attn2.to_{c}.{kind}"] for c in "kv"])
-            elif not rest.startswith(("attn1.to_k.", "attn1.to_v.", "attn2.to_v.")):
-                d = next(d for d in block if rest.startswith(d))
-                out[f"blocks.{n}.{block[d]}{rest[len(d):]}"] = v
-        else:
-            d = next(d for d in top if k.startswith(d))
-            out[top[d] + k[len(d):]] = v
+    sys.path.insert(0, str(REPO / "scripts"))
+    import tiny_models
+
     width = sd["pos_embed.proj.weight"].shape[0]
-    out["pos_embed"] = torch.zeros(1, pos_tokens, width)  # shape tells ComfyUI the family (1024 tokens = 512 px)
-    out["y_embedder.y_embedding"] = torch.randn(tokens, sd["caption_projection.linear_1.weight"].shape[1]) * 0.02
-    return {k: v.contiguous() for k, v in out.items()}
+    return tiny_models.dit_to_original(
+        sd, pos_embed=torch.zeros(1, pos_tokens, width),
+        y_embedding=torch.randn(tokens, sd["caption_projection.linear_1.weight"].shape[1]) * 0.02)
 
 
 def vae_to_ldm(sd: dict) -> dict:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -124,6 +123,18 @@ def _flops(fn) -> int:
     return counter.get_total_flops()
 
 
+def _timed(device, sample, decode) -> tuple[float, float, object]:
+    """(sampler seconds, decode seconds, image), each part behind a device synchronize."""
+    _sync(device)
+    t0 = time.perf_counter()
+    latent = sample()
+    _sync(device)
+    t1 = time.perf_counter()
+    img = decode(latent)
+    _sync(device)
+    return t1 - t0, time.perf_counter() - t1, img
+
+
 def _time_images(a, device, make) -> dict:
     """One warm-up image, then a.images timed ones; make(seed) returns (sampler seconds, decode seconds, image)."""
     import torch
@@ -174,14 +185,8 @@ def worker_ours(a) -> dict:
 
     def make(seed):
         with torch.inference_mode():
-            _sync(device)
-            t0 = time.perf_counter()
-            latent = sample(seed, a.steps)
-            _sync(device)
-            t1 = time.perf_counter()
-            img = N["PixArtSigmaVAEDecode"].execute(vae=vae, samples=latent).result[0]
-            _sync(device)
-            return t1 - t0, time.perf_counter() - t1, img
+            return _timed(device, lambda: sample(seed, a.steps),
+                          lambda latent: N["PixArtSigmaVAEDecode"].execute(vae=vae, samples=latent).result[0])
 
     caption_tokens = int(pos.mask.sum())
     return {"flops_per_forward": flops, "caption_tokens": caption_tokens, **_time_images(a, device, make)}
@@ -232,17 +237,13 @@ def worker_diffusers(a) -> dict:
     if a.compile:
         dit.compile()
 
+    def decode(latents):
+        img = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        return pipe.image_processor.postprocess(img, output_type="pt").permute(0, 2, 3, 1).float().cpu()
+
     def make(seed):
         with torch.no_grad():
-            _sync(device)
-            t0 = time.perf_counter()
-            latents = sample(seed, a.steps)
-            _sync(device)
-            t1 = time.perf_counter()
-            img = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-            img = pipe.image_processor.postprocess(img, output_type="pt").permute(0, 2, 3, 1).float().cpu()
-            _sync(device)
-            return t1 - t0, time.perf_counter() - t1, img
+            return _timed(device, lambda: sample(seed, a.steps), decode)
 
     return {"flops_per_forward": flops, "caption_tokens": int(pm.shape[1]), **_time_images(a, device, make)}
 

@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 PACK = "pixart_sigma_nodes"

@@ -94,8 +94,11 @@ def vae_to_ldm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def dit_to_original(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers PixArt keys -> the original PixArt release's keys (fused qkv and kv), written from DESIGN.md §3."""
+def dit_to_original(sd: dict[str, torch.Tensor], pos_embed: torch.Tensor | None = None,
+                    y_embedding: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """diffusers PixArt keys -> the original PixArt release's keys (fused qkv and kv), written from DESIGN.md §3.
+    The original also stores a sin-cos `pos_embed` table and the learned null caption `y_embedding`, which
+    diffusers does not keep: small zero ones unless given."""
     out = {}
     top = {"pos_embed.proj.": "x_embedder.proj.", "caption_projection.linear_1.": "y_embedder.y_proj.fc1.",
            "caption_projection.linear_2.": "y_embedder.y_proj.fc2.",
@@ -123,8 +126,8 @@ def dit_to_original(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         else:
             d = next(d for d in top if k.startswith(d))
             out[top[d] + k[len(d):]] = v
-    out["pos_embed"] = torch.zeros(1, 4, 144)  # the original keeps a fixed sin-cos table; diffusers recomputes it
-    out["y_embedder.y_embedding"] = torch.zeros(120, T5_WIDTH)
+    out["pos_embed"] = torch.zeros(1, 4, 144) if pos_embed is None else pos_embed  # diffusers recomputes it
+    out["y_embedder.y_embedding"] = torch.zeros(120, T5_WIDTH) if y_embedding is None else y_embedding
     return {k: v.contiguous() for k, v in out.items()}
 
 

@@ -1,7 +1,6 @@
 """Every PixArt file layout x variant loads as the model it is (issue: formats, variants, detection)."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch

@@ -2,7 +2,6 @@
 the embedding cache, and moving 8-bit layers' side tensors."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
