@@ -61,7 +61,8 @@ def intermediate_device() -> torch.device:
     return mm.intermediate_device()
 
 
-def step_callback(total: int, vae_family: str, device: torch.device) -> Callable[[int, int, torch.Tensor], None]:
+def step_callback(total: int, vae_family: str,
+                  device: torch.device) -> Callable[[int, int, Callable[[], torch.Tensor]], None]:
     """Per-step hook for the sampling loop: ComfyUI progress bar with a latent preview (ComfyUI's previewer for
     the SDXL or SD latent space), then raise if the user pressed Cancel."""
     import comfy.latent_formats
@@ -71,8 +72,8 @@ def step_callback(total: int, vae_family: str, device: torch.device) -> Callable
     fmt = comfy.latent_formats.SDXL() if vae_family == "sdxl" else comfy.latent_formats.SD15()
     previewer = latent_preview.get_previewer(device, fmt)
 
-    def on_step(step: int, steps: int, x0: torch.Tensor) -> None:
-        preview = previewer.decode_latent_to_preview_image("JPEG", x0) if previewer is not None else None
+    def on_step(step: int, steps: int, x0: Callable[[], torch.Tensor]) -> None:
+        preview = previewer.decode_latent_to_preview_image("JPEG", x0()) if previewer is not None else None
         bar.update_absolute(step, steps, preview)
         mm.throw_exception_if_processing_interrupted()
 

@@ -186,14 +186,15 @@ def sample(
     generator: torch.Generator | None = None,
     init_latents: torch.Tensor | None = None,
     denoise: float = 1.0,
-    on_step: Callable[[int, int, torch.Tensor], None] | None = None,
+    on_step: Callable[[int, int, Callable[[], torch.Tensor]], None] | None = None,
 ) -> torch.Tensor:
     """Denoise `noise` [B,4,h,w] with a PixArtTransformer2DModel; returns scaled (model-space) latents.
 
     Runs the same computation as diffusers' PixArtSigmaPipeline/PixArtAlphaPipeline loop: one CFG-batched
     forward per step ([negative, positive]), the first half of the output channels as epsilon.
     `init_latents` (scaled) with `denoise` < 1 starts part-way, as diffusers' img2img strength does.
-    `on_step(step, total, x0)` gets the current estimate of the clean (scaled) latents, for previews.
+    `on_step(step, total, x0)` gets a function returning the current estimate of the clean (scaled) latents, for
+    previews: computed only when called (it reads the timestep on the host, a device sync on GPUs).
     """
     want = model.config.caption_channels
     for label, c in (("positive", positive), ("negative", negative)):
@@ -267,7 +268,8 @@ def sample(
         if learned_sigma:
             out = out.chunk(2, dim=1)[0]
         if on_step is not None:
-            on_step(i + 1, len(timesteps), _x0(scheduler, x.chunk(2)[0] if do_cfg else x, out, t))
+            on_step(i + 1, len(timesteps),
+                    lambda: _x0(scheduler, x.chunk(2)[0] if do_cfg else x, out, t))  # noqa: B023 (called at once)
         latents = scheduler.step(out, t, latents, **step_kwargs, return_dict=False)[0]
         if sync_free:
             first_bad = torch.where((first_bad == 0) & ~torch.isfinite(latents).all(), i + 1, first_bad)
