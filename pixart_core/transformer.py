@@ -189,9 +189,10 @@ def load_dit(path: str | os.PathLike, variant_choice: str, dtype: torch.dtype):
     else:
         sd = files.read_state_dict(path)
         name = path.name
-        hint = " ".join(str(v) for v in files.read_safetensors_metadata(path).values() if len(str(v)) < 200)
-        if variant_from_name(name) is None and variant_from_name(hint) is not None:
-            name = f"{name} ({hint})"  # the file's metadata names the variant when its file name does not
+        if variant_from_name(name) is None:  # the file's metadata may name the variant when its name does not
+            hint = " ".join(str(v) for v in files.read_safetensors_metadata(path).values() if len(str(v)) < 200)
+            if variant_from_name(hint) is not None:
+                name = f"{name} ({hint})"
     if is_original_layout(sd):
         sd = convert_original(sd, name)
     sd = files.strip_prefix(sd, _ANCHOR)
