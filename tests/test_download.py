@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import io
 import os
 import re
 import subprocess
@@ -184,8 +185,11 @@ def test_server_ignoring_range_restarts_cleanly(hub, tmp_path):
     part.parent.mkdir(parents=True)
     part.write_bytes(data[:123_456])
     hub.honour_range = False
-    download_models.download([entry], tmp_path, endpoint=hub.url, stream=open(os.devnull, "w"))
+    messages = io.StringIO()
+    download_models.download([entry], tmp_path, endpoint=hub.url, stream=messages)
     assert (tmp_path / "vae" / "sdxl_vae.safetensors").read_bytes() == data
+    assert ("/cdn/stabilityai/sdxl-vae/sdxl_vae.safetensors", "bytes=123456-") in hub.requests  # it asked to resume
+    assert "does not resume; starting again" in messages.getvalue()
 
 
 def test_complete_part_file_is_finished_without_refetching(hub, tmp_path):
@@ -196,6 +200,8 @@ def test_complete_part_file_is_finished_without_refetching(hub, tmp_path):
     part.write_bytes(data)
     download_models.download([entry], tmp_path, endpoint=hub.url, stream=open(os.devnull, "w"))
     assert (tmp_path / "vae" / "sdxl_vae.safetensors").read_bytes() == data
+    # one ranged request past the end (answered 416), no second download of the bytes
+    assert [r for p, r in hub.requests if p.startswith("/cdn/")] == [f"bytes={len(data)}-"], hub.requests
 
 
 def test_corrupt_download_fails_sha256_and_is_removed(hub, tmp_path):

@@ -71,7 +71,7 @@ def test_comfyui_manager_install_then_comfyui_lists_the_nodes(snapshot, tmp_path
     with comfy_server.serve(comfy, comfy) as url:
         info = requests.get(url + "/object_info", timeout=60).json()
     log = next(comfy.glob("server-*.log")).read_text()
-    assert not re.search(r"IMPORT FAILED.*" + PACK_DIR, log) and "Cannot import" + str(installed) not in log, log[-4000:]
+    assert not re.search(r"IMPORT FAILED.*" + PACK_DIR, log) and f"Cannot import {installed}" not in log, log[-4000:]
     assert re.search(r"\d+\.\d+ seconds: .*custom_nodes/" + PACK_DIR + r"\s*$", log, re.M), log[-3000:]
     missing = [n for n in node_ids() if n not in info]
     assert len(node_ids()) >= 6 and not missing, missing
