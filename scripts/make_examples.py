@@ -31,7 +31,7 @@ BASE_LINKS = [(1, 0, 2, "t5"), (2, 0, 4, "positive"), (2, 1, 4, "negative"), (3,
               (5, 0, 6, "vae"), (6, 0, 7, "images")]
 
 
-def sigma(t5_quant: str, dit_name: str, variant: str, size: int, prefix: str, tiling: str = "auto") -> dict:
+def sigma(t5_quant: str, dit_name: str, variant: str, size: int, prefix: str) -> dict:
     return {
         "nodes": [
             (*T5, {"t5_name": "t5xxl_fp16.safetensors", "quantization": t5_quant}),
@@ -39,7 +39,7 @@ def sigma(t5_quant: str, dit_name: str, variant: str, size: int, prefix: str, ti
             (*DIT, {"dit_name": dit_name, "variant": variant}),
             (*SAMPLER, {"seed": 0, "steps": 20, "cfg": 4.5, "scheduler": "dpm++ 2m", "width": size, "height": size}),
             (*VAE, {"vae_name": "sdxl_vae.safetensors"}),
-            (*DECODE, {"tiling": tiling}),
+            (*DECODE, {"tiling": "auto"}),
             (*SAVE, {"filename_prefix": prefix}),
         ],
         "links": BASE_LINKS,
@@ -78,7 +78,7 @@ SPECS = {
     "pixart_sigma_1024_t5_8bit": sigma("8-bit (bitsandbytes)", "PixArt-Sigma-XL-2-1024-MS", "auto", 1024,
                                        "PixArt-Sigma"),
     "pixart_sigma_1024_lowvram_t5_nf4": sigma("4-bit nf4 (bitsandbytes)", "PixArt-Sigma-XL-2-1024-MS", "auto", 1024,
-                                              "PixArt-Sigma-lowvram", tiling="auto"),
+                                              "PixArt-Sigma-lowvram"),
     "pixart_sigma_2k": sigma("8-bit (bitsandbytes)", "PixArt-Sigma-XL-2-2K-MS.pth", "sigma-2k", 2048,
                              "PixArt-Sigma-2K"),
     "pixart_sigma_img2img": img2img(),
@@ -92,10 +92,10 @@ def build(name: str, spec: dict, info: dict) -> dict:
     out_links: dict[tuple[int, int], list[int]] = {}
     in_links: dict[tuple[int, str], int] = {}
     types = {n[0]: n[1] for n in spec["nodes"]}
-    for i, (src, slot, dst, name) in enumerate(spec["links"], 1):
+    for i, (src, slot, dst, inp) in enumerate(spec["links"], 1):
         out_type = info[types[src]]["output"][slot]
         out_links.setdefault((src, slot), []).append(i)
-        in_links[(dst, name)] = i
+        in_links[(dst, inp)] = i
         link_rows.append([i, src, slot, dst, None, out_type])  # the target slot is filled in below
     nodes = []
     for order, (nid, ntype, pos, size, values) in enumerate(spec["nodes"]):
@@ -104,23 +104,23 @@ def build(name: str, spec: dict, info: dict) -> dict:
         optional = set(node_info["input"].get("optional", {}))
         order_names = node_info["input_order"].get("required", []) + node_info["input_order"].get("optional", [])
         inputs, widgets = [], []
-        for name in order_names:
-            s = specs[name]
+        for inp in order_names:
+            s = specs[inp]
             if run_workflow._is_widget(s):
                 opts = s[1] if len(s) > 1 else {}
                 choices = run_workflow.combo_options(s)
-                value = values.get(name, opts.get("default", choices[0] if choices else None))
+                value = values.get(inp, opts.get("default", choices[0] if choices else None))
                 widgets.append(value)
-                if opts.get("control_after_generate") or name in ("seed", "noise_seed"):
+                if opts.get("control_after_generate") or inp in ("seed", "noise_seed"):
                     widgets.append("fixed")
                 if opts.get("image_upload"):
                     widgets.append("image")
             else:
-                link = in_links.get((nid, name))
-                if link is None and name not in optional:
-                    raise ValueError(f"{ntype} #{nid}: required input {name!r} is not connected")
-                entry = {"name": name, "type": s[0], "link": link}
-                if name in optional:
+                link = in_links.get((nid, inp))
+                if link is None and inp not in optional:
+                    raise ValueError(f"{ntype} #{nid}: required input {inp!r} is not connected")
+                entry = {"name": inp, "type": s[0], "link": link}
+                if inp in optional:
                     entry["shape"] = 7
                 if link is not None:
                     link_rows[link - 1][4] = len(inputs)
