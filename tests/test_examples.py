@@ -60,6 +60,11 @@ def run(*args) -> subprocess.CompletedProcess:
     return subprocess.run([str(REPO / "scripts" / "run"), *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
+def test_examples_have_distinct_ids():
+    ids = [load(name)["id"] for name in EXAMPLES]
+    assert len(set(ids)) == len(ids), ids
+
+
 def test_examples_are_listed_as_templates(server):
     templates = requests.get(server + "/workflow_templates", timeout=30).json()
     assert sorted(templates.get(run_workflow.PACK, [])) == EXAMPLES
