@@ -19,8 +19,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import download_models  # noqa: E402
 import run_workflow  # noqa: E402
 
-REPO = run_workflow.REPO
-PACK = run_workflow.PACK
 KIND_BY_FOLDER = {"text_encoders": "t5", "checkpoints": "dit", "diffusion_models": "dit", "vae": "vae"}
 COMFY_VAES = {"sdxl_vae.safetensors"}  # loaded by ComfyUI's own VAELoader in the img2img example
 
@@ -30,9 +28,7 @@ def example_base(base: Path, comfy_path: Path) -> Path:
     base = Path(base)
     for d in ("custom_nodes", "output", "input", "temp", "user"):
         (base / d).mkdir(parents=True, exist_ok=True)
-    link = base / "custom_nodes" / PACK
-    if not link.exists():
-        link.symlink_to(REPO, target_is_directory=True)
+    run_workflow.link_pack(base / "custom_nodes")
     models = base / "models"
     if not models.exists():  # the tiny models are built once, into the runner's tiny-model cache
         cache = run_workflow.TINY_DIR / "official-names"

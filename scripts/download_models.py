@@ -76,17 +76,12 @@ def file_url(endpoint: str, repo: str, path: str) -> str:
     return f"{endpoint.rstrip('/')}/{repo}/resolve/main/{path}"
 
 
-def destinations(entries, models_dir: Path) -> list[tuple[str, Path]]:
-    """(hub URL path, local file) for every file of these entries."""
-    return [(f"{e.repo}/resolve/main/{hub}", Path(models_dir) / local) for e in entries for hub, local in e.files]
-
-
 def _size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+            break
         n /= 1000
-    return f"{n:.2f} GB"
+    return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
 
 
 class _Progress:

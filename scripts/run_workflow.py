@@ -175,6 +175,16 @@ def missing_models(prompt: dict, object_info: dict) -> list[tuple[str, str, str,
     return out
 
 
+def link_pack(custom_nodes: Path) -> None:
+    """custom_nodes/<pack> -> this checkout (re-pointed if it names another or a moved one)."""
+    link = custom_nodes / PACK
+    if link.is_symlink() and link.resolve() == REPO.resolve():
+        return
+    if link.is_symlink():
+        link.unlink()
+    link.symlink_to(REPO, target_is_directory=True)
+
+
 def tiny_name(value: str, comfy_vae: bool = False) -> str:
     """The tiny stand-in for a model name: the name (so a diffusers folder or a .pth keeps its layout and the
     variant hints in it), marked as tiny; a VAE that ComfyUI's own VAELoader loads is a separate, full-size one."""
@@ -341,9 +351,7 @@ def _init_comfy(opts: argparse.Namespace, comfy_path: Path):
     work = REPO / ".cache" / "run"
     custom = work / "custom_nodes"
     custom.mkdir(parents=True, exist_ok=True)
-    link = custom / PACK
-    if not link.exists():
-        link.symlink_to(REPO, target_is_directory=True)
+    link_pack(custom)
     folder_paths.folder_names_and_paths["custom_nodes"] = ([str(custom)], set())
     if opts.models_dir:
         models = Path(opts.models_dir).absolute()
@@ -392,7 +400,7 @@ def object_info(nodes, class_types) -> dict:
     return {c: node_info(nodes, c) for c in class_types if c in nodes.NODE_CLASS_MAPPINGS}
 
 
-def provide_tiny_models(prompt: dict, missing, comfy_path: Path) -> list[str]:
+def provide_tiny_models(prompt: dict, missing) -> list[str]:
     """Write (or reuse) a tiny random model for each missing name, register the tiny folder with ComfyUI, and
     point the workflow at the tiny names. Returns the names that were replaced."""
     import folder_paths
@@ -440,9 +448,10 @@ def run_in_process(workflow: dict, opts: argparse.Namespace, output: Path | None
     if is_api_format(workflow):
         prompt = copy.deepcopy(workflow)
         ui_workflow = None
+        info = object_info(nodes, {n["class_type"] for n in prompt.values()})
     else:
-        types = {n["type"] for n in workflow["nodes"]} - VIRTUAL_NODES
-        prompt = ui_to_api(workflow, object_info(nodes, types))
+        info = object_info(nodes, {n["type"] for n in workflow["nodes"]} - VIRTUAL_NODES)
+        prompt = ui_to_api(workflow, info)
         ui_workflow = workflow
     unknown = sorted({n["class_type"] for n in prompt.values()} - set(nodes.NODE_CLASS_MAPPINGS))
     if unknown:
@@ -451,8 +460,7 @@ def run_in_process(workflow: dict, opts: argparse.Namespace, output: Path | None
     if opts.image:
         set_input_image(prompt, Path(opts.image), lambda p: _copy_to_input(p, folder_paths.get_input_directory()))
 
-    info = object_info(nodes, {n["class_type"] for n in prompt.values()})
-    missing = [m for m in missing_models(prompt, info)] if not opts.tiny else model_references(prompt)
+    missing = missing_models(prompt, info) if not opts.tiny else model_references(prompt)
     tiny = []
     if missing and opts.download and not opts.tiny:
         fetch_for_workflow(prompt, opts, Path(folder_paths.models_dir))
@@ -464,7 +472,7 @@ def run_in_process(workflow: dict, opts: argparse.Namespace, output: Path | None
             raise RunError(f"model files not found in {folder_paths.models_dir}: {names}. "
                            "Fetch them with ./scripts/download (or --download), or drop --no-tiny to smoke-test "
                            "with tiny random models")
-        tiny = provide_tiny_models(prompt, missing, Path(opts.comfyui))
+        tiny = provide_tiny_models(prompt, missing)
         banner([f"Model files not found in {folder_paths.models_dir}:" if not opts.tiny else "--tiny given:",
                 *(f"  {n}" for n in tiny),
                 "Using TINY RANDOM models in their place (" + str(TINY_DIR) + ").",
@@ -611,18 +619,18 @@ def run_on_server(workflow: dict, opts: argparse.Namespace, output: Path | None)
     if status.get("status_str") == "error" or not status.get("completed"):
         err = next((m[1] for m in status.get("messages", []) if m[0] in ("execution_error", "execution_interrupted")), {})
         raise RunError(execution_message(err))
-    images = []
-    for out in hist[pid].get("outputs", {}).values():
-        for img in out.get("images", []):
-            r = requests.get(url + "/view", params={"filename": img["filename"], "subfolder": img.get("subfolder", ""),
-                                                    "type": img.get("type", "output")}, timeout=60)
-            r.raise_for_status()
-            images.append((r.content, img["filename"]))
-    if not output:
-        for img in (i for out in hist[pid].get("outputs", {}).values() for i in out.get("images", [])):
+    produced = [img for out in hist[pid].get("outputs", {}).values() for img in out.get("images", [])]
+    if not output:  # the images stay on the server: say where
+        for img in produced:
             print(f"on the server: {img.get('type', 'output')}/{img.get('subfolder', '')}/{img['filename']}".replace("//", "/"),
                   file=sys.stderr)
         return []
+    images = []
+    for img in produced:
+        r = requests.get(url + "/view", params={"filename": img["filename"], "subfolder": img.get("subfolder", ""),
+                                                "type": img.get("type", "output")}, timeout=60)
+        r.raise_for_status()
+        images.append((r.content, img["filename"]))
     return finish(images, output, [])
 
 

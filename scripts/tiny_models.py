@@ -5,6 +5,7 @@ the model files a workflow names are missing. Never imports ComfyUI or the pack.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -154,7 +155,8 @@ def write_models(models: Path, comfy_path: Path) -> dict[str, object]:
 
 
 KINDS = ("t5", "dit", "vae")
-FILE_SUFFIXES = (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin")
+PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+FILE_SUFFIXES = (".safetensors", ".sft", *PICKLE_SUFFIXES)
 
 
 def _is_alpha_1024(name: str) -> bool:
@@ -179,8 +181,9 @@ def write_tiny(kind: str, dest: Path, comfy_path: Path, comfy_vae: bool = False)
         raise ValueError(f"unknown tiny model kind {kind!r} (one of {KINDS})")
     dest = Path(dest)
     suffix = dest.suffix.lower() if dest.suffix.lower() in FILE_SUFFIXES else ""
+    pickled = suffix in PICKLE_SUFFIXES  # read back with torch.load (by ComfyUI and by the pack)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".tmp")
+    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if kind == "t5":
         t5 = make_t5()
@@ -193,15 +196,21 @@ def write_tiny(kind: str, dest: Path, comfy_path: Path, comfy_vae: bool = False)
         dit = make_dit(micro=_is_alpha_1024(dest.name))
         if not suffix:
             dit.save_pretrained(tmp / "transformer")
-        elif suffix in (".pth", ".pt", ".ckpt"):
+        elif suffix in (".pth", ".pt", ".ckpt"):  # the original release's format
             torch.save(dit_to_original(dit.state_dict()), str(tmp))
+        elif pickled:  # .bin: diffusers keys, as diffusion_pytorch_model.bin
+            torch.save(dit.state_dict(), str(tmp))
         else:
             save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, str(tmp))
     else:
         vae = make_vae(comfy_compatible=comfy_vae)
         vae.register_to_config(scaling_factor=_vae_scaling(dest.name))
         if suffix:
-            save_file(vae_to_ldm({k: v.half() for k, v in vae.state_dict().items()}), str(tmp))
+            ldm = vae_to_ldm({k: v.half() for k, v in vae.state_dict().items()})
+            if pickled:
+                torch.save(ldm, str(tmp))
+            else:
+                save_file(ldm, str(tmp))
         else:
             vae.save_pretrained(tmp / "vae")
     if dest.is_dir():
