@@ -189,10 +189,6 @@ def _link_pack(base: Path) -> None:
         link.symlink_to(REPO, target_is_directory=True)
 
 
-def file_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
-
-
 # ---------------------------------------------------------------- in-worker measurement
 
 
@@ -514,10 +510,6 @@ def loadavg() -> float:
     return os.getloadavg()[0]
 
 
-def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    t = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t, out
 
 
 if __name__ == "__main__" and len(sys.argv) >= 2 and sys.argv[1] == "--build":

@@ -14,7 +14,7 @@ FLOPs, makes one warm-up image (this is where torch.compile compiles), then time
   torch's FlopCounterMode over one CFG-batched forward of our sampler (real caption tokens), times the steps; the
   same count is used for diffusers, which also computes on 300 padded caption tokens (its own count is printed too).
 
-    bash bench/gpu.sh                                # bf16, fp16, bf16 + torch.compile: ~4-5 min on an H100
+    bash bench/gpu.sh                                # bf16, fp16, bf16 + torch.compile (sized for < 5 min on an H100; not yet run)
     bash bench/gpu.sh --configs bf16-compile,fp16-compile --images 5
     .venv/bin/python bench/gpu.py --cpu-smoke        # check the script on the CPU with tiny models (no GPU numbers)
 
@@ -23,6 +23,7 @@ Writes bench/out/gpu_p4.json and prints a table.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import subprocess
@@ -46,11 +47,7 @@ PEAKS = [("H200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 98
          ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0),
          ("A10", 125.0)]
 
-DIT_CONFIG = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
-                  cross_attention_dim=1152, attention_bias=True, sample_size=128, patch_size=2,
-                  activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
-                  norm_elementwise_affine=False, norm_eps=1e-6, interpolation_scale=2.0,
-                  use_additional_conditions=False, caption_channels=4096)
+DIT_CONFIG = {**common.dit_config(28), "sample_size": 128, "interpolation_scale": 2.0}  # the 1024-MS family
 
 
 def prepare(base: Path, smoke: bool) -> None:
@@ -71,16 +68,14 @@ def prepare(base: Path, smoke: bool) -> None:
         dit, t5, vae = tiny_models.make_dit(), tiny_models.make_t5(), tiny_models.make_vae()
         config = tiny_models.dit_config()
     else:
-        from diffusers import AutoencoderKL, PixArtTransformer2DModel
+        from diffusers import PixArtTransformer2DModel
 
         torch.manual_seed(0)
         dit = PixArtTransformer2DModel(**DIT_CONFIG).eval()
         with torch.no_grad():
             for p in dit.parameters():
                 p.mul_(common.DIT_SCALE)  # keeps 28 random blocks' outputs finite in fp16
-        t5 = common.make_t5(2)
-        torch.manual_seed(2)
-        vae = AutoencoderKL(**common.SDXL_VAE).eval()
+        t5, vae = common.make_t5(2), common.make_vae()
         config = DIT_CONFIG
     save_file({k: v.half().contiguous() for k, v in dit.state_dict().items()}, str(models / "diffusion_models" / DIT))
     (models / "diffusion_models" / "dit_config.json").write_text(json.dumps(config))
@@ -212,6 +207,7 @@ def worker_diffusers(a) -> dict:
     with torch.no_grad():
         pe, pm, ne, nm = pipe.encode_prompt(common.PROMPT, negative_prompt="", device=device, clean_caption=False)
     del pipe, text_encoder
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     config = json.loads((models / "diffusion_models" / "dit_config.json").read_text())

@@ -126,7 +126,8 @@ pipe = PixArtSigmaPipeline(tokenizer=None, text_encoder=None, transformer=dit, v
 g = torch.Generator("cpu").manual_seed(0)
 latents = pipe(negative_prompt=None, prompt_embeds=pe.to(torch.bfloat16), prompt_attention_mask=pm,
                negative_prompt_embeds=ne.to(torch.bfloat16), negative_prompt_attention_mask=nm, num_inference_steps={steps},
-               guidance_scale=4.5, height={size}, width={size}, generator=g, output_type="latent").images
+               guidance_scale=4.5, height={size}, width={size}, generator=g, output_type="latent",
+               use_resolution_binning=False).images
 del pipe, dit; gc.collect(); torch.cuda.empty_cache()
 vae = AutoencoderKL(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
     up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2, latent_channels=4, sample_size=1024, scaling_factor=0.13025)

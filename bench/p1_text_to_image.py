@@ -214,7 +214,7 @@ def summarize(runs: list[dict], size: int, steps: int) -> dict:
         out["systems"][s] = d
     ratios = {}
     for peer in ("diffusers", "comfy"):
-        pairs = [(o, p) for o, p in zip(by["ours"], by[peer])]
+        pairs = list(zip(by.get("ours", []), by.get(peer, [])))
         if pairs:
             ratios[f"time ours/{peer}"] = common.stats([o["total_s"] / p["total_s"] for o, p in pairs])
             ratios[f"CPU time ours/{peer}"] = common.stats([o["total_cpu_s"] / p["total_cpu_s"] for o, p in pairs])
@@ -222,6 +222,8 @@ def summarize(runs: list[dict], size: int, steps: int) -> dict:
             ratios[f"DiT time ours/{peer}"] = common.stats(
                 [o["seconds"]["dit_forward"] / p["seconds"]["dit_forward"] for o, p in pairs])
     out["paired_ratios"] = ratios
+    if "ours" not in out["systems"]:
+        return out  # the goals are about ours
     if "diffusers" in out["systems"] and "comfy" in out["systems"]:
         fast = min(("diffusers", "comfy"), key=lambda s: out["systems"][s]["total_s"]["median"])
         ours_t = out["systems"]["ours"]["total_s"]["median"]
