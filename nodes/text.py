@@ -34,7 +34,7 @@ class T5Loader(io.ComfyNode):
                                tooltip="A T5-v1.1-XXL single file in models/text_encoders (e.g. t5xxl_fp16.safetensors) "
                                        "or a diffusers/transformers folder in models/diffusers."),
                 io.Combo.Input("quantization", options=list(core_t5.QUANTIZATIONS), default=core_t5.QUANTIZATIONS[0],
-                               tooltip="bitsandbytes 8-bit (~4.9 GB) or 4-bit nf4 (~2.9 GB) instead of ~9.5 GB in bf16."),
+                               tooltip="bitsandbytes 8-bit (T5-XXL: 5.5 GiB) or 4-bit nf4 (4.0 GiB) instead of 8.9 GiB in bf16."),
                 io.Combo.Input("dtype", options=list(core_t5.DTYPES), default="auto",
                                tooltip="Compute dtype. Never fp16: T5-XXL overflows in fp16. auto = bf16 on GPUs, fp32 on CPU."),
             ],
