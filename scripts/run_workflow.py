@@ -416,7 +416,7 @@ def provide_tiny_models(prompt: dict, missing) -> list[str]:
         folder = folders[kind][0 if is_file else 1]
         comfy_vae = kind == "vae" and value in comfy_vae_names
         dest = TINY_DIR / folder / tiny_name(value, comfy_vae)
-        if not dest.exists():  # write_tiny is atomic: what exists is whole
+        if not tiny_models.has_tiny(kind, dest):  # write_tiny is atomic: what exists is whole
             log.info("building a tiny random %s for %s: %s", kind, value, dest)
             tiny_models.write_tiny(kind, dest, Path(folder_paths.__file__).parent, comfy_vae=comfy_vae)
         prompt[nid]["inputs"][name] = dest.name

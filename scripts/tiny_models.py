@@ -213,7 +213,20 @@ def write_tiny(kind: str, dest: Path, comfy_path: Path, comfy_vae: bool = False)
                 save_file(ldm, str(tmp))
         else:
             vae.save_pretrained(tmp / "vae")
-    if dest.is_dir():
-        shutil.rmtree(dest)
+    if not suffix and dest.is_dir():  # a pipeline folder another kind wrote first: add this kind's parts
+        for part in tmp.iterdir():
+            shutil.rmtree(dest / part.name, ignore_errors=True)
+            part.replace(dest / part.name)
+        tmp.rmdir()
+        return dest
     tmp.replace(dest)  # atomic: a half-written model is never picked up
     return dest
+
+
+COMPONENTS = {"t5": "text_encoder", "dit": "transformer", "vae": "vae"}  # a diffusers pipeline folder's parts
+
+
+def has_tiny(kind: str, dest: Path) -> bool:
+    """Whether `dest` already holds a tiny `kind` (for a pipeline folder: that kind's part)."""
+    dest = Path(dest)
+    return (dest / COMPONENTS[kind]).is_dir() if dest.suffix.lower() not in FILE_SUFFIXES else dest.exists()

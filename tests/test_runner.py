@@ -162,3 +162,17 @@ def test_converter_and_overrides_name_the_problem():
     opts = run_workflow.parse_args(["x.json", "--prompt", "hello"])
     with pytest.raises(run_workflow.RunError, match="--prompt: no node in this workflow has a 'positive' value"):
         run_workflow.apply_overrides(prompt, opts)
+
+
+def test_tiny_pipeline_folder_named_by_several_loaders(tmp_path):
+    """A diffusers pipeline folder that the T5, DiT and VAE loaders all name gets every part, whichever comes
+    first (a stand-in written for one kind must not hide the others)."""
+    import tiny_models
+
+    dest = tmp_path / "diffusers" / "tiny-pixart_sigma_sdxlvae_T5_diffusers"
+    for kind in ("t5", "vae", "dit"):
+        assert not tiny_models.has_tiny(kind, dest)
+        tiny_models.write_tiny(kind, dest, COMFY)
+        assert tiny_models.has_tiny(kind, dest)
+    assert {p.name for p in dest.iterdir()} == {"text_encoder", "tokenizer", "vae", "transformer"}
+    assert not list(dest.parent.glob("*.tmp"))
