@@ -24,6 +24,17 @@ if not (COMFY / "main.py").is_file():
 sys.path.insert(0, str(COMFY))
 sys.path.append(str(REPO))  # `import pixart_core` for the pure tests
 sys.path.append(str(Path(__file__).parent))  # `import tiny`
+sys.path.append(str(REPO / "scripts"))  # the runner, downloader, server launcher, tiny-model builder
+
+EXAMPLES = sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
+
+
+def run_script(*args, timeout: float = 600, env: dict | None = None):
+    """./scripts/run with these arguments, as a user runs it (output captured)."""
+    import subprocess
+
+    return subprocess.run([str(REPO / "scripts" / "run"), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="session")
@@ -152,7 +163,6 @@ def queue_prompt(url: str, prompt: dict, timeout: float = 300) -> dict:
 
 @pytest.fixture(scope="session")
 def comfy_server(comfy_base):
-    sys.path.append(str(REPO / "scripts"))
     import comfy_server as server_script
 
     with server_script.serve_process(COMFY, comfy_base) as (url, proc, log):

@@ -16,7 +16,6 @@ import pytest
 
 from conftest import REPO
 
-sys.path.append(str(REPO / "scripts"))
 import download_models  # noqa: E402
 
 
@@ -229,7 +228,6 @@ def test_missing_file_and_unknown_name_fail_clearly(hub, tmp_path):
 def test_runner_download_then_run(hub, tmp_path):
     """scripts/run --download: fetches what the workflow names from the (stand-in) hub into --models-dir, then runs
     on those files with no tiny stand-ins. The files served are tiny models in the official layouts."""
-    sys.path.append(str(REPO / "scripts"))
     import tiny_models
     from conftest import COMFY
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +13,12 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import COMFY, REPO, queue_prompt
+from conftest import COMFY, EXAMPLES, REPO, queue_prompt, run_script
 
-sys.path.append(str(REPO / "scripts"))
 import comfy_server  # noqa: E402
 import frontend  # noqa: E402
 import run_workflow  # noqa: E402
 
-EXAMPLES = sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
 ARTIFACTS = REPO / ".cache" / "test-artifacts" / "frontend"
 
 
@@ -56,8 +52,7 @@ def shrink(prompt: dict) -> dict:
     return prompt
 
 
-def run(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([str(REPO / "scripts" / "run"), *map(str, args)], capture_output=True, text=True, timeout=300)
+run = run_script
 
 
 def test_examples_have_distinct_ids():

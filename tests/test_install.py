@@ -19,7 +19,6 @@ from packaging.requirements import Requirement
 
 from conftest import COMFY, REPO
 
-sys.path.append(str(REPO / "scripts"))
 import comfy_server  # noqa: E402
 
 PACK_DIR = "pixart-sigma-nodes"

@@ -4,26 +4,18 @@ UI->API converter on the frontend-only node kinds (Reroute, PrimitiveNode, Note,
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import COMFY, REPO
+from conftest import COMFY, EXAMPLES, REPO, run_script
 
-sys.path.append(str(REPO / "scripts"))
 import comfy_server  # noqa: E402
 import run_workflow  # noqa: E402
 
-EXAMPLES = sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
-RUN = str(REPO / "scripts" / "run")
-
-
-def run(*args, timeout=600, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([RUN, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+run = run_script
 
 
 @pytest.fixture(scope="module")
