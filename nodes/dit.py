@@ -111,9 +111,14 @@ class Sampler(io.ComfyNode):
         elif denoise < 1.0:
             raise ValueError("PixArt sampler: denoise below 1.0 needs an input latent (connect 'latent' for img2img).")
         check_size(width, height)
+        limit = dit.variant.max_tokens
+        fitted = [sampling.for_limit(c, limit) for c in (positive, negative)]
+        if any(f is not c for f, c in zip(fitted, (positive, negative))):
+            log.info("PixArt sampler: %s reads %d T5 tokens; using the prompt encoded at that limit.", dit.variant.name, limit)
+        positive, negative = fitted
         longest = max(positive.mask.shape[1], negative.mask.shape[1])
         if longest > dit.variant.max_tokens:
-            log.warning("PixArt sampler: %s was trained with %d T5 tokens but gets %d; set max_tokens to %d in "
+            log.warning("PixArt sampler: %s was trained with %d T5 tokens but gets %d; set max_tokens to %d (or 0, from the DiT) in "
                         "Text Encode.", dit.variant.name, dit.variant.max_tokens, longest, dit.variant.max_tokens)
         if denoise <= 0.0:
             raise ValueError("PixArt sampler: denoise 0 runs no step; use a value in (0, 1].")

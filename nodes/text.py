@@ -7,6 +7,7 @@ from pathlib import Path
 import comfy.model_management
 from comfy_api.v0_0_2 import io
 
+from ..pixart_core import captions
 from ..pixart_core import t5 as core_t5
 from ..pixart_core.cache import LRUCache
 from ..pixart_core.sampling import Conditioning
@@ -62,33 +63,50 @@ class TextEncode(io.ComfyNode):
             node_id="PixArtSigmaTextEncode",
             display_name="PixArt-Σ Text Encode",
             category=f"{CATEGORY}/conditioning",
-            description="Encodes a positive and a negative prompt with T5 (padded to the token limit, with attention mask).",
+            description="Encodes a positive and a negative prompt with T5 (cleaned as caption_cleaning says, cut to the token limit, with attention mask).",
             inputs=[
                 T5.Input("t5", tooltip="The T5 encoder from PixArt-Σ T5 Loader."),
                 io.String.Input("positive", multiline=True, default="",
-                                tooltip="What the image should show. Lowercased and stripped, as the reference does."),
+                                tooltip="What the image should show. Cleaned as caption_cleaning says before T5 reads it."),
                 io.String.Input("negative", multiline=True, default="",
                                 tooltip="What to steer away from. Empty = the padded empty string, as the reference uses."),
-                io.Int.Input("max_tokens", default=300, min=1, max=1024,
-                             tooltip="T5 token limit: 300 for PixArt-Σ, 120 for PixArt-α. Longer prompts are cut with a warning."),
+                io.Int.Input("max_tokens", default=core_t5.AUTO_TOKENS, min=0, max=1024,
+                             tooltip="T5 token limit. 0 = from the DiT: 300 for PixArt-Σ, 120 for PixArt-α (the sampler "
+                                     "picks it). Longer prompts are cut with a warning."),
+                io.Combo.Input("caption_cleaning", options=list(captions.MODES), default=captions.DEFAULT_MODE,
+                               optional=True,
+                               tooltip="diffusers: diffusers' caption cleaning (drops URLs, HTML, @names, CJK, odd "
+                                       "punctuation; lowercases), as PixArtSigmaPipeline does by default. lowercase: "
+                                       "lowercase and strip only. none: strip only, as the original PixArt-Σ script."),
             ],
             outputs=[CondType.Output("POSITIVE", display_name="positive"),
                      CondType.Output("NEGATIVE", display_name="negative")],
         )
 
     @classmethod
-    def execute(cls, t5: T5Handle, positive: str, negative: str, max_tokens: int) -> io.NodeOutput:
-        keys = [(t5.identity, core_t5.preprocess(text), max_tokens) for text in (positive, negative)]
+    def execute(cls, t5: T5Handle, positive: str, negative: str, max_tokens: int,
+                caption_cleaning: str = captions.DEFAULT_MODE) -> io.NodeOutput:
+        limits = core_t5.token_limits(max_tokens)
+        keys = [core_t5.cache_key(t5.identity, text, caption_cleaning, max_tokens) for text in (positive, negative)]
         out = [EMBEDDINGS.get(k) for k in keys]
         if any(c is None for c in out):
             model = management.use(t5.patcher)
             device = next(model.parameters()).device
             loaded = core_t5.LoadedT5(model, t5.dtype, t5.quantization, t5.name)
+            keep = management.intermediate_device()
+
+            def encode(text: str, limit: int, warn: bool) -> Conditioning:
+                management.check_interrupt()
+                embeds, mask = core_t5.encode(loaded, t5.tokenizer, text, limit, device, cleaning=caption_cleaning,
+                                              warn=warn)
+                return Conditioning(embeds.to(keep), mask.to(keep))
+
             for i, (key, text) in enumerate(zip(keys, (positive, negative))):
                 if out[i] is None:
-                    management.check_interrupt()
-                    embeds, mask = core_t5.encode(loaded, t5.tokenizer, text, max_tokens, device)
-                    keep = management.intermediate_device()
-                    out[i] = Conditioning(embeds.to(keep), mask.to(keep))
-                    EMBEDDINGS.put(key, out[i])
+                    cond = encode(text, limits[0], True)
+                    for limit in limits[1:]:  # max_tokens 0: the shorter limits too, where the prompt is longer
+                        if cond.mask.shape[1] > limit:
+                            cond.at_limit[limit] = encode(text, limit, False)
+                    out[i] = cond
+                    EMBEDDINGS.put(key, cond)
         return io.NodeOutput(*out)

@@ -32,10 +32,10 @@ def _sa_solver():
 
 
 def _ddim():
-    """DDIM (Song et al. 2020), eta 0."""
+    """DDIM (Song et al. 2020), eta 0, on the release's linspace timesteps; x0 never clipped (latents, not pixels)."""
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(**_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=0)
+    return DDIMScheduler(**_SCHEDULE, clip_sample=False, timestep_spacing="linspace", steps_offset=0)
 
 
 def _euler():
@@ -60,10 +60,10 @@ def _unipc():
 
 
 def _ddpm():
-    """DDPM ancestral sampling (Ho et al. 2020)."""
+    """DDPM ancestral sampling (Ho et al. 2020) on evenly spread timesteps, as the original IDDPM respacing."""
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(**_SCHEDULE, clip_sample=False)
+    return DDPMScheduler(**_SCHEDULE, clip_sample=False, timestep_spacing="linspace", steps_offset=0)
 
 
 def _lcm():
@@ -109,6 +109,16 @@ class Conditioning:
 
     embeds: torch.Tensor  # [1, L, C]
     mask: torch.Tensor  # [1, L]
+    # The same prompt encoded at smaller token limits ({limit: Conditioning}), made when the limit was left to the
+    # DiT and the prompt is longer than a limit: the sampler picks what its model was trained with.
+    at_limit: dict[int, "Conditioning"] = dataclasses.field(default_factory=dict)
+
+
+def for_limit(c: Conditioning, limit: int) -> Conditioning:
+    """What a DiT trained with `limit` T5 tokens reads: the encoding made at that limit, when there is one."""
+    if c.mask.shape[1] > limit and limit in c.at_limit:
+        return c.at_limit[limit]
+    return c
 
 
 def _pad(c: Conditioning, length: int) -> Conditioning:

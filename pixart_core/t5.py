@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import dtypes, files
+from . import captions, dtypes, files
 from .meta import empty_weights
 
 log = logging.getLogger(__name__)
@@ -202,26 +202,47 @@ def load_tokenizer(candidates: list[Path]):
     )
 
 
-def preprocess(prompt: str) -> str:
-    """The reference's caption preprocessing without caption cleaning: lowercase and strip."""
-    return prompt.lower().strip()
+def preprocess(prompt: str, cleaning: str = captions.DEFAULT_MODE) -> str:
+    """The text T5 reads: the prompt after caption cleaning (captions.MODES)."""
+    return captions.preprocess(prompt, cleaning)
+
+
+AUTO_TOKENS = 0  # max_tokens 0: the limit comes from the DiT the conditioning reaches
+
+
+def token_limits(max_tokens: int) -> list[int]:
+    """The limits to encode at, longest first: every variant's limit for AUTO_TOKENS, else max_tokens alone."""
+    from .variants import PRESETS
+
+    if max_tokens == AUTO_TOKENS:
+        return sorted({v.max_tokens for v in PRESETS.values()}, reverse=True)
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens {max_tokens} must be 0 (from the DiT) or a token count of at least 1.")
+    return [max_tokens]
+
+
+def cache_key(identity: tuple, prompt: str, cleaning: str, max_tokens: int) -> tuple:
+    """What an encoding depends on: the T5 (file and load settings), the cleaned text, the cleaning, the limit."""
+    return (identity, preprocess(prompt, cleaning), cleaning, max_tokens)
 
 
 @torch.no_grad()
 def encode(
-    t5: LoadedT5, tokenizer, prompt: str, max_tokens: int, device: torch.device, pad: bool = False
+    t5: LoadedT5, tokenizer, prompt: str, max_tokens: int, device: torch.device, pad: bool = False,
+    cleaning: str = captions.DEFAULT_MODE, warn: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """T5 last hidden state [1, n, C] (float32) and attention mask [1, n] of a prompt, truncated to max_tokens.
 
     Without `pad`, n is the prompt's real token count (EOS included): padding to max_tokens, as diffusers does,
     changes nothing that the masked DiT reads (padded keys are masked out of every attention, and T5's real
     tokens never attend to pads), so it is skipped; `pad=True` gives diffusers' exact [1, max_tokens] tensors.
+    A prompt longer than max_tokens keeps its first max_tokens - 1 tokens and EOS, as diffusers' tokenizer call does.
     """
-    text = preprocess(prompt)
+    text = preprocess(prompt, cleaning)
     tok = tokenizer([text], padding="max_length" if pad else "do_not_pad", max_length=max_tokens, truncation=True,
                     add_special_tokens=True, return_tensors="pt")
     full = tokenizer([text], add_special_tokens=True, return_tensors="pt").input_ids
-    if full.shape[-1] > max_tokens:
+    if warn and full.shape[-1] > max_tokens:
         dropped = tokenizer.batch_decode(full[:, max_tokens - 1 : -1])[0]
         log.warning(
             "PixArt prompt is %d tokens; T5 takes %d, so this part was cut off: %r", full.shape[-1], max_tokens, dropped

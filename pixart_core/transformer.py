@@ -204,8 +204,9 @@ def load_dit(path: str | os.PathLike, variant_choice: str, dtype: torch.dtype):
         )
     variant, how = resolve_variant(variant_choice, name, list(sd), folder_config if variant_choice == "auto" else None)
     config = config_from_state_dict(sd, variant, name)
-    if folder_config is not None and variant_choice == "auto" and folder_config.get("interpolation_scale") is not None:
-        config["interpolation_scale"] = folder_config["interpolation_scale"]
+    if folder_config is not None and variant_choice == "auto":
+        # A folder's own value wins, as in diffusers; null (or absent) means diffusers' max(sample_size // 64, 1).
+        config["interpolation_scale"] = folder_config.get("interpolation_scale")
     with empty_weights():
         model = PixArtTransformer2DModel.from_config(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -33,7 +33,7 @@ PRESETS: dict[str, Variant] = {
         Variant("sigma-512", "sigma", 512, 64, 1.0, False, 300, "sdxl"),
         Variant("sigma-1024", "sigma", 1024, 128, 2.0, False, 300, "sdxl"),
         Variant("sigma-2k", "sigma", 2048, 256, 4.0, False, 300, "sdxl"),
-        Variant("alpha-256", "alpha", 256, 32, 0.5, False, 120, "sd"),
+        Variant("alpha-256", "alpha", 256, 32, 1.0, False, 120, "sd"),
         Variant("alpha-512", "alpha", 512, 64, 1.0, False, 120, "sd"),
         Variant("alpha-1024", "alpha", 1024, 128, 2.0, True, 120, "sd"),
     ]

@@ -35,7 +35,7 @@ def sigma(t5_quant: str, dit_name: str, variant: str, size: int, prefix: str) ->
     return {
         "nodes": [
             (*T5, {"t5_name": "t5xxl_fp16.safetensors", "quantization": t5_quant}),
-            (*ENC, {"positive": PROMPT, "negative": "", "max_tokens": 300}),
+            (*ENC, {"positive": PROMPT, "negative": "", "max_tokens": 0, "caption_cleaning": "diffusers"}),
             (*DIT, {"dit_name": dit_name, "variant": variant}),
             (*SAMPLER, {"seed": 0, "steps": 20, "cfg": 4.5, "scheduler": "dpm++ 2m", "width": size, "height": size}),
             (*VAE, {"vae_name": "sdxl_vae.safetensors"}),
@@ -67,8 +67,6 @@ def img2img() -> dict:
 def alpha512() -> dict:
     wf = sigma("8-bit (bitsandbytes)", "PixArt-XL-2-512x512.pth", "alpha-512", 512, "PixArt-alpha-512")
     for i, n in enumerate(wf["nodes"]):
-        if n[1] == "PixArtSigmaTextEncode":
-            wf["nodes"][i] = (*n[:4], {**n[4], "max_tokens": 120})
         if n[1] == "PixArtSigmaVAELoader":
             wf["nodes"][i] = (*n[:4], {"vae_name": "vae-ft-mse-840000-ema-pruned.safetensors"})
     return wf
