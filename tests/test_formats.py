@@ -6,11 +6,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import reference_settings as reference
 import tiny
 from pixart_core import files
 from pixart_core import t5 as ct5
 from pixart_core import transformer as cdit
-from pixart_core.variants import PRESETS
 
 RELEASE_NAMES = {
     "sigma-256": "PixArt-Sigma-XL-2-256x256", "sigma-512": "PixArt-Sigma-XL-2-512-MS",
@@ -59,16 +59,17 @@ def _forward(model, micro: bool, h: int = 8, w: int = 12):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("variant", list(RELEASE_NAMES))
 def test_every_variant_in_every_layout(tmp_path, variant, layout):
-    v = PRESETS[variant]
-    ref = tiny.make_dit(sample_size=v.sample_size, interpolation_scale=v.interpolation_scale, micro=v.micro_conditioning)
+    v = reference.VARIANTS[variant]  # the release's settings, not the pack's presets
+    ref = tiny.make_dit(sample_size=v["sample_size"], interpolation_scale=v["interpolation_scale"],
+                        micro=v["micro_conditioning"])
     path = _write(tmp_path, layout, RELEASE_NAMES[variant], ref)
     model, found, how = cdit.load_dit(path, "auto", torch.float32)
-    assert found == v, how
-    assert model.config.sample_size == v.sample_size
-    assert model.pos_embed.interpolation_scale == v.interpolation_scale
-    assert model.use_additional_conditions == v.micro_conditioning
-    assert (found.max_tokens, found.vae) == ((300, "sdxl") if variant.startswith("sigma") else (120, "sd"))
-    assert (_forward(model, v.micro_conditioning) - _forward(ref, v.micro_conditioning)).abs().max() <= 1e-6
+    assert found.name == variant, how
+    assert model.config.sample_size == v["sample_size"]
+    assert model.pos_embed.interpolation_scale == v["interpolation_scale"]
+    assert model.use_additional_conditions == v["micro_conditioning"]
+    assert (found.max_tokens, found.vae_scaling_factor) == (v["max_tokens"], v["vae_scaling_factor"])
+    assert (_forward(model, v["micro_conditioning"]) - _forward(ref, v["micro_conditioning"])).abs().max() <= 1e-6
 
 
 def test_manual_override_wins_over_the_name(tmp_path):

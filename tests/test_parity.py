@@ -1,4 +1,5 @@
-"""Our sampling loop against diffusers' PixArtSigmaPipeline: same weights, embeddings, noise and scheduler."""
+"""Our sampling loop against diffusers' PixArtSigmaPipeline: same weights, embeddings and noise; the pipeline's
+scheduler is built from the release's published settings (tests/reference_settings.py), never by the pack."""
 from __future__ import annotations
 
 import copy
@@ -6,6 +7,7 @@ import copy
 import pytest
 import torch
 
+import reference_settings as reference
 import tiny
 from pixart_core import sampling
 
@@ -24,7 +26,7 @@ def _pipeline(dit, vae, scheduler_name):
     from diffusers import PixArtSigmaPipeline
 
     return PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=dit,
-                               scheduler=sampling.make_scheduler(scheduler_name))
+                               scheduler=reference.scheduler(scheduler_name))
 
 
 @pytest.mark.parametrize("scheduler", [s for s in sampling.SCHEDULERS if s != sampling.DMD])
@@ -42,7 +44,6 @@ def test_latents_match_pixart_sigma_pipeline(setup, scheduler):
                height=SIZE, width=SIZE, output_type="latent", use_resolution_binning=False).images
     assert ours.shape == ref.shape == (batch, 4, SIZE // 8, SIZE // 8)
     assert (ours - ref).abs().max() <= 1e-4
-    assert ours.abs().mean() > 0.05  # a real trajectory, not zeros
 
 
 def test_cfg_one_runs_no_negative_pass_like_diffusers(setup):
@@ -76,7 +77,7 @@ def test_alpha_1024_micro_conditioning_matches_pixart_alpha_pipeline(setup):
     dit = tiny.make_dit(micro=True)  # alpha-1024-MS: resolution + aspect-ratio embedders
     noise, gen = sampling.initial_noise(9, 2, 4, 96, 64)  # non-square: height 96, width 64
     ours = sampling.sample(dit, pos, neg, noise, steps=STEPS, cfg=CFG, generator=gen)
-    ref = _alpha_pipeline(dit, vae, sampling.make_scheduler(sampling.DEFAULT_SCHEDULER))(
+    ref = _alpha_pipeline(dit, vae, reference.scheduler(sampling.DEFAULT_SCHEDULER))(
         prompt=None, negative_prompt=None, prompt_embeds=pos.embeds, prompt_attention_mask=pos.mask,
         negative_prompt_embeds=neg.embeds, negative_prompt_attention_mask=neg.mask, num_images_per_prompt=2,
         latents=noise.clone(), num_inference_steps=STEPS, guidance_scale=CFG, height=96, width=64,
@@ -101,9 +102,10 @@ def test_dmd_one_step_matches_the_dmd_release_sampling(setup):
     ours = sampling.sample(dit, pos, neg, noise, steps=25, cfg=1.0, scheduler_name=sampling.DMD, generator=gen,
                            on_step=lambda i, n, x0: calls.append((i, n)))
     _, ref_gen = sampling.initial_noise(21, 1, 4, SIZE, SIZE)
-    ref = _alpha_pipeline(dit, vae, sampling.make_scheduler(sampling.DMD))(
+    ref = _alpha_pipeline(dit, vae, reference.scheduler(sampling.DMD))(
         prompt=None, prompt_embeds=pos.embeds, prompt_attention_mask=pos.mask, latents=noise.clone(),
-        generator=ref_gen, timesteps=[400], num_inference_steps=1, guidance_scale=1.0, height=SIZE, width=SIZE,
+        generator=ref_gen, timesteps=reference.DMD_TIMESTEPS, num_inference_steps=1,
+        guidance_scale=reference.DMD_GUIDANCE, height=SIZE, width=SIZE,
         output_type="latent", use_resolution_binning=False).images
     assert calls == [(1, 1)]
     assert (ours - ref).abs().max() <= 1e-4
@@ -118,7 +120,7 @@ def test_img2img_schedule_follows_diffusers_strength(setup):
         ours = sampling.make_scheduler(sampling.DEFAULT_SCHEDULER)
         ours.set_timesteps(steps)
         ts, n = sampling.img2img_timesteps(ours, steps, denoise)
-        ref = sampling.make_scheduler(sampling.DEFAULT_SCHEDULER)
+        ref = reference.scheduler(sampling.DEFAULT_SCHEDULER)
         ref.set_timesteps(steps)
         want, want_n = StableDiffusionImg2ImgPipeline.get_timesteps(SimpleNamespace(scheduler=ref), steps, denoise, "cpu")
         assert torch.equal(ts, want) and n == want_n, (steps, denoise)
