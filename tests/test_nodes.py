@@ -65,10 +65,12 @@ def test_nodes_registered_with_tooltips_and_categories(comfy):
 def test_full_graph_makes_an_image_and_matches_diffusers(executor, comfy, comfy_base, tiny_models):
     from diffusers import PixArtSigmaPipeline
 
+    import reference_settings as reference
     from pixart_core import sampling
     from pixart_core import t5 as ct5
 
-    result = executor.run(graph(save_latent=True, batch=2))
+    prompt = "A Red Fox in the SNOW... see <b>https://example.com/fox</b> #fox"
+    result = executor.run(graph(save_latent=True, batch=2, positive=prompt))
     assert result["ok"], result["error"]
     images = _saved_images(result, comfy_base)
     assert len(images) == 2 and images[0].shape == (64, 64, 3) and images[0].std() > 1.0
@@ -76,7 +78,7 @@ def test_full_graph_makes_an_image_and_matches_diffusers(executor, comfy, comfy_
 
     latent_info = result["outputs"]["8"]["latents"][0]
     saved = load_file(str(comfy_base / "output" / latent_info["subfolder"] / latent_info["filename"]))
-    ours = saved["latent_tensor"] * 0.13025  # ComfyUI LATENTs are raw VAE latents; diffusers returns scaled ones
+    ours = saved["latent_tensor"] * reference.VAE_SCALING["sdxl"]  # ComfyUI LATENTs are raw; diffusers returns scaled
 
     # The reference: diffusers' pipeline, encoding the same prompt with the fp16-rounded T5 of the file.
     t5 = tiny.make_t5()
@@ -84,21 +86,65 @@ def test_full_graph_makes_an_image_and_matches_diffusers(executor, comfy, comfy_
     tokenizer = ct5.load_tokenizer([Path(comfy.__file__).parent / "comfy" / "text_encoders" / "t5_tokenizer"])
     noise, gen = sampling.initial_noise(7, 2, 4, 64, 64)
     pipe = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=t5, vae=tiny_models["vae"],
-                               transformer=tiny_models["dit"], scheduler=sampling.make_scheduler("dpm++ 2m"))
-    ref = pipe(prompt="a red fox in the snow", negative_prompt="", num_images_per_prompt=2, latents=noise,
+                               transformer=tiny_models["dit"], scheduler=reference.scheduler("dpm++ 2m"))
+    ref = pipe(prompt=prompt, negative_prompt="", num_images_per_prompt=2, latents=noise,
                generator=gen, num_inference_steps=3, guidance_scale=4.5, height=64, width=64, output_type="latent",
-               use_resolution_binning=False, clean_caption=False).images
+               use_resolution_binning=False, clean_caption=True).images  # diffusers' default: caption cleaning
     # The pipeline pads prompts to 300 tokens; we encode only the real ones (exact under the mask), so the
     # two differ by fp32 summation order only: 1e-4 relative to the latents' scale (random tiny weights make
     # them large here; tests/test_parity.py checks 1e-4 absolute on identical embeddings).
     assert (ours - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
 
 
-@pytest.mark.parametrize("quant", ["8-bit (bitsandbytes)", "4-bit nf4 (bitsandbytes)"])
-def test_diffusers_folder_and_quantized_t5(executor, comfy_base, quant):
-    result = executor.run(graph(t5=PIPE, quant=quant, dit=PIPE, vae=PIPE, prefix="folder"))
+def _saved_latent(result, comfy_base: Path):
+    info = result["outputs"]["8"]["latents"][0]
+    return load_file(str(comfy_base / "output" / info["subfolder"] / info["filename"]))["latent_tensor"]
+
+
+def test_diffusers_folder_matches_the_folders_diffusers_pipeline(executor, comfy_base):
+    """T5, DiT and VAE all from one diffusers folder: the same latents and image as diffusers' PixArtSigmaPipeline
+    built from that folder's components (its default caption cleaning on, a prompt that needs it)."""
+    import torch
+    from diffusers import AutoencoderKL, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    import reference_settings as reference
+
+    prompt = "A Red Fox (in the SNOW), photo from https://example.com/fox -- @someone"
+    result = executor.run(graph(t5=PIPE, dit=PIPE, vae=PIPE, prefix="folder", save_latent=True, positive=prompt,
+                                seed=21))
     assert result["ok"], result["error"]
-    assert _saved_images(result, comfy_base)[0].std() > 1.0
+    folder = comfy_base / "models" / "diffusers" / PIPE
+    pipe = PixArtSigmaPipeline(tokenizer=AutoTokenizer.from_pretrained(folder / "tokenizer"),
+                               text_encoder=T5EncoderModel.from_pretrained(folder / "text_encoder"),
+                               transformer=PixArtTransformer2DModel.from_pretrained(folder, subfolder="transformer"),
+                               vae=AutoencoderKL.from_pretrained(folder, subfolder="vae"),
+                               scheduler=reference.scheduler("dpm++ 2m"))
+    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(21))  # ComfyUI's seed convention
+    ref = pipe(prompt=prompt, negative_prompt="", latents=noise, num_inference_steps=3, guidance_scale=4.5,
+               height=64, width=64, output_type="latent", use_resolution_binning=False).images
+    scale = pipe.vae.config.scaling_factor
+    ours = _saved_latent(result, comfy_base) * scale
+    assert (ours - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
+    with torch.no_grad():
+        ref_image = (pipe.vae.decode(ref / scale).sample / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).numpy() * 255
+    assert np.abs(_saved_images(result, comfy_base)[0].astype(np.float32) - ref_image).max() <= 2.0
+
+
+@pytest.mark.parametrize("quant,min_cos", [("8-bit (bitsandbytes)", 0.99), ("4-bit nf4 (bitsandbytes)", 0.95)])
+def test_quantized_t5_latents_follow_the_unquantized_t5(executor, comfy_base, quant, min_cos):
+    """The quantized T5 path changes the numbers (it really quantized) but keeps the result close to the same
+    folder's T5 in fp32 (whose run matches diffusers, above)."""
+    import torch
+
+    runs = {}
+    for q in ("none", quant):
+        result = executor.run(graph(t5=PIPE, quant=q, dit=PIPE, vae=PIPE, prefix="quant", save_latent=True, seed=8))
+        assert result["ok"], result["error"]
+        runs[q] = _saved_latent(result, comfy_base).flatten()
+    cos = torch.nn.functional.cosine_similarity(runs["none"], runs[quant], dim=0)
+    assert not torch.equal(runs["none"], runs[quant])
+    assert cos >= min_cos, float(cos)
 
 
 def test_seed_change_reuses_loaded_models_and_cached_encoding(executor, comfy):
