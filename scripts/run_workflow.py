@@ -107,6 +107,8 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
         for name in names:
             spec = specs[name]
             if _is_widget(spec):
+                if not values and name in info["input"].get("optional", {}):
+                    continue  # a widget added after the workflow was saved: ComfyUI uses its default
                 if not values:
                     raise RunError(f"node {node['id']} ({node['type']}): no widget value for {name!r} "
                                    "(saved by another version of the node?)")

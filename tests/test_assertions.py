@@ -219,3 +219,24 @@ def test_alpha_dit_reads_120_tokens_when_max_tokens_is_left_to_it(comfy, comfy_b
     sigma_auto = _latents(run(_prompt(0, "diffusers")), comfy_base)
     sigma_300 = _latents(run(_prompt(300, "diffusers")), comfy_base)
     assert torch.equal(sigma_auto, sigma_300)
+
+
+def test_workflow_saved_before_caption_cleaning_still_loads_and_runs(comfy, executor):
+    """A UI workflow saved before caption_cleaning existed (three Text Encode widget values, max_tokens 120) converts
+    and validates in ComfyUI, with the default cleaning and its saved limit."""
+    import json
+
+    import run_workflow
+    from conftest import REPO
+    from test_nodes import graph
+
+    wf = json.loads((REPO / "example_workflows" / "pixart_alpha_512.json").read_text())
+    enc = next(n for n in wf["nodes"] if n["type"] == "PixArtSigmaTextEncode")
+    enc["widgets_values"] = [enc["widgets_values"][0], "", 120]  # as saved by the previous version
+    prompt = run_workflow.ui_to_api(wf, run_workflow.object_info(comfy, {n["type"] for n in wf["nodes"]}))
+    inputs = next(n["inputs"] for n in prompt.values() if n["class_type"] == "PixArtSigmaTextEncode")
+    assert inputs["max_tokens"] == 120 and "caption_cleaning" not in inputs
+    old_api = graph(seed=31)  # an API prompt from before: no caption_cleaning input at all
+    assert "caption_cleaning" not in old_api["2"]["inputs"]
+    result = executor.run(old_api)
+    assert result["ok"], result["error"]
