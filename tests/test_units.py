@@ -1,0 +1,197 @@
+"""Small pure functions of pixart_core against diffusers, ComfyUI or a hand computation (no ComfyUI started).
+Written so that a changed number or rule in them fails (see tests/MUTATION.md)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import reference_settings as reference
+import tiny
+from pixart_core import resolution, sampling
+from pixart_core import t5 as ct5
+from pixart_core import transformer as cdit
+from pixart_core import vae as cvae
+from pixart_core.variants import variant_from_config, variant_from_name
+
+CPU = torch.device("cpu")
+SIZES = [(1024, 1024), (1000, 1000), (1920, 1080), (1080, 1920), (512, 2048), (3000, 200), (200, 3000), (64, 64),
+         (777, 555), (1216, 832)]
+
+
+@pytest.mark.parametrize("family", [256, 512, 1024, 2048])
+def test_snap_is_diffusers_classify_height_width_bin(family):
+    from diffusers.image_processor import PixArtImageProcessor
+    from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (
+        ASPECT_RATIO_256_BIN, ASPECT_RATIO_512_BIN, ASPECT_RATIO_1024_BIN)
+    from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import ASPECT_RATIO_2048_BIN
+
+    table = {256: ASPECT_RATIO_256_BIN, 512: ASPECT_RATIO_512_BIN, 1024: ASPECT_RATIO_1024_BIN,
+             2048: ASPECT_RATIO_2048_BIN}[family]
+    assert resolution.bins(family) == table
+    for width, height in SIZES:
+        h, w = PixArtImageProcessor.classify_height_width_bin(height, width, ratios=table)
+        assert resolution.snap(width, height, family) == (w, h), (width, height)
+
+
+def test_unknown_family_and_bad_sizes_are_refused():
+    with pytest.raises(ValueError, match=r"No aspect-ratio bins for a 768px family; choose one of \(256, 512, 1024, 2048\)"):
+        resolution.bins(768)
+    for w, h in [(0, 64), (64, 0), (-16, 64)]:
+        with pytest.raises(ValueError, match=f"Requested size {w}x{h} must be positive"):
+            resolution.snap(w, h, 1024)
+
+
+@pytest.mark.parametrize("src,dst", [((64, 96), (60, 80)), ((96, 64), (80, 60)), ((64, 64), (40, 56)),
+                                     ((48, 80), (48, 80)), ((128, 64), (100, 30))])
+def test_resize_and_crop_is_diffusers_binning_resize(src, dst):
+    from diffusers.image_processor import PixArtImageProcessor
+
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, *src)
+    want = PixArtImageProcessor.resize_and_crop_tensor(images, dst[1], dst[0])
+    got = resolution.resize_and_crop(images, dst[1], dst[0])
+    assert got.shape == want.shape == (2, 3, *dst)
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,size", [(torch.float32, 4), (torch.bfloat16, 2), (torch.float16, 2)])
+@pytest.mark.parametrize("h,w", [(128, 128), (64, 96), (8, 8)])
+def test_decode_memory_is_comfyuis_estimate(dtype, size, h, w):
+    # ComfyUI 0.3.75 comfy/sd.py:291 (AutoencoderKL): (2178 * h * w * 64) * dtype_size * VAE_KL_MEM_RATIO (1.0 off AMD)
+    want = 2178 * h * w * 64 * size
+    assert cvae.decode_memory((1, 4, h, w), dtype) == want
+    assert cvae.decode_memory((1, 4, h, w), dtype, base_channels=32) == want // 4  # a quarter-width decoder
+    assert cvae.tile_memory(dtype, tile_latent=h, base_channels=128) == 2178 * h * h * 64 * size
+
+
+def test_inference_memory_scales_as_activations_do():
+    """No outside formula exists for this estimate; what any activation estimate must do: linear in the images run
+    (CFG doubles them), proportional to bytes per element, growing with the token count, and a fixed reserve."""
+    reserve = 64 << 20
+    one = sampling.inference_memory(1, 256, 256, 1152, torch.float32, cfg=False) - reserve
+    assert sampling.inference_memory(2, 256, 256, 1152, torch.float32, cfg=False) - reserve == 2 * one
+    assert sampling.inference_memory(1, 256, 256, 1152, torch.float32, cfg=True) - reserve == 2 * one
+    assert sampling.inference_memory(1, 256, 256, 1152, torch.bfloat16, cfg=False) - reserve == one // 2
+    assert sampling.inference_memory(1, 512, 256, 1152, torch.float32, cfg=False) - reserve > 2 * one
+    assert sampling.inference_memory(1, 256, 256, 2304, torch.float32, cfg=False) - reserve > one
+    # at least the MLP activations of one forward: 256 tokens x 4 x 1152 fp32 values
+    assert one >= (256 // 16) ** 2 * 4 * 1152 * 4
+    big = sampling.inference_memory(1, 2048, 2048, 1152, torch.float32, cfg=False) - reserve
+    tokens = (2048 // 16) ** 2
+    assert big <= 5 * tokens * 1152 * 12 * 4  # attention is capped at 4x the MLP/QKV part
+
+
+def test_preview_x0_is_the_schedulers_clean_estimate():
+    """on_step's x0 equals DDIM's pred_original_sample for the same latents and epsilon (diffusers)."""
+    torch.manual_seed(3)
+    dit = tiny.make_dit()
+    pos = sampling.Conditioning(torch.randn(1, 5, tiny.T5_WIDTH), torch.ones(1, 5, dtype=torch.long))
+    neg = sampling.Conditioning(torch.randn(1, 5, tiny.T5_WIDTH), torch.ones(1, 5, dtype=torch.long))
+    seen, previews = [], []
+
+    def hook(module, args, kwargs, output):
+        seen.append((args[0].clone(), kwargs["timestep"][0].clone(), output[0].clone()))
+
+    handle = dit.register_forward_hook(hook, with_kwargs=True)
+    noise, gen = sampling.initial_noise(1, 1, 4, 64, 64)
+    try:
+        sampling.sample(dit, pos, neg, noise, steps=3, cfg=3.0, scheduler_name="ddim", generator=gen,
+                        on_step=lambda i, n, x0: previews.append(x0()))
+    finally:
+        handle.remove()
+    ref = reference.scheduler("ddim")
+    ref.set_timesteps(3)
+    assert len(previews) == len(seen) == 3
+    for (x, t, out), got in zip(seen, previews):
+        uncond, cond = out[:, :4].chunk(2)
+        eps = uncond + 3.0 * (cond - uncond)
+        want = ref.step(eps, t, x[1:], return_dict=True).pred_original_sample
+        assert (got - want).abs().max() <= 1e-4 * max(1.0, want.abs().max().item())
+
+
+@pytest.mark.parametrize("module,choices", [(ct5, ("auto", "bf16", "fp32")), (cvae, ("auto", "bf16", "fp32")),
+                                            (cdit, ("auto", "bf16", "fp16", "fp32"))])
+def test_dtype_choices(module, choices):
+    named = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    assert module.DTYPES == choices
+    assert module.compute_dtype("auto", CPU) == torch.float32  # bf16 matmuls are slow on CPUs
+    for c in choices[1:]:
+        assert module.compute_dtype(c, CPU) == named[c]
+    what = {ct5: "T5", cvae: "VAE", cdit: "DiT"}[module]
+    with pytest.raises(ValueError, match=rf"^{what} dtype 'fp8' is not one of"):
+        module.compute_dtype("fp8", CPU)
+
+
+def test_tokenizer_candidates(tmp_path):
+    assert ct5.tokenizer_candidates(tmp_path) == [tmp_path / "tokenizer", tmp_path]
+    f = tmp_path / "t5.safetensors"
+    f.write_bytes(b"x")
+    assert ct5.tokenizer_candidates(f) == []
+
+
+def test_token_limit_errors():
+    assert ct5.token_limits(1) == [1]
+    for bad in (-1, -300):
+        with pytest.raises(ValueError, match=rf"^max_tokens {bad} must be 0 \(from the DiT\) or a token count"):
+            ct5.token_limits(bad)
+
+
+# Release and community file names (hand-read: family and resolution as the name states them).
+NAMES = {
+    "PixArt-Sigma-XL-2-1024-MS.pth": "sigma-1024", "pixart_sigma_xl_2_512_ms.safetensors": "sigma-512",
+    "PixArt-Sigma-XL-2-2K-MS.pth": "sigma-2k", "PixArt_Sigma_XL_2_2048.safetensors": "sigma-2k",
+    "PixArt-Sigma-XL-2-256x256.pth": "sigma-256", "PixArt-XL-2-1024-MS.pth": "alpha-1024",
+    "PixArt-XL-2-512x512.pth": "alpha-512", "pixart_xl_2_256x256.safetensors": "alpha-256",
+    "PixArt-alpha-512.safetensors": "alpha-512", "PIXART-ALPHA-1024": "alpha-1024",
+    "2k_pixart_sigma.safetensors": "sigma-2k", "PixArt-Sigma-900M-1024": "sigma-1024",
+    "sigma_finetune_512": "sigma-512", "PixArt-Alpha-DMD-XL-2-512x512": "alpha-512",
+}
+
+
+@pytest.mark.parametrize("name", list(NAMES))
+def test_variant_from_release_names(name):
+    assert variant_from_name(name).name == NAMES[name]
+
+
+@pytest.mark.parametrize("name", ["my_finetune.safetensors", "PixArt-Sigma-XL-2.safetensors", "model_1024.pth",
+                                  "pixart-sigma-10240", "pixart-sigma-5120", "alpha_sigma_768", "PixArt-XL-3-512"])
+def test_names_that_say_too_little_give_none(name):
+    assert variant_from_name(name) is None
+
+
+def test_pixart_xl_2_names_without_alpha_are_alpha_but_sigma_wins():
+    assert variant_from_name("pixart-xl-2-512").family == "alpha"
+    assert variant_from_name("pixart-sigma-xl-2-512").family == "sigma"
+    assert variant_from_name("alpha and sigma 512").family == "sigma"
+
+
+@pytest.mark.parametrize("sample_size", [32, 64, 128, 256])
+@pytest.mark.parametrize("micro", [None, False, True])
+def test_variant_from_config_follows_diffusers_defaults(sample_size, micro):
+    """Micro-conditioning as diffusers' PixArtTransformer2DModel decides it from the same config (None: its default)."""
+    from diffusers import PixArtTransformer2DModel
+
+    if micro and sample_size != 128:
+        return  # only 1024-MS has the embedders; no release pairs them with another size
+    cfg = tiny.dit_config(sample_size=sample_size)
+    cfg["use_additional_conditions"] = micro
+    model = PixArtTransformer2DModel(**cfg)
+    v = variant_from_config({"sample_size": sample_size, "use_additional_conditions": micro}, "some-folder")
+    assert v.micro_conditioning == model.use_additional_conditions
+    assert v.sample_size == sample_size
+    assert v.family == ("alpha" if model.use_additional_conditions else "sigma")
+    if sample_size <= 128:  # the α release names a family; its sizes are 256/512/1024 px
+        alpha = variant_from_config({"sample_size": sample_size, "use_additional_conditions": micro},
+                                    "PixArt-XL-2-512x512")
+        assert alpha.family == "alpha" and alpha.sample_size == sample_size
+
+
+def test_variant_from_config_without_sample_size_is_diffusers_default():
+    from diffusers import PixArtTransformer2DModel
+
+    default = PixArtTransformer2DModel(**{k: v for k, v in tiny.dit_config().items() if k != "sample_size"})
+    assert variant_from_config({}, "PixArt-Sigma-XL-2").sample_size == default.config.sample_size == 128
+    with pytest.raises(ValueError, match=r"odd-folder: sample_size 48 matches no PixArt variant \(expected one of 32, 64, 128, 256\)"):
+        variant_from_config({"sample_size": 48}, "odd-folder")
+    with pytest.raises(ValueError, match=r"^config: sample_size 48"):
+        variant_from_config({"sample_size": 48})
