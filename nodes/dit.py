@@ -33,7 +33,9 @@ class DiTLoader(io.ComfyNode):
                                tooltip="auto: from the weights, config and file name. 1024 and 2K weights have the same "
                                        "shapes, so name a 2K file '...2K...' or pick sigma-2k here."),
                 io.Combo.Input("dtype", options=list(core_dit.DTYPES), default="auto",
-                               tooltip="auto: bf16 on GPUs (fp16 where bf16 is missing), fp32 on CPU."),
+                               tooltip="auto: what ComfyUI picks for its own PixArt on this device (fp16 on most NVIDIA "
+                                       "GPUs and Macs, fp32 where neither fp16 nor bf16 is fast); on CPUs bf16 where "
+                                       "bf16 is native (AVX512-BF16, AMX), else fp32."),
             ],
             outputs=[DiT.Output(display_name="dit")],
         )
@@ -42,7 +44,8 @@ class DiTLoader(io.ComfyNode):
     def execute(cls, dit_name: str, variant: str, dtype: str) -> io.NodeOutput:
         path = paths.resolve(dit_name, DIT_FOLDERS)
         load_device, offload_device = management.dit_devices()
-        model, found, how = core_dit.load_dit(path, variant, core_dit.compute_dtype(dtype, load_device))
+        compute = core_dit.compute_dtype(dtype, management.auto_dtype("dit", load_device))
+        model, found, how = core_dit.load_dit(path, variant, compute)
         text = f"{dit_name}: {found.name} ({how}); {found.resolution}px family, {found.max_tokens} tokens, {found.vae.upper()} VAE"
         log.info("PixArt DiT %s", text)
         handle = DiTHandle(management.wrap(model, load_device, offload_device), found, dit_name, how)
@@ -124,11 +127,13 @@ class Sampler(io.ComfyNode):
             raise ValueError("PixArt sampler: denoise 0 runs no step; use a value in (0, 1].")
         noise, generator = sampling.initial_noise(seed, batch_size, 4, height, width)
         p = dit.patcher
-        need = sampling.inference_memory(batch_size, height, width, p.model.inner.inner_dim, p.model.inner.dtype, cfg > 1.0)
-        model = management.use(p, memory_required=need)
-        latents = sampling.sample(model, positive, negative, noise, steps=steps, cfg=cfg, scheduler_name=scheduler,
-                                  generator=generator, init_latents=init, denoise=denoise,
-                                  on_step=management.step_callback(steps, dit.variant.vae, p.load_device))
+        inner = p.model.inner
+        need = sampling.inference_memory(batch_size, height, width, inner.inner_dim, inner.dtype, cfg > 1.0,
+                                         fused_attention=management.fused_attention(p.load_device, inner.dtype))
+        ready = management.use(p, memory_required=need)
+        latents = sampling.sample(ready.model, positive, negative, noise, steps=steps, cfg=cfg, scheduler_name=scheduler,
+                                  generator=generator, init_latents=init, denoise=denoise, device=ready.device,
+                                  on_step=management.step_callback(steps, dit.variant.vae, ready.device))
         return io.NodeOutput({"samples": (latents / scale).to(management.intermediate_device()),
                               LATENT_SPACE_KEY: dit.variant.vae})
 

@@ -62,6 +62,10 @@ def test_decode_memory_is_comfyuis_estimate(dtype, size, h, w):
     assert cvae.decode_memory((1, 4, h, w), dtype) == want
     assert cvae.decode_memory((1, 4, h, w), dtype, base_channels=32) == want // 4  # a quarter-width decoder
     assert cvae.tile_memory(dtype, tile_latent=h, base_channels=128) == 2178 * h * h * 64 * size
+    assert cvae.tile_memory(dtype) == 2178 * 64 * 64 * 64 * size  # 64-latent tiles by default
+    # comfy/sd.py:290: encode (1767 * H * W) * dtype_size for an image of H x W pixels
+    assert cvae.encode_memory((1, h * 8, w * 8, 3), dtype) == 1767 * h * 8 * w * 8 * size
+    assert cvae.encode_memory((1, h * 8, w * 8, 3), dtype, base_channels=64) == 1767 * h * 8 * w * 8 * size // 2
 
 
 def test_inference_memory_scales_as_activations_do():
@@ -76,9 +80,14 @@ def test_inference_memory_scales_as_activations_do():
     assert sampling.inference_memory(1, 256, 256, 2304, torch.float32, cfg=False) - reserve > one
     # at least the MLP activations of one forward: 256 tokens x 4 x 1152 fp32 values
     assert one >= (256 // 16) ** 2 * 4 * 1152 * 4
-    big = sampling.inference_memory(1, 2048, 2048, 1152, torch.float32, cfg=False) - reserve
     tokens = (2048 // 16) ** 2
-    assert big <= 5 * tokens * 1152 * 12 * 4  # attention is capped at 4x the MLP/QKV part
+    big = sampling.inference_memory(1, 2048, 2048, 1152, torch.float32, cfg=False) - reserve
+    assert big <= 5 * tokens * 1152 * 12 * 4  # a fused attention kernel needs no more than the MLP part
+    # SDPA's math kernel holds every head's tokens x tokens scores (16 heads in PixArt XL/2): counted whole
+    math = sampling.inference_memory(1, 2048, 2048, 1152, torch.float32, cfg=False, fused_attention=False) - reserve
+    assert math >= 16 * tokens * tokens * 4 > big
+    assert sampling.inference_memory(1, 2048, 2048, 1152, torch.float32, cfg=False, fused_attention=False,
+                                     heads=8) - reserve < math
 
 
 def test_preview_x0_is_the_schedulers_clean_estimate():
@@ -109,17 +118,22 @@ def test_preview_x0_is_the_schedulers_clean_estimate():
         assert (got - want).abs().max() <= 1e-4 * max(1.0, want.abs().max().item())
 
 
-@pytest.mark.parametrize("module,choices", [(ct5, ("auto", "bf16", "fp32")), (cvae, ("auto", "bf16", "fp32")),
-                                            (cdit, ("auto", "bf16", "fp16", "fp32"))])
-def test_dtype_choices(module, choices):
+@pytest.mark.parametrize("module,choices,fp16_ok", [(ct5, ("auto", "bf16", "fp32"), False),
+                                                    (cvae, ("auto", "bf16", "fp32"), False),
+                                                    (cdit, ("auto", "bf16", "fp16", "fp32"), True)])
+def test_dtype_choices(module, choices, fp16_ok):
     named = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     assert module.DTYPES == choices
-    assert module.compute_dtype("auto", CPU) == torch.float32  # bf16 matmuls are slow on CPUs
+    assert module.compute_dtype("auto") == torch.float32
+    for auto in (torch.bfloat16, torch.float32):
+        assert module.compute_dtype("auto", auto) == auto
+    # T5-XXL and the SDXL VAE overflow in fp16 (DESIGN facts): an fp16 "auto" becomes fp32 for them only
+    assert module.compute_dtype("auto", torch.float16) == (torch.float16 if fp16_ok else torch.float32)
     for c in choices[1:]:
-        assert module.compute_dtype(c, CPU) == named[c]
+        assert module.compute_dtype(c, torch.bfloat16) == named[c]
     what = {ct5: "T5", cvae: "VAE", cdit: "DiT"}[module]
     with pytest.raises(ValueError, match=rf"^{what} dtype 'fp8' is not one of"):
-        module.compute_dtype("fp8", CPU)
+        module.compute_dtype("fp8")
 
 
 def test_tokenizer_candidates(tmp_path):
