@@ -133,3 +133,10 @@ MAX_TOKENS = {"alpha": 120, "sigma": 300}
 # [Σ-repo] configs/PixArt_xl2_internal.py:58: scale_factor = 0.18215  # ldm vae: 0.18215; sdxl vae: 0.13025
 VAE_SCALING = {"sd": 0.18215, "sdxl": 0.13025}
 
+
+# T5-v1.1-XXL, the text encoder of every PixArt release: the encoder settings of its config.json as exported with the
+# releases' diffusers-era tooling (huggingface.co/THUDM/CogVideoX-2b text_encoder/config.json, "_name_or_path":
+# "google/t5-v1_1-xxl"; the same values in huggingface.co/lintang/t5-v1_1-xxl-sglue config.json).
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+              relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+              dense_act_fn="gelu_new", is_gated_act=True, layer_norm_epsilon=1e-06, tie_word_embeddings=False)

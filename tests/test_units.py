@@ -14,6 +14,12 @@ from pixart_core import vae as cvae
 from pixart_core.variants import variant_from_config, variant_from_name
 
 CPU = torch.device("cpu")
+
+
+def inspect_default(fn, name):
+    import inspect
+
+    return inspect.signature(fn).parameters[name].default
 SIZES = [(1024, 1024), (1000, 1000), (1920, 1080), (1080, 1920), (512, 2048), (3000, 200), (200, 3000), (64, 64),
          (777, 555), (1216, 832)]
 
@@ -66,6 +72,10 @@ def test_decode_memory_is_comfyuis_estimate(dtype, size, h, w):
     # comfy/sd.py:290: encode (1767 * H * W) * dtype_size for an image of H x W pixels
     assert cvae.encode_memory((1, h * 8, w * 8, 3), dtype) == 1767 * h * 8 * w * 8 * size
     assert cvae.encode_memory((1, h * 8, w * 8, 3), dtype, base_channels=64) == 1767 * h * 8 * w * 8 * size // 2
+    assert cvae.tile_memory(dtype, tile_latent=h, base_channels=32) == 2178 * h * h * 64 * size // 4
+    for got in (cvae.decode_memory((1, 4, h, w), dtype), cvae.tile_memory(dtype),
+                cvae.encode_memory((1, h * 8, w * 8, 3), dtype)):
+        assert type(got) is int  # bytes, as ComfyUI's memory accounting takes them
 
 
 def test_inference_memory_scales_as_activations_do():
@@ -86,8 +96,18 @@ def test_inference_memory_scales_as_activations_do():
     # SDPA's math kernel holds every head's tokens x tokens scores (16 heads in PixArt XL/2): counted whole
     math = sampling.inference_memory(1, 2048, 2048, 1152, torch.float32, cfg=False, fused_attention=False) - reserve
     assert math >= 16 * tokens * tokens * 4 > big
-    assert sampling.inference_memory(1, 2048, 2048, 1152, torch.float32, cfg=False, fused_attention=False,
-                                     heads=8) - reserve < math
+    # one head's score matrix is tokens x tokens values: the default is PixArt XL/2's 16 heads (diffusers' default
+    # num_attention_heads for PixArtTransformer2DModel)
+    from diffusers import PixArtTransformer2DModel
+
+    heads = inspect_default(PixArtTransformer2DModel.__init__, "num_attention_heads")
+    assert heads == 16
+    one_head_less = sampling.inference_memory(1, 2048, 2048, 1152, torch.float32, cfg=False, fused_attention=False,
+                                              heads=heads - 1) - reserve
+    assert math - one_head_less == tokens * tokens * 4  # one fp32 score matrix
+    for args in [(1, 256, 256, 1152, torch.float32, False), (3, 1024, 512, 1152, torch.bfloat16, True)]:
+        assert type(sampling.inference_memory(*args)) is int
+        assert type(sampling.inference_memory(*args, fused_attention=False)) is int
 
 
 def test_preview_x0_is_the_schedulers_clean_estimate():
@@ -209,3 +229,27 @@ def test_variant_from_config_without_sample_size_is_diffusers_default():
         variant_from_config({"sample_size": 48}, "odd-folder")
     with pytest.raises(ValueError, match=r"^config: sample_size 48"):
         variant_from_config({"sample_size": 48})
+
+
+def _t5_shapes(c: dict) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes of a T5-v1.1 encoder with config `c` (as transformers lays them out)."""
+    from transformers import T5Config, T5EncoderModel
+
+    from pixart_core.meta import empty_weights
+
+    with empty_weights():
+        model = T5EncoderModel(T5Config(**c))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("which", ["xxl", "tiny"])
+def test_t5_config_from_shapes_is_the_released_config(which):
+    """The config the single-file loader builds from tensor shapes equals the release's config, field by field."""
+    want = reference.T5_XXL if which == "xxl" else {**reference.T5_XXL, **tiny.T5_CONFIG}
+    cfg = ct5.config_from_shapes(_t5_shapes(want), "t5xxl_fp16.safetensors")
+    # transformers 5 keeps tie_word_embeddings always True and reads a saved False as scale_decoder_outputs=False
+    fields = [k for k in reference.T5_XXL if k != "tie_word_embeddings"]
+    assert {k: getattr(cfg, k) for k in fields} == {k: want[k] for k in fields}
+    assert cfg.scale_decoder_outputs is False  # what an untied (tie_word_embeddings false) config gives
+    assert cfg.is_encoder_decoder is False and cfg.use_cache is False
+    assert cfg.architectures == ["T5EncoderModel"]
