@@ -253,3 +253,104 @@ def test_t5_config_from_shapes_is_the_released_config(which):
     assert cfg.scale_decoder_outputs is False  # what an untied (tie_word_embeddings false) config gives
     assert cfg.is_encoder_decoder is False and cfg.use_cache is False
     assert cfg.architectures == ["T5EncoderModel"]
+
+
+def _diffusers_tiling_vae(vae, tile_latent: int):
+    """The same weights in an AutoencoderKL whose own tile size is `tile_latent` latent pixels (diffusers derives it
+    from sample_size: sample_size / 2**(blocks - 1)), tiling enabled: diffusers' tiled encode/decode geometry."""
+    from diffusers import AutoencoderKL
+
+    blocks = len(vae.config.block_out_channels)
+    ref = AutoencoderKL.from_config({**vae.config, "sample_size": tile_latent * 2 ** (blocks - 1)}).eval()
+    ref.load_state_dict(vae.state_dict())
+    ref.enable_tiling()
+    return ref
+
+
+def test_tiled_and_whole_decode_are_diffusers_decodes():
+    vae = tiny.make_vae()
+    torch.manual_seed(2)
+    z = torch.randn(2, 4, 24, 20)
+    before = vae.tile_sample_min_size, vae.tile_latent_min_size
+    ref = _diffusers_tiling_vae(vae, 8)
+    with torch.no_grad():
+        want_tiled = (ref.decode(z).sample / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+        want_whole = (vae.decode(z).sample / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+    done = []
+    tiled = cvae.decode(vae, z, tiled=True, tile_latent=8, on_image=lambda i, n: done.append((i, n)))
+    whole = cvae.decode(vae, z)
+    assert tiled.dtype == whole.dtype == torch.float32 and tiled.shape == (2, 192, 160, 3)
+    assert (tiled - want_tiled).abs().max() <= 1e-5
+    assert (whole - want_whole).abs().max() <= 1e-5
+    assert (tiled - whole).abs().max() > 1e-3  # the tiles really differ from one pass (blended seams)
+    assert done == [(1, 2), (2, 2)]
+    assert (vae.tile_sample_min_size, vae.tile_latent_min_size) == before  # restored
+
+
+def test_tiled_and_whole_encode_are_diffusers_posterior_means():
+    vae = tiny.make_vae()
+    torch.manual_seed(4)
+    images = torch.rand(1, 192, 160, 3)
+    ref = _diffusers_tiling_vae(vae, 8)
+    x = images.movedim(-1, 1) * 2 - 1
+    with torch.no_grad():
+        want_tiled = ref.encode(x).latent_dist.mode()
+        want_whole = vae.encode(x).latent_dist.mode()
+    tiled = cvae.encode(vae, images, tiled=True, tile_latent=8)
+    whole = cvae.encode(vae, images)
+    assert tiled.shape == whole.shape == (1, 4, 24, 20)
+    assert (tiled - want_tiled).abs().max() <= 1e-5 and (whole - want_whole).abs().max() <= 1e-5
+    assert (tiled - whole).abs().max() > 1e-4
+
+
+def test_decode_resizes_back_as_diffusers_binning():
+    from diffusers.image_processor import PixArtImageProcessor
+
+    vae = tiny.make_vae()
+    torch.manual_seed(5)
+    z = torch.randn(1, 4, 8, 12)
+    with torch.no_grad():
+        image = vae.decode(z).sample
+    want = (PixArtImageProcessor.resize_and_crop_tensor(image, 70, 50) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+    got = cvae.decode(vae, z, target=(70, 50))
+    assert got.shape == (1, 50, 70, 3) and (got - want).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("width,name", [(512, "T5-v1.1-small"), (768, "T5-v1.1-base"), (1024, "T5-v1.1-large"),
+                                        (2048, "T5-v1.1-XL"), (4096, "T5-v1.1-XXL"), (300, "an unusual T5")])
+def test_wrong_t5_width_names_the_t5(width, name):
+    """T5-v1.1 widths (d_model) as google's v1.1 configs give them: small 512, base 768, large 1024, XL 2048, XXL 4096."""
+    dit = tiny.make_dit()
+    cond = sampling.Conditioning(torch.randn(1, 4, width), torch.ones(1, 4, dtype=torch.long))
+    good = sampling.Conditioning(torch.randn(1, 4, tiny.T5_WIDTH), torch.ones(1, 4, dtype=torch.long))
+    noise, _ = sampling.initial_noise(0, 1, 4, 16, 16)
+    import re
+
+    with pytest.raises(ValueError, match=re.escape(f"is {width} wide ({name}), but this DiT takes 64-wide")):
+        sampling.sample(dit, cond, good, noise, steps=1, cfg=4.5)
+    with pytest.raises(ValueError, match=re.escape(f"The negative conditioning is {width} wide ({name})")):
+        sampling.sample(dit, good, cond, noise, steps=1, cfg=4.5)
+
+
+@pytest.mark.parametrize("bad_call", [2, 3])
+def test_nan_error_names_the_step_and_its_timestep(bad_call):
+    """The message names the first step whose output is not finite and that step's timestep (the release scheduler's
+    20-step schedule: diffusers)."""
+    dit = tiny.make_dit()
+    calls = []
+
+    def poison(module, args, output):
+        calls.append(1)
+        return (output[0] * float("nan"),) if len(calls) >= bad_call else output
+
+    handle = dit.register_forward_hook(poison)
+    ref = reference.scheduler("dpm++ 2m")
+    ref.set_timesteps(20)
+    cond = sampling.Conditioning(torch.randn(1, 5, tiny.T5_WIDTH), torch.ones(1, 5, dtype=torch.long))
+    noise, gen = sampling.initial_noise(0, 1, 4, 32, 32)
+    try:
+        with pytest.raises(FloatingPointError, match=rf"NaN/inf at step {bad_call} of 20 \(timestep "
+                                                     rf"{int(ref.timesteps[bad_call - 1])}\)"):
+            sampling.sample(dit, cond, cond, noise, steps=20, cfg=4.5, generator=gen)
+    finally:
+        handle.remove()
