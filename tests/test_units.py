@@ -354,3 +354,108 @@ def test_nan_error_names_the_step_and_its_timestep(bad_call):
             sampling.sample(dit, cond, cond, noise, steps=20, cfg=4.5, generator=gen)
     finally:
         handle.remove()
+
+
+VAE_NAMES = {"sdxl_vae.safetensors": "sdxl", "sd_xl_base_1.0_vae.safetensors": "sdxl", "SDXL-VAE-fp16-fix": "sdxl",
+             "pixart_sigma_vae.safetensors": "sdxl", "vae-ft-mse-840000-ema-pruned.safetensors": "sd",
+             "vae-ft-ema-560000-ema-pruned.safetensors": "sd", "sd15_vae.pt": "sd", "sd-vae-ft-ema": "sd",
+             "PixArt-alpha-vae.safetensors": "sd", "my_vae.safetensors": None, "ae.safetensors": None}
+
+
+@pytest.mark.parametrize("name", list(VAE_NAMES))
+def test_vae_family_from_name(name):
+    """File names of the SDXL VAE (PixArt-Σ) and the SD 1.x VAEs (PixArt-α) as they are published."""
+    assert cvae.family_from_name(name) == VAE_NAMES[name]
+
+
+def test_vae_family_from_config_scaling_factor():
+    assert cvae.family_from_config({"scaling_factor": reference.VAE_SCALING["sdxl"]}) == "sdxl"
+    assert cvae.family_from_config({"scaling_factor": reference.VAE_SCALING["sd"]}) == "sd"
+    assert cvae.family_from_config({"scaling_factor": 0.3611}) is None  # e.g. a Flux VAE
+    assert cvae.family_from_config({}) is None
+
+
+@pytest.mark.parametrize("file_name,family", [("sdxl_vae.safetensors", "sdxl"), ("vae-ft-mse-840000.safetensors", "sd"),
+                                               ("some_vae.safetensors", None)])
+def test_single_file_vae_config_is_the_saved_models_config(tmp_path, file_name, family):
+    """The config built from an LDM-layout file's shapes: the saved AutoencoderKL's, field by field (a VAE whose
+    levels differ in width and have 2 resnets each, as the real ones)."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    cfg = dict(tiny.VAE_CONFIG, block_out_channels=[32, 64, 64, 64], layers_per_block=2)
+    torch.manual_seed(0)
+    saved = AutoencoderKL(**cfg).eval()
+    path = tmp_path / file_name
+    save_file(tiny.vae_to_ldm(saved.state_dict()), str(path))
+    vae, found = cvae.load_vae(path)
+    assert found == family
+    for field in ("in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
+                  "layers_per_block", "act_fn", "latent_channels", "norm_num_groups"):
+        assert vae.config[field] == saved.config[field], field
+    assert vae.config.scaling_factor == reference.VAE_SCALING[family or "sdxl"]  # unknown: PixArt-Σ's
+    z = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(vae.decode(z).sample, saved.decode(z).sample)
+
+
+def test_vae_folder_with_bin_weights_and_private_config_keys(tmp_path):
+    vae = tiny.make_vae()
+    vae.save_pretrained(tmp_path / "pipe" / "vae", safe_serialization=False)
+    assert (tmp_path / "pipe" / "vae" / "diffusion_pytorch_model.bin").is_file()
+    loaded, family = cvae.load_vae(tmp_path / "pipe")
+    assert family == "sdxl" and loaded.config.scaling_factor == reference.VAE_SCALING["sdxl"]
+    z = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded.decode(z).sample, vae.decode(z).sample)
+
+
+def test_vae_folder_errors_name_the_folder(tmp_path):
+    from pixart_core import files
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(files.WeightFileError, match=r"empty: no config.json here or in vae/; not a diffusers VAE folder"):
+        cvae.load_vae(tmp_path / "empty")
+    tiny.make_vae().save_config(tmp_path / "noweights" / "vae")
+    with pytest.raises(files.WeightFileError, match=r"vae: no diffusion_pytorch_model.safetensors in this folder"):
+        cvae.load_vae(tmp_path / "noweights")
+    (tmp_path / "t5").mkdir()
+    with pytest.raises(files.WeightFileError, match=r"t5: no config.json here or in text_encoder/; this is not a"):
+        ct5.folder_weights_dir(tmp_path / "t5")
+
+
+def test_tokenizer_not_found_says_where_it_looked(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    with pytest.raises(FileNotFoundError) as e:
+        ct5.load_tokenizer([a, b])
+    msg = str(e.value)
+    assert msg.startswith(f"No T5 tokenizer found (looked in: {a}, {b}). ")
+    assert msg.endswith("Put tokenizer.json (from the T5-v1.1-XXL or PixArt-Sigma repository) next to the weights.")
+
+
+def test_bitsandbytes_configs():
+    """8-bit: LLM.int8; 4-bit: nf4 (the quantization named in the loader) computing in the chosen dtype."""
+    q8 = ct5._bnb_config(ct5.QUANTIZATIONS[1], torch.float32)
+    assert q8.load_in_8bit and not q8.load_in_4bit
+    q4 = ct5._bnb_config(ct5.QUANTIZATIONS[2], torch.bfloat16)
+    assert q4.load_in_4bit and not q4.load_in_8bit
+    assert (q4.bnb_4bit_quant_type, q4.bnb_4bit_compute_dtype, q4.bnb_4bit_use_double_quant) == (
+        "nf4", torch.bfloat16, False)
+    with pytest.raises(ValueError, match=r"^T5 quantization 'int4' is not one of \('none', "):
+        ct5._bnb_config("int4", torch.float32)
+
+
+def test_quantized_t5_without_bitsandbytes_says_how_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` raises ImportError
+    with pytest.raises(RuntimeError) as e:
+        ct5._bnb_config(ct5.QUANTIZATIONS[1], torch.float32)
+    assert str(e.value) == ct5.BNB_INSTALL_HINT and "pip install" in str(e.value)
+
+
+def test_cache_key_of_strip_only_prompts_keeps_case():
+    """Under caption_cleaning 'none' the case reaches T5, so prompts differing in case are different encodings."""
+    assert ct5.cache_key(("t5",), "A Cat", "none", 300) != ct5.cache_key(("t5",), "a cat", "none", 300)
+    assert ct5.cache_key(("t5",), "A Cat", "lowercase", 300) == ct5.cache_key(("t5",), "a cat", "lowercase", 300)
