@@ -459,3 +459,88 @@ def test_cache_key_of_strip_only_prompts_keeps_case():
     """Under caption_cleaning 'none' the case reaches T5, so prompts differing in case are different encodings."""
     assert ct5.cache_key(("t5",), "A Cat", "none", 300) != ct5.cache_key(("t5",), "a cat", "none", 300)
     assert ct5.cache_key(("t5",), "A Cat", "lowercase", 300) == ct5.cache_key(("t5",), "a cat", "lowercase", 300)
+
+
+# google/t5-v1_1-small config.json: d_model 512, d_ff 1024, d_kv 64, num_heads 6, num_layers 8 (heads x d_kv != d_model)
+T5_SMALL = {**reference.T5_XXL, "d_model": 512, "d_ff": 1024, "d_kv": 64, "num_heads": 6, "num_layers": 8}
+
+
+def test_t5_config_from_shapes_when_heads_times_d_kv_is_not_the_width(caplog):
+    cfg = ct5.config_from_shapes(_t5_shapes(T5_SMALL), "t5_small.safetensors")
+    assert (cfg.d_model, cfg.d_kv, cfg.num_heads, cfg.d_ff, cfg.num_layers) == (512, 64, 6, 1024, 8)
+    assert "t5_small.safetensors: T5 width 512, not T5-v1.1-XXL's 4096" in caplog.text
+    caplog.clear()
+    ct5.config_from_shapes(_t5_shapes(reference.T5_XXL), "t5xxl.safetensors")
+    assert "T5 width" not in caplog.text
+
+
+def test_t5_shapes_missing_one_anchor_are_not_a_t5():
+    from pixart_core import files
+
+    shapes = _t5_shapes(tiny.T5_CONFIG)
+    for key in ("shared.weight", "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+                "encoder.block.0.layer.0.SelfAttention.q.weight"):
+        partial = {k: v for k, v in shapes.items() if k != key and not (key == "shared.weight" and "embed" in k)}
+        with pytest.raises(files.WeightFileError, match="this is not a T5 encoder"):
+            ct5.config_from_shapes(partial, "odd.safetensors")
+    only_embed = {("encoder.embed_tokens.weight" if k == "shared.weight" else k): v for k, v in shapes.items()}
+    assert ct5.config_from_shapes(only_embed, "t5.safetensors").vocab_size == 32128
+
+
+@pytest.mark.parametrize("marker", ["encoder.block.0.layer.0.SelfAttention.q.scale_weight", "scaled_fp8"])
+def test_each_scaled_fp8_marker_is_refused(tmp_path, marker):
+    from safetensors.torch import save_file
+
+    from pixart_core import files
+
+    sd = tiny.t5_single_file_sd(tiny.make_t5())
+    sd[marker] = torch.ones(1)
+    path = tmp_path / "t5xxl_scaled.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(files.WeightFileError, match="a 'scaled fp8' T5"):
+        ct5.load_t5(path, "none", torch.float32)
+
+
+def test_loaded_t5_records_how_it_was_loaded(tmp_path):
+    from safetensors.torch import save_file
+
+    t5 = tiny.make_t5()
+    t5.save_pretrained(tmp_path / "pipe" / "text_encoder")
+    folder = ct5.load_t5(tmp_path / "pipe", "none", torch.bfloat16)
+    assert (folder.compute_dtype, folder.quantization, folder.source) == (torch.bfloat16, "none", str(tmp_path / "pipe"))
+    assert folder.model.dtype == torch.bfloat16
+    path = tmp_path / "t5xxl_fp16.safetensors"
+    save_file(tiny.t5_single_file_sd(t5), str(path))
+    nf4 = ct5.load_t5(path, ct5.QUANTIZATIONS[2], torch.bfloat16)
+    assert (nf4.compute_dtype, nf4.quantization, nf4.source) == (torch.bfloat16, ct5.QUANTIZATIONS[2], str(path))
+    assert nf4.model.encoder.block[0].layer[1].DenseReluDense.wi_0.compute_dtype == torch.bfloat16
+
+
+def test_t5_folder_of_another_model_or_with_missing_weights(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from pixart_core import files
+
+    t5 = tiny.make_t5()
+    t5.save_pretrained(tmp_path / "clip")
+    cfg = json.loads((tmp_path / "clip" / "config.json").read_text())
+    cfg["model_type"] = "clip_text_model"
+    (tmp_path / "clip" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(files.WeightFileError, match=r"config.json describes a 'clip_text_model' model, not a T5"):
+        ct5.load_t5(tmp_path / "clip", "none", torch.float32)
+    del cfg["model_type"]
+    (tmp_path / "clip" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(files.WeightFileError, match=r"config.json describes a 'unknown' model"):
+        ct5.load_t5(tmp_path / "clip", "none", torch.float32)
+    t5.save_pretrained(tmp_path / "cut")
+    sd = load_file(str(tmp_path / "cut" / "model.safetensors"))
+    gone = sorted(k for k in sd if ".layer.1.DenseReluDense." in k)[:5]
+    save_file({k: v for k, v in sd.items() if k not in gone}, str(tmp_path / "cut" / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(files.WeightFileError) as e:
+        ct5.load_t5(tmp_path / "cut", "none", torch.float32)
+    msg = str(e.value)
+    assert msg.startswith("cut: weights are missing for [") and msg.endswith("(5 in all).")
+    assert sum(k in msg for k in gone) == 4  # the first four named
