@@ -544,3 +544,33 @@ def test_t5_folder_of_another_model_or_with_missing_weights(tmp_path):
     msg = str(e.value)
     assert msg.startswith("cut: weights are missing for [") and msg.endswith("(5 in all).")
     assert sum(k in msg for k in gone) == 4  # the first four named
+
+
+def test_conditionings_of_different_lengths_match_diffusers_padded(tmp_path):
+    """A 9-token positive with a 1-token (empty) negative samples as diffusers does with the negative zero-padded to 9
+    tokens and masked (what the pipeline gets from its tokenizer's padding)."""
+    from diffusers import PixArtSigmaPipeline
+
+    torch.manual_seed(7)
+    dit = tiny.make_dit()
+    pos = sampling.Conditioning(torch.randn(1, 9, tiny.T5_WIDTH), torch.ones(1, 9, dtype=torch.long))
+    neg = sampling.Conditioning(torch.randn(1, 1, tiny.T5_WIDTH), torch.ones(1, 1, dtype=torch.long))
+    noise, gen = sampling.initial_noise(4, 1, 4, 64, 64)
+    ours = sampling.sample(dit, pos, neg, noise, steps=3, cfg=4.5, generator=gen)
+    ours_swapped = sampling.sample(dit, neg, pos, noise, steps=3, cfg=4.5)
+    neg_embeds = torch.cat([neg.embeds, torch.zeros(1, 8, tiny.T5_WIDTH)], dim=1)
+    neg_mask = torch.tensor([[1] + [0] * 8])
+    pipe = PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=tiny.make_vae(), transformer=dit,
+                               scheduler=reference.scheduler("dpm++ 2m"))
+    kw = dict(prompt=None, negative_prompt=None, latents=noise.clone(), num_inference_steps=3, guidance_scale=4.5,
+              height=64, width=64, output_type="latent", use_resolution_binning=False)
+    want = pipe(prompt_embeds=pos.embeds, prompt_attention_mask=pos.mask, negative_prompt_embeds=neg_embeds,
+                negative_prompt_attention_mask=neg_mask, **kw).images
+    want_swapped = pipe(prompt_embeds=neg_embeds, prompt_attention_mask=neg_mask, negative_prompt_embeds=pos.embeds,
+                        negative_prompt_attention_mask=pos.mask, **kw).images
+    assert (ours - want).abs().max() <= 1e-4 and (ours_swapped - want_swapped).abs().max() <= 1e-4
+
+
+def test_snap_takes_any_positive_size():
+    assert resolution.snap(1, 1, 1024) == (1024, 1024)
+    assert resolution.snap(1, 3, 256) == resolution.snap(16, 48, 256)
