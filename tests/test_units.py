@@ -574,3 +574,26 @@ def test_conditionings_of_different_lengths_match_diffusers_padded(tmp_path):
 def test_snap_takes_any_positive_size():
     assert resolution.snap(1, 1, 1024) == (1024, 1024)
     assert resolution.snap(1, 3, 256) == resolution.snap(16, 48, 256)
+
+
+def test_nan_check_is_deferred_only_off_the_cpu():
+    assert sampling.defers_nan_check(torch.device("cpu")) is False
+    assert sampling.defers_nan_check(torch.device("cuda", 0)) is True
+    assert sampling.defers_nan_check(torch.device("mps")) is True
+
+
+def test_t5_file_with_only_encoder_embed_tokens_loads(tmp_path):
+    """Some exports keep encoder.embed_tokens.weight instead of shared.weight: the same model."""
+    from safetensors.torch import save_file
+
+    t5 = tiny.make_t5()
+    sd = tiny.t5_single_file_sd(t5)
+    sd["encoder.embed_tokens.weight"] = sd.pop("shared.weight")
+    path = tmp_path / "t5_embed_tokens.safetensors"
+    save_file(sd, str(path))
+    loaded = ct5.load_t5(path, "none", torch.float32)
+    ids = torch.tensor([[100, 200, 1]])
+    want = tiny.make_t5()
+    want.load_state_dict({k: v.half().float() for k, v in want.state_dict().items()})
+    with torch.no_grad():
+        assert torch.equal(loaded.model(input_ids=ids).last_hidden_state, want(input_ids=ids).last_hidden_state)
