@@ -597,3 +597,40 @@ def test_t5_file_with_only_encoder_embed_tokens_loads(tmp_path):
     want.load_state_dict({k: v.half().float() for k, v in want.state_dict().items()})
     with torch.no_grad():
         assert torch.equal(loaded.model(input_ids=ids).last_hidden_state, want(input_ids=ids).last_hidden_state)
+
+
+def test_vae_single_files_in_every_layout_load_as_the_saved_vae(tmp_path):
+    """LDM keys, LDM keys under a full checkpoint's prefix, diffusers keys: the same VAE; bf16 when asked; frozen."""
+    from safetensors.torch import save_file
+
+    from pixart_core import files
+
+    vae = tiny.make_vae()
+    ldm = tiny.vae_to_ldm(vae.state_dict())
+    layouts = {"sdxl_vae.safetensors": ldm, "sdxl_vae_prefixed.safetensors": {f"first_stage_model.{k}": v
+                                                                             for k, v in ldm.items()},
+               "sdxl_vae_diffusers.safetensors": vae.state_dict()}
+    z = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        want = vae.decode(z).sample
+    for name, sd in layouts.items():
+        save_file(sd, str(tmp_path / name))
+        loaded, family = cvae.load_vae(tmp_path / name)
+        assert family == "sdxl" and not any(p.requires_grad for p in loaded.parameters())
+        with torch.no_grad():
+            assert (loaded.decode(z).sample - want).abs().max() <= 1e-6, name
+    half, _ = cvae.load_vae(tmp_path / "sdxl_vae.safetensors", torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    save_file({"encoder.conv_in.weight": torch.zeros(32, 3, 3, 3)}, str(tmp_path / "stub.safetensors"))
+    with pytest.raises(files.WeightFileError, match="stub.safetensors: this is not a VAE"):
+        cvae.load_vae(tmp_path / "stub.safetensors")
+
+
+def test_vae_folder_family_from_its_name_when_the_config_does_not_say(tmp_path):
+    vae = tiny.make_vae()
+    vae.register_to_config(scaling_factor=0.5)
+    vae.save_pretrained(tmp_path / "my-sdxl-vae")
+    assert cvae.load_vae(tmp_path / "my-sdxl-vae")[1] == "sdxl"
+    vae.save_pretrained(tmp_path / "sd-vae")
+    assert cvae.load_vae(tmp_path / "sd-vae")[1] == "sd"
+    assert cvae.family_from_name("sd-vae.safetensors") == "sd"
