@@ -634,3 +634,23 @@ def test_vae_folder_family_from_its_name_when_the_config_does_not_say(tmp_path):
     vae.save_pretrained(tmp_path / "sd-vae")
     assert cvae.load_vae(tmp_path / "sd-vae")[1] == "sd"
     assert cvae.family_from_name("sd-vae.safetensors") == "sd"
+
+
+def test_negative_one_token_shorter_is_padded_by_hand_computation():
+    """Lengths 3 and 2 (one token apart): the same latents as the negative zero-padded to 3 with a 0 in its mask."""
+    torch.manual_seed(8)
+    dit = tiny.make_dit()
+    pos = sampling.Conditioning(torch.randn(1, 3, tiny.T5_WIDTH), torch.ones(1, 3, dtype=torch.long))
+    neg = sampling.Conditioning(torch.randn(1, 2, tiny.T5_WIDTH), torch.ones(1, 2, dtype=torch.long))
+    padded = sampling.Conditioning(torch.cat([neg.embeds, torch.zeros(1, 1, tiny.T5_WIDTH)], 1),
+                                   torch.tensor([[1, 1, 0]]))
+    noise, _ = sampling.initial_noise(2, 1, 4, 32, 32)
+    a = sampling.sample(dit, pos, neg, noise, steps=2, cfg=4.5)
+    b = sampling.sample(dit, pos, padded, noise, steps=2, cfg=4.5)
+    assert torch.equal(a, b)
+
+
+def test_unknown_scheduler_names_the_choices():
+    with pytest.raises(ValueError) as e:
+        sampling.make_scheduler("heun")
+    assert str(e.value) == f"Unknown scheduler 'heun'; choose one of {list(reference.SCHEDULERS)}."
