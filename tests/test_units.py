@@ -609,7 +609,8 @@ def test_vae_single_files_in_every_layout_load_as_the_saved_vae(tmp_path):
     ldm = tiny.vae_to_ldm(vae.state_dict())
     layouts = {"sdxl_vae.safetensors": ldm, "sdxl_vae_prefixed.safetensors": {f"first_stage_model.{k}": v
                                                                              for k, v in ldm.items()},
-               "sdxl_vae_diffusers.safetensors": vae.state_dict()}
+               "sdxl_vae_diffusers.safetensors": vae.state_dict(),
+               "sdxl_vae_diffusers_prefixed.safetensors": {f"vae.{k}": v for k, v in vae.state_dict().items()}}
     z = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
         want = vae.decode(z).sample
