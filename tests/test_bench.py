@@ -6,13 +6,13 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO
+from harness.location import REPO, child_env
 
 
 def test_gpu_bench_cpu_smoke(tmp_path):
     out = tmp_path / "p4.json"
-    r = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--cpu-smoke", "--configs", "bf16",
-                        "--out", str(out)], capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-m", "bench.gpu", "--cpu-smoke", "--configs", "bf16", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600, cwd=REPO, env=child_env())
     assert r.returncode == 0, r.stderr[-4000:]
     data = json.loads(out.read_text())
     rows = {row["system"]: row for row in data["rows"]}

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import tiny
+from harness import models as tiny
 from pixart_core import files
 from pixart_core import t5 as ct5
 from pixart_core import transformer as cdit

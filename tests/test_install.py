@@ -19,7 +19,7 @@ from packaging.requirements import Requirement
 
 from conftest import COMFY, REPO
 
-import comfy_server  # noqa: E402
+from harness.server import serve
 
 PACK_DIR = "pixart-sigma-nodes"
 BIN = Path(sys.executable).parent
@@ -67,8 +67,8 @@ def test_comfyui_manager_install_then_comfyui_lists_the_nodes(snapshot, tmp_path
     installed = comfy / "custom_nodes" / PACK_DIR
     assert (installed / "__init__.py").is_file() and (installed / "example_workflows").is_dir()
 
-    with comfy_server.serve(comfy, comfy) as url:
-        info = requests.get(url + "/object_info", timeout=60).json()
+    with serve(comfy, comfy) as srv:
+        info = requests.get(srv.url + "/object_info", timeout=60).json()
     log = next(comfy.glob("server-*.log")).read_text()
     assert not re.search(r"IMPORT FAILED.*" + PACK_DIR, log) and f"Cannot import {installed}" not in log, log[-4000:]
     assert re.search(r"\d+\.\d+ seconds: .*custom_nodes/" + PACK_DIR + r"\s*$", log, re.M), log[-3000:]

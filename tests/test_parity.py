@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-import tiny
+from harness import models as tiny
 from pixart_core import sampling
 
 STEPS, CFG, SIZE = 4, 4.5, 64

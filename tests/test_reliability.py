@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import tiny
+from harness import models as tiny
 from test_nodes import DIT_FILE, graph
 
 
@@ -274,7 +274,6 @@ def test_interrupt_during_decode_then_next_run_works(executor, comfy):
 
 OOM_SCRIPT = r"""
 import json, resource, sys
-sys.path.insert(0, sys.argv[2])
 import conftest
 from test_nodes import graph
 from test_reliability import _healthy, _text
@@ -320,7 +319,9 @@ def test_out_of_memory_during_decode_falls_back_to_tiles(comfy_base):
     import numpy as np
     from PIL import Image
 
-    r = subprocess.run([sys.executable, "-c", OOM_SCRIPT, str(comfy_base), str(Path(__file__).parent)],
+    from harness.location import child_env
+
+    r = subprocess.run([sys.executable, "-c", OOM_SCRIPT, str(comfy_base)], env=child_env(Path(__file__).parent),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     out = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("RESULT "))[len("RESULT "):])
