@@ -1,3 +1,3 @@
 #!/usr/bin/env bash
 # Peak VRAM of a 1024 px PixArt-Σ image through ComfyUI's model management vs diffusers' 8-bit recipe (NVIDIA GPU).
-cd "$(dirname "$0")/.." && exec "${PYTHON:-.venv/bin/python}" bench/gpu_memory.py "$@"
+exec "$(dirname "$0")/../scripts/harness" bench.gpu_memory "$@"
