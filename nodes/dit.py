@@ -30,7 +30,9 @@ class DiTLoader(io.ComfyNode):
                                tooltip="auto: from the weights, config and file name. 1024 and 2K weights have the same "
                                        "shapes, so name a 2K file '...2K...' or pick sigma-2k here."),
                 io.Combo.Input("dtype", options=list(core_dit.DTYPES), default="auto",
-                               tooltip="auto: bf16 on GPUs (fp16 where bf16 is missing), fp32 on CPU."),
+                               tooltip="auto: what ComfyUI picks for its own PixArt on this device (fp16 on most NVIDIA "
+                                       "GPUs and Macs, fp32 where neither fp16 nor bf16 is fast); on CPUs bf16 where "
+                                       "bf16 is native (AVX512-BF16, AMX), else fp32."),
             ],
             outputs=[DiT.Output(display_name="dit")],
         )
@@ -39,7 +41,8 @@ class DiTLoader(io.ComfyNode):
     def execute(cls, dit_name: str, variant: str, dtype: str) -> io.NodeOutput:
         path = paths.resolve(dit_name, DIT_FOLDERS)
         load_device, offload_device = management.dit_devices()
-        model, found, how = core_dit.load_dit(path, variant, core_dit.compute_dtype(dtype, load_device))
+        compute = core_dit.compute_dtype(dtype, management.auto_dtype("dit", load_device))
+        model, found, how = core_dit.load_dit(path, variant, compute)
         text = f"{dit_name}: {found.name} ({how}); {found.resolution}px family, {found.max_tokens} tokens, {found.vae.upper()} VAE"
         log.info("PixArt DiT %s", text)
         handle = DiTHandle(management.wrap(model, load_device, offload_device), found, dit_name, how)

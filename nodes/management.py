@@ -1,24 +1,48 @@
-"""The one place that talks to ComfyUI's model management: ModelPatcher wrapping, loading, progress, interrupt."""
+"""The one place that talks to ComfyUI's model management: ModelPatcher wrapping, loading, dtype decisions,
+progress, interrupt."""
 from __future__ import annotations
 
+import dataclasses
+import logging
 from typing import Callable
 
 import torch
 
 import comfy.model_management as mm
 import comfy.model_patcher
+import comfy.ops
 import comfy.utils
+from comfy.cli_args import args
 
-from ..pixart_core.quant import move_quantized_state
+from ..pixart_core import dtypes
+from ..pixart_core.quant import move_quantized_state, unique_bytes
+
+log = logging.getLogger(__name__)
+
+# Plain torch layers -> ComfyUI's cast-weights classes (the same layers plus a forward that can take its weights
+# from another device): with them ComfyUI's partial (lowvram/novram) load keeps part of a model in system memory
+# and streams those weights per forward, as it does for its own models.
+CAST_OPS = {
+    torch.nn.Linear: comfy.ops.disable_weight_init.Linear,
+    torch.nn.Conv2d: comfy.ops.disable_weight_init.Conv2d,
+    torch.nn.Embedding: comfy.ops.disable_weight_init.Embedding,
+    torch.nn.LayerNorm: comfy.ops.disable_weight_init.LayerNorm,
+    torch.nn.GroupNorm: comfy.ops.disable_weight_init.GroupNorm,
+}
 
 
 class Holder(torch.nn.Module):
     """ModelPatcher writes `.device` and bookkeeping attributes onto the module it manages; diffusers and
-    transformers models have a read-only `.device`, so they ride inside this plain container."""
+    transformers models have a read-only `.device`, so they ride inside this plain container.
 
-    def __init__(self, inner: torch.nn.Module):
+    `streamable`: built from ComfyUI's cast-weights layers, so it may be partially loaded. bitsandbytes-quantized
+    models are not (their layers have no cast path): ComfyUI loads them whole.
+    """
+
+    def __init__(self, inner: torch.nn.Module, streamable: bool = False):
         super().__init__()
         self.inner = inner
+        self.streamable = streamable
 
     def to(self, *args, **kwargs):
         """ComfyUI loads and offloads with .to(); quantized T5 layers need their side tensors moved too."""
@@ -29,19 +53,131 @@ class Holder(torch.nn.Module):
         return self
 
 
+def _quantized(model: torch.nn.Module) -> bool:
+    return any(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
+
+
+def castable(model: torch.nn.Module) -> torch.nn.Module:
+    """Turn the model's plain torch layers into ComfyUI's cast-weights layers, in place (same parameters, same math)."""
+    for m in model.modules():
+        cls = CAST_OPS.get(type(m))
+        if cls is not None:
+            m.__class__ = cls
+            if not hasattr(m, "bias"):
+                m.bias = None  # ComfyUI's Embedding sets this at construction; its cast path reads it
+    return model
+
+
 def wrap(model: torch.nn.Module, load_device: torch.device, offload_device: torch.device) -> comfy.model_patcher.ModelPatcher:
-    """A ModelPatcher for one of our models (sized from its state dict, as ComfyUI sizes its own)."""
-    return comfy.model_patcher.ModelPatcher(Holder(model), load_device=load_device, offload_device=offload_device)
+    """A ModelPatcher for one of our models, sized by its distinct tensors (ComfyUI's state-dict count would take a
+    tied embedding twice). Unquantized models get cast-weights layers, so ComfyUI can load them partially."""
+    streamable = not _quantized(model)
+    if streamable:
+        castable(model)
+    return comfy.model_patcher.ModelPatcher(Holder(model, streamable), load_device=load_device,
+                                            offload_device=offload_device, size=unique_bytes(model))
 
 
-def use(patcher: comfy.model_patcher.ModelPatcher, memory_required: int = 0) -> torch.nn.Module:
-    """Have ComfyUI put the model on its load device (evicting others as needed) and return the inner model.
+@dataclasses.dataclass
+class Loaded:
+    """A model ready to run, and the device to run it on (inputs go there)."""
 
-    Loaded whole: our modules have no ComfyUI cast-weights ops, so a partial (lowvram) load would split them
-    across devices.
+    model: torch.nn.Module
+    device: torch.device
+
+
+def _on(t: torch.Tensor, device: torch.device) -> bool:
+    return t.device.type == device.type and (device.index is None or t.device.index == device.index)
+
+
+def _place_rest(model: torch.nn.Module, device: torch.device) -> int:
+    """After a partial load: move what ComfyUI's loader does not place to the load device, i.e. the tensors of
+    modules without cast-weights layers (norm weights, parameters of non-leaf modules such as PixArt's
+    scale_shift_table, buffers such as its position embedding). They are small; streamed layers stay put."""
+    moved = 0
+    for m in model.modules():
+        if getattr(m, "comfy_cast_weights", False):
+            continue  # weights stream to the device at each forward
+        tensors = list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False))
+        if any(not _on(t, device) for _, t in tensors):
+            m._apply(lambda t: t.to(device), recurse=False)
+            moved += len(tensors)
+    return moved
+
+
+def use(patcher: comfy.model_patcher.ModelPatcher, memory_required: int = 0) -> Loaded:
+    """Have ComfyUI put the model on its load device (evicting others, or loading it partially when it does not
+    fit: the rest streams from system memory per forward) and return it with the device to run it on.
+
+    A quantized model is loaded whole. In ComfyUI's --novram mode, which loads nothing whole, it stays in system
+    memory and runs on the CPU: bitsandbytes layers cannot stream.
     """
-    mm.load_models_gpu([patcher], memory_required=memory_required, force_full_load=True)
-    return patcher.model.inner
+    holder = patcher.model
+    try:
+        mm.load_models_gpu([patcher], memory_required=memory_required, force_full_load=not holder.streamable)
+    except Exception as e:
+        if holder.streamable or not is_oom(e):
+            raise
+        raise type(e)(
+            f"The quantized {type(holder.inner).__name__} ({patcher.model_size() / 2**30:.2f} GiB) does not fit in "
+            f"the free memory of {patcher.load_device} and cannot be loaded in parts (bitsandbytes layers do not "
+            "stream). Choose '4-bit nf4' (smaller), or quantization 'none' (ComfyUI then streams what does not fit), "
+            "or free memory.") from e
+    device = patcher.load_device
+    if holder.streamable:
+        _place_rest(holder.inner, device)
+    elif not all(_on(t, device) for t in holder.inner.parameters()):
+        device = patcher.offload_device
+        holder.inner.to(device)
+        move_quantized_state(holder.inner, device)
+        log.warning("PixArt: %s is quantized and ComfyUI's memory mode (%s) does not load it whole: it runs on %s.",
+                    type(holder.inner).__name__, mm.vram_state.name, device)
+    return Loaded(holder.inner, device)
+
+
+def auto_dtype(kind: str, device: torch.device) -> torch.dtype:
+    """What dtype "auto" means for a model of `kind` ("dit", "t5", "vae") on `device`.
+
+    GPUs and MPS: what ComfyUI picks for its own models of that kind (its PixArt for the DiT, with its manual-cast
+    compute dtype where weights would be stored in a dtype the device cannot compute; its VAE rules with the SDXL
+    VAE's working dtypes; the text-encoder flags for T5, else bf16 where ComfyUI would use bf16, never fp16).
+    CPUs: fp32, except bf16 for the DiT and VAE on CPUs with native bf16 (AVX512-BF16, AMX), unless ComfyUI was
+    told fp32 (--force-fp32, --fp32-unet, --fp32-vae).
+    """
+    import comfy.supported_models
+
+    if kind == "dit":
+        supported = comfy.supported_models.PixArtSigma.supported_inference_dtypes
+        stored = mm.unet_dtype(device=device, supported_dtypes=supported)
+        chosen = mm.unet_manual_cast(stored, device, supported) or stored
+        forced_fp32 = args.fp32_unet
+    elif kind == "vae":
+        chosen = mm.vae_dtype(device=device, allowed_dtypes=[torch.bfloat16, torch.float32])
+        forced_fp32 = args.fp32_vae
+    elif kind == "t5":
+        if args.fp32_text_enc:
+            return torch.float32
+        if args.bf16_text_enc:
+            return torch.bfloat16
+        return torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
+    else:
+        raise ValueError(f"unknown model kind {kind!r}")
+    if (mm.is_device_cpu(device) and chosen == torch.float32 and not forced_fp32 and not args.force_fp32
+            and dtypes.cpu_native_bf16()):
+        return torch.bfloat16
+    return chosen
+
+
+def fused_attention(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether PyTorch's SDPA has a memory-efficient kernel here (else it falls back to its math kernel, which
+    materialises the whole attention matrix): CPUs (flash kernel), CUDA from sm80 in any dtype, and CUDA sm50+ in
+    fp16/fp32 (memory-efficient kernel; it has no bf16 before sm80). MPS is counted as the math kernel."""
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        return major >= 8 or (major >= 5 and dtype != torch.bfloat16)
+    return False
 
 
 def dit_devices() -> tuple[torch.device, torch.device]:

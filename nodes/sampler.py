@@ -64,11 +64,13 @@ class Sampler(io.ComfyNode):
                         "Text Encode.", dit.variant.name, dit.variant.max_tokens, longest, dit.variant.max_tokens)
         noise, generator = sampling.initial_noise(seed, batch_size, 4, height, width)
         p = dit.patcher
-        need = sampling.inference_memory(batch_size, height, width, p.model.inner.inner_dim, p.model.inner.dtype, cfg > 1.0)
-        model = management.use(p, memory_required=need)
-        latents = sampling.sample(model, positive, negative, noise, steps=steps, cfg=cfg, scheduler_name=scheduler,
-                                  generator=generator, init_latents=init, denoise=denoise,
-                                  on_step=management.step_callback(steps, dit.variant.vae, p.load_device))
+        inner = p.model.inner
+        need = sampling.inference_memory(batch_size, height, width, inner.inner_dim, inner.dtype, cfg > 1.0,
+                                         fused_attention=management.fused_attention(p.load_device, inner.dtype))
+        ready = management.use(p, memory_required=need)
+        latents = sampling.sample(ready.model, positive, negative, noise, steps=steps, cfg=cfg, scheduler_name=scheduler,
+                                  generator=generator, init_latents=init, denoise=denoise, device=ready.device,
+                                  on_step=management.step_callback(steps, dit.variant.vae, ready.device))
         return io.NodeOutput({"samples": (latents / scale).to(management.intermediate_device()),
                               LATENT_SPACE_KEY: dit.variant.vae})
 

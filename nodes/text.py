@@ -32,7 +32,8 @@ class T5Loader(io.ComfyNode):
                 io.Combo.Input("quantization", options=list(core_t5.QUANTIZATIONS), default=core_t5.QUANTIZATIONS[0],
                                tooltip="bitsandbytes 8-bit (T5-XXL: 5.5 GiB) or 4-bit nf4 (4.0 GiB) instead of 8.9 GiB in bf16."),
                 io.Combo.Input("dtype", options=list(core_t5.DTYPES), default="auto",
-                               tooltip="Compute dtype. Never fp16: T5-XXL overflows in fp16. auto = bf16 on GPUs, fp32 on CPU."),
+                               tooltip="Compute dtype. Never fp16: T5-XXL overflows in fp16. auto = bf16 where ComfyUI uses bf16 "
+                                       "(NVIDIA from RTX 30xx/A100, Apple M-series on macOS 14+), else fp32; fp32 on CPU."),
             ],
             outputs=[T5.Output(display_name="t5")],
         )
@@ -41,7 +42,7 @@ class T5Loader(io.ComfyNode):
     def execute(cls, t5_name: str, quantization: str, dtype: str) -> io.NodeOutput:
         path = paths.resolve(t5_name, T5_FOLDERS)
         load_device, offload_device = management.t5_devices()
-        compute = core_t5.compute_dtype(dtype, load_device)
+        compute = core_t5.compute_dtype(dtype, management.auto_dtype("t5", load_device))
         tokenizer = core_t5.load_tokenizer(core_t5.tokenizer_candidates(path) + [paths.COMFY_TOKENIZER])
         loaded = core_t5.load_t5(path, quantization, compute)
         patcher = management.wrap(loaded.model, load_device, offload_device)
@@ -77,9 +78,9 @@ class TextEncode(io.ComfyNode):
         keys = [(t5.identity, core_t5.preprocess(text), max_tokens) for text in (positive, negative)]
         out = [EMBEDDINGS.get(k) for k in keys]
         if any(c is None for c in out):
-            model = management.use(t5.patcher)
-            device = next(model.parameters()).device
-            loaded = core_t5.LoadedT5(model, t5.dtype, t5.quantization, t5.name)
+            ready = management.use(t5.patcher)
+            device = ready.device
+            loaded = core_t5.LoadedT5(ready.model, t5.dtype, t5.quantization, t5.name)
             for i, (key, text) in enumerate(zip(keys, (positive, negative))):
                 if out[i] is None:
                     management.check_interrupt()

@@ -26,7 +26,9 @@ class VAELoader(io.ComfyNode):
                 io.Combo.Input("vae_name", options=paths.choices(VAE_FOLDERS, "vae"),
                                tooltip="A VAE file in models/vae (sdxl_vae.safetensors for Σ) or a diffusers folder in models/diffusers."),
                 io.Combo.Input("dtype", options=list(core_vae.DTYPES), default="auto",
-                               tooltip="Decode dtype. Never fp16: the SDXL VAE overflows in fp16. auto = bf16 on GPUs, fp32 on CPU."),
+                               tooltip="Decode dtype. Never fp16: the SDXL VAE overflows in fp16. auto = what ComfyUI picks "
+                                       "for its SDXL VAE (bf16 on NVIDIA from RTX 30xx/A100 and on Macs with macOS 14+, "
+                                       "else fp32); on CPUs bf16 where bf16 is native (AVX512-BF16, AMX), else fp32."),
             ],
             outputs=[VAE.Output(display_name="vae")],
         )
@@ -35,7 +37,7 @@ class VAELoader(io.ComfyNode):
     def execute(cls, vae_name: str, dtype: str) -> io.NodeOutput:
         path = paths.resolve(vae_name, VAE_FOLDERS)
         load_device, offload_device = management.vae_devices()
-        model, family = core_vae.load_vae(path, core_vae.compute_dtype(dtype, load_device))
+        model, family = core_vae.load_vae(path, core_vae.compute_dtype(dtype, management.auto_dtype("vae", load_device)))
         return io.NodeOutput(VAEHandle(management.wrap(model, load_device, offload_device), vae_name, family))
 
 
@@ -72,30 +74,41 @@ class VAEDecode(io.ComfyNode):
         inner = vae.patcher.model.inner
         dtype, width = inner.dtype, inner.config.block_out_channels[0]
         need = core_vae.decode_memory(tuple(latents.shape), dtype, width)  # one image at a time
-        tiled = tiling == "always" or (
-            tiling == "auto" and need > management.free_memory(vae.patcher.load_device) + vae.patcher.loaded_size())
-        model = management.use(vae.patcher, memory_required=core_vae.tile_memory(dtype, base_channels=width)
-                               if tiled else need)
+        ready, tiled = load_for(vae, need, tiling)
         management.check_interrupt()
         progress = management.progress_callback(latents.shape[0])
-        size = f"{latents.shape[-1] * 8}x{latents.shape[-2] * 8}"
-        images = None
-        try:
-            images = core_vae.decode(model, latents, tiled=tiled, target=target, on_image=progress)
-        except Exception as e:
-            if not management.is_oom(e):
-                raise
-            if tiled:
-                raise _oom(e, f"PixArt VAE decode ran out of memory at {size} even in tiles. Free memory (close other "
-                              "programs, or unload models from ComfyUI's menu) or decode a smaller image.") from e
-            if tiling == "never":
-                raise _oom(e, f"PixArt VAE decode ran out of memory at {size}. Set tiling to 'auto' (decodes in "
-                              "tiles when memory runs short) or 'always'.") from e
-            log.warning("PixArt VAE decode ran out of memory at %s; retrying in tiles.", size)
-        if images is None:  # retried outside the except block, so the failed attempt's tensors are freed first
-            management.soft_empty_cache()
-            images = core_vae.decode(model, latents, tiled=True, target=target, on_image=progress)
+        images = run_tiled(
+            lambda t: core_vae.decode(ready.model, latents, tiled=t, target=target, on_image=progress, device=ready.device),
+            tiled, tiling, "decode", f"{latents.shape[-1] * 8}x{latents.shape[-2] * 8}")
         return io.NodeOutput(images)
+
+
+def load_for(vae: VAEHandle, need: int, tiling: str) -> tuple[management.Loaded, bool]:
+    """Load the VAE asking ComfyUI for the whole job's memory first (it evicts other models for it, as its own VAE
+    nodes do), then decide: tile only when the job still does not fit (or when told to)."""
+    ready = management.use(vae.patcher, memory_required=need)
+    return ready, tiling == "always" or (tiling == "auto" and need > management.free_memory(ready.device))
+
+
+def run_tiled(job, tiled: bool, tiling: str, what: str, size: str):
+    """`job(tiled)`; on an out-of-memory error without tiles, again in tiles (unless tiling is 'never')."""
+    result = None
+    try:
+        result = job(tiled)
+    except Exception as e:
+        if not management.is_oom(e):
+            raise
+        if tiled:
+            raise _oom(e, f"PixArt VAE {what} ran out of memory at {size} even in tiles. Free memory (close other "
+                          f"programs, or unload models from ComfyUI's menu) or {what} a smaller image.") from e
+        if tiling == "never":
+            raise _oom(e, f"PixArt VAE {what} ran out of memory at {size}. Set tiling to 'auto' ({what}s in "
+                          "tiles when memory runs short) or 'always'.") from e
+        log.warning("PixArt VAE %s ran out of memory at %s; retrying in tiles.", what, size)
+    if result is None:  # retried outside the except block, so the failed attempt's tensors are freed first
+        management.soft_empty_cache()
+        result = job(True)
+    return result
 
 
 def _oom(error: Exception, message: str) -> Exception:
@@ -117,18 +130,25 @@ class VAEEncode(io.ComfyNode):
             inputs=[
                 VAE.Input("vae", tooltip="The VAE from PixArt-Σ VAE Loader."),
                 io.Image.Input("image", tooltip="The image to start from; its size should be a multiple of 16."),
+                io.Combo.Input("tiling", options=list(TILING), default="auto", optional=True,
+                               tooltip="auto: encode in tiles when ComfyUI says the whole image would not fit in memory, "
+                                       "or after an out-of-memory error."),
             ],
             outputs=[io.Latent.Output(display_name="LATENT")],
         )
 
     @classmethod
-    def execute(cls, vae: VAEHandle, image) -> io.NodeOutput:
+    def execute(cls, vae: VAEHandle, image, tiling: str = "auto") -> io.NodeOutput:
         h, w = image.shape[1:3]
         if h % 16 or w % 16:
             raise ValueError(f"PixArt VAE encode: the image is {w}x{h}; PixArt needs sides in multiples of 16 "
                              f"(crop or resize it, e.g. with ImageScale to {w // 16 * 16}x{h // 16 * 16}).")
-        model = management.use(vae.patcher)
-        latent = {"samples": core_vae.encode(model, image).to(management.intermediate_device())}
+        inner = vae.patcher.model.inner
+        need = core_vae.encode_memory(tuple(image.shape), inner.dtype, inner.config.block_out_channels[0]) * image.shape[0]
+        ready, tiled = load_for(vae, need, tiling)
+        samples = run_tiled(lambda t: core_vae.encode(ready.model, image, tiled=t, device=ready.device),
+                            tiled, tiling, "encode", f"{w}x{h}")
+        latent = {"samples": samples.to(management.intermediate_device())}
         if vae.family:
             latent[LATENT_SPACE_KEY] = vae.family
         return io.NodeOutput(latent)

@@ -120,14 +120,20 @@ def _pad(c: Conditioning, length: int) -> Conditioning:
     return Conditioning(emb, mask)
 
 
-def inference_memory(batch: int, height: int, width: int, inner: int, dtype: torch.dtype, cfg: bool) -> int:
-    """Bytes of activations one DiT forward needs beyond its weights (rough upper estimate, for ComfyUI)."""
+def inference_memory(batch: int, height: int, width: int, inner: int, dtype: torch.dtype, cfg: bool,
+                     fused_attention: bool = True, heads: int = 16) -> int:
+    """Bytes of activations one DiT forward needs beyond its weights (rough upper estimate, for ComfyUI).
+
+    With a fused SDPA kernel (flash / memory-efficient) attention needs no more than the MLP, so its share is
+    capped at 4x the MLP's; SDPA's math kernel materialises every head's tokens x tokens score matrix (~17 GiB at
+    2K in bf16 with CFG), which is counted whole.
+    """
     n = batch * (2 if cfg else 1)
     tokens = (height // 16) * (width // 16)
     size = torch.tensor([], dtype=dtype).element_size()
     mlp_and_qkv = n * tokens * inner * 12 * size  # the widest intermediate (MLP 4x, q/k/v, residuals) live at once
-    attention = n * 16 * tokens * tokens * size  # SDPA math path worst case; fused kernels need far less
-    return mlp_and_qkv + min(attention, 4 * mlp_and_qkv) + (64 << 20)
+    attention = n * heads * tokens * tokens * size  # the math kernel's score matrix
+    return mlp_and_qkv + (min(attention, 4 * mlp_and_qkv) if fused_attention else attention) + (64 << 20)
 
 
 def initial_noise(seed: int, batch: int, channels: int, height: int, width: int) -> tuple[torch.Tensor, torch.Generator]:
@@ -197,6 +203,7 @@ def sample(
     init_latents: torch.Tensor | None = None,
     denoise: float = 1.0,
     on_step: Callable[[int, int, Callable[[], torch.Tensor]], None] | None = None,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """Denoise `noise` [B,4,h,w] with a PixArtTransformer2DModel; returns scaled (model-space) latents.
 
@@ -205,6 +212,8 @@ def sample(
     `init_latents` (scaled) with `denoise` < 1 starts part-way, as diffusers' img2img strength does.
     `on_step(step, total, x0)` gets a function returning the current estimate of the clean (scaled) latents, for
     previews: computed only when called (it reads the timestep on the host, a device sync on GPUs).
+    `device`: where to compute (default: where the model's first parameter is; a partially loaded model's weights
+    are partly elsewhere).
     """
     want = model.config.caption_channels
     for label, c in (("positive", positive), ("negative", negative)):
@@ -215,7 +224,7 @@ def sample(
                 "(T5-v1.1-XXL for every released PixArt)."
             )
     p = next(model.parameters())
-    device, dtype = p.device, p.dtype
+    device, dtype = device or p.device, p.dtype
     batch = noise.shape[0]
     scheduler = make_scheduler(scheduler_name)
     if scheduler_name == DMD:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import dtypes, files
+from . import dtypes, files, quant
 from .meta import empty_weights
 
 log = logging.getLogger(__name__)
@@ -36,9 +36,9 @@ class LoadedT5:
     source: str
 
 
-def compute_dtype(choice: str, device: torch.device) -> torch.dtype:
-    """The T5 compute dtype: never float16 (T5-XXL overflows in fp16 and gives NaN)."""
-    return dtypes.pick(choice, device, "T5", DTYPES)
+def compute_dtype(choice: str, auto: torch.dtype = torch.float32) -> torch.dtype:
+    """The T5 compute dtype (`auto`: what "auto" is on the load device): never float16 (T5-XXL overflows in fp16)."""
+    return dtypes.pick(choice, auto, "T5", DTYPES, fp16_ok=False)
 
 
 def config_from_shapes(shapes: dict[str, tuple[int, ...]], name: str):
@@ -181,6 +181,7 @@ def _from_pretrained(folder: Path, name: str, dtype: torch.dtype, qconfig, key_m
     missing = [k for k in info.get("missing_keys", []) if k != "encoder.embed_tokens.weight"]
     if missing:
         raise files.WeightFileError(f"{name}: weights are missing for {sorted(missing)[:4]} ({len(missing)} in all).")
+    quant.single_int8_copy(model)
     return model.eval().requires_grad_(False)
 
 
@@ -227,5 +228,6 @@ def encode(
             "PixArt prompt is %d tokens; T5 takes %d, so this part was cut off: %r", full.shape[-1], max_tokens, dropped
         )
     ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
-    hidden = t5.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    with quant.quiet_int8_casts():
+        hidden = t5.model(input_ids=ids, attention_mask=mask).last_hidden_state
     return hidden.float(), mask

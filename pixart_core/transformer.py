@@ -20,9 +20,9 @@ _ANCHOR = "transformer_blocks.0.attn1.to_q.weight"
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 
-def compute_dtype(choice: str, device: torch.device) -> torch.dtype:
-    """The DiT dtype: bf16 on GPUs that have it (else fp16), fp32 on the CPU, or what the user chose."""
-    return dtypes.pick(choice, device, "DiT", DTYPES, gpu_without_bf16=torch.float16)
+def compute_dtype(choice: str, auto: torch.dtype = torch.float32) -> torch.dtype:
+    """The DiT dtype: what the user chose, or `auto` (what "auto" is on the load device)."""
+    return dtypes.pick(choice, auto, "DiT", DTYPES)
 
 
 def config_from_state_dict(sd: dict[str, torch.Tensor], variant: Variant, name: str) -> dict[str, Any]:

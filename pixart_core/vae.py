@@ -1,11 +1,12 @@
 """VAE (diffusers AutoencoderKL): config from a state dict, loading from single files or folders, decoding."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -18,9 +19,9 @@ log = logging.getLogger(__name__)
 DTYPES = ("auto", "bf16", "fp32")
 
 
-def compute_dtype(choice: str, device: torch.device) -> torch.dtype:
-    """Decode dtype: never fp16 (the SDXL VAE overflows in fp16); bf16 on GPUs that have it, else fp32."""
-    return dtypes.pick(choice, device, "VAE", DTYPES)
+def compute_dtype(choice: str, auto: torch.dtype = torch.float32) -> torch.dtype:
+    """Decode dtype (`auto`: what "auto" is on the load device): never fp16 (the SDXL VAE overflows in fp16)."""
+    return dtypes.pick(choice, auto, "VAE", DTYPES, fp16_ok=False)
 
 
 def family_from_name(name: str) -> str | None:
@@ -161,6 +162,13 @@ def tile_memory(dtype: torch.dtype, tile_latent: int = 64, base_channels: int = 
     return decode_memory((1, 4, tile_latent, tile_latent), dtype, base_channels)
 
 
+def encode_memory(image_shape: tuple[int, ...], dtype: torch.dtype, base_channels: int = 128) -> int:
+    """Bytes an SD/SDXL VAE encode of one [1,H,W,3] image needs: ComfyUI's own estimate for this VAE (comfy/sd.py,
+    1767 bytes per pixel per dtype byte), scaled by the encoder's full-resolution width as decode_memory is."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    return 1767 * image_shape[1] * image_shape[2] * size * base_channels // 128
+
+
 @torch.no_grad()
 def decode(
     vae: torch.nn.Module,
@@ -169,9 +177,10 @@ def decode(
     target: tuple[int, int] | None = None,
     tile_latent: int = 64,
     on_image: Callable[[int, int], None] | None = None,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """Raw (unscaled) VAE latents [B,4,h,w] -> images [B,H,W,3] in 0..1 (float32, CPU), one image at a time
-    (`on_image(done, total)` after each: progress and cancel between images).
+    (`on_image(done, total)` after each: progress and cancel between images), on `device` (default: the VAE's).
 
     `tiled` decodes overlapping tiles (diffusers' tiled_decode) to bound memory; `target` (width, height)
     resizes and centre-crops back to a requested size, as diffusers' resolution binning does.
@@ -179,7 +188,7 @@ def decode(
     p = next(vae.parameters())
     out = []
     for i in range(latents.shape[0]):
-        z = latents[i:i + 1].to(device=p.device, dtype=p.dtype)
+        z = latents[i:i + 1].to(device=device or p.device, dtype=p.dtype)
         images = _decode_one(vae, z, tiled, tile_latent)
         if not torch.isfinite(images).all():
             raise FloatingPointError(
@@ -196,21 +205,35 @@ def decode(
     return torch.cat(out)
 
 
-def _decode_one(vae: torch.nn.Module, z: torch.Tensor, tiled: bool, tile_latent: int) -> torch.Tensor:
-    if not tiled:
-        return vae.decode(z, return_dict=False)[0].float()
+@contextlib.contextmanager
+def _tiles(vae: torch.nn.Module, tile_latent: int) -> Iterator[None]:
+    """diffusers' tile sizes set to `tile_latent` latent pixels for the duration (restored after)."""
     saved = vae.tile_sample_min_size, vae.tile_latent_min_size
     vae.tile_latent_min_size = tile_latent
     vae.tile_sample_min_size = tile_latent * 2 ** (len(vae.config.block_out_channels) - 1)
     try:
-        return vae.tiled_decode(z, return_dict=False)[0].float()
+        yield
     finally:
         vae.tile_sample_min_size, vae.tile_latent_min_size = saved
 
 
+def _decode_one(vae: torch.nn.Module, z: torch.Tensor, tiled: bool, tile_latent: int) -> torch.Tensor:
+    if not tiled:
+        return vae.decode(z, return_dict=False)[0].float()
+    with _tiles(vae, tile_latent):
+        return vae.tiled_decode(z, return_dict=False)[0].float()
+
+
 @torch.no_grad()
-def encode(vae: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Images [B,H,W,3] in 0..1 -> raw (unscaled) latents [B,4,H/8,W/8]: the posterior mean (deterministic)."""
+def encode(vae: torch.nn.Module, images: torch.Tensor, tiled: bool = False, tile_latent: int = 64,
+           device: torch.device | None = None) -> torch.Tensor:
+    """Images [B,H,W,3] in 0..1 -> raw (unscaled) latents [B,4,H/8,W/8]: the posterior mean (deterministic), on
+    `device` (default: the VAE's). `tiled` encodes overlapping tiles (diffusers' tiled encoder) to bound memory."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
     p = next(vae.parameters())
-    x = (images.movedim(-1, 1) * 2 - 1).to(device=p.device, dtype=p.dtype)
-    return vae.encode(x).latent_dist.mode().float().cpu()
+    x = (images.movedim(-1, 1) * 2 - 1).to(device=device or p.device, dtype=p.dtype)
+    if not tiled:
+        return vae.encode(x).latent_dist.mode().float().cpu()
+    with _tiles(vae, tile_latent):
+        return DiagonalGaussianDistribution(vae._tiled_encode(x)).mode().float().cpu()

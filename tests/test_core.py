@@ -128,9 +128,10 @@ def test_t5_bitsandbytes_quantized_from_file_and_folder(tmp_path, ref, tokenizer
 
 
 def test_t5_dtype_policy_never_fp16():
-    assert ct5.compute_dtype("auto", CPU) == torch.float32
+    assert ct5.compute_dtype("auto", torch.bfloat16) == torch.bfloat16
+    assert ct5.compute_dtype("auto", torch.float16) == torch.float32  # e.g. ComfyUI started with --fp16-text-enc
     with pytest.raises(ValueError, match="not one of"):
-        ct5.compute_dtype("fp16", CPU)
+        ct5.compute_dtype("fp16", torch.float32)
 
 
 @pytest.mark.parametrize("layout", ["single", "prefixed", "folder", "original-pth", "original-safetensors"])

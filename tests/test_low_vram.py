@@ -72,7 +72,7 @@ def test_t5_stays_finite_and_faithful_in_every_mode(overflow_setup, storage, qua
 def test_int8_side_tensors_follow_the_module(tmp_path):
     import bitsandbytes as bnb
 
-    from pixart_core.quant import all_tensors, move_quantized_state
+    from pixart_core.quant import all_tensors, int8_copies, move_quantized_state
 
     path = tmp_path / "t5.safetensors"
     save_file(tiny.t5_single_file_sd(tiny.make_t5()), str(path))
@@ -80,14 +80,18 @@ def test_int8_side_tensors_follow_the_module(tmp_path):
     tok = ct5.load_tokenizer([COMFY / "comfy" / "text_encoders" / "t5_tokenizer"])
     before, _ = ct5.encode(loaded, tok, "a red fox", 300, CPU)
     layers = [m for m in loaded.model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
-    assert layers and all(m.state.SCB is not None for m in layers)  # after a forward, scales live in .state
-    # What a parent-level .to() leaves behind: the int8 matrix in .state still on the old device (simulated
-    # with the meta device; this machine has one real device. bench/gpu_memory.py checks CUDA<->CPU moves.)
+    # After a forward the layers are back in bitsandbytes' before-the-first-forward form: the int8 matrix and its
+    # scales on the weight (which Int8Params.to moves as one), nothing in .state that a .to() would copy again.
+    assert layers and all(m.state.CB is None and m.state.SCB is None and m.weight.SCB is not None for m in layers)
+    assert int8_copies(loaded.model) == [1] * len(layers)
+    # What Linear8bitLt.to() leaves behind when .state holds the matrix: a second int8 copy (simulated with a
+    # copy; this machine has one real device. test_gpu_readiness moves to a fake device, bench/gpu_check.py to CUDA.)
     for m in layers:
-        m.state.CB = m.state.CB.to("meta")
+        m.weight.CB = m.weight.CB.clone()
+    assert int8_copies(loaded.model) == [2] * len(layers)
     move_quantized_state(loaded.model, CPU)
     assert all(t.device == CPU for _, t in all_tensors(loaded.model))
-    assert all(m.state.CB.data_ptr() == m.weight.data.data_ptr() for m in layers)  # one int8 copy, not two
+    assert int8_copies(loaded.model) == [1] * len(layers)  # one int8 copy, not two
     after, _ = ct5.encode(loaded, tok, "a red fox", 300, CPU)
     assert torch.equal(before, after)
 

@@ -17,17 +17,18 @@ PIPE = "tiny-PixArt-Sigma-XL-2-1024-MS"
 def graph(t5="tiny_t5xxl_fp16.safetensors", quant="none", dit=DIT_FILE, vae="tiny_sdxl_vae.safetensors",
           seed=7, width=64, height=64, batch=1, prefix="pixart_test", positive="a red fox in the snow",
           negative="", steps=3, cfg=4.5, save_latent=False, **sampler):
-    """An API-format prompt: T5 -> encode -> DiT -> sample -> decode -> SaveImage (+ SaveLatent)."""
+    """An API-format prompt: T5 -> encode -> DiT -> sample -> decode -> SaveImage (+ SaveLatent). The DiT and VAE
+    compute in fp32 (their `auto` is bf16 on CPUs with native bf16), so results compare with diffusers' fp32."""
     p = {
         "1": {"class_type": "PixArtSigmaT5Loader", "inputs": {"t5_name": t5, "quantization": quant, "dtype": "auto"}},
         "2": {"class_type": "PixArtSigmaTextEncode",
               "inputs": {"t5": ["1", 0], "positive": positive, "negative": negative, "max_tokens": 300}},
-        "3": {"class_type": "PixArtSigmaDiTLoader", "inputs": {"dit_name": dit, "variant": "auto", "dtype": "auto"}},
+        "3": {"class_type": "PixArtSigmaDiTLoader", "inputs": {"dit_name": dit, "variant": "auto", "dtype": "fp32"}},
         "4": {"class_type": "PixArtSigmaSampler",
               "inputs": {"dit": ["3", 0], "positive": ["2", 0], "negative": ["2", 1], "seed": seed, "steps": steps,
                          "cfg": cfg, "scheduler": "dpm++ 2m", "width": width, "height": height, "batch_size": batch,
                          "denoise": 1.0, **sampler}},
-        "5": {"class_type": "PixArtSigmaVAELoader", "inputs": {"vae_name": vae, "dtype": "auto"}},
+        "5": {"class_type": "PixArtSigmaVAELoader", "inputs": {"vae_name": vae, "dtype": "fp32"}},
         "6": {"class_type": "PixArtSigmaVAEDecode", "inputs": {"vae": ["5", 0], "samples": ["4", 0]}},
         "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": prefix}},
     }
