@@ -14,6 +14,7 @@ from conftest import COMFY, EXAMPLES, REPO, run_script
 
 from harness import run as run_workflow
 from harness import standins
+from harness.workflow import WorkflowError, ui_to_api
 
 run = run_script
 
@@ -139,20 +140,20 @@ def test_converter_follows_reroutes_and_skips_frontend_only_nodes():
         {"id": 5, "type": "Note", "widgets_values": ["just a note"]},
         {"id": 6, "type": "Loader", "mode": 4, "widgets_values": ["a.safetensors"]},  # bypassed
     ], [[1, 1, 0, 2, 0, "MODEL"], [2, 2, 0, 4, 0, "MODEL"], [3, 3, 0, 4, 2, "STRING"]])
-    assert run_workflow.ui_to_api(wf, INFO) == {
+    assert ui_to_api(wf, INFO) == {
         "1": {"class_type": "Loader", "inputs": {"name": "b.safetensors"}},
         "4": {"class_type": "Sample", "inputs": {"model": ["1", 0], "seed": 42, "text": "from primitive", "mode": "y"}},
     }
 
 
 def test_converter_and_overrides_name_the_problem():
-    with pytest.raises(run_workflow.RunError, match="node 7: node type 'Nope' is not installed"):
-        run_workflow.ui_to_api(_wf([{"id": 7, "type": "Nope"}], []), INFO)
-    with pytest.raises(run_workflow.RunError, match=r"node 1 \(Loader\): no widget value for 'name'"):
-        run_workflow.ui_to_api(_wf([{"id": 1, "type": "Loader", "widgets_values": []}], []), INFO)
+    with pytest.raises(WorkflowError, match="node 7: node type 'Nope' is not installed"):
+        ui_to_api(_wf([{"id": 7, "type": "Nope"}], []), INFO)
+    with pytest.raises(WorkflowError, match=r"node 1 \(Loader\): no widget value for 'name'"):
+        ui_to_api(_wf([{"id": 1, "type": "Loader", "widgets_values": []}], []), INFO)
     prompt = {"1": {"class_type": "Loader", "inputs": {"name": "a.safetensors"}}}
     opts = run_workflow.parse_args(["x.json", "--prompt", "hello"])
-    with pytest.raises(run_workflow.RunError, match="--prompt: no node in this workflow has a 'positive' value"):
+    with pytest.raises(WorkflowError, match="--prompt: no node in this workflow has a 'positive' value"):
         run_workflow.apply_overrides(prompt, opts)
 
 
