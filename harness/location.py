@@ -77,10 +77,11 @@ def use(path: Path | None = None) -> Path:
 
 
 def child_env(*more_paths: Path, **extra: str) -> dict[str, str]:
-    """The environment for a child Python of the tooling: ComfyUI first, then this checkout (then more_paths) on
-    the import path; no current directory on it (PYTHONSAFEPATH: a checkout's nodes/ would hide ComfyUI's
+    """The environment for a child Python of the tooling: ComfyUI first, then this checkout (then more_paths, then
+    the caller's PYTHONPATH) on the import path; no current directory on it (PYTHONSAFEPATH: a checkout's nodes/ would hide ComfyUI's
     nodes.py); no model hub."""
-    path = os.pathsep.join(str(p) for p in (LINK, REPO, *more_paths))
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    path = os.pathsep.join(str(p) for p in (LINK, REPO, *more_paths, *inherited))
     env = {**os.environ, "PYTHONPATH": path, "PYTHONSAFEPATH": "1",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "COMFYUI_PATH": str(comfyui_path())}
     env.update(extra)

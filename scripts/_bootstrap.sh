@@ -25,4 +25,4 @@ fi
 
 COMFYUI_PATH=$(cd "$root" && "$venv/bin/python" -m harness.location)
 export COMFYUI_PATH
-pypath="$root/.cache/comfyui:$root"
+pypath="$root/.cache/comfyui:$root${PYTHONPATH:+:$PYTHONPATH}"  # then what the caller had
