@@ -425,3 +425,32 @@ def test_out_of_memory_during_encode_falls_back_to_tiles(comfy_base):
     assert "Set tiling to 'auto'" in out["never"]["text"]
     assert out["auto"]["ok"], out["auto"]["text"]
     assert "encode ran out of memory at 1280x1280; retrying in tiles" in r.stderr
+
+
+@pytest.mark.parametrize("kind", ["dit", "t5", "vae"])
+def test_partial_load_gives_the_same_output_as_a_whole_load(comfy, kind):
+    """Issue 11.8: ComfyUI's partial load (ModelPatcher.load with a budget of half the model, the lowvram path)
+    streams the layers that do not fit through ComfyUI's cast-weights forward; the output is bit-identical to the
+    whole model's."""
+    management = pack("nodes.management")
+    make = {"dit": tiny.make_dit, "t5": tiny.make_t5, "vae": tiny.make_vae}[kind]
+    torch.manual_seed(0)
+    if kind == "dit":
+        inputs = dit_inputs(make(), CPU)
+        run = lambda m: m(**inputs)[0]  # noqa: E731
+    elif kind == "t5":
+        run = lambda m: m(input_ids=torch.tensor([[37, 1782, 3, 9, 1]])).last_hidden_state  # noqa: E731
+    else:
+        z = torch.randn(1, 4, 8, 8)
+        run = lambda m: m.decode(z, return_dict=False)[0]  # noqa: E731
+    with torch.no_grad():
+        whole = run(make())
+        patcher = management.wrap(make(), CPU, CPU)
+        patcher.patch_model(device_to=CPU, lowvram_model_memory=patcher.model_size() // 2)
+        try:
+            streamed = sum(1 for m in patcher.model.modules() if getattr(m, "comfy_cast_weights", False))
+            assert streamed > 0, "nothing was left to stream: not a partial load"
+            partial = run(patcher.model.inner)
+        finally:
+            patcher.unpatch_model(CPU)
+    assert torch.equal(whole, partial)
