@@ -328,3 +328,130 @@ def test_bf16_holds_up_against_fp32_on_the_cpu():
     img32, img16 = cvae.decode(vae32, z), cvae.decode(vae16, z)
     rel = (img16 - img32).norm() / img32.norm()
     assert torch.isfinite(img16).all() and rel < 0.02, f"VAE bf16 vs fp32: {rel:.4f}"
+
+
+# ---- VAE: whole job first, tiles when it still does not fit ------------------------------------------------------
+
+def test_vae_asks_for_the_whole_job_before_deciding_to_tile(comfy):
+    """Issue 11.4: with the DiT still on a 'GPU' that cannot also hold a 1024 px decode, the decision comes after
+    ComfyUI evicted what it must for the whole decode: no tiles (the same image whatever else was loaded). When
+    even an empty GPU is too small, it tiles."""
+    import comfy.model_management as mm
+
+    from pixart_core import vae as cvae
+
+    management, vae_nodes, types_ = pack("nodes.management"), pack("nodes.vae"), pack("nodes.types")
+    vae = tiny.make_vae()
+    need = cvae.decode_memory((1, 4, 128, 128), torch.float32, vae.config.block_out_channels[0])
+    for total, want_tiles in ((need + GiB // 2, False), (need // 4 + GiB, True)):
+        dit = management.wrap(torch.nn.Linear(16384, 16384, device="meta"), META, META)  # a 1 GiB stand-in
+        handle = types_.VAEHandle(management.wrap(tiny.make_vae(), META, META), "tiny_sdxl_vae.safetensors", "sdxl")
+        with fake_gpu(mm.VRAMState.NORMAL_VRAM, total):
+            management.use(dit)
+            assert mm.get_free_memory(META) < need  # before eviction the decode does not fit
+            ready, tiled = vae_nodes.load_for(handle, need, "auto")
+            assert tiled == want_tiles
+            assert ready.device == META
+            assert dit.loaded_size() < GiB, "ComfyUI did not offload the DiT for the decode"
+            assert (mm.get_free_memory(META) < need) == want_tiles
+
+
+def test_tiled_encode_is_diffusers_tiled_encode(comfy):
+    """Issue 11.6: the tiled encode is diffusers' own tiled encoder (AutoencoderKL.enable_tiling with the same tile
+    size): a 128 px image in 64 px tiles, overlapping and blended."""
+    from pixart_core import vae as cvae
+
+    vae = tiny.make_vae()
+    torch.manual_seed(0)
+    img = torch.nn.functional.interpolate(torch.rand(1, 3, 16, 16), size=(128, 128), mode="bilinear").movedim(1, -1)
+    whole = cvae.encode(vae, img)
+    tiled = cvae.encode(vae, img, tiled=True, tile_latent=8)
+    reference = tiny.make_vae()
+    reference.enable_tiling()
+    reference.tile_sample_min_size, reference.tile_latent_min_size = 64, 8
+    with torch.no_grad():
+        want = reference.encode(img.movedim(-1, 1) * 2 - 1).latent_dist.mode()
+    assert tiled.shape == whole.shape == (1, 4, 16, 16)
+    assert not torch.equal(whole, tiled)  # really tiled
+    torch.testing.assert_close(tiled, want, rtol=0, atol=1e-6)
+
+
+ENCODE_OOM_SCRIPT = r"""
+import json, resource, sys
+import conftest
+from test_reliability import _text
+
+def address_space():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+
+def prompt(tiling, prefix):
+    return {"1": {"class_type": "EmptyImage", "inputs": {"width": 1280, "height": 1280, "batch_size": 1, "color": 0x8844CC}},
+            "2": {"class_type": "PixArtSigmaVAELoader", "inputs": {"vae_name": "tiny_sdxl_vae.safetensors", "dtype": "fp32"}},
+            "3": {"class_type": "PixArtSigmaVAEEncode", "inputs": {"vae": ["2", 0], "image": ["1", 0], "tiling": tiling}},
+            "4": {"class_type": "SaveLatent", "inputs": {"samples": ["3", 0], "filename_prefix": prefix}}}
+
+conftest.init_comfy(conftest.Path(sys.argv[1]))
+ex = conftest.Executor()
+warm = ex.run({k: v for k, v in prompt("auto", "warm").items() if k in ("1", "2")} | {
+    "5": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}})
+assert warm["ok"], warm["error"]
+soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+resource.setrlimit(resource.RLIMIT_AS, (address_space() + 750 * 2**20, hard))
+try:
+    never = ex.run(prompt("never", "enc_never"))
+    auto = ex.run(prompt("auto", "enc_auto"))
+finally:
+    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+print("RESULT " + json.dumps({"never": {"ok": never["ok"], "text": _text(never)},
+                              "auto": {"ok": auto["ok"], "text": _text(auto)}}))
+"""
+
+
+def test_out_of_memory_during_encode_falls_back_to_tiles(comfy_base):
+    """Issue 11.6: a real out-of-memory error in VAE Encode (address space capped 750 MiB above the process, in a
+    fresh process): 'never' says what to do, 'auto' retries in tiles and gives the latent."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    from harness.location import child_env
+
+    r = subprocess.run([sys.executable, "-c", ENCODE_OOM_SCRIPT, str(comfy_base)], env=child_env(Path(__file__).parent),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    out = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("RESULT "))[len("RESULT "):])
+    assert not out["never"]["ok"], "the whole-image encode fitted under the cap; the test no longer makes an OOM"
+    assert "PixArt VAE encode ran out of memory at 1280x1280" in out["never"]["text"]
+    assert "Set tiling to 'auto'" in out["never"]["text"]
+    assert out["auto"]["ok"], out["auto"]["text"]
+    assert "encode ran out of memory at 1280x1280; retrying in tiles" in r.stderr
+
+
+@pytest.mark.parametrize("kind", ["dit", "t5", "vae"])
+def test_partial_load_gives_the_same_output_as_a_whole_load(comfy, kind):
+    """Issue 11.8: ComfyUI's partial load (ModelPatcher.load with a budget of half the model, the lowvram path)
+    streams the layers that do not fit through ComfyUI's cast-weights forward; the output is bit-identical to the
+    whole model's."""
+    management = pack("nodes.management")
+    make = {"dit": tiny.make_dit, "t5": tiny.make_t5, "vae": tiny.make_vae}[kind]
+    torch.manual_seed(0)
+    if kind == "dit":
+        inputs = dit_inputs(make(), CPU)
+        run = lambda m: m(**inputs)[0]  # noqa: E731
+    elif kind == "t5":
+        run = lambda m: m(input_ids=torch.tensor([[37, 1782, 3, 9, 1]])).last_hidden_state  # noqa: E731
+    else:
+        z = torch.randn(1, 4, 8, 8)
+        run = lambda m: m.decode(z, return_dict=False)[0]  # noqa: E731
+    with torch.no_grad():
+        whole = run(make())
+        patcher = management.wrap(make(), CPU, CPU)
+        patcher.patch_model(device_to=CPU, lowvram_model_memory=patcher.model_size() // 2)
+        try:
+            streamed = sum(1 for m in patcher.model.modules() if getattr(m, "comfy_cast_weights", False))
+            assert streamed > 0, "nothing was left to stream: not a partial load"
+            partial = run(patcher.model.inner)
+        finally:
+            patcher.unpatch_model(CPU)
+    assert torch.equal(whole, partial)
