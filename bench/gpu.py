@@ -26,15 +26,13 @@ import argparse
 import gc
 import json
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from bench import measure, report, weights
 from harness import models
 from harness.comfyui import init_comfy, make_base
-from harness.location import child_env, comfyui_path
+from harness.location import comfyui_path
 
 OUT = weights.OUT / "gpu_p4"
 SMOKE_OUT = weights.OUT / "gpu_p4_smoke"
@@ -243,18 +241,15 @@ def peak_tflops(name: str, override: float | None) -> float | None:
 
 def run_config(a, system: str, config: str) -> dict:
     dtype, _, comp = config.partition("-")
-    args = [sys.executable, "-m", __spec__.name, "--worker", system, "--base", str(a.base), "--dtype", dtype, "--size",
+    args = ["--worker", system, "--base", str(a.base), "--dtype", dtype, "--size",
             str(a.size), "--steps", str(a.steps), "--images", str(a.images)]
     args += ["--compile"] if comp == "compile" else []
     args += ["--cpu-smoke"] if a.cpu_smoke else []
-    t = time.perf_counter()
-    r = subprocess.run(args, capture_output=True, text=True, timeout=a.timeout, env=child_env())
-    line = next((x for x in reversed(r.stdout.splitlines()) if x.startswith("RESULT ")), None)
-    if r.returncode or line is None:
-        measure.log(f"{system} {config}: failed (exit {r.returncode})\n{r.stderr[-4000:]}")
-        return {"system": system, "config": config, "error": r.stderr[-2000:]}
-    out = json.loads(line[len("RESULT "):])
-    out.update(system=system, config=config, process_s=time.perf_counter() - t)
+    out, stderr, seconds = measure.worker_result(__spec__.name, args, a.timeout)
+    if out is None:
+        measure.log(f"{system} {config}: failed\n{stderr[-4000:]}")
+        return {"system": system, "config": config, "error": stderr[-2000:]}
+    out.update(system=system, config=config, process_s=seconds)
     return out
 
 

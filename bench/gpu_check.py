@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,6 @@ from bench import gpu, measure, weights
 from bench.report import machine, write_json
 from harness import models
 from harness.comfyui import init_comfy
-from harness.location import child_env
 
 CAPS_GIB = (12, 8, 6)
 QUANTS = {"8-bit": "8-bit (bitsandbytes)", "nf4": "4-bit nf4 (bitsandbytes)"}
@@ -255,17 +253,14 @@ WORKERS = {"reference": worker_reference, "memory": worker_memory, "sdpa": worke
 
 
 def run_worker(a, kind: str, *extra: str) -> dict:
-    args = [sys.executable, "-m", __spec__.name, "--worker", kind, "--base", str(a.base), "--t5", a.t5, "--size", str(a.size),
+    args = ["--worker", kind, "--base", str(a.base), "--t5", a.t5, "--size", str(a.size),
             "--steps", str(a.steps), "--caps", ",".join(map(str, a.caps)), *extra]
     args += ["--cpu-smoke"] if a.cpu_smoke else []
-    t = time.perf_counter()
-    r = subprocess.run(args, capture_output=True, text=True, timeout=a.timeout, env=child_env())
-    line = next((x for x in reversed(r.stdout.splitlines()) if x.startswith("RESULT ")), None)
-    if r.returncode or line is None:
-        measure.log(f"{kind} {' '.join(extra)}: failed (exit {r.returncode})\n{r.stderr[-4000:]}")
-        return {"error": r.stderr[-2000:], "process_s": time.perf_counter() - t}
-    out = json.loads(line[len("RESULT "):])
-    out["process_s"] = time.perf_counter() - t
+    out, stderr, seconds = measure.worker_result(__spec__.name, args, a.timeout)
+    if out is None:
+        measure.log(f"{kind} {' '.join(extra)}: failed\n{stderr[-4000:]}")
+        return {"error": stderr[-2000:], "process_s": seconds}
+    out["process_s"] = seconds
     return out
 
 

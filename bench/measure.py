@@ -202,6 +202,17 @@ def run_quiet(module: str, args: list[str], log_file: Path, timeout: float = 900
             f"wall time {out['cpu_per_wall'] or 0:.2f}): running again")
 
 
+def worker_result(module: str, args: list[str], timeout: float) -> tuple[dict | None, str, float]:
+    """Run `python -m module args` (the tooling's import path); (the dict it emitted or None when it failed,
+    its stderr, seconds)."""
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
+                       env=child_env())
+    line = next((x for x in reversed(r.stdout.splitlines()) if x.startswith("RESULT ")), None)
+    out = None if r.returncode or line is None else json.loads(line[len("RESULT "):])
+    return out, r.stderr, time.perf_counter() - t
+
+
 def run_worker(module: str, args: list[str], log_file: Path, timeout: float = 900) -> dict:
     """Run `python -m module args` in a fresh process; return the dict it emitted (raises on failure), with
     process_cpu_s (the worker's CPU time) and others_cpu_share: the share of the machine's CPUs that other

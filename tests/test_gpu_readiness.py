@@ -377,13 +377,9 @@ def test_tiled_encode_is_diffusers_tiled_encode(comfy):
 
 
 ENCODE_OOM_SCRIPT = r"""
-import json, resource, sys
+import json, sys
 import conftest
-from test_reliability import _text
-
-def address_space():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+from test_reliability import _text, run_capped
 
 def prompt(tiling, prefix):
     return {"1": {"class_type": "EmptyImage", "inputs": {"width": 1280, "height": 1280, "batch_size": 1, "color": 0x8844CC}},
@@ -396,13 +392,7 @@ ex = conftest.Executor()
 warm = ex.run({k: v for k, v in prompt("auto", "warm").items() if k in ("1", "2")} | {
     "5": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}})
 assert warm["ok"], warm["error"]
-soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-resource.setrlimit(resource.RLIMIT_AS, (address_space() + 750 * 2**20, hard))
-try:
-    never = ex.run(prompt("never", "enc_never"))
-    auto = ex.run(prompt("auto", "enc_auto"))
-finally:
-    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+never, auto = run_capped(ex, [prompt("never", "enc_never"), prompt("auto", "enc_auto")])
 print("RESULT " + json.dumps({"never": {"ok": never["ok"], "text": _text(never)},
                               "auto": {"ok": auto["ok"], "text": _text(auto)}}))
 """
