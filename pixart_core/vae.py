@@ -157,11 +157,6 @@ def decode_memory(latent_shape: tuple[int, ...], dtype: torch.dtype, base_channe
     return 2178 * latent_shape[2] * latent_shape[3] * 64 * size * base_channels // 128
 
 
-def tile_memory(dtype: torch.dtype, tile_latent: int = 64, base_channels: int = 128) -> int:
-    """Bytes one tile of a tiled decode needs."""
-    return decode_memory((1, 4, tile_latent, tile_latent), dtype, base_channels)
-
-
 def encode_memory(image_shape: tuple[int, ...], dtype: torch.dtype, base_channels: int = 128) -> int:
     """Bytes an SD/SDXL VAE encode of one [1,H,W,3] image needs: ComfyUI's own estimate for this VAE (comfy/sd.py,
     1767 bytes per pixel per dtype byte), scaled by the encoder's full-resolution width as decode_memory is."""
