@@ -9,6 +9,7 @@
     workflow    the workflow format: UI -> API (as the frontend's graphToPrompt), overrides, model references
     run         the headless runner's command line (./scripts/run)
     download    fetching the official model files (./scripts/download)
+    make_examples, make_thumbnails   example_workflows/*.json and their thumbnails (./scripts/harness ...)
 
 Python entry points run as modules (`python -m harness.run`); scripts/ holds the shell commands that set the
 import path (PYTHONPATH) and call them, and pytest gets the same path from pyproject.toml.
