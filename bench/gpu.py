@@ -16,7 +16,7 @@ FLOPs, makes one warm-up image (this is where torch.compile compiles), then time
 
     bash bench/gpu.sh                                # bf16, fp16, bf16 + torch.compile (sized for < 5 min on an H100; not yet run)
     bash bench/gpu.sh --configs bf16-compile,fp16-compile --images 5
-    .venv/bin/python bench/gpu.py --cpu-smoke        # check the script on the CPU with tiny models (no GPU numbers)
+    ./scripts/harness bench.gpu --cpu-smoke        # check the script on the CPU with tiny models (no GPU numbers)
 
 Writes bench/out/gpu_p4.json and prints a table.
 """
@@ -26,16 +26,16 @@ import argparse
 import gc
 import json
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from bench import measure, report, weights
+from harness import models
+from harness.comfyui import init_comfy, make_base
+from harness.location import comfyui_path
 
-OUT = common.OUT / "gpu_p4"
-SMOKE_OUT = common.OUT / "gpu_p4_smoke"
+OUT = weights.OUT / "gpu_p4"
+SMOKE_OUT = weights.OUT / "gpu_p4_smoke"
 DIT = "PixArt-Sigma-XL-2-1024-MS.safetensors"
 T5 = "t5-w4096-l2_fp16.safetensors"
 VAE = "sdxl_vae.safetensors"
@@ -47,42 +47,29 @@ PEAKS = [("H200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 98
          ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0),
          ("A10", 125.0)]
 
-DIT_CONFIG = {**common.dit_config(28), "sample_size": 128, "interpolation_scale": 2.0}  # the 1024-MS family
+VARIANT = "sigma-1024"  # the 1024-MS family
 
 
 def prepare(base: Path, smoke: bool) -> None:
     """The weight files (once); dit_config.json beside the DiT tells the diffusers worker its architecture."""
-    models = base / "models"
-    marker = models / "complete.json"
+    models_dir = base / "models"
+    marker = models_dir / "complete.json"
     if marker.is_file():
         return
-    import torch
     from safetensors.torch import save_file
 
     for d in ("diffusion_models", "text_encoders", "vae"):
-        (models / d).mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(common.REPO / "scripts"))
-    import tiny_models
-
-    if smoke:
-        dit, t5, vae = tiny_models.make_dit(), tiny_models.make_t5(), tiny_models.make_vae()
-        config = tiny_models.dit_config()
-    else:
-        from diffusers import PixArtTransformer2DModel
-
-        torch.manual_seed(0)
-        dit = PixArtTransformer2DModel(**DIT_CONFIG).eval()
-        with torch.no_grad():
-            for p in dit.parameters():
-                p.mul_(common.DIT_SCALE)  # keeps 28 random blocks' outputs finite in fp16
-        t5, vae = common.make_t5(2), common.make_vae()
-        config = DIT_CONFIG
-    save_file({k: v.half().contiguous() for k, v in dit.state_dict().items()}, str(models / "diffusion_models" / DIT))
-    (models / "diffusion_models" / "dit_config.json").write_text(json.dumps(config))
-    save_file(tiny_models.t5_single_file_sd(t5), str(models / "text_encoders" / T5))
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(models / "vae" / VAE))
+        (models_dir / d).mkdir(parents=True, exist_ok=True)
+    size = "tiny" if smoke else "bench"
+    dit = models.make_dit(size, variant=VARIANT)
+    config = models.dit_config(size, VARIANT)
+    t5, vae = models.make_t5(size, seed=1, layers=2), models.make_vae(size, seed=2)
+    save_file({k: v.half().contiguous() for k, v in dit.state_dict().items()}, str(models_dir / "diffusion_models" / DIT))
+    (models_dir / "diffusion_models" / "dit_config.json").write_text(json.dumps(config))
+    save_file(models.t5_single_file_sd(t5), str(models_dir / "text_encoders" / T5))
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(models_dir / "vae" / VAE))
     marker.write_text("{}")
-    common._link_pack(base)
+    make_base(base)
 
 
 # ---------------------------------------------------------------------------------------------------- workers
@@ -150,7 +137,7 @@ def _time_images(a, device, make) -> dict:
 
 def worker_ours(a) -> dict:
     base = Path(a.base)
-    common.init_comfy(base, custom_nodes=True, cpu=a.smoke)
+    init_comfy(base, cpu=a.smoke)
     import torch
     import comfy.model_management as mm
     import nodes
@@ -159,7 +146,7 @@ def worker_ours(a) -> dict:
     device = mm.get_torch_device()
     with torch.inference_mode():
         t5 = N["PixArtSigmaT5Loader"].execute(t5_name=T5, quantization="none", dtype="auto").result[0]
-        pos, neg = N["PixArtSigmaTextEncode"].execute(t5=t5, positive=common.PROMPT, negative="",
+        pos, neg = N["PixArtSigmaTextEncode"].execute(t5=t5, positive=weights.PROMPT, negative="",
                                                       max_tokens=300).result
     del t5
     mm.unload_all_models()
@@ -193,29 +180,28 @@ def worker_diffusers(a) -> dict:
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    sys.path.insert(0, str(common.REPO))
     from pixart_core import sampling
     from pixart_core import t5 as ct5
 
-    models = Path(a.base) / "models"
+    models_dir = Path(a.base) / "models"
     device = torch.device("cpu" if a.smoke else "cuda")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
-    tokenizer = AutoTokenizer.from_pretrained(str(common.COMFY / "comfy" / "text_encoders" / "t5_tokenizer"))
-    text_encoder = ct5.load_t5(models / "text_encoders" / T5, ct5.QUANTIZATIONS[0], torch.float32).model.to(device)
+    tokenizer = AutoTokenizer.from_pretrained(str(comfyui_path() / "comfy" / "text_encoders" / "t5_tokenizer"))
+    text_encoder = ct5.load_t5(models_dir / "text_encoders" / T5, ct5.QUANTIZATIONS[0], torch.float32).model.to(device)
     pipe = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=None, vae=None,
                                scheduler=sampling.make_scheduler("dpm++ 2m"))
     with torch.no_grad():
-        pe, pm, ne, nm = pipe.encode_prompt(common.PROMPT, negative_prompt="", device=device, clean_caption=False)
+        pe, pm, ne, nm = pipe.encode_prompt(weights.PROMPT, negative_prompt="", device=device, clean_caption=False)
     del pipe, text_encoder
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    config = json.loads((models / "diffusion_models" / "dit_config.json").read_text())
+    config = json.loads((models_dir / "diffusion_models" / "dit_config.json").read_text())
     dit = PixArtTransformer2DModel(**config)
-    dit.load_state_dict(load_file(str(models / "diffusion_models" / DIT)))
+    dit.load_state_dict(load_file(str(models_dir / "diffusion_models" / DIT)))
     dit = dit.to(device, dtype).eval()
-    vae = AutoencoderKL(**(_smoke_vae_config() if a.smoke else common.SDXL_VAE))
-    vae.load_state_dict(load_file(str(models / "vae" / VAE)))
+    vae = AutoencoderKL(**models.vae_config("tiny" if a.smoke else "bench"))
+    vae.load_state_dict(load_file(str(models_dir / "vae" / VAE)))
     vae = vae.to(device, torch.bfloat16).eval()
     pipe = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=None, transformer=dit, vae=vae,
                                scheduler=sampling.make_scheduler("dpm++ 2m"))
@@ -244,13 +230,6 @@ def worker_diffusers(a) -> dict:
     return {"flops_per_forward": flops, "caption_tokens": int(pm.shape[1]), **_time_images(a, device, make)}
 
 
-def _smoke_vae_config() -> dict:
-    sys.path.insert(0, str(common.REPO / "scripts"))
-    import tiny_models
-
-    return tiny_models.VAE_CONFIG
-
-
 # ---------------------------------------------------------------------------------------------------- parent
 
 
@@ -262,18 +241,15 @@ def peak_tflops(name: str, override: float | None) -> float | None:
 
 def run_config(a, system: str, config: str) -> dict:
     dtype, _, comp = config.partition("-")
-    args = [sys.executable, __file__, "--worker", system, "--base", str(a.base), "--dtype", dtype, "--size",
+    args = ["--worker", system, "--base", str(a.base), "--dtype", dtype, "--size",
             str(a.size), "--steps", str(a.steps), "--images", str(a.images)]
     args += ["--compile"] if comp == "compile" else []
     args += ["--cpu-smoke"] if a.cpu_smoke else []
-    t = time.perf_counter()
-    r = subprocess.run(args, capture_output=True, text=True, timeout=a.timeout)
-    line = next((x for x in reversed(r.stdout.splitlines()) if x.startswith("RESULT ")), None)
-    if r.returncode or line is None:
-        common.log(f"{system} {config}: failed (exit {r.returncode})\n{r.stderr[-4000:]}")
-        return {"system": system, "config": config, "error": r.stderr[-2000:]}
-    out = json.loads(line[len("RESULT "):])
-    out.update(system=system, config=config, process_s=time.perf_counter() - t)
+    out, stderr, seconds = measure.worker_result(__spec__.name, args, a.timeout)
+    if out is None:
+        measure.log(f"{system} {config}: failed\n{stderr[-4000:]}")
+        return {"system": system, "config": config, "error": stderr[-2000:]}
+    out.update(system=system, config=config, process_s=seconds)
     return out
 
 
@@ -323,7 +299,7 @@ def main() -> None:
         import torch
 
         torch.manual_seed(0)
-        common.emit((worker_ours if a.worker == "ours" else worker_diffusers)(a))
+        measure.emit((worker_ours if a.worker == "ours" else worker_diffusers)(a))
         return
 
     import torch
@@ -344,12 +320,12 @@ def main() -> None:
         raise SystemExit(f"unknown --configs {unknown}; choose from {', '.join(CONFIGS)}")
     t = time.perf_counter()
     prepare(Path(a.base), a.cpu_smoke)
-    common.log(f"weights ready in {time.perf_counter() - t:.0f} s ({a.base})")
+    measure.log(f"weights ready in {time.perf_counter() - t:.0f} s ({a.base})")
     peak = None if a.cpu_smoke else peak_tflops(device_name, a.peak_tflops)
     rows = []
     for i, config in enumerate(configs):
         for system in (("ours", "diffusers") if i % 2 == 0 else ("diffusers", "ours")):
-            common.log(f"{config}: {system} ...")
+            measure.log(f"{config}: {system} ...")
             rows.append(run_config(a, system, config))
     table, medians = summarize(rows, peak, a.steps)
     versions = {m: __import__(m).__version__ for m in ("torch", "diffusers", "transformers")}
@@ -358,9 +334,9 @@ def main() -> None:
             + ", ".join(f"{k} {v}" for k, v in versions.items()))
     print(head)
     print(table)
-    out = a.out or (common.OUT / ("gpu_p4_smoke.json" if a.cpu_smoke else "gpu_p4.json"))
-    common.write_json(out, {"device": device_name, "peak_tflops": peak, "size": a.size, "steps": a.steps,
-                            "images": a.images, "versions": versions, "machine": common.machine(), "rows": rows,
+    out = a.out or (weights.OUT / ("gpu_p4_smoke.json" if a.cpu_smoke else "gpu_p4.json"))
+    report.write_json(out, {"device": device_name, "peak_tflops": peak, "size": a.size, "steps": a.steps,
+                            "images": a.images, "versions": versions, "machine": report.machine(), "rows": rows,
                             "median_s_per_image": medians, "table": table})
     failed = [r for r in rows if "error" in r]
     if failed:

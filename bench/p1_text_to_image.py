@@ -3,14 +3,19 @@
 Each image is made in a fresh process (so peak RSS is per system), from the files on disk (page cache warm after the
 first run) to a saved PNG: load T5 + DiT + VAE, encode the prompt and the empty negative, sample, decode, save.
   ours      this pack's nodes in ComfyUI's PromptExecutor (T5 Loader -> Text Encode, DiT Loader -> Sampler,
-            VAE Loader -> VAE Decode -> SaveImage), scheduler "dpm++ 2m"
-  diffusers PixArtSigmaPipeline.from_pretrained(diffusers folder, fp32) with the same DPM-Solver++ 2M config
+            VAE Loader -> VAE Decode -> SaveImage), scheduler "dpm++ 2m", every dtype "auto" (on CPUs with native
+            bf16 the DiT and VAE compute in bf16); ours-fp32: the DiT and VAE set to fp32
+  diffusers PixArtSigmaPipeline.from_pretrained(diffusers folder, fp32) with the same DPM-Solver++ 2M config;
+            diffusers-bf16: torch_dtype=bfloat16
   comfy     ComfyUI's core nodes: UNETLoader (original-layout file), CLIPLoader type "pixart" (T5 file),
-            CLIPTextEncode x2, EmptyLatentImage, KSampler dpmpp_2m / "simple", VAELoader + VAEDecode -> SaveImage
-Weights: one random 512-family XL/2 set (see common.py), the same for every system and size.
+            CLIPTextEncode x2, EmptyLatentImage, KSampler dpmpp_2m / "simple", VAELoader + VAEDecode -> SaveImage;
+            comfy-bf16: ComfyUI's --bf16-unet --bf16-vae --bf16-text-enc (on a CPU ComfyUI stores the DiT in bf16
+            and computes it in fp32: its unet_manual_cast)
+Weights: one random 512-family XL/2 set (see weights.py), the same for every system and size.
 
-    .venv/bin/python bench/p1_text_to_image.py                       # 256 px x 4 steps x 3, 512 px x 2 steps x 2
-    .venv/bin/python bench/p1_text_to_image.py --sizes 256 --steps 4 --repeats 3
+    ./scripts/harness bench.p1_text_to_image                       # 256 px x 4 steps x 3, 512 px x 2 steps x 2
+    ./scripts/harness bench.p1_text_to_image --sizes 256 --steps 4 --repeats 3
+    ./scripts/harness bench.p1_text_to_image --sizes 256 --systems ours diffusers comfy diffusers-bf16 comfy-bf16
 """
 from __future__ import annotations
 
@@ -19,28 +24,28 @@ import time
 T_START = time.perf_counter()
 
 import argparse  # noqa: E402
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from bench import measure, report, weights  # noqa: E402
+from harness.comfyui import init_comfy  # noqa: E402
 
 SYSTEMS = ["ours", "diffusers", "comfy"]
+VARIANTS = ["ours-fp32", "diffusers-bf16", "comfy-bf16"]  # the same systems in another precision
 SEED, CFG = 42, 4.5
 
 
-def ours_prompt(a) -> dict:
+def ours_prompt(a, dtype: str = "auto") -> dict:
     return {
         "1": {"class_type": "PixArtSigmaT5Loader",
-              "inputs": {"t5_name": common.t5_file(a.t5_layers), "quantization": "none", "dtype": "auto"}},
+              "inputs": {"t5_name": weights.t5_file(a.t5_layers), "quantization": "none", "dtype": "auto"}},
         "2": {"class_type": "PixArtSigmaTextEncode",
-              "inputs": {"t5": ["1", 0], "positive": common.PROMPT, "negative": "", "max_tokens": 300}},
-        "3": {"class_type": "PixArtSigmaDiTLoader", "inputs": {"dit_name": common.DIT_FILE, "variant": "auto", "dtype": "auto"}},
+              "inputs": {"t5": ["1", 0], "positive": weights.PROMPT, "negative": "", "max_tokens": 300}},
+        "3": {"class_type": "PixArtSigmaDiTLoader", "inputs": {"dit_name": weights.DIT_FILE, "variant": "auto", "dtype": dtype}},
         "4": {"class_type": "PixArtSigmaSampler",
               "inputs": {"dit": ["3", 0], "positive": ["2", 0], "negative": ["2", 1], "seed": SEED, "steps": a.steps,
                          "cfg": CFG, "scheduler": "dpm++ 2m", "width": a.size, "height": a.size, "batch_size": 1,
                          "denoise": 1.0}},
-        "5": {"class_type": "PixArtSigmaVAELoader", "inputs": {"vae_name": common.VAE_FILE, "dtype": "auto"}},
+        "5": {"class_type": "PixArtSigmaVAELoader", "inputs": {"vae_name": weights.VAE_FILE, "dtype": dtype}},
         "6": {"class_type": "PixArtSigmaVAEDecode", "inputs": {"vae": ["5", 0], "samples": ["4", 0]}},
         "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "bench_ours"}},
     }
@@ -48,17 +53,17 @@ def ours_prompt(a) -> dict:
 
 def comfy_prompt(a) -> dict:
     return {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": common.DIT_FILE, "weight_dtype": "default"}},
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": weights.DIT_FILE, "weight_dtype": "default"}},
         "2": {"class_type": "CLIPLoader",
-              "inputs": {"clip_name": common.t5_file(a.t5_layers), "type": "pixart", "device": "default"}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 0], "text": common.PROMPT}},
+              "inputs": {"clip_name": weights.t5_file(a.t5_layers), "type": "pixart", "device": "default"}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 0], "text": weights.PROMPT}},
         "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 0], "text": ""}},
         "5": {"class_type": "EmptyLatentImage", "inputs": {"width": a.size, "height": a.size, "batch_size": 1}},
         "6": {"class_type": "KSampler",
               "inputs": {"model": ["1", 0], "seed": SEED, "steps": a.steps, "cfg": CFG, "sampler_name": "dpmpp_2m",
                          "scheduler": "simple", "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0],
                          "denoise": 1.0}},
-        "7": {"class_type": "VAELoader", "inputs": {"vae_name": common.VAE_FILE}},
+        "7": {"class_type": "VAELoader", "inputs": {"vae_name": weights.VAE_FILE}},
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["7", 0]}},
         "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "bench_comfy"}},
     }
@@ -109,22 +114,27 @@ def image_stats(arr) -> dict:
 
 
 def worker(a) -> None:
-    base = common.work_dir(a.dit_layers, a.t5_layers)
-    timers = common.Timers()
-    if a.worker in ("ours", "comfy"):
-        common.init_comfy(base, custom_nodes=a.worker == "ours")
+    base = weights.work_dir(a.dit_layers, a.t5_layers)
+    timers = measure.Timers()
+    system, _, precision = a.worker.partition("-")
+    if system in ("ours", "comfy"):
+        init_comfy(base, pack=system == "ours")
+    if a.worker == "comfy-bf16":
+        from comfy.cli_args import args
+
+        args.bf16_unet = args.bf16_vae = args.bf16_text_enc = True
     import numpy as np
     import torch
     from PIL import Image
 
-    if a.worker == "ours":
+    if system == "ours":
         from diffusers import AutoencoderKL, PixArtTransformer2DModel
         from transformers import T5EncoderModel
 
         timers.wrap(PixArtTransformer2DModel, "forward", "dit_forward")
         timers.wrap(T5EncoderModel, "forward", "t5_forward")
         timers.wrap(AutoencoderKL, "decode", "vae_decode")
-    elif a.worker == "comfy":
+    elif system == "comfy":
         import comfy.ldm.pixart.pixartms
         import comfy.sd
         import comfy.text_encoders.t5
@@ -143,19 +153,20 @@ def worker(a) -> None:
         timers.wrap(T5EncoderModel, "forward", "t5_forward")
         timers.wrap(AutoencoderKL, "decode", "vae_decode")
     startup = time.perf_counter() - T_START
-    baseline = common.rss_bytes()
+    baseline = measure.rss_bytes()
 
     t0, c0 = time.perf_counter(), time.process_time()
-    if a.worker in ("ours", "comfy"):
-        prompt = ours_prompt(a) if a.worker == "ours" else comfy_prompt(a)
-        outputs = common.run_prompt(prompt, timers)
-        save = "7" if a.worker == "ours" else "9"
+    if system in ("ours", "comfy"):
+        prompt = ours_prompt(a, precision or "auto") if system == "ours" else comfy_prompt(a)
+        outputs = measure.run_prompt(prompt, timers)
+        save = "7" if system == "ours" else "9"
         img = outputs[save]["images"][0]
         arr = np.asarray(Image.open(base / "output" / img["subfolder"] / img["filename"]))
     else:
         t = time.perf_counter()
-        pipe = PixArtSigmaPipeline.from_pretrained(str(base / "models" / "diffusers" / common.DIT_NAME),
-                                                   torch_dtype=torch.float32, local_files_only=True)
+        pipe = PixArtSigmaPipeline.from_pretrained(str(base / "models" / "diffusers" / weights.DIT_NAME),
+                                                   torch_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+                                                   local_files_only=True)
         timers.add("load (from_pretrained)", time.perf_counter() - t)
         timers.mark("from_pretrained")
         pipe.set_progress_bar_config(disable=True)
@@ -177,58 +188,60 @@ def worker(a) -> None:
             return out
 
         pipe.vae.decode = mark_and_decode
-        image = pipe(prompt=common.PROMPT, negative_prompt="", num_inference_steps=a.steps, guidance_scale=CFG,
+        image = pipe(prompt=weights.PROMPT, negative_prompt="", num_inference_steps=a.steps, guidance_scale=CFG,
                      height=a.size, width=a.size, generator=torch.Generator("cpu").manual_seed(SEED),
                      use_resolution_binning=False, clean_caption=False).images[0]
         path = base / "output" / "bench_diffusers.png"
         image.save(path)
         arr = np.asarray(Image.open(path))
     total, total_cpu = time.perf_counter() - t0, time.process_time() - c0
-    peak = common.peak_rss_bytes()
+    peak = measure.peak_rss_bytes()
     st = image_stats(arr)
     if not (st["std"] > 0.5 and np.isfinite(st["mean"])):
         raise RuntimeError(f"{a.worker}: degenerate image {st}")
-    common.emit({"system": a.worker, "size": a.size, "steps": a.steps, "total_s": total, "total_cpu_s": total_cpu,
+    measure.emit({"system": a.worker, "size": a.size, "steps": a.steps, "total_s": total, "total_cpu_s": total_cpu,
                  "startup_s": startup, "seconds": timers.seconds, "cpu_seconds": timers.cpu_seconds, "calls": timers.calls, "peak_rss": peak, "baseline_rss": baseline,
-                 "memory_after": [{"after": l, "rss_gib": common.gib(r), "peak_gib": common.gib(p)} for l, r, p in timers.memory],
+                 "memory_after": [{"after": l, "rss_gib": report.gib(r), "peak_gib": report.gib(p)} for l, r, p in timers.memory],
                  "image": st, "threads": torch.get_num_threads()})
 
 
 def summarize(runs: list[dict], size: int, steps: int) -> dict:
-    by = {s: [r for r in runs if r["system"] == s] for s in SYSTEMS}
+    by = {s: [r for r in runs if r["system"] == s] for s in SYSTEMS + VARIANTS}
     out = {"size": size, "steps": steps, "systems": {}}
     for s, rs in by.items():
         if not rs:
             continue
-        d = {"total_s": common.stats([r["total_s"] for r in rs]),
-             "total_cpu_s": common.stats([r["total_cpu_s"] for r in rs]),
-             "others_cpu_share": common.stats([r["others_cpu_share"] for r in rs]),
-             "cpu_per_wall": common.stats([r["total_cpu_s"] / r["total_s"] for r in rs]),
-             "peak_rss_gib": common.stats([common.gib(r["peak_rss"]) for r in rs]),
-             "peak_over_baseline_gib": common.stats([common.gib(r["peak_rss"] - r["baseline_rss"]) for r in rs])}
+        d = {"total_s": report.stats([r["total_s"] for r in rs]),
+             "total_cpu_s": report.stats([r["total_cpu_s"] for r in rs]),
+             "others_cpu_share": report.stats([r["others_cpu_share"] for r in rs]),
+             "cpu_per_wall": report.stats([r["total_cpu_s"] / r["total_s"] for r in rs]),
+             "peak_rss_gib": report.stats([report.gib(r["peak_rss"]) for r in rs]),
+             "peak_over_baseline_gib": report.stats([report.gib(r["peak_rss"] - r["baseline_rss"]) for r in rs])}
         for part in ("t5_forward", "dit_forward", "vae_decode"):
-            d[part + "_s"] = common.stats([r["seconds"].get(part, 0.0) for r in rs])
+            d[part + "_s"] = report.stats([r["seconds"].get(part, 0.0) for r in rs])
             d[part + "_calls"] = rs[0]["calls"].get(part, 0)
-        d["other_s"] = common.stats([r["total_s"] - sum(r["seconds"].get(p, 0.0) for p in ("t5_forward", "dit_forward", "vae_decode"))
+        d["other_s"] = report.stats([r["total_s"] - sum(r["seconds"].get(p, 0.0) for p in ("t5_forward", "dit_forward", "vae_decode"))
                                      for r in rs])
         out["systems"][s] = d
     ratios = {}
-    for peer in ("diffusers", "comfy"):
+    for peer in ("diffusers", "comfy", *VARIANTS):
         pairs = list(zip(by.get("ours", []), by.get(peer, [])))
         if pairs:
-            ratios[f"time ours/{peer}"] = common.stats([o["total_s"] / p["total_s"] for o, p in pairs])
-            ratios[f"CPU time ours/{peer}"] = common.stats([o["total_cpu_s"] / p["total_cpu_s"] for o, p in pairs])
-            ratios[f"peak RSS ours/{peer}"] = common.stats([o["peak_rss"] / p["peak_rss"] for o, p in pairs])
-            ratios[f"DiT time ours/{peer}"] = common.stats(
+            ratios[f"time ours/{peer}"] = report.stats([o["total_s"] / p["total_s"] for o, p in pairs])
+            ratios[f"CPU time ours/{peer}"] = report.stats([o["total_cpu_s"] / p["total_cpu_s"] for o, p in pairs])
+            ratios[f"peak RSS ours/{peer}"] = report.stats([o["peak_rss"] / p["peak_rss"] for o, p in pairs])
+            ratios[f"DiT time ours/{peer}"] = report.stats(
                 [o["seconds"]["dit_forward"] / p["seconds"]["dit_forward"] for o, p in pairs])
     out["paired_ratios"] = ratios
     if "ours" not in out["systems"]:
         return out  # the goals are about ours
-    if "diffusers" in out["systems"] and "comfy" in out["systems"]:
-        fast = min(("diffusers", "comfy"), key=lambda s: out["systems"][s]["total_s"]["median"])
-        ours_t = out["systems"]["ours"]["total_s"]["median"]
-        out["goal_time"] = {"faster_peer": fast, "ours_over_faster": ours_t / out["systems"][fast]["total_s"]["median"],
-                            "target": 0.9}
+    ours_t = out["systems"]["ours"]["total_s"]["median"]
+    for goal, peers, target in (("goal_time", ("diffusers", "comfy"), 0.9 if size > 256 else 0.4),
+                                ("goal_time_bf16", ("diffusers-bf16", "comfy-bf16"), 0.9)):
+        if all(p in out["systems"] for p in peers):
+            fast = min(peers, key=lambda s: out["systems"][s]["total_s"]["median"])
+            out[goal] = {"faster_peer": fast, "ours_over_faster": ours_t / out["systems"][fast]["total_s"]["median"],
+                         "target": target}
     if "diffusers" in out["systems"]:
         out["goal_rss"] = {"ours_over_diffusers": out["systems"]["ours"]["peak_rss_gib"]["median"]
                            / out["systems"]["diffusers"]["peak_rss_gib"]["median"], "target": 1.0}
@@ -246,14 +259,15 @@ def print_summary(s: dict) -> str:
                      f"{d['vae_decode_s']['median']:.2f}", f"{d['other_s']['median']:.2f}",
                      f"{d['peak_rss_gib']['median']:.2f}", f"{d['peak_over_baseline_gib']['median']:.2f}"])
     text = [f"P1 {s['size']} px, {s['steps']} steps, n = {next(iter(s['systems'].values()))['total_s']['n']} per system",
-            common.md_table(["system", "total s (median)", "min", "max", "CPU s (min CPU/wall)", "others' CPU share (max)", "T5 s (calls)", "DiT s (calls)", "VAE decode s",
+            report.md_table(["system", "total s (median)", "min", "max", "CPU s (min CPU/wall)", "others' CPU share (max)", "T5 s (calls)", "DiT s (calls)", "VAE decode s",
                              "other s (load, glue)", "peak RSS GiB", "peak - baseline GiB"], rows), ""]
     rrows = [[k, v["median"], v["min"], v["max"]] for k, v in s["paired_ratios"].items()]
-    text += [common.md_table(["paired ratio", "median", "min", "max"], rrows)]
-    if "goal_time" in s:
-        g = s["goal_time"]
-        text.append(f"\ngoal time <= 0.9 x faster peer ({g['faster_peer']}): {g['ours_over_faster']:.3f} "
-                    f"({'met' if g['ours_over_faster'] <= 0.9 else 'missed'})")
+    text += [report.md_table(["paired ratio", "median", "min", "max"], rrows)]
+    for key in ("goal_time", "goal_time_bf16"):
+        if key in s:
+            g = s[key]
+            text.append(f"\ngoal time <= {g['target']} x faster peer ({g['faster_peer']}): {g['ours_over_faster']:.3f} "
+                        f"({'met' if g['ours_over_faster'] <= g['target'] else 'missed'})")
     if "goal_rss" in s:
         g = s["goal_rss"]
         text.append(f"goal peak RSS <= 1.0 x diffusers: {g['ours_over_diffusers']:.3f} "
@@ -265,9 +279,9 @@ def print_summary(s: dict) -> str:
 
 def files_for(system: str, base: Path, t5_layers: int) -> list[Path]:
     m = base / "models"
-    if system == "diffusers":
-        return [m / "diffusers" / common.DIT_NAME]
-    return [m / "diffusion_models" / common.DIT_FILE, m / "text_encoders" / common.t5_file(t5_layers), m / "vae" / common.VAE_FILE]
+    if system.startswith("diffusers"):
+        return [m / "diffusers" / weights.DIT_NAME]
+    return [m / "diffusion_models" / weights.DIT_FILE, m / "text_encoders" / weights.t5_file(t5_layers), m / "vae" / weights.VAE_FILE]
 
 
 def main() -> None:
@@ -275,11 +289,11 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     ap.add_argument("--steps", type=int, nargs="+", default=[4, 2], help="steps per size (one value: all sizes)")
     ap.add_argument("--repeats", type=int, nargs="+", default=[3, 2], help="runs per system per size")
-    ap.add_argument("--systems", nargs="+", default=SYSTEMS, choices=SYSTEMS)
+    ap.add_argument("--systems", nargs="+", default=SYSTEMS, choices=SYSTEMS + VARIANTS)
     ap.add_argument("--dit-layers", type=int, default=28)
     ap.add_argument("--t5-layers", type=int, default=2)
-    ap.add_argument("--out", default=str(common.OUT / "p1_text_to_image.json"))
-    ap.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=str(weights.OUT / "p1_text_to_image.json"))
+    ap.add_argument("--worker", choices=SYSTEMS + VARIANTS, help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -287,34 +301,32 @@ def main() -> None:
         worker(a)
         return
 
-    common.run_worker(Path(__file__).with_name("common.py"), ["--build", str(a.dit_layers), str(a.t5_layers)],
-                      common.OUT / "logs" / "build.log", timeout=1800)
+    weights.build(str(a.dit_layers), str(a.t5_layers))
     per = lambda v, i: v[i] if i < len(v) else v[-1]  # noqa: E731
-    result = {"machine": common.machine(), "model": f"PixArt XL/2 512-family random, {a.dit_layers} blocks; "
-              f"T5 width 4096 x {a.t5_layers} blocks (fp16 file); SDXL VAE random", "prompt": common.PROMPT,
+    result = {"machine": report.machine(), "model": f"PixArt XL/2 512-family random, {a.dit_layers} blocks; "
+              f"T5 width 4096 x {a.t5_layers} blocks (fp16 file); SDXL VAE random", "prompt": weights.PROMPT,
               "seed": SEED, "cfg": CFG, "sizes": []}
     texts = []
     for i, size in enumerate(a.sizes):
         steps, repeats = per(a.steps, i), per(a.repeats, i)
         runs = []
-        for order in common.rotations(a.systems, repeats):
+        for order in report.rotations(a.systems, repeats):
             for system in order:
-                la = common.loadavg()
-                r = common.run_quiet(Path(__file__), ["--worker", system, "--size", str(size), "--steps", str(steps),
+                la = report.loadavg()
+                r = measure.run_quiet(__spec__.name, ["--worker", system, "--size", str(size), "--steps", str(steps),
                                                        "--dit-layers", str(a.dit_layers), "--t5-layers", str(a.t5_layers)],
-                                      common.OUT / "logs" / f"p1_{system}.log",
-                                      warm=files_for(system, common.work_dir(a.dit_layers, a.t5_layers), a.t5_layers))
+                                      weights.OUT / "logs" / f"p1_{system}.log",
+                                      warm=files_for(system, weights.work_dir(a.dit_layers, a.t5_layers), a.t5_layers))
                 r["loadavg_before"] = la
                 runs.append(r)
-                common.log(f"P1 {size}px {system}: {r['total_s']:.1f} s (CPU {r['total_cpu_s']:.1f} s), peak RSS "
-                           f"{common.gib(r['peak_rss']):.2f} GiB; others used {r['others_cpu_share']:.0%} of the CPUs; "
+                measure.log(f"P1 {size}px {system}: {r['total_s']:.1f} s (CPU {r['total_cpu_s']:.1f} s), peak RSS "
+                           f"{report.gib(r['peak_rss']):.2f} GiB; others used {r['others_cpu_share']:.0%} of the CPUs; "
                            f"{r['major_page_faults']} major page faults; try {r['attempts']}")
         s = summarize(runs, size, steps)
         s["runs"] = runs
         result["sizes"].append(s)
         texts.append(print_summary(s))
-    result["markdown"] = "\n\n".join(texts)
-    common.write_json(Path(a.out), result)
+    report.publish(result, "\n\n".join(texts), a.out, show=False)  # print_summary printed each
 
 
 if __name__ == "__main__":

@@ -8,18 +8,15 @@ output_type latent), and `steps` standalone CFG-batched forwards. Every forward 
   overhead           = our loop time / (steps x median standalone forward)      (the goal: <= 1.03)
   in-loop overhead   = our loop time / sum of the forwards inside that same loop (less sensitive to other load)
 
-    .venv/bin/python bench/p2_sampler_overhead.py --size 256 --steps 4 --repeats 3
+    ./scripts/harness bench.p2_sampler_overhead --size 256 --steps 4 --repeats 3
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from bench import measure, report, weights
 
 
 def main() -> None:
@@ -31,20 +28,18 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=27, help="positive caption tokens (the bench prompt has 27)")
     ap.add_argument("--padded", action="store_true", help="pad both captions to 300 tokens with masks, as diffusers")
     ap.add_argument("--dit-layers", type=int, default=28)
-    ap.add_argument("--out", default=str(common.OUT / "p2_sampler_overhead.json"))
+    ap.add_argument("--out", default=str(weights.OUT / "p2_sampler_overhead.json"))
     a = ap.parse_args()
-    common.run_worker(Path(__file__).with_name("common.py"), ["--build", str(a.dit_layers), "2"],
-                      common.OUT / "logs" / "build.log", timeout=1800)
+    weights.build(str(a.dit_layers), "2")
 
     import torch
     from diffusers import PixArtSigmaPipeline
 
-    sys.path.insert(0, str(common.REPO))
     from pixart_core import sampling
     from pixart_core import transformer as core_dit
 
-    base = common.work_dir(a.dit_layers, 2)
-    dit = core_dit.load_dit(base / "models" / "diffusion_models" / common.DIT_FILE, "auto", torch.float32)[0]
+    base = weights.work_dir(a.dit_layers, 2)
+    dit = core_dit.load_dit(base / "models" / "diffusion_models" / weights.DIT_FILE, "auto", torch.float32)[0]
     torch.manual_seed(1)
     n = a.tokens
     if a.padded:
@@ -99,29 +94,29 @@ def main() -> None:
         del systems["diffusers"]
     rec = {k: [] for k in systems}
     standalone: list[float] = []
-    for order in common.rotations(list(systems), a.repeats):
+    for order in report.rotations(list(systems), a.repeats):
         for name in order:
             def run(fn=systems[name]):
                 inner.clear()
                 fn()
                 return list(inner)
 
-            m = common.measure(run)
+            m = measure.measure(run)
             rec[name].append({"total_s": m["s"], "forwards_s": m["value"], "others_cpu_share": m["others_cpu_share"],
                               "attempts": m["attempts"], "waited_s": m["waited_s"]})
             if name == "forwards":
                 standalone.extend(m["value"])
-            common.log(f"P2 {name}: {m['s']:.2f} s ({len(m['value'])} forwards, sum {sum(m['value']):.2f} s); "
+            measure.log(f"P2 {name}: {m['s']:.2f} s ({len(m['value'])} forwards, sum {sum(m['value']):.2f} s); "
                        f"others used {m['others_cpu_share']:.0%} of the CPUs")
     diff = None
     if "diffusers" in systems:
         diff = float((ours() - theirs()).abs().max())
 
     fwd = statistics.median(standalone)
-    result = {"machine": common.machine(), "size": a.size, "steps": a.steps, "repeats": a.repeats,
+    result = {"machine": report.machine(), "size": a.size, "steps": a.steps, "repeats": a.repeats,
               "model": f"PixArt XL/2 512-family random, {a.dit_layers} blocks, fp32; captions "
                        + (f"padded to 300 ({n} real tokens)" if a.padded else f"{n} tokens, negative 1 (padded to {n})"),
-              "standalone_forward_s": common.stats(standalone), "max_abs_latent_diff_vs_diffusers": diff, "loops": {}}
+              "standalone_forward_s": report.stats(standalone), "max_abs_latent_diff_vs_diffusers": diff, "loops": {}}
     rows = []
     for name in ("ours", "diffusers"):
         if name not in rec:
@@ -129,27 +124,25 @@ def main() -> None:
         totals = [r["total_s"] for r in rec[name]]
         over = [t / (a.steps * fwd) for t in totals]
         inloop = [r["total_s"] / sum(r["forwards_s"]) for r in rec[name]]
-        result["loops"][name] = {"total_s": common.stats(totals), "overhead": common.stats(over),
-                                 "in_loop_overhead": common.stats(inloop), "runs": rec[name]}
+        result["loops"][name] = {"total_s": report.stats(totals), "overhead": report.stats(over),
+                                 "in_loop_overhead": report.stats(inloop), "runs": rec[name]}
         rows.append([name, statistics.median(totals), min(totals), max(totals), statistics.median(over),
                      statistics.median(inloop), f"{min(inloop):.4f}-{max(inloop):.4f}",
                      f"{max(r['others_cpu_share'] for r in rec[name]):.0%}"])
     rows.append(["1 forward (standalone)", fwd, min(standalone), max(standalone), "-", "-", "-",
                  f"{max(r['others_cpu_share'] for r in rec['forwards']):.0%}"])
     text = [f"P2 sampler overhead, {a.size} px, {a.steps} steps, n = {a.repeats}; {result['model']}",
-            common.md_table(["loop", "median s", "min", "max", "time / (steps x forward)", "time / in-loop forwards",
+            report.md_table(["loop", "median s", "min", "max", "time / (steps x forward)", "time / in-loop forwards",
                              "in-loop range", "others' CPU share (max)"], rows)]
     if "diffusers" in rec:
         ratio = [o["total_s"] / d["total_s"] for o, d in zip(rec["ours"], rec["diffusers"])]
-        result["ratio_ours_over_diffusers"] = common.stats(ratio)
+        result["ratio_ours_over_diffusers"] = report.stats(ratio)
         text.append(f"\nours/diffusers loop time (paired): median {statistics.median(ratio):.3f} "
                     f"(min {min(ratio):.3f}, max {max(ratio):.3f}); max |latent diff| {diff:.2e}")
     o = result["loops"]["ours"]["overhead"]["median"]
     text.append(f"goal overhead <= 1.03: {o:.3f} ({'met' if o <= 1.03 else 'missed'}); in-loop "
                 f"{result['loops']['ours']['in_loop_overhead']['median']:.4f}")
-    result["markdown"] = "\n".join(text)
-    print(result["markdown"], flush=True)
-    common.write_json(Path(a.out), result)
+    report.publish(result, "\n".join(text), a.out)
 
 
 if __name__ == "__main__":

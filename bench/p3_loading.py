@@ -11,18 +11,17 @@ their page-in time is counted too; files are in the page cache (warm) after the 
   T5  ours-t5       pixart_core.t5.load_t5(single fp16 file, fp32) (width 4096, few blocks)
       transformers  T5EncoderModel.from_pretrained(folder / text_encoder, dtype fp32) (same fp16 weights)
 
-    .venv/bin/python bench/p3_loading.py --repeats 3
-    .venv/bin/python bench/p3_loading.py --dit ours-file ours-pth ours-folder diffusers comfy
+    ./scripts/harness bench.p3_loading --repeats 3
+    ./scripts/harness bench.p3_loading --dit ours-file ours-pth ours-folder diffusers comfy
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from bench import measure, report, weights
+from harness.comfyui import init_comfy
 
 DIT_SYSTEMS = ["ours-file", "ours-pth", "ours-folder", "diffusers", "comfy"]
 DEFAULT_DIT = ["ours-file", "ours-folder", "diffusers", "comfy"]  # ours-pth: add with --dit
@@ -39,19 +38,18 @@ def _status(field: str) -> int:
 
 def path_of(system: str, base: Path, t5_layers: int) -> Path:
     m = base / "models"
-    pipe = m / "diffusers" / common.DIT_NAME
-    return {"ours-file": m / "diffusion_models" / common.DIT_FILE, "ours-pth": m / "checkpoints" / common.DIT_PTH,
-            "ours-folder": pipe, "diffusers": pipe / "transformer", "comfy": m / "diffusion_models" / common.DIT_FILE,
-            "ours-t5": m / "text_encoders" / common.t5_file(t5_layers), "transformers": pipe / "text_encoder"}[system]
+    pipe = m / "diffusers" / weights.DIT_NAME
+    return {"ours-file": m / "diffusion_models" / weights.DIT_FILE, "ours-pth": m / "checkpoints" / weights.DIT_PTH,
+            "ours-folder": pipe, "diffusers": pipe / "transformer", "comfy": m / "diffusion_models" / weights.DIT_FILE,
+            "ours-t5": m / "text_encoders" / weights.t5_file(t5_layers), "transformers": pipe / "text_encoder"}[system]
 
 
 def worker(a) -> None:
     import torch
 
-    base = common.work_dir(a.dit_layers, a.t5_layers)
-    sys.path.insert(0, str(common.REPO))
+    base = weights.work_dir(a.dit_layers, a.t5_layers)
     if a.worker == "comfy":
-        common.init_comfy(base, custom_nodes=False)
+        init_comfy(base, pack=False)
         import comfy.sd
     from diffusers import PixArtTransformer2DModel  # noqa: F401  (imports outside the measured part)
     from transformers import T5EncoderModel  # noqa: F401
@@ -61,7 +59,7 @@ def worker(a) -> None:
 
     path = path_of(a.worker, base, a.t5_layers)
     wdir = path / "transformer" if a.worker == "ours-folder" else path
-    weights = sum(p.stat().st_size for p in wdir.rglob("*.safetensors")) if wdir.is_dir() else wdir.stat().st_size
+    file_bytes = sum(p.stat().st_size for p in wdir.rglob("*.safetensors")) if wdir.is_dir() else wdir.stat().st_size
 
     def load():
         if a.worker.startswith("ours-") and a.worker != "ours-t5":
@@ -74,20 +72,20 @@ def worker(a) -> None:
             return core_t5.load_t5(path, core_t5.QUANTIZATIONS[0], torch.float32).model
         return T5EncoderModel.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
 
-    common.reset_peak_rss()
-    baseline = common.rss_bytes()
+    measure.reset_peak_rss()
+    baseline = measure.rss_bytes()
     t0 = time.perf_counter()
     model = load()
     t_load = time.perf_counter() - t0
-    peak_load = common.peak_rss_bytes()
+    peak_load = measure.peak_rss_bytes()
     with torch.no_grad():  # read every weight once (pages in lazily mapped ones); sum() allocates nothing big
         checksum = sum(float(p.sum()) for p in model.parameters())
     t_total = time.perf_counter() - t0
     params = {p.dtype for p in model.parameters()}
     n_params = sum(p.numel() for p in model.parameters())
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    common.emit({"system": a.worker, "load_s": t_load, "load_touch_s": t_total, "baseline_rss": baseline,
-                 "peak_rss_load": peak_load, "peak_rss": common.peak_rss_bytes(), "weights_bytes": weights, "model_bytes": model_bytes,
+    measure.emit({"system": a.worker, "load_s": t_load, "load_touch_s": t_total, "baseline_rss": baseline,
+                 "peak_rss_load": peak_load, "peak_rss": measure.peak_rss_bytes(), "weights_bytes": file_bytes, "model_bytes": model_bytes,
                  "rss_anon": _status("RssAnon"), "rss_file": _status("RssFile"), "checksum": checksum,
                  "dtypes": sorted(str(d) for d in params), "params": n_params})
 
@@ -99,19 +97,19 @@ def summarize(runs: list[dict], systems: list[str], ref: str) -> dict:
         w = rs[0]["weights_bytes"]
         mb = rs[0]["model_bytes"]
         out["systems"][s] = {
-            "load_s": common.stats([r["load_s"] for r in rs]),
-            "load_touch_s": common.stats([r["load_touch_s"] for r in rs]),
-            "peak_over_baseline_gib": common.stats([common.gib(r["peak_rss"] - r["baseline_rss"]) for r in rs]),
-            "peak_over_weights": common.stats([(r["peak_rss"] - r["baseline_rss"]) / w for r in rs]),
-            "peak_over_model": common.stats([(r["peak_rss"] - r["baseline_rss"]) / mb for r in rs]),
-            "others_cpu_share": common.stats([r["others_cpu_share"] for r in rs]),
-            "weights_gib": common.gib(w), "model_gib": common.gib(mb), "checksum": rs[0]["checksum"], "dtypes": rs[0]["dtypes"],
-            "rss_file_gib_after": common.gib(rs[-1]["rss_file"]), "rss_anon_gib_after": common.gib(rs[-1]["rss_anon"]),
+            "load_s": report.stats([r["load_s"] for r in rs]),
+            "load_touch_s": report.stats([r["load_touch_s"] for r in rs]),
+            "peak_over_baseline_gib": report.stats([report.gib(r["peak_rss"] - r["baseline_rss"]) for r in rs]),
+            "peak_over_weights": report.stats([(r["peak_rss"] - r["baseline_rss"]) / w for r in rs]),
+            "peak_over_model": report.stats([(r["peak_rss"] - r["baseline_rss"]) / mb for r in rs]),
+            "others_cpu_share": report.stats([r["others_cpu_share"] for r in rs]),
+            "weights_gib": report.gib(w), "model_gib": report.gib(mb), "checksum": rs[0]["checksum"], "dtypes": rs[0]["dtypes"],
+            "rss_file_gib_after": report.gib(rs[-1]["rss_file"]), "rss_anon_gib_after": report.gib(rs[-1]["rss_anon"]),
         }
         if s != ref:
             out["paired_vs_" + ref][s] = {
-                "load_touch_time": common.stats([x["load_touch_s"] / y["load_touch_s"] for x, y in zip(rs, by[ref])]),
-                "peak_rss": common.stats([(x["peak_rss"] - x["baseline_rss"]) / (y["peak_rss"] - y["baseline_rss"])
+                "load_touch_time": report.stats([x["load_touch_s"] / y["load_touch_s"] for x, y in zip(rs, by[ref])]),
+                "peak_rss": report.stats([(x["peak_rss"] - x["baseline_rss"]) / (y["peak_rss"] - y["baseline_rss"])
                                           for x, y in zip(rs, by[ref])]),
             }
     return out
@@ -128,7 +126,7 @@ def table(title: str, s: dict, ref: str) -> str:
                      f"{d['rss_anon_gib_after']:.2f} / {d['rss_file_gib_after']:.2f}",
                      f"{p['load_touch_time']['median']:.2f} ({p['load_touch_time']['min']:.2f}-{p['load_touch_time']['max']:.2f})" if p else "-",
                      f"{p['peak_rss']['median']:.2f}" if p else "-", f"{d['others_cpu_share']['max']:.0%}"])
-    text = f"{title}\n" + common.md_table(
+    text = f"{title}\n" + report.md_table(
         ["loader", "load+touch s median (min-max)", "load call s", "peak RSS over baseline GiB",
          "file / loaded model GiB", "peak / file, / model", "RSS anon / file-backed after, GiB",
          f"time / {ref} (paired)", f"peak RSS / {ref} (paired)", "others' CPU share (max)"], rows)
@@ -143,36 +141,34 @@ def main() -> None:
     ap.add_argument("--t5", nargs="*", default=T5_SYSTEMS, choices=T5_SYSTEMS)
     ap.add_argument("--dit-layers", type=int, default=28)
     ap.add_argument("--t5-layers", type=int, default=2)
-    ap.add_argument("--out", default=str(common.OUT / "p3_loading.json"))
+    ap.add_argument("--out", default=str(weights.OUT / "p3_loading.json"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         worker(a)
         return
-    common.run_worker(Path(__file__).with_name("common.py"), ["--build", str(a.dit_layers), str(a.t5_layers)],
-                      common.OUT / "logs" / "build.log", timeout=1800)
-    result = {"machine": common.machine(), "note": "page cache warm; peak RSS measured from after imports"}
+    weights.build(str(a.dit_layers), str(a.t5_layers))
+    result = {"machine": report.machine(), "note": "page cache warm; peak RSS measured from after imports"}
     texts = []
     for label, systems, ref in (("DiT", a.dit, "diffusers"), ("T5", a.t5, "transformers")):
         if not systems:
             continue
         runs = []
-        for order in common.rotations(systems, a.repeats):
+        for order in report.rotations(systems, a.repeats):
             for s in order:
-                r = common.run_quiet(Path(__file__), ["--worker", s, "--dit-layers", str(a.dit_layers),
-                                                       "--t5-layers", str(a.t5_layers)], common.OUT / "logs" / "p3.log",
-                                     warm=[path_of(s, common.work_dir(a.dit_layers, a.t5_layers), a.t5_layers)
+                r = measure.run_quiet(__spec__.name, ["--worker", s, "--dit-layers", str(a.dit_layers),
+                                                       "--t5-layers", str(a.t5_layers)], weights.OUT / "logs" / "p3.log",
+                                     warm=[path_of(s, weights.work_dir(a.dit_layers, a.t5_layers), a.t5_layers)
                                            / ("transformer" if s == "ours-folder" else "")])
                 runs.append(r)
-                common.log(f"P3 {s}: {r['load_touch_s']:.2f} s, peak over baseline "
-                           f"{common.gib(r['peak_rss'] - r['baseline_rss']):.2f} GiB; others used "
+                measure.log(f"P3 {s}: {r['load_touch_s']:.2f} s, peak over baseline "
+                           f"{report.gib(r['peak_rss'] - r['baseline_rss']):.2f} GiB; others used "
                            f"{r['others_cpu_share']:.0%} of the CPUs")
         s = summarize(runs, systems, ref) if ref in systems else summarize(runs, systems, systems[0])
         s["runs"] = runs
         result[label] = s
         texts.append(table(f"P3 {label} loading, n = {a.repeats} per loader", s, ref if ref in systems else systems[0]))
-    result["markdown"] = "\n\n".join(texts)
-    common.write_json(Path(a.out), result)
+    report.publish(result, "\n\n".join(texts), a.out, show=False)
 
 
 if __name__ == "__main__":

@@ -13,21 +13,20 @@ Every "would save" figure below is measured here, A/B alternately (median of --r
      counted with a TorchDispatchMode on the CPU run.
   7. VAE decode (diffusers AutoencoderKL, as our VAE Decode runs it) in the default vs channels_last memory format.
 
-    .venv/bin/python bench/profile_forward.py --size 256 --repeats 3
-    .venv/bin/python bench/profile_forward.py --parts vae --vae-sizes 256 512 --out bench/out/profile_vae.json
+    ./scripts/harness bench.profile_forward --size 256 --repeats 3
+    ./scripts/harness bench.profile_forward --parts vae --vae-sizes 256 512 --out bench/out/profile_vae.json
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import statistics
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from bench import measure, report, weights
+from harness.location import comfyui_path
 
 
 DISTURBED: list[float] = []  # others' CPU share during every timed run
@@ -36,9 +35,9 @@ DISTURBED: list[float] = []  # others' CPU share during every timed run
 def ab(fns: dict, repeats: int) -> dict[str, list[float]]:
     """Time each callable `repeats` times, rotating the order every round (waiting for a quiet machine)."""
     out = {k: [] for k in fns}
-    for order in common.rotations(list(fns), repeats):
+    for order in report.rotations(list(fns), repeats):
         for k in order:
-            m = common.measure(fns[k])
+            m = measure.measure(fns[k])
             out[k].append(m["s"])
             DISTURBED.append(m["others_cpu_share"])
     return out
@@ -54,33 +53,31 @@ def main() -> None:
     ap.add_argument("--parts", nargs="+", default=["t5", "dit", "vae"], choices=["t5", "dit", "vae"],
                     help="t5: padding (5); dit: profiler, modules, padding, SDPA masks, syncs (1-4, 6); vae: (7)")
     ap.add_argument("--vae-sizes", type=int, nargs="+", default=[256], help="image sizes for the VAE part")
-    ap.add_argument("--out", default=str(common.OUT / "profile_forward.json"))
+    ap.add_argument("--out", default=str(weights.OUT / "profile_forward.json"))
     a = ap.parse_args()
-    common.run_worker(Path(__file__).with_name("common.py"), ["--build", str(a.dit_layers), str(a.t5_layers)],
-                      common.OUT / "logs" / "build.log", timeout=1800)
+    weights.build(str(a.dit_layers), str(a.t5_layers))
 
     import torch
     import torch.nn.functional as F
     from torch.profiler import ProfilerActivity, profile
 
-    sys.path.insert(0, str(common.REPO))
     from pixart_core import sampling
     from pixart_core import t5 as core_t5
     from pixart_core import transformer as core_dit
 
-    base = common.work_dir(a.dit_layers, a.t5_layers)
+    base = weights.work_dir(a.dit_layers, a.t5_layers)
     models = base / "models"
-    result: dict = {"machine": common.machine(), "size": a.size}
+    result: dict = {"machine": report.machine(), "size": a.size}
     md: list[str] = []
 
     # ---- real conditioning from our T5 path (tokenizer shipped by ComfyUI)
-    tok = core_t5.load_tokenizer([common.COMFY / "comfy" / "text_encoders" / "t5_tokenizer"])
-    t5 = core_t5.load_t5(models / "text_encoders" / common.t5_file(a.t5_layers), core_t5.QUANTIZATIONS[0], torch.float32)
+    tok = core_t5.load_tokenizer([comfyui_path() / "comfy" / "text_encoders" / "t5_tokenizer"])
+    t5 = core_t5.load_t5(models / "text_encoders" / weights.t5_file(a.t5_layers), core_t5.QUANTIZATIONS[0], torch.float32)
     import inspect
 
     # diffusers' padded [1, 300] tensors (our encode pads only when asked since 157fd2b; before, it always padded)
     kw = {"pad": True} if "pad" in inspect.signature(core_t5.encode).parameters else {}
-    pe, pm = core_t5.encode(t5, tok, common.PROMPT, 300, torch.device("cpu"), **kw)
+    pe, pm = core_t5.encode(t5, tok, weights.PROMPT, 300, torch.device("cpu"), **kw)
     ne, nm = core_t5.encode(t5, tok, "", 300, torch.device("cpu"), **kw)
     result["our_encode_pads"] = not kw
     real = int(pm.sum()) if not a.real_tokens else a.real_tokens
@@ -92,7 +89,7 @@ def main() -> None:
     if "t5" in a.parts:
         # ---- 5. T5 padding
         def t5_run(length):
-            ids_p = tok([core_t5.preprocess(common.PROMPT)], padding="max_length", max_length=length, truncation=True,
+            ids_p = tok([core_t5.preprocess(weights.PROMPT)], padding="max_length", max_length=length, truncation=True,
                         return_tensors="pt")
             ids_n = tok([""], padding="max_length", max_length=length, truncation=True, return_tensors="pt")
             with torch.no_grad():
@@ -104,17 +101,17 @@ def main() -> None:
                       float((full[1][:, :1] - trim[1][:, :1]).abs().max()))
         t5_times = ab({"padded 300 + mask (diffusers)": lambda: t5_run(300), f"trimmed to {real}": lambda: t5_run(real)},
                       a.repeats)
-        result["t5"] = {"layers": a.t5_layers, "seconds": {k: common.stats(v) for k, v in t5_times.items()},
+        result["t5"] = {"layers": a.t5_layers, "seconds": {k: report.stats(v) for k, v in t5_times.items()},
                         "max_abs_diff_real_tokens": t5_diff}
         rows = [[k, statistics.median(v), min(v), max(v), statistics.median(v) / a.t5_layers] for k, v in t5_times.items()]
         md.append(f"\nT5 encode of positive + empty negative (width 4096, {a.t5_layers} blocks, fp32), n = {a.repeats}\n"
-                  + common.md_table(["T5 input", "median s", "min", "max", "s per block"], rows)
+                  + report.md_table(["T5 input", "median s", "min", "max", "s per block"], rows)
                   + f"\nmax |difference| on the real tokens' outputs, padded vs trimmed: {t5_diff:.2e}")
         del t5, full, trim
 
     if "dit" in a.parts:
         # ---- DiT
-        dit = core_dit.load_dit(models / "diffusion_models" / common.DIT_FILE, "auto", torch.float32)[0]
+        dit = core_dit.load_dit(models / "diffusion_models" / weights.DIT_FILE, "auto", torch.float32)[0]
         torch.manual_seed(0)
         n = a.size // 8
         x = torch.randn(2, 4, n, n)
@@ -135,7 +132,7 @@ def main() -> None:
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             fwd(enc, mask)
         avgs = prof.key_averages(group_by_input_shape=True)
-        (common.OUT / "profile_forward_table.txt").write_text(avgs.table(sort_by="self_cpu_time_total", row_limit=40))
+        (weights.OUT / "profile_forward_table.txt").write_text(avgs.table(sort_by="self_cpu_time_total", row_limit=40))
         total_us = sum(e.self_cpu_time_total for e in avgs)
         top = sorted(avgs, key=lambda e: -e.self_cpu_time_total)[:16]
         result["profiler_top_self_cpu"] = [{"op": e.key, "shapes": str(e.input_shapes), "self_ms": e.self_cpu_time_total / 1000,
@@ -147,7 +144,7 @@ def main() -> None:
         md.append(f"\ntorch.profiler, one CFG-batched forward at {a.size} px (padded 300 + mask), self CPU time by op: "
                   + ", ".join(f"{k} {v:.1%}" for k, v in list(result["profiler_by_op"].items())[:7])
                   + "\n\nTop (op, input shapes)\n"
-                  + common.md_table(["op", "input shapes", "self ms", "share", "calls"],
+                  + report.md_table(["op", "input shapes", "self ms", "share", "calls"],
                                     [[e.key, str(e.input_shapes)[:70], e.self_cpu_time_total / 1000,
                                       f"{e.self_cpu_time_total / total_us:.1%}", e.count] for e in top]))
 
@@ -174,7 +171,7 @@ def main() -> None:
                     lambda m, i, o, k=id(mod), lab=lab: spent.__setitem__(lab, spent[lab] + time.perf_counter() - starts[k])))
         runs: dict[str, list[dict]] = defaultdict(list)
         cases = {"padded 300 + mask": (enc, mask), f"trimmed to {L} + mask": (enc[:, :L], mask[:, :L])}
-        for order in common.rotations(list(cases), a.repeats):
+        for order in report.rotations(list(cases), a.repeats):
             for tag in order:
                 spent.clear()
                 tt = time.perf_counter()
@@ -189,7 +186,7 @@ def main() -> None:
         rows = [[k] + [f"{v.get(k, 0):.3f} ({v.get(k, 0) / v['forward_s']:.1%})" for v in per_module.values()] for k in labels]
         rows.append(["whole forward"] + [f"{v['forward_s']:.3f}" for v in per_module.values()])
         md.append(f"\nPer-module time of one forward at {a.size} px (median of {a.repeats}; seconds and share of the forward)\n"
-                  + common.md_table(["module (28 blocks summed)", *per_module], rows))
+                  + report.md_table(["module (28 blocks summed)", *per_module], rows))
 
         # 3. padded vs trimmed forward, exactness
         o_full, o_trim = fwd(enc, mask), fwd(enc[:, :L], mask[:, :L])
@@ -200,12 +197,12 @@ def main() -> None:
                     f"trimmed to {L} + mask": lambda: fwd(enc[:, :L], mask[:, :L]),
                     "padded 300, no mask (wrong; mask cost only)": lambda: fwd(enc, None)}, a.repeats)
         base_t = statistics.median(times["padded 300 + mask (diffusers)"])
-        result["dit_padding"] = {"seconds": {k: common.stats(v) for k, v in times.items()},
+        result["dit_padding"] = {"seconds": {k: report.stats(v) for k, v in times.items()},
                                  "max_abs_diff_trimmed": dit_diff, "max_abs_output": scale,
                                  "max_abs_diff_no_mask": float((o_full - o_nomask).abs().max())}
         rows = [[k, statistics.median(v), min(v), max(v), f"{statistics.median(v) / base_t:.3f}"] for k, v in times.items()]
         md.append(f"\nDiT forward at {a.size} px, CFG batch 2, n = {a.repeats} (A/B rotated)\n"
-                  + common.md_table(["captions", "median s", "min", "max", "vs padded"], rows)
+                  + report.md_table(["captions", "median s", "min", "max", "vs padded"], rows)
                   + f"\nmax |out(padded) - out(trimmed)| = {dit_diff:.2e} (max |out| {scale:.2f}); "
                     f"without the mask the output differs by {result['dit_padding']['max_abs_diff_no_mask']:.2e}")
 
@@ -229,11 +226,11 @@ def main() -> None:
         with profile(activities=[ProfilerActivity.CPU]) as p2:
             sdpa(fmask, k, v, reps=1)
         kernels = sorted({e.key for e in p2.key_averages() if "scaled_dot_product" in e.key or e.key in ("aten::bmm", "aten::_softmax")})
-        result["sdpa_cross"] = {"seconds_28_calls": {k_: common.stats(v_) for k_, v_ in sd_times.items()},
+        result["sdpa_cross"] = {"seconds_28_calls": {k_: report.stats(v_) for k_, v_ in sd_times.items()},
                                 "kernels_float_mask": kernels}
         rows = [[k_, statistics.median(v_), min(v_), max(v_)] for k_, v_ in sd_times.items()]
         md.append(f"\nSDPA at the cross-attention shape (q {list(q.shape)}), 28 calls = one forward's worth, n = {a.repeats}\n"
-                  + common.md_table(["mask", "median s", "min", "max"], rows)
+                  + report.md_table(["mask", "median s", "min", "max"], rows)
                   + f"\nkernels with the float mask: {', '.join(kernels)}")
 
         # 6. sync points in our sampling loop (ops that would block on a GPU)
@@ -256,7 +253,7 @@ def main() -> None:
                     self.counts[f"{name} at {where}"] += 1
                 return func(*args, **(kwargs or {}))
 
-        small = core_dit.load_dit(models / "diffusion_models" / common.DIT_FILE, "auto", torch.float32)[0]
+        small = core_dit.load_dit(models / "diffusion_models" / weights.DIT_FILE, "auto", torch.float32)[0]
         small.transformer_blocks = small.transformer_blocks[:1]  # the loop's sync points do not depend on depth
         steps = 4
         noise, gen = sampling.initial_noise(0, 1, 4, 64, 64)
@@ -271,7 +268,7 @@ def main() -> None:
     if "vae" in a.parts:
         from diffusers import AutoencoderKL
 
-        vae = AutoencoderKL.from_pretrained(str(models / "diffusers" / common.DIT_NAME / "vae")).eval()
+        vae = AutoencoderKL.from_pretrained(str(models / "diffusers" / weights.DIT_NAME / "vae")).eval()
         vae_cl = copy.deepcopy(vae).to(memory_format=torch.channels_last)
         result["vae_channels_last"] = {}
         for size in a.vae_sizes:
@@ -284,21 +281,19 @@ def main() -> None:
             diff = float((dec(vae, z) - dec(vae_cl, z.to(memory_format=torch.channels_last))).abs().max())  # + warm-up
             times = ab({"default": lambda: dec(vae, z),
                         "channels_last": lambda: dec(vae_cl, z.to(memory_format=torch.channels_last))}, a.repeats)
-            result["vae_channels_last"][size] = {"seconds": {k: common.stats(v) for k, v in times.items()},
+            result["vae_channels_last"][size] = {"seconds": {k: report.stats(v) for k, v in times.items()},
                                                  "max_abs_diff": diff}
             rows = [[k, statistics.median(v), min(v), max(v),
                      f"{statistics.median(v) / statistics.median(times['default']):.3f}"] for k, v in times.items()]
             md.append(f"\nVAE decode (SDXL VAE, diffusers AutoencoderKL, fp32) at {size} px, n = {a.repeats}\n"
-                      + common.md_table(["memory format", "median s", "min", "max", "vs default"], rows)
+                      + report.md_table(["memory format", "median s", "min", "max", "vs default"], rows)
                       + f"\nmax |difference| of the decoded images: {diff:.1e}")
 
     result["others_cpu_share_max"] = max(DISTURBED) if DISTURBED else None
     if DISTURBED:
         md.append(f"\nOthers' CPU share during the timed runs: median {statistics.median(DISTURBED):.0%}, "
                   f"max {max(DISTURBED):.0%}.")
-    result["markdown"] = "\n".join(md)
-    print(result["markdown"], flush=True)
-    common.write_json(Path(a.out), result)
+    report.publish(result, "\n".join(md), a.out)
 
 
 if __name__ == "__main__":

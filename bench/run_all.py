@@ -2,9 +2,9 @@
 every table into bench/out/results.md (+ each script's JSON in bench/out/). Sized to finish in under 20 minutes on
 a quiet 2-core CPU once the weights exist (building them the first time takes about a minute more).
 
-    .venv/bin/python bench/run_all.py              # P1-P3
-    .venv/bin/python bench/run_all.py --profile    # + bench/profile_forward.py (about 3 minutes more)
-    .venv/bin/python bench/run_all.py --quick      # 2-block DiT, 1-block T5, 1 step, 1 repeat: checks the harness
+    ./scripts/harness bench.run_all              # P1-P3
+    ./scripts/harness bench.run_all --profile    # + bench/profile_forward.py (about 3 minutes more)
+    ./scripts/harness bench.run_all --quick      # 2-block DiT, 1-block T5, 1 step, 1 repeat: checks the harness
 """
 from __future__ import annotations
 
@@ -15,11 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
-
+from bench import measure, report, weights
+from harness.location import REPO, child_env
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -47,26 +44,26 @@ def main() -> None:
         suffix = ""
     chosen = a.only or (["p1", "p2", "p3"] + (["profile"] if a.profile else []))
     t0 = time.perf_counter()
-    common.log("building / checking the weight set")
-    build_args = ["--build", "2", "1"] if a.quick else ["--build", "28", "2"]
-    common.run_worker(HERE / "common.py", build_args, common.OUT / "logs" / "build.log", timeout=1800)
+    measure.log("building / checking the weight set")
+    weights.build(*((2, 1) if a.quick else (28, 2)))
     if a.quick:  # P2 uses the 2-block DiT with the 2-block-T5 set
-        common.run_worker(HERE / "common.py", ["--build", "2", "2"], common.OUT / "logs" / "build.log", timeout=1800)
+        weights.build(2, 2)
     build_s = time.perf_counter() - t0
     wall: dict[str, float] = {}
     outputs: dict[str, Path] = {}
     for name in chosen:
         script, *args = parts[name]
-        out = common.OUT / f"{Path(script).stem}{suffix}.json"
+        out = weights.OUT / f"{Path(script).stem}{suffix}.json"
         outputs[name] = out
-        common.log(f"running {script} {' '.join(args)}")
+        measure.log(f"running {script} {' '.join(args)}")
         t = time.perf_counter()
-        subprocess.run([sys.executable, str(HERE / script), *args, "--out", str(out)], check=True, cwd=str(common.REPO))
+        subprocess.run([sys.executable, "-m", f"bench.{Path(script).stem}", *args, "--out", str(out)], check=True,
+                       cwd=str(REPO), env=child_env())
         wall[name] = time.perf_counter() - t
-        common.log(f"{script}: {wall[name] / 60:.1f} min")
+        measure.log(f"{script}: {wall[name] / 60:.1f} min")
     total = time.perf_counter() - t0
 
-    m = common.machine()
+    m = report.machine()
     lines = [f"# Bench results{' (quick harness check, not a measurement)' if a.quick else ''}", "",
              f"- machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, torch threads {m['torch_threads']}",
              f"- date: {m['date']}; code: {m['git_head']}"
@@ -79,9 +76,9 @@ def main() -> None:
     for name, path in outputs.items():
         data = json.loads(path.read_text())
         lines += [f"## {name}", "", data["markdown"], ""]
-    md = common.OUT / f"results{suffix}.md"
+    md = weights.OUT / f"results{suffix}.md"
     md.write_text("\n".join(lines))
-    common.write_json(common.OUT / f"run_all{suffix}.json", {"machine": m, "wall_s": wall, "total_s": total,
+    report.write_json(weights.OUT / f"run_all{suffix}.json", {"machine": m, "wall_s": wall, "total_s": total,
                                                               "build_s": build_s, "outputs": {k: str(v) for k, v in outputs.items()}})
     print("\n".join(lines))
 

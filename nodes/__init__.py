@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from comfy_api.v0_0_2 import ComfyExtension, io
 
-from .dit import DiTLoader, Sampler
+from .dit import DiTLoader
 from .resolution import Resolution
+from .sampler import Sampler
 from .text import T5Loader, TextEncode
 from .vae import VAEDecode, VAEEncode, VAELoader
 

@@ -63,6 +63,8 @@ def castable(model: torch.nn.Module) -> torch.nn.Module:
         cls = CAST_OPS.get(type(m))
         if cls is not None:
             m.__class__ = cls
+            if not hasattr(m, "bias"):
+                m.bias = None  # ComfyUI's Embedding sets this at construction; its cast path reads it
     return model
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import folder_paths
 
 WEIGHT_EXT = (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin")
+COMFY_TOKENIZER = Path(folder_paths.__file__).parent / "comfy" / "text_encoders" / "t5_tokenizer"  # shipped by ComfyUI
 
 
 def _diffusers_roots() -> list[Path]:

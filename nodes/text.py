@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
-import comfy.model_management
 from comfy_api.v0_0_2 import io
 
 from ..pixart_core import captions
@@ -12,14 +10,12 @@ from ..pixart_core import t5 as core_t5
 from ..pixart_core.cache import LRUCache
 from ..pixart_core.sampling import Conditioning
 from . import management, paths
-from .types import CATEGORY, T5, T5Handle
-from .types import Conditioning as CondType
+from .types import CATEGORY, T5, ConditioningType, T5Handle
 
 log = logging.getLogger(__name__)
 T5_FOLDERS = ("text_encoders",)
 # Recent prompt embeddings (~5 MB each at 300 x 4096 fp32): re-encoding a prompt seen lately never loads the T5.
 EMBEDDINGS = LRUCache(max_items=16)
-COMFY_TOKENIZER = Path(comfy.model_management.__file__).parent / "text_encoders" / "t5_tokenizer"  # shipped by ComfyUI
 
 
 class T5Loader(io.ComfyNode):
@@ -48,7 +44,7 @@ class T5Loader(io.ComfyNode):
         path = paths.resolve(t5_name, T5_FOLDERS)
         load_device, offload_device = management.t5_devices()
         compute = core_t5.compute_dtype(dtype, management.auto_dtype("t5", load_device))
-        tokenizer = core_t5.load_tokenizer(core_t5.tokenizer_candidates(path) + [COMFY_TOKENIZER])
+        tokenizer = core_t5.load_tokenizer(core_t5.tokenizer_candidates(path) + [paths.COMFY_TOKENIZER])
         loaded = core_t5.load_t5(path, quantization, compute)
         patcher = management.wrap(loaded.model, load_device, offload_device)
         log.info("PixArt T5 %s loaded (%s, %s)", t5_name, quantization, compute)
@@ -80,8 +76,8 @@ class TextEncode(io.ComfyNode):
                                        "punctuation; lowercases), as PixArtSigmaPipeline does by default. lowercase: "
                                        "lowercase and strip only. none: strip only, as the original PixArt-Σ script."),
             ],
-            outputs=[CondType.Output("POSITIVE", display_name="positive"),
-                     CondType.Output("NEGATIVE", display_name="negative")],
+            outputs=[ConditioningType.Output("POSITIVE", display_name="positive"),
+                     ConditioningType.Output("NEGATIVE", display_name="negative")],
         )
 
     @classmethod

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from typing import Iterator
 
 import torch
@@ -109,10 +110,13 @@ class _DropCastNotice(logging.Filter):
 @contextlib.contextmanager
 def quiet_int8_casts() -> Iterator[None]:
     """Silence bitsandbytes' per-matmul notice that 8-bit layers cast their inputs to fp16 (one console line per
-    layer per forward: ~288 per T5-XXL prompt). The cast is how LLM.int8() works, not a problem to report."""
+    layer per forward: ~288 per T5-XXL prompt). The cast is how LLM.int8() works, not a problem to report.
+    bitsandbytes 0.50 logs it; 0.48 and 0.49 raise it as a UserWarning."""
     logger, notice = logging.getLogger("bitsandbytes.autograd._functions"), _DropCastNotice()
     logger.addFilter(notice)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+            yield
     finally:
         logger.removeFilter(notice)

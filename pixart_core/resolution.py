@@ -4,6 +4,20 @@ from __future__ import annotations
 import torch
 
 FAMILIES = (256, 512, 1024, 2048)
+MAX_SIDE = 4096  # the largest side of any trained bin (2K family)
+MULTIPLE = 16  # patch 2 x VAE 8
+
+
+def check_size(width: int, height: int) -> None:
+    """Refuse sizes the DiT cannot take before anything is allocated, naming valid neighbours."""
+    for label, v in (("width", width), ("height", height)):
+        if v <= 0 or v > MAX_SIDE:
+            raise ValueError(f"PixArt sampler: {label} {v} is outside {MULTIPLE}..{MAX_SIDE}.")
+        if v % MULTIPLE:
+            lo, hi = max(MULTIPLE, v // MULTIPLE * MULTIPLE), v // MULTIPLE * MULTIPLE + MULTIPLE
+            raise ValueError(
+                f"PixArt sampler: {label} {v} is not a multiple of {MULTIPLE} (patch 2 x VAE 8); use {lo} or {hi}."
+            )
 
 
 def bins(family: int) -> dict[str, list[float]]:

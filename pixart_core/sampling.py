@@ -154,6 +154,16 @@ def initial_noise(seed: int, batch: int, channels: int, height: int, width: int)
     return noise, generator
 
 
+def check_denoise(denoise: float, steps: int, img2img: bool) -> None:
+    """Refuse a denoise that runs nothing or needs an input latent that is not there (img2img: whether one is)."""
+    if not img2img and denoise < 1.0:
+        raise ValueError("PixArt sampler: denoise below 1.0 needs an input latent (connect 'latent' for img2img).")
+    if denoise <= 0.0:
+        raise ValueError("PixArt sampler: denoise 0 runs no step; use a value in (0, 1].")
+    if img2img and min(int(steps * denoise), steps) == 0:
+        raise ValueError(f"denoise {denoise} of {steps} steps runs no step; use denoise >= {1 / steps:.3g} or more steps.")
+
+
 def img2img_timesteps(scheduler, steps: int, denoise: float) -> tuple[torch.Tensor, int]:
     """The part of the schedule that img2img runs, as diffusers' strength does: (timesteps, steps run)."""
     init = min(int(steps * denoise), steps)
@@ -239,9 +249,8 @@ def sample(
     if init_latents is None:
         latents = noise * scheduler.init_noise_sigma
     else:
-        timesteps, run = img2img_timesteps(scheduler, steps, denoise)
-        if run == 0:
-            raise ValueError(f"denoise {denoise} of {steps} steps runs no step; use denoise >= {1 / steps:.3g} or more steps.")
+        check_denoise(denoise, steps, img2img=True)
+        timesteps, _ = img2img_timesteps(scheduler, steps, denoise)
         init = init_latents.to(device=device, dtype=torch.float32)
         if init.shape[0] != batch:
             init = init.repeat((batch + init.shape[0] - 1) // init.shape[0], 1, 1, 1)[:batch]

@@ -40,13 +40,23 @@ def config_from_state_dict(sd: dict[str, torch.Tensor], variant: Variant, name: 
             f"{'PixArt-α 1024-MS' if micro else 'not PixArt-α 1024-MS'}, but the variant is {variant.name}. "
             "Pick the matching variant in the loader (or 'auto')."
         )
+    return diffusers_config(variant, heads=inner // HEAD_DIM, layers=layers,
+                            caption_channels=sd["caption_projection.linear_1.weight"].shape[1],
+                            cross_attention_dim=sd["transformer_blocks.0.attn2.to_k.weight"].shape[0],
+                            in_channels=in_channels, out_channels=out_channels, patch=patch)
+
+
+def diffusers_config(variant: Variant, *, heads: int = 16, layers: int = 28, caption_channels: int = 4096,
+                     cross_attention_dim: int | None = None, in_channels: int = 4, out_channels: int = 8,
+                     patch: int = 2) -> dict[str, Any]:
+    """The PixArtTransformer2DModel config of a variant at a size (the defaults: XL/2, 0.6B parameters)."""
     return {
-        "num_attention_heads": inner // HEAD_DIM,
+        "num_attention_heads": heads,
         "attention_head_dim": HEAD_DIM,
         "in_channels": in_channels,
         "out_channels": out_channels,
         "num_layers": layers,
-        "cross_attention_dim": sd["transformer_blocks.0.attn2.to_k.weight"].shape[0],
+        "cross_attention_dim": cross_attention_dim or heads * HEAD_DIM,
         "attention_bias": True,
         "sample_size": variant.sample_size,
         "patch_size": patch,
@@ -57,7 +67,7 @@ def config_from_state_dict(sd: dict[str, torch.Tensor], variant: Variant, name: 
         "norm_eps": 1e-6,
         "interpolation_scale": variant.interpolation_scale,
         "use_additional_conditions": variant.micro_conditioning,
-        "caption_channels": sd["caption_projection.linear_1.weight"].shape[1],
+        "caption_channels": caption_channels,
     }
 
 

@@ -43,14 +43,21 @@ def family_from_config(config: dict[str, Any]) -> str | None:
 FAMILY_NAMES = {"sdxl": "the SDXL VAE (PixArt-Σ)", "sd": "the SD 1.x VAE (PixArt-α)"}
 
 
-def check_pairing(latent_space: str | None, vae_family: str | None, vae_name: str) -> None:
-    """Refuse to decode one latent space with the other family's VAE (same shapes, wrong colours)."""
-    if latent_space and vae_family and latent_space != vae_family:
+def check_pairing(latent_space: str | None, family: str | None, name: str, sampler: bool = False) -> None:
+    """Refuse latents of one latent space where a model of the other family would use them (same shapes, wrong
+    colours): VAE Decode with the other VAE (`family` the VAE's), or the sampler's img2img latent
+    (sampler=True: `family` the latent space the DiT works in). Unknown spaces (None) pass."""
+    if not latent_space or not family or latent_space == family:
+        return
+    if sampler:
         raise ValueError(
-            f"These latents are in the {latent_space.upper()} latent space, but {vae_name} is "
-            f"{FAMILY_NAMES[vae_family]}. Load {FAMILY_NAMES[latent_space]}: sdxl_vae.safetensors for PixArt-Σ, "
-            "vae-ft-mse-840000-ema-pruned.safetensors for PixArt-α."
-        )
+            f"PixArt sampler: the input latent was encoded with {FAMILY_NAMES[latent_space]}, but {name} works in "
+            f"the {family.upper()} latent space. Encode with {FAMILY_NAMES[family]}.")
+    raise ValueError(
+        f"These latents are in the {latent_space.upper()} latent space, but {name} is "
+        f"{FAMILY_NAMES[family]}. Load {FAMILY_NAMES[latent_space]}: sdxl_vae.safetensors for PixArt-Σ, "
+        "vae-ft-mse-840000-ema-pruned.safetensors for PixArt-α."
+    )
 
 
 def config_from_state_dict(sd: dict[str, torch.Tensor], family: str | None) -> dict[str, Any]:
@@ -58,17 +65,27 @@ def config_from_state_dict(sd: dict[str, torch.Tensor], family: str | None) -> d
     n_blocks = len({k.split(".")[2] for k in sd if k.startswith("encoder.down_blocks.")})
     channels = [sd[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(n_blocks)]
     layers = len({k.split(".")[4] for k in sd if k.startswith("encoder.down_blocks.0.resnets.")})
+    return diffusers_config(family, channels=tuple(channels), layers=layers,
+                            in_channels=sd["encoder.conv_in.weight"].shape[1],
+                            out_channels=sd["decoder.conv_out.weight"].shape[0],
+                            latent_channels=sd["encoder.conv_out.weight"].shape[0] // 2)
+
+
+def diffusers_config(family: str | None, *, channels: tuple[int, ...] = (128, 256, 512, 512), layers: int = 2,
+                     sample_size: int | None = None, in_channels: int = 3, out_channels: int = 3,
+                     latent_channels: int = 4) -> dict[str, Any]:
+    """The AutoencoderKL config of the SDXL ('sdxl') or SD ('sd') VAE at a size (the defaults: the released one)."""
     return {
-        "in_channels": sd["encoder.conv_in.weight"].shape[1],
-        "out_channels": sd["decoder.conv_out.weight"].shape[0],
-        "down_block_types": ["DownEncoderBlock2D"] * n_blocks,
-        "up_block_types": ["UpDecoderBlock2D"] * n_blocks,
-        "block_out_channels": channels,
+        "in_channels": in_channels,
+        "out_channels": out_channels,
+        "down_block_types": ["DownEncoderBlock2D"] * len(channels),
+        "up_block_types": ["UpDecoderBlock2D"] * len(channels),
+        "block_out_channels": list(channels),
         "layers_per_block": layers,
         "act_fn": "silu",
-        "latent_channels": sd["encoder.conv_out.weight"].shape[0] // 2,
+        "latent_channels": latent_channels,
         "norm_num_groups": 32,
-        "sample_size": 1024 if family == "sdxl" else 512,
+        "sample_size": sample_size or (1024 if family == "sdxl" else 512),
         "scaling_factor": VAE_SCALING.get(family or "sdxl"),
         "force_upcast": True,
     }
@@ -138,11 +155,6 @@ def decode_memory(latent_shape: tuple[int, ...], dtype: torch.dtype, base_channe
     scaled by the width of the decoder's full-resolution block (128 in the real VAEs), which dominates."""
     size = torch.tensor([], dtype=dtype).element_size()
     return 2178 * latent_shape[2] * latent_shape[3] * 64 * size * base_channels // 128
-
-
-def tile_memory(dtype: torch.dtype, tile_latent: int = 64, base_channels: int = 128) -> int:
-    """Bytes one tile of a tiled decode needs."""
-    return decode_memory((1, 4, tile_latent, tile_latent), dtype, base_channels)
 
 
 def encode_memory(image_shape: tuple[int, ...], dtype: torch.dtype, base_channels: int = 128) -> int:

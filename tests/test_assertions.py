@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import reference_settings as reference
-import tiny
+from harness import models as tiny
 from conftest import COMFY
 from pixart_core import sampling
 from pixart_core import t5 as ct5
@@ -226,14 +226,15 @@ def test_workflow_saved_before_caption_cleaning_still_loads_and_runs(comfy, exec
     and validates in ComfyUI, with the default cleaning and its saved limit."""
     import json
 
-    import run_workflow
     from conftest import REPO
+    from harness import comfyui
+    from harness.workflow import ui_to_api
     from test_nodes import graph
 
     wf = json.loads((REPO / "example_workflows" / "pixart_alpha_512.json").read_text())
     enc = next(n for n in wf["nodes"] if n["type"] == "PixArtSigmaTextEncode")
     enc["widgets_values"] = [enc["widgets_values"][0], "", 120]  # as saved by the previous version
-    prompt = run_workflow.ui_to_api(wf, run_workflow.object_info(comfy, {n["type"] for n in wf["nodes"]}))
+    prompt = ui_to_api(wf, comfyui.object_info(comfy, {n["type"] for n in wf["nodes"]}))
     inputs = next(n["inputs"] for n in prompt.values() if n["class_type"] == "PixArtSigmaTextEncode")
     assert inputs["max_tokens"] == 120 and "caption_cleaning" not in inputs
     old_api = graph(seed=31)  # an API prompt from before: no caption_cleaning input at all

@@ -3,16 +3,17 @@ systems' worker processes, the FLOP count, the table and the JSON."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
-from conftest import REPO
+from harness.location import REPO, child_env
 
 
 def test_gpu_bench_cpu_smoke(tmp_path):
     out = tmp_path / "p4.json"
-    r = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--cpu-smoke", "--configs", "bf16",
-                        "--out", str(out)], capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-m", "bench.gpu", "--cpu-smoke", "--configs", "bf16", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600, cwd=REPO, env=child_env())
     assert r.returncode == 0, r.stderr[-4000:]
     data = json.loads(out.read_text())
     rows = {row["system"]: row for row in data["rows"]}
@@ -23,3 +24,24 @@ def test_gpu_bench_cpu_smoke(tmp_path):
     assert 0 < rows["ours"]["flops_per_forward"] < rows["diffusers"]["flops_per_forward"]
     assert rows["ours"]["caption_tokens"] < 300 == rows["diffusers"]["caption_tokens"]
     assert "| bf16 | ours |" in r.stdout and "ours / diffusers" in r.stdout
+
+
+def test_gpu_check_cpu_smoke(tmp_path):
+    """bench/gpu_check.sh --cpu-smoke: every part of the GPU check (issue 11) on tiny models, on the CPU: the 8-bit
+    reload keeps one int8 copy per layer, quantized embeddings stay close to bf16, whole images run, the SDPA
+    kernels of self- and cross-attention are found, and P4 runs both systems."""
+    out = tmp_path / "check.json"
+    r = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--cpu-smoke", "--out", str(out)],
+                       capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHON": sys.executable})
+    assert r.returncode == 0, r.stderr[-4000:]
+    data = json.loads(out.read_text())
+    assert not data["skipped"] and "error" not in data["reference"]
+    assert data["memory"]["8-bit"]["reload"]["int8_copies_per_layer"] == [1]
+    for q, floor in (("8-bit", 0.99), ("nf4", 0.97)):
+        m = data["memory"][q]
+        assert all(c > floor for c in m["cosine_vs_bf16"]), (q, m["cosine_vs_bf16"])
+        assert [c["ok"] for c in m["caps"]] == [True] and m["caps"][0]["image"] == [1, 64, 64, 3]
+    kernels = data["sdpa"]["kernels"]
+    assert all(any("scaled_dot_product" in k for k in kernels[w]) for w in ("self_attention", "cross_attention"))
+    assert set(data["p4"]["median_s_per_image"]) == {"bf16/ours", "bf16/diffusers"}
+    assert "| (a) | 8-bit T5 peak VRAM" in r.stdout and "| (d) | cross_attention" in r.stdout

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import tiny
+from harness import models as tiny
 from conftest import COMFY
 from pixart_core import captions
 from pixart_core import t5 as ct5

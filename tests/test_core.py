@@ -1,6 +1,7 @@
 """pixart_core on its own (no ComfyUI): every loader against the diffusers/transformers model holding the same weights."""
 from __future__ import annotations
 
+import os
 import pickle
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import tiny
+from harness import models as tiny
 from conftest import COMFY, REPO
 from pixart_core import files, sampling
 from pixart_core import t5 as ct5
@@ -36,18 +37,21 @@ def _ids(tokenizer, text="a red fox in the snow"):
     return tok.input_ids, tok.attention_mask
 
 
+# A child Python that finds only the current directory (not ComfyUI, not this checkout through PYTHONPATH).
+CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
+
+
 def test_pixart_core_never_imports_comfy():
-    code = ("import sys; sys.path.insert(0, %r); import pixart_core.t5, pixart_core.transformer, pixart_core.vae, "
-            "pixart_core.sampling, pixart_core.files; bad=[m for m in sys.modules if m.split('.')[0] in "
-            "('comfy','folder_paths','nodes','comfy_api')]; assert not bad, bad" % str(REPO))
-    subprocess.run([sys.executable, "-c", code], check=True)
+    code = ("import sys, pixart_core.t5, pixart_core.transformer, pixart_core.vae, pixart_core.sampling, "
+            "pixart_core.files; bad=[m for m in sys.modules if m.split('.')[0] in "
+            "('comfy','folder_paths','nodes','comfy_api')]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=CLEAN_ENV)  # `-c` imports from cwd
 
 
 def test_package_imports_outside_comfyui(tmp_path):
     (tmp_path / "pixart_pack").symlink_to(REPO, target_is_directory=True)
-    code = ("import sys; sys.path.insert(0, %r); import pixart_pack; assert callable(pixart_pack.comfy_entrypoint); "
-            "assert 'comfy' not in sys.modules" % str(tmp_path))
-    subprocess.run([sys.executable, "-c", code], check=True)
+    code = "import sys, pixart_pack; assert callable(pixart_pack.comfy_entrypoint); assert 'comfy' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=CLEAN_ENV)
 
 
 def test_t5_single_fp16_file_computes_in_fp32_like_transformers(tmp_path, ref, tokenizer):

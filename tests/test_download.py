@@ -9,14 +9,13 @@ import io
 import os
 import re
 import subprocess
-import sys
 import threading
 
 import pytest
 
 from conftest import REPO
 
-import download_models  # noqa: E402
+from harness import download as download_models
 
 
 class Hub:
@@ -220,7 +219,7 @@ def test_missing_file_and_unknown_name_fail_clearly(hub, tmp_path):
     with pytest.raises(download_models.DownloadError, match="not found at .*HTTP 404"):
         download_models.download([download_models.CATALOG["sdxl_vae.safetensors"]], tmp_path, endpoint=hub.url,
                                  stream=open(os.devnull, "w"))
-    r = subprocess.run([sys.executable, str(REPO / "scripts" / "download_models.py"), "no-such-model.safetensors",
+    r = subprocess.run([str(REPO / "scripts" / "download"), "no-such-model.safetensors",
                         "--models-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "unknown model no-such-model.safetensors" in r.stderr
 
@@ -228,13 +227,12 @@ def test_missing_file_and_unknown_name_fail_clearly(hub, tmp_path):
 def test_runner_download_then_run(hub, tmp_path):
     """scripts/run --download: fetches what the workflow names from the (stand-in) hub into --models-dir, then runs
     on those files with no tiny stand-ins. The files served are tiny models in the official layouts."""
-    import tiny_models
-    from conftest import COMFY
+    from harness.standins import write_tiny
 
     made = tmp_path / "made"
-    tiny_models.write_tiny("dit", made / "PixArt-Sigma-XL-2-1024-MS", COMFY)
-    tiny_models.write_tiny("t5", made / "t5xxl_fp16.safetensors", COMFY)
-    tiny_models.write_tiny("vae", made / "sdxl_vae.safetensors", COMFY)
+    write_tiny("dit", made / "PixArt-Sigma-XL-2-1024-MS")
+    write_tiny("t5", made / "t5xxl_fp16.safetensors")
+    write_tiny("vae", made / "sdxl_vae.safetensors")
     for name in download_models.DEFAULT_SET:
         entry = download_models.CATALOG[name]
         for hub_path, local in entry.files:

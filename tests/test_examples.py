@@ -15,9 +15,10 @@ from PIL import Image
 
 from conftest import COMFY, EXAMPLES, REPO, queue_prompt, run_script
 
-import comfy_server  # noqa: E402
-import frontend  # noqa: E402
-import run_workflow  # noqa: E402
+from harness import frontend, standins
+from harness.location import PACK
+from harness.server import serve
+from harness.workflow import ui_to_api
 
 ARTIFACTS = REPO / ".cache" / "test-artifacts" / "frontend"
 
@@ -28,13 +29,13 @@ def load(name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
-    return comfy_server.example_base(tmp_path_factory.mktemp("examples_base"), COMFY)
+    return standins.example_base(tmp_path_factory.mktemp("examples_base"), COMFY)
 
 
 @pytest.fixture(scope="module")
 def server(base):
-    with comfy_server.serve(COMFY, base) as url:
-        yield url
+    with serve(base) as srv:
+        yield srv.url
 
 
 @pytest.fixture(scope="module")
@@ -62,14 +63,14 @@ def test_examples_have_distinct_ids():
 
 def test_examples_are_listed_as_templates(server):
     templates = requests.get(server + "/workflow_templates", timeout=30).json()
-    assert sorted(templates.get(run_workflow.PACK, [])) == EXAMPLES
+    assert sorted(templates.get(PACK, [])) == EXAMPLES
     for name in EXAMPLES:  # each with its thumbnail
         assert (REPO / "example_workflows" / f"{name}.png").is_file(), name
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_example_over_http(server, object_info, base, name):
-    prompt = shrink(run_workflow.ui_to_api(load(name), object_info))
+    prompt = shrink(ui_to_api(load(name), object_info))
     hist = queue_prompt(server, prompt)
     assert hist["status"]["status_str"] == "success", hist["status"]
     images = [i for out in hist["outputs"].values() for i in out.get("images", [])]
@@ -122,7 +123,24 @@ def test_frontend_opens_example(browser, object_info, name):
     assert report["roundtrip"] == [], report
     assert (report["nodes"], report["links"]) == (len(wf["nodes"]), len(wf["links"]))
     # The frontend's own UI->API conversion is what our converter (runner, tests) produces.
-    assert browser.to_prompt() == run_workflow.ui_to_api(wf, object_info)
+    assert browser.to_prompt() == ui_to_api(wf, object_info)
     shot = browser.screenshot(ARTIFACTS / f"{name}.png")
     assert Image.open(shot).size[0] > 400
     assert browser.errors == [], browser.errors
+
+
+# A bypassed (mode 4) node: the frontend passes its input of the matching type through, or drops the link when it
+# has none. In the img2img example: ImageScale passes the image on (VAE Encode reads Load Image), the sampler passes
+# its latent on (VAE Decode reads VAE Encode), VAE Encode has no LATENT input (the sampler gets no latent).
+BYPASS_CASES = {9: ("11", "pixels", ["8", 0]), 4: ("6", "samples", ["11", 0]), 11: ("4", "latent", None)}
+
+
+@pytest.mark.parametrize("node_id", sorted(BYPASS_CASES))
+def test_bypassed_node_converts_as_the_frontend_does(browser, object_info, node_id):
+    wf = load("pixart_sigma_img2img")
+    next(n for n in wf["nodes"] if n["id"] == node_id)["mode"] = 4
+    browser.load(wf)
+    expected = browser.to_prompt()  # the frontend's own graphToPrompt is the reference
+    target, name, source = BYPASS_CASES[node_id]
+    assert str(node_id) not in expected and expected[target]["inputs"].get(name) == source, expected[target]
+    assert ui_to_api(wf, object_info) == expected

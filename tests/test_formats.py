@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 import reference_settings as reference
-import tiny
+from harness import models as tiny
 from pixart_core import files
 from pixart_core import t5 as ct5
 from pixart_core import transformer as cdit

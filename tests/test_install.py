@@ -19,7 +19,7 @@ from packaging.requirements import Requirement
 
 from conftest import COMFY, REPO
 
-import comfy_server  # noqa: E402
+from harness.server import serve
 
 PACK_DIR = "pixart-sigma-nodes"
 BIN = Path(sys.executable).parent
@@ -67,8 +67,8 @@ def test_comfyui_manager_install_then_comfyui_lists_the_nodes(snapshot, tmp_path
     installed = comfy / "custom_nodes" / PACK_DIR
     assert (installed / "__init__.py").is_file() and (installed / "example_workflows").is_dir()
 
-    with comfy_server.serve(comfy, comfy) as url:
-        info = requests.get(url + "/object_info", timeout=60).json()
+    with serve(comfy, comfy) as srv:
+        info = requests.get(srv.url + "/object_info", timeout=60).json()
     log = next(comfy.glob("server-*.log")).read_text()
     assert not re.search(r"IMPORT FAILED.*" + PACK_DIR, log) and f"Cannot import {installed}" not in log, log[-4000:]
     assert re.search(r"\d+\.\d+ seconds: .*custom_nodes/" + PACK_DIR + r"\s*$", log, re.M), log[-3000:]
@@ -104,9 +104,9 @@ def _norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def test_requirements_leave_installed_torch_alone(tmp_path):
-    """A fresh environment that has torch (the test venv's own torch and its dependencies, linked in): pip's plan
-    for `-r requirements.txt` installs the pack's dependencies and touches no torch, CUDA or triton package."""
+def _venv_with_torch(tmp_path: Path) -> tuple[Path, set[str]]:
+    """A fresh environment that has only torch (the test venv's own torch and its dependencies, linked in), as a
+    ComfyUI install has before the pack's requirements; returns it and the linked distributions."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     site = next(venv.glob("lib/python*/site-packages"))
@@ -129,6 +129,13 @@ def test_requirements_leave_installed_torch_alone(tmp_path):
                 (site / top).symlink_to(src)
         linked.add(_norm(d.metadata["Name"]))
     assert {"torch", "triton"} <= linked
+    return venv, linked
+
+
+def test_requirements_leave_installed_torch_alone(tmp_path):
+    """pip's plan for `-r requirements.txt` in an environment that has torch installs the pack's dependencies and
+    touches no torch, CUDA or triton package."""
+    venv, linked = _venv_with_torch(tmp_path)
     report = tmp_path / "report.json"
     r = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
                         "--dry-run", "--quiet", "--report", str(report), "-r", str(REPO / "requirements.txt")],
@@ -138,6 +145,51 @@ def test_requirements_leave_installed_torch_alone(tmp_path):
     assert {"diffusers", "transformers", "bitsandbytes"} <= planned
     touched = {p for p in planned if p in linked or p.startswith(("torch", "nvidia-", "cuda-", "triton"))}
     assert not touched, touched
+
+
+EIGHT_BIT_T5 = r"""
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import T5Config, T5EncoderModel
+
+from pixart_core import t5 as ct5
+
+config = T5Config(vocab_size=32128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                  feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)
+torch.manual_seed(0)
+model = T5EncoderModel(config).eval()
+path = Path(sys.argv[1]) / "t5xxl_fp16.safetensors"
+save_file({k: v.half().contiguous() for k, v in model.state_dict().items() if k != "encoder.embed_tokens.weight"}, str(path))
+loaded = ct5.load_t5(path, ct5.QUANTIZATIONS[1], torch.float32)
+tok = ct5.load_tokenizer([Path(sys.argv[2])])
+emb, mask = ct5.encode(loaded, tok, "a red fox in the snow", 300, torch.device("cpu"))
+ids = tok(["a red fox in the snow"], return_tensors="pt")
+with torch.no_grad():
+    want = model(**ids).last_hidden_state
+cos = torch.nn.functional.cosine_similarity(emb.flatten(), want.flatten(), dim=0).item()
+print("RESULT", type(loaded.model.encoder.block[0].layer[0].SelfAttention.q).__name__, bool(torch.isfinite(emb).all()), cos)
+"""
+
+
+def test_requirements_alone_run_the_8bit_t5(tmp_path):
+    """Issue 11.9: `pip install -r requirements.txt` into an environment that has only torch (as ComfyUI's), then
+    the 8-bit T5 path loads (transformers' bitsandbytes loader needs accelerate) and encodes close to fp32."""
+    venv, _ = _venv_with_torch(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--quiet",
+                        "-r", str(REPO / "requirements.txt")], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    run = subprocess.run([str(venv / "bin" / "python"), "-c", EIGHT_BIT_T5, str(tmp_path),
+                          str(COMFY / "comfy" / "text_encoders" / "t5_tokenizer")],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    layer, finite, cos = next(x for x in run.stdout.splitlines() if x.startswith("RESULT ")).split()[1:]
+    assert layer == "Linear8bitLt" and finite == "True" and float(cos) > 0.99, run.stdout
+    assert "MatMul8bitLt" not in run.stderr  # bitsandbytes' per-matmul cast notice stays quiet (issue 11.5)
 
 
 SITECUSTOMIZE = '''

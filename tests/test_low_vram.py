@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import tiny
+from harness import models as tiny
 from conftest import COMFY
 from pixart_core import t5 as ct5
 from test_nodes import graph

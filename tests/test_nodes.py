@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import tiny
+from harness import models as tiny
 
 DIT_FILE = "tiny-PixArt-Sigma-XL-2-1024-MS.safetensors"
 PIPE = "tiny-PixArt-Sigma-XL-2-1024-MS"

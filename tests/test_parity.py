@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import reference_settings as reference
-import tiny
+from harness import models as tiny
 from pixart_core import sampling
 
 STEPS, CFG, SIZE = 4, 4.5, 64

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 import reference_settings as ref
-import tiny
+from harness import models as tiny
 from pixart_core import sampling
 from pixart_core import transformer as cdit
 from pixart_core import vae as cvae

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import tiny
+from harness import models as tiny
 from test_nodes import DIT_FILE, graph
 
 
@@ -272,16 +272,26 @@ def test_interrupt_during_decode_then_next_run_works(executor, comfy):
     _healthy(executor, comfy, 1003)
 
 
+def run_capped(executor, prompts: list[dict], headroom_mib: int = 750) -> list[dict]:
+    """Run prompts with this process's address space capped `headroom_mib` above its size now (RLIMIT_AS), so
+    that a large allocation really fails with an out-of-memory error; the cap is lifted afterwards."""
+    import resource
+
+    with open("/proc/self/status") as f:
+        size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (size + headroom_mib * 2**20, hard))
+    try:
+        return [executor.run(p) for p in prompts]
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
 OOM_SCRIPT = r"""
-import json, resource, sys
-sys.path.insert(0, sys.argv[2])
+import json, sys
 import conftest
 from test_nodes import graph
-from test_reliability import _healthy, _text
-
-def address_space():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+from test_reliability import _healthy, _text, run_capped
 
 def prompt(tiling, prefix):
     p = graph(width=1280, height=1280, steps=1, seed=77, prefix=prefix)
@@ -294,13 +304,7 @@ latent_only = {k: v for k, v in graph(width=1280, height=1280, steps=1, seed=77,
                if k not in ("6", "7")}
 first = ex.run(latent_only)  # samples outside the cap; the sampler's output stays cached
 assert first["ok"], first["error"]
-soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-resource.setrlimit(resource.RLIMIT_AS, (address_space() + 750 * 2**20, hard))
-try:
-    never = ex.run(prompt("never", "oom_never"))
-    auto = ex.run(prompt("auto", "oom_auto"))
-finally:
-    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+never, auto = run_capped(ex, [prompt("never", "oom_never"), prompt("auto", "oom_auto")])
 _healthy(ex, None, 1004)
 print("RESULT " + json.dumps({
     "never": {"ok": never["ok"], "text": _text(never), "node": (never["error"] or {}).get("node_type")},
@@ -320,7 +324,9 @@ def test_out_of_memory_during_decode_falls_back_to_tiles(comfy_base):
     import numpy as np
     from PIL import Image
 
-    r = subprocess.run([sys.executable, "-c", OOM_SCRIPT, str(comfy_base), str(Path(__file__).parent)],
+    from harness.location import child_env
+
+    r = subprocess.run([sys.executable, "-c", OOM_SCRIPT, str(comfy_base)], env=child_env(Path(__file__).parent),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     out = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("RESULT "))[len("RESULT "):])

@@ -12,8 +12,9 @@ from PIL import Image
 
 from conftest import COMFY, EXAMPLES, REPO, run_script
 
-import comfy_server  # noqa: E402
-import run_workflow  # noqa: E402
+from harness import run as run_workflow
+from harness import standins
+from harness.workflow import WorkflowError, ui_to_api
 
 run = run_script
 
@@ -54,7 +55,7 @@ def test_runner_example_image(examples_run, name):
     encode = next(n["inputs"] for n in prompt.values() if n["class_type"] == "PixArtSigmaTextEncode")
     assert (sampler["seed"], sampler["steps"], encode["positive"]) == (7, 2, "a red fox in the snow")
     names = [n["inputs"][k] for n in prompt.values() for k in ("t5_name", "dit_name", "vae_name") if k in n["inputs"]]
-    assert names and all(v.startswith(run_workflow.TINY_PREFIX) for v in names), names
+    assert names and all(v.startswith(standins.TINY_PREFIX) for v in names), names
     assert json.loads(img.info["workflow"])["nodes"]
     assert f"wrote {png}" in r.stderr
 
@@ -62,7 +63,7 @@ def test_runner_example_image(examples_run, name):
 @pytest.fixture(scope="module")
 def example_models(tmp_path_factory) -> Path:
     """A models/ folder with tiny models under the official file names."""
-    return comfy_server.example_base(tmp_path_factory.mktemp("base"), COMFY) / "models"
+    return standins.example_base(tmp_path_factory.mktemp("base"), COMFY) / "models"
 
 
 def test_runner_errors_are_one_line_each(tmp_path, examples_run, example_models):
@@ -72,8 +73,8 @@ def test_runner_errors_are_one_line_each(tmp_path, examples_run, example_models)
     good = json.loads(Image.open(examples_run[1] / "img" / "pixart_sigma_1024_t5_8bit.png").info["prompt"])
     for node in good.values():
         for k, v in node["inputs"].items():
-            if isinstance(v, str) and v.startswith(run_workflow.TINY_PREFIX):
-                node["inputs"][k] = v.removeprefix(run_workflow.TINY_PREFIX).removeprefix("comfyvae-")
+            if isinstance(v, str) and v.startswith(standins.TINY_PREFIX):
+                node["inputs"][k] = v.removeprefix(standins.TINY_PREFIX).removeprefix("comfyvae-")
     sampler = next(k for k, n in good.items() if n["class_type"] == "PixArtSigmaSampler")
     t5 = next(k for k, n in good.items() if n["class_type"] == "PixArtSigmaT5Loader")
     good[sampler]["inputs"].update(width=64, height=64, steps=2)
@@ -139,27 +140,27 @@ def test_converter_follows_reroutes_and_skips_frontend_only_nodes():
         {"id": 5, "type": "Note", "widgets_values": ["just a note"]},
         {"id": 6, "type": "Loader", "mode": 4, "widgets_values": ["a.safetensors"]},  # bypassed
     ], [[1, 1, 0, 2, 0, "MODEL"], [2, 2, 0, 4, 0, "MODEL"], [3, 3, 0, 4, 2, "STRING"]])
-    assert run_workflow.ui_to_api(wf, INFO) == {
+    assert ui_to_api(wf, INFO) == {
         "1": {"class_type": "Loader", "inputs": {"name": "b.safetensors"}},
         "4": {"class_type": "Sample", "inputs": {"model": ["1", 0], "seed": 42, "text": "from primitive", "mode": "y"}},
     }
 
 
 def test_converter_and_overrides_name_the_problem():
-    with pytest.raises(run_workflow.RunError, match="node 7: node type 'Nope' is not installed"):
-        run_workflow.ui_to_api(_wf([{"id": 7, "type": "Nope"}], []), INFO)
-    with pytest.raises(run_workflow.RunError, match=r"node 1 \(Loader\): no widget value for 'name'"):
-        run_workflow.ui_to_api(_wf([{"id": 1, "type": "Loader", "widgets_values": []}], []), INFO)
+    with pytest.raises(WorkflowError, match="node 7: node type 'Nope' is not installed"):
+        ui_to_api(_wf([{"id": 7, "type": "Nope"}], []), INFO)
+    with pytest.raises(WorkflowError, match=r"node 1 \(Loader\): no widget value for 'name'"):
+        ui_to_api(_wf([{"id": 1, "type": "Loader", "widgets_values": []}], []), INFO)
     prompt = {"1": {"class_type": "Loader", "inputs": {"name": "a.safetensors"}}}
     opts = run_workflow.parse_args(["x.json", "--prompt", "hello"])
-    with pytest.raises(run_workflow.RunError, match="--prompt: no node in this workflow has a 'positive' value"):
+    with pytest.raises(WorkflowError, match="--prompt: no node in this workflow has a 'positive' value"):
         run_workflow.apply_overrides(prompt, opts)
 
 
 def test_tiny_pipeline_folder_named_by_several_loaders(tmp_path):
     """A diffusers pipeline folder that the T5, DiT and VAE loaders all name gets every part, whichever comes
     first (a stand-in written for one kind must not hide the others)."""
-    import tiny_models
+    tiny_models = standins
 
     dest = tmp_path / "diffusers" / "tiny-pixart_sigma_sdxlvae_T5_diffusers"
     for kind in ("t5", "vae", "dit"):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import reference_settings as reference
-import tiny
+from harness import models as tiny
 from pixart_core import resolution, sampling
 from pixart_core import t5 as ct5
 from pixart_core import transformer as cdit

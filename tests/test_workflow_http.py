@@ -10,7 +10,7 @@ import requests
 from PIL import Image
 
 from conftest import NODE_IDS, REPO, queue_prompt
-from workflow import ui_to_api
+from harness.workflow import ui_to_api
 
 TINY = {"t5xxl_fp16.safetensors": "tiny_t5xxl_fp16.safetensors",
         "PixArt-Sigma-XL-2-1024-MS": "tiny-PixArt-Sigma-XL-2-1024-MS",

@@ -1,9 +1,8 @@
-#!/usr/bin/env python3
 """Writes example_workflows/*.json (ComfyUI UI format) from the compact specs below, taking each node's widget
 order and defaults from the node definitions ComfyUI loads (so the files follow the nodes when inputs change).
 
-    .venv/bin/python scripts/make_examples.py            # rewrite every example
-    .venv/bin/python scripts/make_thumbnails.py          # then their .png thumbnails (real frontend, chromium)
+    ./scripts/harness make_examples             # rewrite every example
+    ./scripts/harness make_thumbnails           # then their .png thumbnails (real frontend, chromium)
 """
 from __future__ import annotations
 
@@ -11,12 +10,12 @@ import argparse
 import json
 import sys
 import uuid
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import run_workflow  # noqa: E402
+from . import comfyui
+from .location import REPO
+from .workflow import _is_widget, combo_options
 
-EXAMPLES = run_workflow.REPO / "example_workflows"
+EXAMPLES = REPO / "example_workflows"
 PROMPT = "A small cactus with a happy face in the Sahara desert, golden hour, highly detailed photograph"
 
 # node: (id, type, pos, size, {widget: value}); links: (from id, from slot, to id, to input name)
@@ -104,9 +103,9 @@ def build(name: str, spec: dict, info: dict) -> dict:
         inputs, widgets = [], []
         for inp in order_names:
             s = specs[inp]
-            if run_workflow._is_widget(s):
+            if _is_widget(s):
                 opts = s[1] if len(s) > 1 else {}
-                choices = run_workflow.combo_options(s)
+                choices = combo_options(s)
                 value = values.get(inp, opts.get("default", choices[0] if choices else None))
                 widgets.append(value)
                 if opts.get("control_after_generate") or inp in ("seed", "noise_seed"):
@@ -140,13 +139,11 @@ def build(name: str, spec: dict, info: dict) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("names", nargs="*", help=f"which examples (default: all): {', '.join(SPECS)}")
-    p.add_argument("--comfyui", default=str(run_workflow.DEFAULT_COMFYUI))
     opts = p.parse_args(argv)
-    run_opts = run_workflow.parse_args(["unused.json", "--comfyui", opts.comfyui, "--cpu"])
-    nodes = run_workflow.init_comfy(run_opts)
+    nodes = comfyui.init_comfy(quiet=True)
     for name in opts.names or SPECS:
         spec = SPECS[name]
-        info = run_workflow.object_info(nodes, {n[1] for n in spec["nodes"]})
+        info = comfyui.object_info(nodes, {n[1] for n in spec["nodes"]})
         path = EXAMPLES / f"{name}.json"
         path.write_text(json.dumps(build(name, spec, info), indent=2, ensure_ascii=False) + "\n")
         print(f"wrote {path}")

@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """Writes example_workflows/<name>.png: each example workflow as the real ComfyUI frontend shows it (a ComfyUI
 server with this pack and tiny stand-in models under the official names, headless Debian chromium).
 
-    .venv/bin/python scripts/make_thumbnails.py [name ...]
+    ./scripts/harness make_thumbnails [name ...]
 """
 from __future__ import annotations
 
@@ -12,25 +11,21 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import comfy_server  # noqa: E402
-import frontend  # noqa: E402
-import run_workflow  # noqa: E402
+from . import frontend, server, standins
+from .location import REPO
 
-EXAMPLES = run_workflow.REPO / "example_workflows"
+EXAMPLES = REPO / "example_workflows"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("names", nargs="*", help="example names (default: every example_workflows/*.json)")
-    p.add_argument("--comfyui", default=str(run_workflow.DEFAULT_COMFYUI))
     p.add_argument("--width", type=int, default=800, help="thumbnail width in pixels")
     opts = p.parse_args(argv)
     paths = [EXAMPLES / f"{n}.json" for n in opts.names] or sorted(EXAMPLES.glob("*.json"))
-    comfy = Path(opts.comfyui).resolve()
     with tempfile.TemporaryDirectory() as tmp:
-        base = comfy_server.example_base(Path(tmp), comfy)
-        with comfy_server.serve(comfy, base) as url, frontend.Frontend(url) as fe:
+        base = standins.example_base(Path(tmp))
+        with server.serve(base) as srv, frontend.Frontend(srv.url) as fe:
             for path in paths:
                 report = fe.load(json.loads(path.read_text()))
                 if report["missing"] or report["invalid"]:

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Fetch the official PixArt model files from the Hugging Face hub into ComfyUI's model folders.
 
 Plain HTTPS GETs of https://huggingface.co/<repo>/resolve/main/<path> (HF_ENDPOINT or --endpoint changes the host,
@@ -23,7 +22,8 @@ import time
 from pathlib import Path
 from typing import IO
 
-REPO = Path(__file__).resolve().parents[1]
+from .location import comfyui_path
+
 DEFAULT_ENDPOINT = "https://huggingface.co"
 CHUNK = 1 << 20
 
@@ -68,8 +68,7 @@ DEFAULT_SET = ("PixArt-Sigma-XL-2-1024-MS", "t5xxl_fp16.safetensors", "sdxl_vae.
 
 
 def default_models_dir() -> Path:
-    comfy = os.environ.get("COMFYUI_PATH") or str(REPO / ".cache" / "comfyui-0.3.75")
-    return Path(comfy) / "models"
+    return comfyui_path() / "models"
 
 
 def file_url(endpoint: str, repo: str, path: str) -> str:

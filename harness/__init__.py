@@ -1,0 +1,16 @@
+"""The tooling layer shared by tests/, bench/ and scripts/ (never imported by the pack itself).
+
+    location    where ComfyUI is (COMFYUI_PATH, else the fetched 0.3.75 copy), fetching it, the import path
+    comfyui     ComfyUI in this process: init_comfy, linking the pack into custom_nodes, one Executor
+    server      ComfyUI's main.py on 127.0.0.1 as a child process, queue_prompt over HTTP
+    frontend    the real ComfyUI frontend in headless chromium (Playwright)
+    models      the model factory: T5 / DiT / VAE with random weights at size presets tiny, bench, full
+    standins    tiny stand-ins under the names a workflow uses (runner, example servers)
+    workflow    the workflow format: UI -> API (as the frontend's graphToPrompt), overrides, model references
+    run         the headless runner's command line (./scripts/run)
+    download    fetching the official model files (./scripts/download)
+    make_examples, make_thumbnails   example_workflows/*.json and their thumbnails (./scripts/harness ...)
+
+Python entry points run as modules (`python -m harness.run`); scripts/ holds the shell commands that set the
+import path (PYTHONPATH) and call them, and pytest gets the same path from pyproject.toml.
+"""
