@@ -123,7 +123,7 @@ LONG = "Visit HTTPS://EXAMPLE.COM for A <b>Red</b> Fox " + _words(200)
 def test_cache_key_changes_with_every_input_that_changes_the_encoding(tokenizer):
     """For each input of an encoding (T5 identity, prompt, caption cleaning, token limit): a change that changes the
     embeddings changes the key."""
-    models = {("t5-a",): tiny.make_t5(0), ("t5-b",): tiny.make_t5(1)}
+    models = {("t5-a",): tiny.make_t5(seed=0), ("t5-b",): tiny.make_t5(seed=1)}
     base = {"identity": ("t5-a",), "prompt": LONG, "cleaning": "diffusers", "max_tokens": 300}
     changes = {"identity": ("t5-b",), "prompt": LONG + " at night", "cleaning": "none", "max_tokens": 120}
 

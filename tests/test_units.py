@@ -67,14 +67,10 @@ def test_decode_memory_is_comfyuis_estimate(dtype, size, h, w):
     want = 2178 * h * w * 64 * size
     assert cvae.decode_memory((1, 4, h, w), dtype) == want
     assert cvae.decode_memory((1, 4, h, w), dtype, base_channels=32) == want // 4  # a quarter-width decoder
-    assert cvae.tile_memory(dtype, tile_latent=h, base_channels=128) == 2178 * h * h * 64 * size
-    assert cvae.tile_memory(dtype) == 2178 * 64 * 64 * 64 * size  # 64-latent tiles by default
     # comfy/sd.py:290: encode (1767 * H * W) * dtype_size for an image of H x W pixels
     assert cvae.encode_memory((1, h * 8, w * 8, 3), dtype) == 1767 * h * 8 * w * 8 * size
     assert cvae.encode_memory((1, h * 8, w * 8, 3), dtype, base_channels=64) == 1767 * h * 8 * w * 8 * size // 2
-    assert cvae.tile_memory(dtype, tile_latent=h, base_channels=32) == 2178 * h * h * 64 * size // 4
-    for got in (cvae.decode_memory((1, 4, h, w), dtype), cvae.tile_memory(dtype),
-                cvae.encode_memory((1, h * 8, w * 8, 3), dtype)):
+    for got in (cvae.decode_memory((1, 4, h, w), dtype), cvae.encode_memory((1, h * 8, w * 8, 3), dtype)):
         assert type(got) is int  # bytes, as ComfyUI's memory accounting takes them
 
 
@@ -383,7 +379,7 @@ def test_single_file_vae_config_is_the_saved_models_config(tmp_path, file_name, 
     from diffusers import AutoencoderKL
     from safetensors.torch import save_file
 
-    cfg = dict(tiny.VAE_CONFIG, block_out_channels=[32, 64, 64, 64], layers_per_block=2)
+    cfg = dict(tiny.vae_config(), block_out_channels=[32, 64, 64, 64], layers_per_block=2)
     torch.manual_seed(0)
     saved = AutoencoderKL(**cfg).eval()
     path = tmp_path / file_name
