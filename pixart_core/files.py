@@ -48,14 +48,65 @@ def check_folder(folder: Path) -> None:
             check_file(f)
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of a .safetensors or (weights-only) .pth/.ckpt/.bin file, on the CPU."""
+def read_state_dict(path: str | os.PathLike, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a .safetensors or (weights-only) .pth/.ckpt/.bin file, on the CPU; with `dtype`, floating
+    tensors converted to it (integer tensors kept as they are)."""
     path = check_file(path)
     if path.suffix.lower() in SAFETENSORS_EXT:
-        return _read_safetensors(path)
-    if path.suffix.lower() in PICKLE_EXT:
-        return _read_pickle(path)
-    raise WeightFileError(f"{path.name}: unsupported file type {path.suffix!r}; use .safetensors (or .pth/.ckpt).")
+        if dtype is not None and _needs_conversion(path, dtype):
+            return _read_safetensors_as(path, dtype)
+        sd = _read_safetensors(path)
+    elif path.suffix.lower() in PICKLE_EXT:
+        sd = _read_pickle(path)
+    else:
+        raise WeightFileError(f"{path.name}: unsupported file type {path.suffix!r}; use .safetensors (or .pth/.ckpt).")
+    if dtype is not None:
+        for k in list(sd):  # tensor by tensor, freeing each source as it is replaced
+            if sd[k].is_floating_point():
+                sd[k] = sd[k].to(dtype)
+    return sd
+
+
+# safetensors' dtype names -> torch dtypes (the ones weight files use)
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+              "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _header(path: Path) -> tuple[dict, int]:
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        return json.loads(f.read(n)), 8 + n
+
+
+def _needs_conversion(path: Path, dtype: torch.dtype) -> bool:
+    header, _ = _header(path)
+    return any(_ST_DTYPES.get(v["dtype"], dtype).is_floating_point and _ST_DTYPES.get(v["dtype"]) != dtype
+               for k, v in header.items() if k != "__metadata__")
+
+
+def _read_safetensors_as(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A safetensors file read one tensor at a time with plain reads, each floating tensor converted to `dtype`
+    as it arrives: peak memory is the converted model plus one source tensor. (Converting a memory-mapped file
+    keeps every source page mapped, and counted in the process's memory, until the last tensor is converted.)"""
+    _check_safetensors_header(path)
+    header, start = _header(path)
+    out: dict[str, torch.Tensor] = {}
+    with open(path, "rb") as f:
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            src = _ST_DTYPES.get(info["dtype"])
+            if src is None:
+                raise WeightFileError(f"{path.name}: tensor {name} has dtype {info['dtype']}, which this loader does not read.")
+            begin, end = info["data_offsets"]
+            buf = bytearray(end - begin)
+            f.seek(start + begin)
+            if f.readinto(buf) != len(buf):
+                raise WeightFileError(f"{path.name}: the file is truncated (tensor {name}). Download it again.")
+            t = (torch.frombuffer(buf, dtype=src) if buf else torch.empty(0, dtype=src)).reshape(info["shape"])
+            out[name] = t.to(dtype) if src.is_floating_point and src != dtype else t
+    return out
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

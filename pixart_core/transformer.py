@@ -163,17 +163,17 @@ def _folder(path: Path) -> Path:
     raise files.WeightFileError(f"{path}: no config.json here or in transformer/; not a diffusers PixArt folder.")
 
 
-def _folder_state_dict(wdir: Path) -> dict[str, torch.Tensor]:
+def _folder_state_dict(wdir: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     index = wdir / "diffusion_pytorch_model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         sd: dict[str, torch.Tensor] = {}
         for s in shards:
-            sd.update(files.read_state_dict(wdir / s))
+            sd.update(files.read_state_dict(wdir / s, dtype))
         return sd
     for fname in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
         if (wdir / fname).is_file():
-            return files.read_state_dict(wdir / fname)
+            return files.read_state_dict(wdir / fname, dtype)
     raise files.WeightFileError(f"{wdir}: no diffusion_pytorch_model.safetensors (or shards) in this folder.")
 
 
@@ -194,10 +194,10 @@ def load_dit(path: str | os.PathLike, variant_choice: str, dtype: torch.dtype):
             raise files.WeightFileError(
                 f"{wdir}: config.json describes a {folder_config.get('_class_name')}, not a PixArt transformer."
             )
-        sd = _folder_state_dict(wdir)
+        sd = _folder_state_dict(wdir, dtype)
         name = path.name
     else:
-        sd = files.read_state_dict(path)
+        sd = files.read_state_dict(path, dtype)  # converted as read: never the file's and our dtype's copies at once
         name = path.name
         if variant_from_name(name) is None:  # the file's metadata may name the variant when its name does not
             hint = " ".join(str(v) for v in files.read_safetensors_metadata(path).values() if len(str(v)) < 200)
@@ -222,8 +222,6 @@ def load_dit(path: str | os.PathLike, variant_choice: str, dtype: torch.dtype):
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     files.check_keys(name, sd, expected, f"a PixArt transformer ({variant.name}, {config['num_layers']} blocks)")
     files.check_shapes(name, files.shapes_of(sd), expected, f"a PixArt transformer ({variant.name})")
-    for k in list(sd):  # convert tensor by tensor, freeing each source as it is replaced
-        sd[k] = sd[k].to(dtype)
     assign_state_dict(model, sd)
     return model.eval().requires_grad_(False), variant, how + _sampling_hint(name)
 

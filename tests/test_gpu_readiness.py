@@ -445,3 +445,23 @@ def test_partial_load_gives_the_same_output_as_a_whole_load(comfy, kind):
         finally:
             patcher.unpatch_model(CPU)
     assert torch.equal(whole, partial)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_converting_read_equals_safetensors_load_then_to(tmp_path, dtype):
+    """The loaders read a safetensors file in another dtype tensor by tensor (peak: the converted model plus one
+    source tensor, not the whole file mapped beside it): the same tensors as safetensors' own loader + .to()."""
+    from safetensors.torch import load_file
+
+    from pixart_core import files
+
+    torch.manual_seed(0)
+    sd = {"a": torch.randn(3, 5), "b": torch.randn(7).half(), "c": torch.arange(6).reshape(2, 3),
+          "d": torch.randn(4, 2).bfloat16(), "empty": torch.zeros(0, 4)}
+    path = tmp_path / "w.safetensors"
+    save_file(sd, str(path), metadata={"note": "x"})
+    got = files.read_state_dict(path, dtype)
+    want = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in load_file(str(path)).items()}
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
