@@ -16,7 +16,7 @@ transformer, the SDXL VAE), written once under bench/out/. Every part runs in it
 Sized to finish in under 8 minutes on an H100/H200; --budget stops starting new parts after that many seconds.
 
     bash bench/gpu_check.sh                     # everything
-    bash bench/gpu_check.sh --t5-blocks 12      # faster: half of T5-XXL's blocks (figures for 24 are scaled)
+    bash bench/gpu_check.sh --t5-blocks 12      # faster: half of T5-XXL's blocks (the T5 figures are then for 12)
     ./scripts/harness bench.gpu_check --cpu-smoke   # every code path on the CPU with tiny models (no figures)
 """
 from __future__ import annotations
