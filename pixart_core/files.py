@@ -53,6 +53,7 @@ def read_state_dict(path: str | os.PathLike, dtype: torch.dtype | None = None) -
     tensors converted to it (integer tensors kept as they are)."""
     path = check_file(path)
     if path.suffix.lower() in SAFETENSORS_EXT:
+        _check_safetensors_header(path)
         if dtype is not None and _needs_conversion(path, dtype):
             return _read_safetensors_as(path, dtype)
         sd = _read_safetensors(path)
@@ -88,8 +89,8 @@ def _needs_conversion(path: Path, dtype: torch.dtype) -> bool:
 def _read_safetensors_as(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """A safetensors file read one tensor at a time with plain reads, each floating tensor converted to `dtype`
     as it arrives: peak memory is the converted model plus one source tensor. (Converting a memory-mapped file
-    keeps every source page mapped, and counted in the process's memory, until the last tensor is converted.)"""
-    _check_safetensors_header(path)
+    keeps every source page mapped, and counted in the process's memory, until the last tensor is converted.)
+    The header was checked (read_state_dict)."""
     header, start = _header(path)
     out: dict[str, torch.Tensor] = {}
     with open(path, "rb") as f:
@@ -112,8 +113,7 @@ def _read_safetensors_as(path: Path, dtype: torch.dtype) -> dict[str, torch.Tens
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError, safe_open
 
-    _check_safetensors_header(path)
-    try:
+    try:  # the header was checked (read_state_dict)
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, RuntimeError) as e:
