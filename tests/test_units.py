@@ -651,3 +651,22 @@ def test_unknown_scheduler_names_the_choices():
     with pytest.raises(ValueError) as e:
         sampling.make_scheduler("heun")
     assert str(e.value) == f"Unknown scheduler 'heun'; choose one of {list(reference.SCHEDULERS)}."
+
+
+def test_check_denoise_refuses_exactly_what_runs_nothing():
+    """The denoise rules by hand: text-to-image needs denoise 1; img2img runs int(steps * denoise) steps, so
+    0.04 of 20 steps runs none (the smallest that runs one is 1/20 = 0.05)."""
+    from pixart_core.sampling import check_denoise
+
+    check_denoise(1.0, 20, img2img=False)
+    check_denoise(0.05, 20, img2img=True)
+    check_denoise(1.0, 1, img2img=True)
+    cases = [
+        ((0.99, 20, False), "PixArt sampler: denoise below 1.0 needs an input latent (connect 'latent' for img2img)."),
+        ((0.0, 20, True), "PixArt sampler: denoise 0 runs no step; use a value in (0, 1]."),
+        ((0.04, 20, True), "denoise 0.04 of 20 steps runs no step; use denoise >= 0.05 or more steps."),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError) as e:
+            check_denoise(*args[:2], img2img=args[2])
+        assert str(e.value) == message
