@@ -670,3 +670,24 @@ def test_check_denoise_refuses_exactly_what_runs_nothing():
         with pytest.raises(ValueError) as e:
             check_denoise(*args[:2], img2img=args[2])
         assert str(e.value) == message
+
+
+def test_check_size_refuses_exactly_what_the_dit_cannot_take():
+    """The size rule by hand: sides are multiples of 16 (patch 2 x VAE 8) from 16 to 4096 (the largest side of any
+    trained bin, the 2K family's 4096 x 1024), and the message names the two neighbouring multiples."""
+    from pixart_core.resolution import check_size
+
+    for w, h in ((16, 16), (4096, 4096), (1024, 1008)):
+        check_size(w, h)
+    cases = [
+        ((0, 64), "PixArt sampler: width 0 is outside 16..4096."),
+        ((64, 4112), "PixArt sampler: height 4112 is outside 16..4096."),
+        ((1000, 64), "PixArt sampler: width 1000 is not a multiple of 16 (patch 2 x VAE 8); use 992 or 1008."),
+        ((64, 8), "PixArt sampler: height 8 is not a multiple of 16 (patch 2 x VAE 8); use 16 or 16."),
+        ((1, 64), "PixArt sampler: width 1 is not a multiple of 16 (patch 2 x VAE 8); use 16 or 16."),
+        ((64, 50), "PixArt sampler: height 50 is not a multiple of 16 (patch 2 x VAE 8); use 48 or 64."),
+    ]
+    for (w, h), message in cases:
+        with pytest.raises(ValueError) as e:
+            check_size(w, h)
+        assert str(e.value) == message
