@@ -90,19 +90,16 @@ def _on(t: torch.Tensor, device: torch.device) -> bool:
     return t.device.type == device.type and (device.index is None or t.device.index == device.index)
 
 
-def _place_rest(model: torch.nn.Module, device: torch.device) -> int:
+def _place_rest(model: torch.nn.Module, device: torch.device) -> None:
     """After a partial load: move what ComfyUI's loader does not place to the load device, i.e. the tensors of
     modules without cast-weights layers (norm weights, parameters of non-leaf modules such as PixArt's
     scale_shift_table, buffers such as its position embedding). They are small; streamed layers stay put."""
-    moved = 0
     for m in model.modules():
         if getattr(m, "comfy_cast_weights", False):
             continue  # weights stream to the device at each forward
         tensors = list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False))
         if any(not _on(t, device) for _, t in tensors):
             m._apply(lambda t: t.to(device), recurse=False)
-            moved += len(tensors)
-    return moved
 
 
 def use(patcher: comfy.model_patcher.ModelPatcher, memory_required: int = 0) -> Loaded:
@@ -128,8 +125,7 @@ def use(patcher: comfy.model_patcher.ModelPatcher, memory_required: int = 0) -> 
         _place_rest(holder.inner, device)
     elif not all(_on(t, device) for t in holder.inner.parameters()):
         device = patcher.offload_device
-        holder.inner.to(device)
-        move_quantized_state(holder.inner, device)
+        holder.to(device)  # with the 8-bit layers' side tensors
         log.warning("PixArt: %s is quantized and ComfyUI's memory mode (%s) does not load it whole: it runs on %s.",
                     type(holder.inner).__name__, mm.vram_state.name, device)
     return Loaded(holder.inner, device)

@@ -53,9 +53,9 @@ def read_state_dict(path: str | os.PathLike, dtype: torch.dtype | None = None) -
     tensors converted to it (integer tensors kept as they are)."""
     path = check_file(path)
     if path.suffix.lower() in SAFETENSORS_EXT:
-        _check_safetensors_header(path)
-        if dtype is not None and _needs_conversion(path, dtype):
-            return _read_safetensors_as(path, dtype)
+        header, start = _check_safetensors_header(path)
+        if dtype is not None and _needs_conversion(header, dtype):
+            return _read_safetensors_as(path, header, start, dtype)
         sd = _read_safetensors(path)
     elif path.suffix.lower() in PICKLE_EXT:
         sd = _read_pickle(path)
@@ -74,24 +74,16 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
               "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def _header(path: Path) -> tuple[dict, int]:
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        return json.loads(f.read(n)), 8 + n
-
-
-def _needs_conversion(path: Path, dtype: torch.dtype) -> bool:
-    header, _ = _header(path)
+def _needs_conversion(header: dict, dtype: torch.dtype) -> bool:
     return any(_ST_DTYPES.get(v["dtype"], dtype).is_floating_point and _ST_DTYPES.get(v["dtype"]) != dtype
                for k, v in header.items() if k != "__metadata__")
 
 
-def _read_safetensors_as(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _read_safetensors_as(path: Path, header: dict, start: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """A safetensors file read one tensor at a time with plain reads, each floating tensor converted to `dtype`
     as it arrives: peak memory is the converted model plus one source tensor. (Converting a memory-mapped file
     keeps every source page mapped, and counted in the process's memory, until the last tensor is converted.)
-    The header was checked (read_state_dict)."""
-    header, start = _header(path)
+    `header` and `start` (where the tensor data begins) come from _check_safetensors_header."""
     out: dict[str, torch.Tensor] = {}
     with open(path, "rb") as f:
         for name, info in header.items():
@@ -122,8 +114,9 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         ) from e
 
 
-def _check_safetensors_header(path: Path) -> None:
-    """Check that the header parses and the data the header promises is in the file (a truncated download fails here)."""
+def _check_safetensors_header(path: Path) -> tuple[dict, int]:
+    """Check that the header parses and the data the header promises is in the file (a truncated download fails
+    here); returns the header and the offset where the tensor data begins."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
@@ -143,6 +136,7 @@ def _check_safetensors_header(path: Path) -> None:
         raise WeightFileError(
             f"{path.name}: the file is truncated ({size} bytes, its header needs {8 + n + end}). Download it again."
         )
+    return header, 8 + n
 
 
 def read_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:

@@ -125,11 +125,11 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
                         if (wdir / f).is_file()), None)
         if weights is None:
             raise files.WeightFileError(f"{wdir}: no diffusion_pytorch_model.safetensors in this folder.")
-        sd = files.read_state_dict(weights)
+        sd = files.read_state_dict(weights, dtype)
         config = {k: v for k, v in config.items() if not k.startswith("_")}
         fam = family_from_config(config) or family_from_name(path.name)
     else:
-        sd = files.read_state_dict(path)
+        sd = files.read_state_dict(path, dtype)
         if any(".down.0.block." in k for k in sd) and any("decoder.up." in k for k in sd):
             sd = files.strip_prefix(sd, "encoder.conv_in.weight")
             sd = _ldm_to_diffusers(sd)
@@ -146,7 +146,7 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     expected = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
     files.check_keys(path.name, sd, expected, "an AutoencoderKL VAE")
     files.check_shapes(path.name, files.shapes_of(sd), expected, "an AutoencoderKL VAE")
-    assign_state_dict(vae, {k: v.to(dtype) for k, v in sd.items()})
+    assign_state_dict(vae, {k: v.to(dtype) for k, v in sd.items()})  # a no-op unless a converter made new tensors
     return vae.eval().requires_grad_(False), fam
 
 
