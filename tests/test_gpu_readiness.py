@@ -304,8 +304,9 @@ def test_native_bf16_cpu_detection_reads_cpu_flags(tmp_path):
 
 def test_bf16_holds_up_against_fp32_on_the_cpu():
     """The CPU bf16 default is safe: a 20-step DPM-Solver++ image and a VAE decode in bf16 stay within bf16's
-    error of fp32 and finite. Bound: bf16 keeps 8 mantissa bits (unit roundoff 2^-9 = 0.2%); through 20 steps of
-    a 2-block DiT the relative L2 error measured ~1-2%, through the VAE ~0.5%; the bounds are 5% and 2%."""
+    error of fp32 and finite. Bound: bf16 keeps 8 mantissa bits (unit roundoff 2^-9 = 0.2%); measured on these tiny
+    models (2026-11-29): relative L2 error 0.30% after 20 steps of the 2-block DiT, 0.27% through the VAE; the
+    bounds, 2% and 1%, leave room for other CPUs' summation orders."""
     from pixart_core import sampling
 
     dit32 = tiny.make_dit()
@@ -318,7 +319,7 @@ def test_bf16_holds_up_against_fp32_on_the_cpu():
         noise, gen = sampling.initial_noise(3, 1, 4, 128, 128)
         latents[name] = sampling.sample(dit, pos, neg, noise, steps=20, cfg=4.5, generator=gen)
     rel = (latents["bf16"] - latents["fp32"]).norm() / latents["fp32"].norm()
-    assert torch.isfinite(latents["bf16"]).all() and rel < 0.05, f"DiT bf16 vs fp32: {rel:.4f}"
+    assert torch.isfinite(latents["bf16"]).all() and rel < 0.02, f"DiT bf16 vs fp32: {rel:.4f}"
 
     from pixart_core import vae as cvae
 
@@ -327,7 +328,7 @@ def test_bf16_holds_up_against_fp32_on_the_cpu():
     z = latents["fp32"] / 0.13025
     img32, img16 = cvae.decode(vae32, z), cvae.decode(vae16, z)
     rel = (img16 - img32).norm() / img32.norm()
-    assert torch.isfinite(img16).all() and rel < 0.02, f"VAE bf16 vs fp32: {rel:.4f}"
+    assert torch.isfinite(img16).all() and rel < 0.01, f"VAE bf16 vs fp32: {rel:.4f}"
 
 
 # ---- VAE: whole job first, tiles when it still does not fit ------------------------------------------------------
