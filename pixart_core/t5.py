@@ -34,6 +34,7 @@ class LoadedT5:
     compute_dtype: torch.dtype
     quantization: str
     source: str
+    cache: object | None = None  # t5_cache.Outcome where the quantized-T5 cache was used
 
 
 def compute_dtype(choice: str, auto: torch.dtype = torch.float32) -> torch.dtype:
@@ -115,13 +116,24 @@ def folder_weights_dir(path: Path) -> Path:
     )
 
 
-def load_t5(path: str | os.PathLike, quantization: str, dtype: torch.dtype) -> LoadedT5:
+def load_t5(path: str | os.PathLike, quantization: str, dtype: torch.dtype, *, cache_dir: str | os.PathLike | None = None,
+            quantize_device: torch.device | None = None) -> LoadedT5:
     """Load a T5-v1.1 encoder from a single safetensors file or a transformers/diffusers folder, on the CPU.
 
     Weights stream from the memory-mapped file tensor by tensor (transformers' loader), converted to `dtype`
-    or quantized as they arrive, so the whole model never sits in memory twice.
+    or quantized as they arrive, so the whole model never sits in memory twice. With `cache_dir`, an 8-bit/nf4
+    T5 is quantized once and read from the cache afterwards (t5_cache); `quantize_device` (a CUDA GPU) then
+    quantizes it there tensor by tensor.
     """
     path = Path(path)
+    if cache_dir is not None and quantization != QUANTIZATIONS[0]:
+        from . import t5_cache
+
+        model, outcome = t5_cache.load(
+            path, quantization, dtype, Path(cache_dir), fresh=lambda: load_t5(path, quantization, dtype),
+            from_folder=lambda d: _from_pretrained(d, path.name, dtype, None, None, cpu=True),
+            quantize_device=quantize_device)
+        return LoadedT5(model, dtype, quantization, str(path), outcome)
     qconfig = None if quantization == QUANTIZATIONS[0] else _bnb_config(quantization, dtype)
     if path.is_dir():
         wdir = folder_weights_dir(path)
@@ -169,14 +181,14 @@ def load_t5(path: str | os.PathLike, quantization: str, dtype: torch.dtype) -> L
     return LoadedT5(model, dtype, quantization, str(path))
 
 
-def _from_pretrained(folder: Path, name: str, dtype: torch.dtype, qconfig, key_mapping):
+def _from_pretrained(folder: Path, name: str, dtype: torch.dtype, qconfig, key_mapping, cpu: bool = False):
     from transformers import T5EncoderModel
 
-    # Quantized loads default to the GPU in transformers; load on the CPU so ComfyUI's model management decides
+    # Quantized loads (also of a pre-quantized folder: `cpu`) default to the GPU in transformers; load on the CPU so ComfyUI's model management decides
     # when the T5 goes to the GPU (and accounts for it), as for every other model.
     model, info = T5EncoderModel.from_pretrained(
         str(folder), dtype=dtype, quantization_config=qconfig, local_files_only=True, output_loading_info=True,
-        key_mapping=key_mapping, device_map={"": "cpu"} if qconfig is not None else None,
+        key_mapping=key_mapping, device_map={"": "cpu"} if qconfig is not None or cpu else None,
     )
     missing = [k for k in info.get("missing_keys", []) if k != "encoder.embed_tokens.weight"]
     if missing:

@@ -1,0 +1,410 @@
+"""Quantize once: a disk cache of bitsandbytes-quantized T5 encoders, and quantization on a GPU tensor by tensor.
+
+Re-quantizing T5-XXL from its 9.5 GB file takes minutes on a CPU at every load. The first 8-bit/nf4 load writes
+the quantized weights in bitsandbytes' own serialization (the state dict transformers saves and loads for a
+pre-quantized model: int8 matrix + `SCB` scales for 8-bit, packed nf4 + `absmax`/`quant_map`/quant state for 4-bit)
+as one safetensors file with the model's config.json (its `quantization_config` included); later loads are
+transformers' pre-quantized load of that folder, which memory-maps the file.
+
+One entry (a folder) per source x mode x compute dtype; `manifest.json` holds the key the entry was made for
+(source path, size and mtime of every source file, mode, dtype, bitsandbytes / transformers / format versions)
+and each cache file's size, mtime and sha256. The manifest is written last and the entry is built in a temporary
+folder renamed into place, so a crash leaves no entry that looks complete. An entry whose manifest is missing,
+unreadable or made for another key (stale source, another file, another mode or version), or whose files differ
+in size or mtime from the manifest or do not parse as complete safetensors files, is rebuilt, never loaded.
+(`verify="full"` also re-hashes every byte; the default checks sizes, mtimes and headers, which costs nothing.)
+
+This module never imports ComfyUI: the caller passes the cache folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import files
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1  # bump when what an entry holds changes
+MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
+_MODES = {"8-bit (bitsandbytes)": "8bit", "4-bit nf4 (bitsandbytes)": "nf4"}
+_ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+_LEFTOVER_AGE_S = 3600  # temporary folders of a crashed writer older than this are removed by the next writer
+
+
+class CacheError(RuntimeError):
+    """A cache entry that cannot be used (the message says why); callers rebuild it."""
+
+
+def _versions() -> dict[str, str]:
+    import bitsandbytes
+    import transformers
+
+    return {"bitsandbytes": bitsandbytes.__version__, "transformers": transformers.__version__}
+
+
+def source_files(path: Path) -> list[Path]:
+    """The files a T5 is read from: the file itself, or a folder's config and weight files."""
+    if path.is_file():
+        return [path]
+    return sorted(f for f in path.iterdir()
+                  if f.is_file() and f.suffix.lower() in (".json", *files.SAFETENSORS_EXT, *files.PICKLE_EXT))
+
+
+def cache_key(path: str | os.PathLike, quantization: str, dtype: torch.dtype) -> dict:
+    """What a cache entry must have been made from: the source (resolved path, and every file's name, size and
+    mtime), the mode, the compute dtype and the versions of the libraries whose format the entry is in."""
+    path = Path(path).resolve()
+    stats = [{"name": f.name, "size": (s := f.stat()).st_size, "mtime_ns": s.st_mtime_ns} for f in source_files(path)]
+    return {"format": FORMAT, "source": str(path), "files": stats, "quantization": quantization,
+            "dtype": str(dtype).removeprefix("torch."), **_versions()}
+
+
+def entry_dir(cache_dir: str | os.PathLike, path: str | os.PathLike, quantization: str, dtype: torch.dtype) -> Path:
+    """The entry folder of a source x mode x dtype. A changed source rebuilds the same folder (no stale copies)."""
+    resolved = str(Path(path).resolve())
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(resolved).name)[:60] or "t5"
+    digest = hashlib.sha256(resolved.encode()).hexdigest()[:12]
+    return Path(cache_dir) / f"{stem}-{_MODES[quantization]}-{str(dtype).removeprefix('torch.')}-{digest}"
+
+
+# -------------------------------------------------------------------------------------------------- writing
+
+
+def _tensors_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The quantized model's state dict (bitsandbytes' serialization), each storage once (the tied embedding)."""
+    seen, out = set(), {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if t.numel() and key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.detach()
+    return out
+
+
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
+    """Write a safetensors file one tensor at a time straight from the tensors' memory (no serialized copy of the
+    model, as safetensors' save_file makes); returns its sha256. Tensors are ordered as safetensors orders them
+    (wider elements first), so every tensor stays aligned."""
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for k in order:
+        t = tensors[k]
+        if t.dtype not in _ST_NAMES:
+            raise CacheError(f"tensor {k} has dtype {t.dtype}, which safetensors cannot hold")
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for chunk in (struct.pack("<Q", len(blob)), blob):
+            f.write(chunk)
+            digest.update(chunk)
+        for k in order:
+            t = tensors[k]
+            if t.numel() == 0:
+                continue
+            view = memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            f.write(view)
+            digest.update(view)
+        f.flush()
+        os.fsync(f.fileno())
+    return digest.hexdigest()
+
+
+def _file_record(path: Path, sha256: str | None = None) -> dict:
+    s = path.stat()
+    return {"size": s.st_size, "mtime_ns": s.st_mtime_ns, "sha256": sha256 or _sha256(path)}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _remove_leftovers(entry: Path) -> None:
+    """Temporary and replaced folders of this entry that an interrupted writer left (older than an hour)."""
+    now = time.time()
+    for d in entry.parent.glob(f"{entry.name}.*-*"):
+        try:
+            if d.is_dir() and now - d.stat().st_mtime > _LEFTOVER_AGE_S:
+                shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def write(entry: Path, key: dict, config, tensors: dict[str, torch.Tensor], quantized_on: str) -> None:
+    """Make `entry` hold these quantized tensors and config (a transformers config with its quantization_config):
+    built in a temporary folder, manifest last, renamed into place; an invalid entry in the way is replaced."""
+    need = sum(t.numel() * t.element_size() for t in tensors.values())
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(entry.parent).free
+    if free < need + (256 << 20):
+        raise CacheError(f"not enough free disk space in {entry.parent} ({free / 2**30:.1f} GiB free, "
+                         f"{need / 2**30:.1f} GiB needed)")
+    _remove_leftovers(entry)
+    tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        config.save_pretrained(str(tmp))
+        sha = _write_safetensors(tmp / WEIGHTS, tensors)
+        records = {WEIGHTS: _file_record(tmp / WEIGHTS, sha), "config.json": _file_record(tmp / "config.json")}
+        manifest = {"key": key, "files": records, "quantized_on": quantized_on,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        part = tmp / (MANIFEST + ".part")
+        part.write_text(json.dumps(manifest, indent=1))
+        os.replace(part, tmp / MANIFEST)
+        if entry.exists():  # an invalid entry (the caller checked): move it aside, then remove it
+            old = entry.with_name(f"{entry.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            os.replace(entry, old)
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(tmp, entry)
+        except OSError:
+            if check(entry, key) is not None:  # another process finished the same entry first: keep theirs
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# -------------------------------------------------------------------------------------------------- checking
+
+
+def _safetensors_complete(path: Path) -> str | None:
+    """None if the file's header parses and its tensors exactly fill the file, else what is wrong."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return "shorter than a safetensors header"
+            n = struct.unpack("<Q", head)[0]
+            if n > size - 8:
+                return "header length points past the end of the file"
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, AttributeError) as e:
+        return f"not a safetensors file ({e})"
+    if 8 + n + end != size:
+        return f"{size} bytes where its header describes {8 + n + end}"
+    return None
+
+
+def check(entry: Path, key: dict, verify: str = "quick") -> str | None:
+    """None if `entry` is a complete cache entry made for `key`, else why not. `verify="full"` re-hashes the files."""
+    if not entry.is_dir():
+        return "no entry yet"
+    try:
+        manifest = json.loads((entry / MANIFEST).read_text())
+        made_for, records = manifest["key"], manifest["files"]
+    except FileNotFoundError:
+        return "no manifest (an interrupted write)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable manifest ({e})"
+    if made_for != key:
+        diff = sorted(k for k in set(key) | set(made_for) if key.get(k) != made_for.get(k))
+        return f"made for another source or setting (differs in: {', '.join(diff)})"
+    if set(records) != {WEIGHTS, "config.json"}:
+        return f"manifest lists {sorted(records)}"
+    for name, rec in records.items():
+        f = entry / name
+        try:
+            s = f.stat()
+        except OSError:
+            return f"{name} is missing"
+        if s.st_size != rec["size"]:
+            return f"{name} is {s.st_size} bytes, the manifest says {rec['size']} (truncated or replaced)"
+        if s.st_mtime_ns != rec["mtime_ns"]:
+            return f"{name} was modified after the entry was written"
+        if verify == "full" and _sha256(f) != rec["sha256"]:
+            return f"{name} does not match its sha256"
+    return _safetensors_complete(entry / WEIGHTS)
+
+
+# -------------------------------------------------------------------------------------------------- loading
+
+
+@dataclasses.dataclass
+class Outcome:
+    """How a cached load went, for the log and the bench."""
+
+    entry: Path
+    hit: bool
+    reason: str | None  # why the entry was (re)built
+    written: bool
+    quantized_on: str | None
+
+
+def load(path: Path, quantization: str, dtype: torch.dtype, cache_dir: Path, fresh: Callable[[], object],
+         from_folder: Callable[[Path], torch.nn.Module], quantize_device: torch.device | None = None,
+         verify: str = "quick"):
+    """(model, Outcome): the quantized T5 from its cache entry, or quantized now (on `quantize_device` tensor by
+    tensor where that is a CUDA GPU, else by `fresh()`, which returns a LoadedT5) and written to the cache first.
+
+    A cache that cannot be written (read-only folder, full disk) only costs the next load its time: the model
+    quantized now is returned and the log says why nothing was cached.
+    """
+    key = cache_key(path, quantization, dtype)
+    entry = entry_dir(cache_dir, path, quantization, dtype)
+    reason = check(entry, key, verify)
+    if reason is None:
+        try:
+            return from_folder(entry), Outcome(entry, True, None, False, _quantized_on(entry))
+        except Exception as e:  # noqa: BLE001 - any failure to read an entry means: rebuild it
+            reason = f"transformers could not load it ({e})"
+            log.warning("PixArt T5 cache: %s: %s; rebuilding it.", entry.name, reason)
+    elif reason != "no entry yet":
+        log.warning("PixArt T5 cache: %s: %s; rebuilding it.", entry.name, reason)
+    if quantize_device is not None and quantize_device.type == "cuda":
+        try:
+            tensors, config = quantize_per_tensor(path, quantization, dtype, quantize_device)
+        except UnsupportedSource as e:
+            log.info("PixArt T5: quantizing on the CPU (%s).", e)
+        else:
+            try:
+                write(entry, key, config, tensors, str(quantize_device))
+            except (OSError, CacheError) as e:
+                log.warning("PixArt T5 cache: cannot write %s (%s); quantizing on the CPU instead.", entry, e)
+            else:
+                del tensors
+                return from_folder(entry), Outcome(entry, False, reason, True, str(quantize_device))
+    loaded = fresh()
+    written = False
+    if _bnb_layers(loaded.model):
+        try:
+            write(entry, key, loaded.model.config, _tensors_of(loaded.model), "cpu")
+            written = True
+        except (OSError, CacheError) as e:
+            log.warning("PixArt T5 cache: cannot write %s (%s); the next load quantizes again.", entry, e)
+    return loaded.model, Outcome(entry, False, reason, written, "cpu")
+
+
+def _quantized_on(entry: Path) -> str | None:
+    try:
+        return json.loads((entry / MANIFEST).read_text()).get("quantized_on")
+    except (OSError, ValueError):
+        return None
+
+
+def _bnb_layers(model: torch.nn.Module) -> bool:
+    return any(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
+
+
+# -------------------------------------------------------------------------------------------------- per tensor
+
+
+class UnsupportedSource(ValueError):
+    """A source the per-tensor quantizer does not read (then the model is quantized by transformers' loader)."""
+
+
+def _source_tensors(path: Path) -> tuple[dict[str, tuple[Path, str]], dict[str, tuple[int, ...]]]:
+    """Where each tensor of a plain safetensors T5 lives: {model key: (file, key in file)} and the shapes."""
+    from .t5 import _ANCHOR, folder_weights_dir
+
+    wfiles = [path] if path.is_file() else sorted(f for f in folder_weights_dir(path).iterdir()
+                                                   if f.suffix.lower() in files.SAFETENSORS_EXT)
+    if not wfiles or any(f.suffix.lower() not in files.SAFETENSORS_EXT for f in wfiles):
+        raise UnsupportedSource(f"{path.name} is not a safetensors T5")
+    where, shapes = {}, {}
+    for f in wfiles:
+        for k, s in files.read_shapes(f).items():
+            where[k], shapes[k] = (f, k), s
+    if any(k.endswith((".scale_weight", "scaled_fp8")) for k in where):
+        raise UnsupportedSource(f"{path.name} holds scaled fp8 weights")
+    anchor = next((k for k in where if k.endswith(_ANCHOR)), None)
+    if anchor is None:
+        raise UnsupportedSource(f"{path.name}: no T5 encoder keys")
+    prefix = anchor[: len(anchor) - len(_ANCHOR) - len("encoder.")]
+    where = {k[len(prefix):]: v for k, v in where.items() if k.startswith(prefix)}
+    shapes = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+    if "shared.weight" not in where and "encoder.embed_tokens.weight" in where:
+        where["shared.weight"], shapes["shared.weight"] = where["encoder.embed_tokens.weight"], shapes["encoder.embed_tokens.weight"]
+    where.pop("encoder.embed_tokens.weight", None)
+    return where, shapes
+
+
+def quantize_per_tensor(path: str | os.PathLike, quantization: str, dtype: torch.dtype, device: torch.device):
+    """(state dict, config) of the quantized T5, made one tensor at a time: each weight that transformers would
+    quantize goes to `device`, is quantized there by the bitsandbytes function transformers' loader calls, and
+    comes back to the CPU at once; the rest is converted to `dtype`. Device memory holds one tensor at a time
+    (never the whole model); host memory holds the quantized result and one source tensor.
+
+    The tensors are bitsandbytes' serialization of the model transformers builds (the same keys and bytes as
+    `load_t5(...).model.state_dict()`, for device=cpu), so the cache loads them as a pre-quantized model.
+    """
+    import bitsandbytes.functional as bnbf
+    from bitsandbytes.nn import Linear4bit, Linear8bitLt
+    from safetensors import safe_open
+    from transformers import T5EncoderModel
+    from transformers.quantizers import AutoHfQuantizer
+
+    from .meta import empty_weights
+    from .t5 import _bnb_config, config_from_shapes
+
+    path = Path(path)
+    where, shapes = _source_tensors(path)
+    config = config_from_shapes(shapes, path.name)
+    qconfig = _bnb_config(quantization, dtype)
+    with empty_weights():
+        skeleton = T5EncoderModel(config)
+    quantizer = AutoHfQuantizer.from_config(qconfig, pre_quantized=False)
+    quantizer.preprocess_model(skeleton, device_map={"": "cpu"})
+    expected = {k for k in skeleton.state_dict() if k != "encoder.embed_tokens.weight"}
+    files.check_keys(path.name, where, expected, "a T5-v1.1 encoder")
+    kinds = {name + ".weight": type(m) for name, m in skeleton.named_modules() if isinstance(m, (Linear8bitLt, Linear4bit))}
+    out: dict[str, torch.Tensor] = {}
+    handles: dict[Path, object] = {}
+    try:
+        for key in sorted(where):
+            f, k = where[key]
+            if f not in handles:
+                handles[f] = safe_open(str(f), framework="pt", device="cpu").__enter__()
+            src = handles[f].get_tensor(k)
+            if tuple(src.shape) != tuple(skeleton.state_dict()[key].shape):
+                raise files.WeightFileError(f"{path.name}: {key} is {list(src.shape)}, expected "
+                                            f"{list(skeleton.state_dict()[key].shape)}.")
+            base = key[: -len(".weight")]
+            w = src.to(dtype)  # transformers' loader converts to the model's dtype before quantizing
+            if kinds.get(key) is Linear8bitLt:  # Int8Params._quantize
+                cb, scb, _ = bnbf.int8_vectorwise_quant(w.to(device=device, dtype=torch.float16))
+                out[key], out[base + ".SCB"] = cb.cpu(), scb.cpu()
+                out[base + ".weight_format"] = torch.tensor(0, dtype=torch.uint8)
+            elif kinds.get(key) is Linear4bit:  # Params4bit._quantize
+                q, state = bnbf.quantize_4bit(w.to(device).contiguous(), blocksize=64, compress_statistics=False,
+                                              quant_type="nf4", quant_storage=torch.uint8)
+                out[key] = q.cpu()
+                state.to("cpu")
+                for name, t in state.as_dict(packed=True).items():
+                    out[f"{key}.{name}"] = t.cpu()
+            else:
+                out[key] = w if w.data_ptr() != src.data_ptr() else w.clone()
+            del src, w
+    finally:
+        for h in handles.values():
+            h.__exit__(None, None, None)
+    config.quantization_config = qconfig
+    return out, config
