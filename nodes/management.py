@@ -180,7 +180,11 @@ def dit_devices() -> tuple[torch.device, torch.device]:
     return mm.get_torch_device(), mm.unet_offload_device()
 
 
-def t5_devices() -> tuple[torch.device, torch.device]:
+def t5_devices(cpu: bool = False) -> tuple[torch.device, torch.device]:
+    """(load, offload) device of the T5: ComfyUI's text-encoder devices, or the CPU for both (as ComfyUI's
+    CLIPLoader does for device "cpu": model management then never puts it on, or frees, a GPU for it)."""
+    if cpu:
+        return torch.device("cpu"), torch.device("cpu")
     return mm.text_encoder_device(), mm.text_encoder_offload_device()
 
 

@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 T5_FOLDERS = ("text_encoders",)
 # Recent prompt embeddings (~5 MB each at 300 x 4096 fp32): re-encoding a prompt seen lately never loads the T5.
 EMBEDDINGS = LRUCache(max_items=16)
+DEVICES = ("default", "cpu")  # as ComfyUI's CLIPLoader
 
 
 class T5Loader(io.ComfyNode):
@@ -31,25 +32,32 @@ class T5Loader(io.ComfyNode):
                                tooltip="A T5-v1.1-XXL single file in models/text_encoders (e.g. t5xxl_fp16.safetensors) "
                                        "or a diffusers/transformers folder in models/diffusers."),
                 io.Combo.Input("quantization", options=list(core_t5.QUANTIZATIONS), default=core_t5.QUANTIZATIONS[0],
-                               tooltip="bitsandbytes 8-bit (T5-XXL: 5.5 GiB) or 4-bit nf4 (4.0 GiB) instead of 8.9 GiB in bf16."),
+                               tooltip="bitsandbytes 8-bit (T5-XXL: 5.5 GiB) or 4-bit nf4 (4.0 GiB) instead of 8.9 GiB in bf16. "
+                                       "Quantized once (on the GPU when T5 runs there) and kept in models/pixart_t5_cache "
+                                       "for later loads."),
                 io.Combo.Input("dtype", options=list(core_t5.DTYPES), default="auto",
                                tooltip="Compute dtype. Never fp16: T5-XXL overflows in fp16. auto = bf16 where ComfyUI uses bf16 "
                                        "(NVIDIA from RTX 30xx/A100, Apple M-series on macOS 14+), else fp32; fp32 on CPU."),
+                io.Combo.Input("device", options=list(DEVICES), default=DEVICES[0], optional=True,
+                               tooltip="Where T5 runs. default: ComfyUI's text-encoder device (the GPU). cpu: always on "
+                                       "the CPU (as CLIPLoader's device option), so encoding never takes GPU memory "
+                                       "from the DiT; slower per prompt."),
             ],
             outputs=[T5.Output(display_name="t5")],
         )
 
     @classmethod
-    def execute(cls, t5_name: str, quantization: str, dtype: str) -> io.NodeOutput:
+    def execute(cls, t5_name: str, quantization: str, dtype: str, device: str = DEVICES[0]) -> io.NodeOutput:
         path = paths.resolve(t5_name, T5_FOLDERS)
-        load_device, offload_device = management.t5_devices()
+        load_device, offload_device = management.t5_devices(cpu=device == "cpu")
         compute = core_t5.compute_dtype(dtype, management.auto_dtype("t5", load_device))
         tokenizer = core_t5.load_tokenizer(core_t5.tokenizer_candidates(path) + [paths.COMFY_TOKENIZER])
-        loaded = core_t5.load_t5(path, quantization, compute)
+        loaded = core_t5.load_t5(path, quantization, compute, cache_dir=paths.t5_cache_dir(),
+                                 quantize_device=load_device if load_device.type == "cuda" else None)
         patcher = management.wrap(loaded.model, load_device, offload_device)
-        log.info("PixArt T5 %s loaded (%s, %s)", t5_name, quantization, compute)
+        log.info("PixArt T5 %s loaded (%s, %s, runs on %s)", t5_name, quantization, compute, load_device)
         stat = path.stat()
-        identity = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, quantization, str(compute))
+        identity = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, quantization, str(compute), str(load_device))
         return io.NodeOutput(T5Handle(patcher, tokenizer, compute, t5_name, quantization, identity))
 
 

@@ -62,7 +62,9 @@ def source_files(path: Path) -> list[Path]:
     """The files a T5 is read from: the file itself, or a folder's config and weight files."""
     if path.is_file():
         return [path]
-    return sorted(f for f in path.iterdir()
+    from .t5 import folder_weights_dir
+
+    return sorted(f for f in folder_weights_dir(path).iterdir()
                   if f.is_file() and f.suffix.lower() in (".json", *files.SAFETENSORS_EXT, *files.PICKLE_EXT))
 
 
@@ -242,7 +244,8 @@ def check(entry: Path, key: dict, verify: str = "quick") -> str | None:
             return f"{name} was modified after the entry was written"
         if verify == "full" and _sha256(f) != rec["sha256"]:
             return f"{name} does not match its sha256"
-    return _safetensors_complete(entry / WEIGHTS)
+    problem = _safetensors_complete(entry / WEIGHTS)
+    return problem and f"{WEIGHTS} is not a complete safetensors file: {problem}"
 
 
 # -------------------------------------------------------------------------------------------------- loading
