@@ -9,7 +9,10 @@ simulate. It prints one JSON document and a table, and writes bench/out/gpu_chec
       (the memory above the cap counts as reserved), so ComfyUI plans for a card of that size;
   (c) P4 from bench/gpu.py: seconds per 1024 px image against diffusers, MFU and peak VRAM (bf16);
   (d) which SDPA kernel runs in the DiT's self- and cross-attention (torch profiler, one 1024 px forward);
-  (e) cosine of the 8-bit and nf4 T5 embeddings against the bf16 T5's, on the GPU.
+  (e) cosine of the 8-bit and nf4 T5 embeddings against the bf16 T5's, on the GPU;
+  (f) issue 14: the 8-bit and nf4 T5 quantized on the GPU tensor by tensor into the quantized-T5 cache: seconds,
+      peak VRAM (one tensor at a time, never the whole model), the share of int8/nf4 bytes equal to the CPU
+      quantizer's for three layers, and the second (cached) load's seconds.
 
 Weights are random and full size (T5-v1.1-XXL shape with --t5-blocks of its 24 blocks, the PixArt-Σ XL/2 1024
 transformer, the SDXL VAE), written once under bench/out/. Every part runs in its own process (its own CUDA peak).
@@ -246,7 +249,50 @@ def worker_sdpa(a) -> dict:
     return {"dtype": str(inner.dtype), "kernels": kernels}
 
 
-WORKERS = {"reference": worker_reference, "memory": worker_memory, "sdpa": worker_sdpa}
+def worker_t5_gpu_quant(a) -> dict:
+    """(f) quantize-once on the GPU: pixart_core.t5.load_t5 with a cache folder and quantize_device=cuda."""
+    import shutil
+
+    torch, mm, N, device, _ = _worker_setup(a)
+    ct5, t5_cache = _pack("pixart_core.t5"), _pack("pixart_core.t5_cache")
+    path = Path(a.base) / "models" / "text_encoders" / a.t5
+    out = {}
+    for q in QUANTS:
+        cache = Path(a.base) / "t5_gpu_cache"
+        shutil.rmtree(cache, ignore_errors=True)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t = time.perf_counter()
+        first = ct5.load_t5(path, QUANTS[q], torch.bfloat16, cache_dir=cache, quantize_device=device)
+        first_s = time.perf_counter() - t
+        peak = torch.cuda.max_memory_allocated(device) / GiB if device.type == "cuda" else None
+        model_gib = first.model.get_memory_footprint() / GiB
+        t = time.perf_counter()
+        again = ct5.load_t5(path, QUANTS[q], torch.bfloat16, cache_dir=cache, quantize_device=device)
+        cached_s = time.perf_counter() - t
+        # the GPU's quantized bytes against the CPU quantizer's, for three layers (read from the cache file)
+        from safetensors import safe_open
+
+        keys = ["encoder.block.0.layer.0.SelfAttention.q.weight", "encoder.block.0.layer.1.DenseReluDense.wi_0.weight",
+                "encoder.block.1.layer.0.SelfAttention.o.weight"]
+        kind = "8bit" if q == "8-bit" else "nf4"
+        same = []
+        with safe_open(str(path), framework="pt") as src, \
+                safe_open(str(again.cache.entry / t5_cache.WEIGHTS), framework="pt") as cached:
+            for k in keys:
+                if k not in src.keys():
+                    continue
+                cpu = t5_cache.quantize_weight(k, src.get_tensor(k).to(torch.bfloat16), kind, torch.device("cpu"))[k]
+                same.append(float((cpu == cached.get_tensor(k)).float().mean()))
+        out[q] = {"first_s": first_s, "quantized_on": first.cache.quantized_on, "peak_vram_gib": peak,
+                  "model_gib": model_gib, "cached_s": cached_s, "cached_hit": again.cache.hit,
+                  "equal_bytes_vs_cpu": same}
+        del first, again
+    return out
+
+
+WORKERS = {"reference": worker_reference, "memory": worker_memory, "sdpa": worker_sdpa,
+           "t5_gpu_quant": worker_t5_gpu_quant}
 
 
 # ---------------------------------------------------------------------------------------------------- parent
@@ -280,6 +326,12 @@ def table(report: dict) -> str:
             res = (f"ok, {c['seconds']:.1f} s, peak {c['peak_gib']:.2f} GiB, VAE tiled: {c['vae_tiled']}"
                    if c["ok"] else f"failed: {c.get('error', 'non-finite image')[:80]}")
             rows.append(f"| (b) | {what} | {res} |")
+    for q, r in report.get("t5_gpu_quant", {}).items():
+        if isinstance(r, dict) and "first_s" in r:
+            rows.append(f"| (f) | T5 {q} quantized on {r['quantized_on']} into the cache, then cached load | "
+                        f"{r['first_s']:.1f} s (peak VRAM {r['peak_vram_gib'] or 0:.2f} GiB, model "
+                        f"{r['model_gib']:.2f} GiB), cached {r['cached_s']:.1f} s; bytes equal to CPU's: "
+                        f"{r['equal_bytes_vs_cpu']} |")
     p4 = report.get("p4", {})
     for k, v in p4.get("median_s_per_image", {}).items():
         rows.append(f"| (c) | P4 s/image {k} | {v:.2f} |")
@@ -343,6 +395,8 @@ def main() -> None:
     for q in QUANTS:
         if due(f"(a)(b)(e) T5 {q}"):
             report["memory"][q] = run_worker(a, "memory", "--quant", q)
+    if due("(f) T5 quantized on the GPU into the cache"):
+        report["t5_gpu_quant"] = run_worker(a, "t5_gpu_quant")
     if due("(d) SDPA kernels"):
         report["sdpa"] = run_worker(a, "sdpa")
     if due("(c) P4"):
@@ -361,7 +415,7 @@ def main() -> None:
         print(report["p4"]["table"])
     write_json(a.out or (weights.OUT / ("gpu_check_smoke.json" if a.cpu_smoke else "gpu_check.json")), report)
     failed = [k for k, v in [("reference", report.get("reference", {}))] + list(report["memory"].items())
-              + [("sdpa", report.get("sdpa", {}))] if "error" in v]
+              + [("sdpa", report.get("sdpa", {})), ("t5_gpu_quant", report.get("t5_gpu_quant", {}))] if "error" in v]
     if failed:
         raise SystemExit(f"failed parts: {failed}")
 

@@ -350,6 +350,24 @@ def _source_tensors(path: Path) -> tuple[dict[str, tuple[Path, str]], dict[str, 
     return where, shapes
 
 
+def quantize_weight(key: str, w: torch.Tensor, kind: str, device: torch.device) -> dict[str, torch.Tensor]:
+    """One Linear weight quantized on `device` as bitsandbytes' parameter classes do when transformers loads them
+    (Int8Params._quantize: int8 rows + SCB scales; Params4bit._quantize: nf4, block 64, no double quantization),
+    returned on the CPU under the state-dict names bitsandbytes serializes them with."""
+    import bitsandbytes.functional as bnbf
+
+    base = key[: -len(".weight")]
+    if kind == "8bit":
+        cb, scb, _ = bnbf.int8_vectorwise_quant(w.to(device=device, dtype=torch.float16))
+        return {key: cb.cpu(), base + ".SCB": scb.cpu(), base + ".weight_format": torch.tensor(0, dtype=torch.uint8)}
+    q, state = bnbf.quantize_4bit(w.to(device).contiguous(), blocksize=64, compress_statistics=False, quant_type="nf4",
+                                  quant_storage=torch.uint8)
+    out = {key: q.cpu()}
+    state.to("cpu")
+    out.update({f"{key}.{name}": t.cpu() for name, t in state.as_dict(packed=True).items()})
+    return out
+
+
 def quantize_per_tensor(path: str | os.PathLike, quantization: str, dtype: torch.dtype, device: torch.device):
     """(state dict, config) of the quantized T5, made one tensor at a time: each weight that transformers would
     quantize goes to `device`, is quantized there by the bitsandbytes function transformers' loader calls, and
@@ -359,7 +377,6 @@ def quantize_per_tensor(path: str | os.PathLike, quantization: str, dtype: torch
     The tensors are bitsandbytes' serialization of the model transformers builds (the same keys and bytes as
     `load_t5(...).model.state_dict()`, for device=cpu), so the cache loads them as a pre-quantized model.
     """
-    import bitsandbytes.functional as bnbf
     from bitsandbytes.nn import Linear4bit, Linear8bitLt
     from safetensors import safe_open
     from transformers import T5EncoderModel
@@ -390,19 +407,10 @@ def quantize_per_tensor(path: str | os.PathLike, quantization: str, dtype: torch
             if tuple(src.shape) != tuple(skeleton.state_dict()[key].shape):
                 raise files.WeightFileError(f"{path.name}: {key} is {list(src.shape)}, expected "
                                             f"{list(skeleton.state_dict()[key].shape)}.")
-            base = key[: -len(".weight")]
             w = src.to(dtype)  # transformers' loader converts to the model's dtype before quantizing
-            if kinds.get(key) is Linear8bitLt:  # Int8Params._quantize
-                cb, scb, _ = bnbf.int8_vectorwise_quant(w.to(device=device, dtype=torch.float16))
-                out[key], out[base + ".SCB"] = cb.cpu(), scb.cpu()
-                out[base + ".weight_format"] = torch.tensor(0, dtype=torch.uint8)
-            elif kinds.get(key) is Linear4bit:  # Params4bit._quantize
-                q, state = bnbf.quantize_4bit(w.to(device).contiguous(), blocksize=64, compress_statistics=False,
-                                              quant_type="nf4", quant_storage=torch.uint8)
-                out[key] = q.cpu()
-                state.to("cpu")
-                for name, t in state.as_dict(packed=True).items():
-                    out[f"{key}.{name}"] = t.cpu()
+            kind = kinds.get(key)
+            if kind is not None:
+                out.update(quantize_weight(key, w, "8bit" if kind is Linear8bitLt else "nf4", device))
             else:
                 out[key] = w if w.data_ptr() != src.data_ptr() else w.clone()
             del src, w

@@ -144,3 +144,17 @@ def test_bypassed_node_converts_as_the_frontend_does(browser, object_info, node_
     target, name, source = BYPASS_CASES[node_id]
     assert str(node_id) not in expected and expected[target]["inputs"].get(name) == source, expected[target]
     assert ui_to_api(wf, object_info) == expected
+
+
+def test_frontend_opens_a_t5_loader_saved_before_the_device_input(browser, object_info):
+    """Issue 14: a workflow saved before the T5 loader had `device` (three widget values) opens in the real frontend
+    with no missing node or invalid value, and the frontend's graphToPrompt sends the default device."""
+    wf = load("pixart_sigma_1024_t5_8bit")
+    loader = next(n for n in wf["nodes"] if n["type"] == "PixArtSigmaT5Loader")
+    saved = loader["widgets_values"][:3]
+    loader["widgets_values"] = saved
+    report = browser.load(wf)
+    assert report["missing"] == [] and report["invalid"] == [], report
+    inputs = browser.to_prompt()[str(loader["id"])]["inputs"]
+    assert [inputs[k] for k in ("t5_name", "quantization", "dtype")] == saved
+    assert inputs["device"] == "default"
