@@ -8,6 +8,7 @@ its 24 blocks (fp16, streamed to disk; kept in bench/out/), then in a fresh proc
   cached      load_t5 from the entry, then one read of every page of the model's tensors (the cache is
               memory-mapped, so the load returns before the bytes are read: the touch makes the row honest)
   read        the entry's files read with plain reads into a 64 MiB buffer: the floor for any cached load
+bitsandbytes and transformers are imported before the clock starts (seconds, once per process, reported apart).
 `cached` and `read` run with the page cache dropped first (`--cold`, needs root: echo 3 > /proc/sys/vm/drop_caches)
 and again warm (the file in the page cache). Peak memory the process allocated (RssAnon) is sampled every 20 ms.
 
@@ -83,6 +84,11 @@ def worker(path: str, quantization: str, dtype: str, cache: str, row: str) -> di
     if row == "read":
         seconds, n = read_all(Path(cache))
         return {"seconds": seconds, "bytes": n}
+    t = time.perf_counter()
+    import bitsandbytes  # noqa: F401  (imported before the clock starts: a ComfyUI session imports them once)
+    from transformers import T5EncoderModel  # noqa: F401
+
+    import_s = time.perf_counter() - t
     peak = {"anon": 0}
     stop = threading.Event()
 
@@ -104,7 +110,7 @@ def worker(path: str, quantization: str, dtype: str, cache: str, row: str) -> di
     th.join()
     from pixart_core.quant import unique_bytes
 
-    out = {"load_s": load_s, "seconds": total_s, "model_bytes": unique_bytes(loaded.model),
+    out = {"import_s": import_s, "load_s": load_s, "seconds": total_s, "model_bytes": unique_bytes(loaded.model),
            "peak_anon": peak["anon"] - base}
     if loaded.cache is not None:
         out.update(hit=loaded.cache.hit, written=loaded.cache.written, entry=str(loaded.cache.entry))

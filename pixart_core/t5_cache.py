@@ -52,10 +52,9 @@ class CacheError(RuntimeError):
 
 
 def _versions() -> dict[str, str]:
-    import bitsandbytes
-    import transformers
+    from importlib.metadata import version
 
-    return {"bitsandbytes": bitsandbytes.__version__, "transformers": transformers.__version__}
+    return {"bitsandbytes": version("bitsandbytes"), "transformers": version("transformers")}
 
 
 def source_files(path: Path) -> list[Path]:
