@@ -10,15 +10,17 @@ WEIGHT_EXT = (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin")
 COMFY_TOKENIZER = Path(folder_paths.__file__).parent / "comfy" / "text_encoders" / "t5_tokenizer"  # shipped by ComfyUI
 # Quantized T5s, written once (pixart_core.t5_cache). In models/ because it must survive restarts (ComfyUI wipes its
 # temp folder at every start) and sits on the disk that holds the models; not under models/text_encoders, whose
-# files every text-encoder loader lists. extra_model_paths.yaml may point `pixart_t5_cache` elsewhere.
+# files every text-encoder loader lists. extra_model_paths.yaml may point `pixart_t5_cache` elsewhere. (Not
+# registered as a model folder by default: ComfyUI's model library would list the cache's files.)
 T5_CACHE = "pixart_t5_cache"
-if T5_CACHE not in folder_paths.folder_names_and_paths:
-    folder_paths.folder_names_and_paths[T5_CACHE] = ([os.path.join(folder_paths.models_dir, T5_CACHE)], set())
 
 
 def t5_cache_dir() -> Path:
-    """The folder for quantized-T5 cache entries (the first one configured)."""
-    return Path(folder_paths.get_folder_paths(T5_CACHE)[0])
+    """The folder for quantized-T5 cache entries: the first `pixart_t5_cache` path configured, else models/."""
+    configured = folder_paths.folder_names_and_paths.get(T5_CACHE)
+    if configured and configured[0]:
+        return Path(configured[0][0])
+    return Path(folder_paths.models_dir) / T5_CACHE
 
 
 def _diffusers_roots() -> list[Path]:

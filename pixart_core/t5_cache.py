@@ -275,7 +275,9 @@ def load(path: Path, quantization: str, dtype: torch.dtype, cache_dir: Path, fre
     reason = check(entry, key, verify)
     if reason is None:
         try:
-            return from_folder(entry), Outcome(entry, True, None, False, _quantized_on(entry))
+            model = from_folder(entry)
+            log.info("PixArt T5 cache: read %s (quantized before; delete the folder to quantize again).", entry)
+            return model, Outcome(entry, True, None, False, _quantized_on(entry))
         except Exception as e:  # noqa: BLE001 - any failure to read an entry means: rebuild it
             reason = f"transformers could not load it ({e})"
             log.warning("PixArt T5 cache: %s: %s; rebuilding it.", entry.name, reason)
@@ -293,6 +295,7 @@ def load(path: Path, quantization: str, dtype: torch.dtype, cache_dir: Path, fre
                 log.warning("PixArt T5 cache: cannot write %s (%s); quantizing on the CPU instead.", entry, e)
             else:
                 del tensors
+                log.info("PixArt T5 cache: quantized on %s into %s.", quantize_device, entry)
                 return from_folder(entry), Outcome(entry, False, reason, True, str(quantize_device))
     loaded = fresh()
     written = False
@@ -300,6 +303,7 @@ def load(path: Path, quantization: str, dtype: torch.dtype, cache_dir: Path, fre
         try:
             write(entry, key, loaded.model.config, _tensors_of(loaded.model), "cpu")
             written = True
+            log.info("PixArt T5 cache: quantized on the CPU into %s; later loads read it.", entry)
         except (OSError, CacheError) as e:
             log.warning("PixArt T5 cache: cannot write %s (%s); the next load quantizes again.", entry, e)
     return loaded.model, Outcome(entry, False, reason, written, "cpu")

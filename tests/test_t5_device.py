@@ -164,3 +164,23 @@ def test_workflow_saved_before_the_device_input_runs(comfy, executor):
     assert "device" not in old_api["1"]["inputs"]
     result = executor.run(old_api)
     assert result["ok"], result["error"]
+
+
+def test_loader_quantizes_once_into_models_pixart_t5_cache(comfy, caplog):
+    """The node's cache folder is ComfyUI's models/pixart_t5_cache (not a folder any loader lists): after one
+    8-bit load it holds an entry made from the chosen file, and the next load reads it (the log says so)."""
+    import logging
+    from pathlib import Path
+
+    import folder_paths
+
+    source = Path(folder_paths.get_full_path("text_encoders", T5_FILE)).resolve()
+    _t5("cpu", "8-bit (bitsandbytes)")
+    cache = Path(folder_paths.models_dir) / "pixart_t5_cache"
+    made_from = {json.loads((d / "manifest.json").read_text())["key"]["source"]: d for d in cache.iterdir()
+                 if (d / "manifest.json").is_file()}
+    assert str(source) in made_from
+    assert not any("pixart_t5_cache" in n for n in folder_paths.get_filename_list("text_encoders"))
+    with caplog.at_level(logging.INFO):
+        _t5("cpu", "8-bit (bitsandbytes)")
+    assert any(f"read {made_from[str(source)]}" in r.getMessage() for r in caplog.records)
