@@ -132,6 +132,9 @@ def main() -> None:
     ap.add_argument("--modes", default="8bit,nf4")
     ap.add_argument("--dtype", default="bfloat16", help="compute dtype (what stays unquantized is stored in it)")
     ap.add_argument("--cold", action="store_true", help="drop the page cache before cold rows (root)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep a valid cache entry from an earlier run: only the cached and read rows run (the "
+                         "re-quantize and first-load figures are then the earlier run's, from --out)")
     ap.add_argument("--out", default=str(OUT / "t5_cache.json"))
     ap.add_argument("--worker", nargs=5, metavar=("PATH", "QUANT", "DTYPE", "CACHE", "ROW"), help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -146,14 +149,19 @@ def main() -> None:
         models.write_t5_file(path, "full", layers=a.layers)
         print(f"wrote {path} ({path.stat().st_size / GiB:.2f} GiB) in {time.perf_counter() - t:.0f} s")
     names = {"8bit": ct5.QUANTIZATIONS[1], "nf4": ct5.QUANTIZATIONS[2]}
+    previous = json.loads(Path(a.out).read_text())["rows"] if a.reuse and Path(a.out).is_file() else []
     rows = []
     for mode in a.modes.split(","):
         cache = OUT / f"t5_cache_{a.layers}l"
-        shutil.rmtree(cache, ignore_errors=True)
         q = names[mode]
-        r = {"requantize": _run([str(path), q, a.dtype, str(cache), "requantize"])}
-        r["first"] = _run([str(path), q, a.dtype, str(cache), "first"])
-        assert r["first"]["written"], r["first"]
+        earlier = next((r for r in previous if r["mode"] == mode), None)
+        if a.reuse and earlier is not None:
+            r = {"requantize": earlier["requantize"], "first": earlier["first"]}
+        else:
+            shutil.rmtree(cache, ignore_errors=True)
+            r = {"requantize": _run([str(path), q, a.dtype, str(cache), "requantize"])}
+            r["first"] = _run([str(path), q, a.dtype, str(cache), "first"])
+            assert r["first"]["written"], r["first"]
         entry = r["first"]["entry"]
         cold = a.cold and drop_caches()
         r["cached_cold" if cold else "cached_warm0"] = _run([str(path), q, a.dtype, str(cache), "cached"])
