@@ -254,7 +254,10 @@ def worker_t5_gpu_quant(a) -> dict:
     import shutil
 
     torch, mm, N, device, _ = _worker_setup(a)
-    ct5, t5_cache = _pack("pixart_core.t5"), _pack("pixart_core.t5_cache")
+    import importlib
+
+    ct5 = _pack("pixart_core.t5")
+    t5_cache = importlib.import_module(ct5.__name__.rsplit(".", 1)[0] + ".t5_cache")  # imported on first use
     path = Path(a.base) / "models" / "text_encoders" / a.t5
     out = {}
     for q in QUANTS:

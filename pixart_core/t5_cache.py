@@ -275,6 +275,7 @@ def load(path: Path, quantization: str, dtype: torch.dtype, cache_dir: Path, fre
     reason = check(entry, key, verify)
     if reason is None:
         try:
+            _prefetch(entry / WEIGHTS)
             model = from_folder(entry)
             log.info("PixArt T5 cache: read %s (quantized before; delete the folder to quantize again).", entry)
             return model, Outcome(entry, True, None, False, _quantized_on(entry))
@@ -307,6 +308,17 @@ def load(path: Path, quantization: str, dtype: torch.dtype, cache_dir: Path, fre
         except (OSError, CacheError) as e:
             log.warning("PixArt T5 cache: cannot write %s (%s); the next load quantizes again.", entry, e)
     return loaded.model, Outcome(entry, False, reason, written, "cpu")
+
+
+def _prefetch(path: Path) -> None:
+    """Ask the OS to read the whole file ahead (the load maps it, and pages of a mapping are otherwise read a few
+    at a time as they are first touched: measured 1.8x the time of reading the file from a cold disk)."""
+    if hasattr(os, "posix_fadvise"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
 
 
 def _quantized_on(entry: Path) -> str | None:
