@@ -5,11 +5,11 @@ from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .dit import DiTLoader
 from .resolution import Resolution
-from .sampler import Sampler
+from .sampler import Sampler, SamplerAdvanced
 from .text import T5Loader, TextEncode
 from .vae import VAEDecode, VAEEncode, VAELoader
 
-NODES: list[type[io.ComfyNode]] = [T5Loader, TextEncode, DiTLoader, Sampler, Resolution, VAELoader, VAEDecode, VAEEncode]
+NODES: list[type[io.ComfyNode]] = [T5Loader, TextEncode, DiTLoader, Sampler, SamplerAdvanced, Resolution, VAELoader, VAEDecode, VAEEncode]
 
 
 class PixArtExtension(ComfyExtension):
