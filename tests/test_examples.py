@@ -18,7 +18,7 @@ from conftest import COMFY, EXAMPLES, REPO, queue_prompt, run_script
 from harness import frontend, standins
 from harness.location import PACK
 from harness.server import serve
-from harness.workflow import ui_to_api
+from harness.workflow import apply_overrides, ui_to_api
 
 ARTIFACTS = REPO / ".cache" / "test-artifacts" / "frontend"
 
@@ -50,12 +50,10 @@ def shrink(prompt: dict) -> dict:
             node["inputs"].update(width=64, height=64)
         if node["class_type"] == "PixArtSigmaSampler":
             node["inputs"]["steps"] = 2
-        if node["class_type"] == "PixArtSigmaSamplerAdvanced":  # stages keep their share of the schedule
-            inputs, steps = node["inputs"], 4
-            for key in ("start_step", "end_step"):
-                if inputs[key] < inputs["steps"]:
-                    inputs[key] = round(inputs[key] * steps / inputs["steps"])
-            inputs.update(steps=steps, pag_layers="blocks.1")
+        if node["class_type"] == "PixArtSigmaSamplerAdvanced":
+            node["inputs"]["pag_layers"] = "blocks.1"
+    apply_overrides(prompt, {"steps": 4} if any(n["class_type"] == "PixArtSigmaSamplerAdvanced"
+                                                for n in prompt.values()) else {})  # stages keep their share
     return prompt
 
 

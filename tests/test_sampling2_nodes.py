@@ -99,3 +99,15 @@ def test_bad_pag_layer_is_a_clear_error_and_the_server_goes_on(executor):
     assert not r["ok"] and "no self-attention layer matches 'blocks.99'" in str(r["error"])
     p["11"]["inputs"]["pag_layers"] = "blocks.1"
     assert executor.run(p)["ok"]
+
+
+def test_steps_override_keeps_each_stage_share():
+    from harness.workflow import apply_overrides
+
+    prompt = {"4": _advanced(end_step=12, return_with_leftover_noise="enable"),
+              "10": _advanced(add_noise="disable", start_step=12)}
+    for node in prompt.values():
+        node["inputs"]["steps"] = 20
+    apply_overrides(prompt, {"steps": 5})
+    assert [(n["inputs"]["start_step"], n["inputs"]["end_step"], n["inputs"]["steps"]) for n in prompt.values()] == \
+        [(0, 3, 5), (3, 10000, 5)]  # 12 of 20 -> 3 of 5; 0 and "to the end" stay
