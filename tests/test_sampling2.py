@@ -249,6 +249,22 @@ def test_two_stages_equal_one_run(setup, name):
     assert torch.equal(second, whole)
 
 
+def test_two_inpainting_stages_equal_one_inpainting_run(setup):
+    """The state also carries the image and noise that stage 2 keeps re-noising outside the mask."""
+    dit, pos, neg = setup
+    init = torch.randn(2, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(5))
+    kw = dict(steps=6, cfg=4.5, scheduler_name="dpm++ 2m", mask=_box_mask())
+    noise, gen = _noise()
+    whole = sampling.sample(dit, pos, neg, noise, generator=gen, init_latents=init, **kw)
+    noise, gen = _noise()
+    first, state = sampling.sample(dit, pos, neg, noise, generator=gen, init_latents=init, end_step=2,
+                                   leftover_noise=True, return_state=True, **kw)
+    noise, gen = _noise(seed=99)
+    second = sampling.sample(dit, pos, neg, noise, generator=gen, init_latents=first, start_step=2, add_noise=False,
+                             resume=state, **kw)
+    assert torch.equal(second, whole)
+
+
 def test_stage_two_without_the_state_restarts_the_solver(setup):
     """Without the state (e.g. the LATENT went through a file), stage 2 restarts as KSamplerAdvanced does: the
     first-order deterministic DDIM still gives one run's result; DPM-Solver++ 2M's first step is then first order."""

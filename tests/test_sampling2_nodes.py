@@ -111,3 +111,17 @@ def test_steps_override_keeps_each_stage_share():
     apply_overrides(prompt, {"steps": 5})
     assert [(n["inputs"]["start_step"], n["inputs"]["end_step"], n["inputs"]["steps"]) for n in prompt.values()] == \
         [(0, 3, 5), (3, 10000, 5)]  # 12 of 20 -> 3 of 5; 0 and "to the end" stay
+
+
+def test_advanced_dmd_timestep_reaches_the_loop(executor, comfy_base):
+    """The plain sampler's dmd step is at 400; the advanced one at 400 gives the same latents, at 599 others."""
+    p = graph(steps=1, cfg=1.0, seed=3, save_latent=True, prefix="dmd_plain")
+    p["4"]["inputs"]["scheduler"] = "dmd 1-step (t=400)"
+    p["10"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+    for node, t in (("11", 400), ("13", 599)):
+        p[node] = _advanced(latent=["10", 0], seed=3, steps=1, cfg=1.0, scheduler="dmd 1-step (t=400)", dmd_timestep=t)
+        p[str(int(node) + 1)] = {"class_type": "SaveLatent", "inputs": {"samples": [node, 0], "filename_prefix": f"dmd{t}"}}
+    r = executor.run(p)
+    assert r["ok"], r["error"]
+    plain, at400, at599 = (_latent(r, n, comfy_base) for n in ("8", "12", "14"))
+    assert torch.equal(plain, at400) and (at599 - at400).abs().max() > 1e-3
