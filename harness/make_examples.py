@@ -97,11 +97,12 @@ EMPTY = (9, "EmptyLatentImage", [420, 420], [300, 110])
 
 
 def pag() -> dict:
-    """Perturbed-attention guidance on block 14 at diffusers' default scale 3.0, from an Empty Latent Image."""
+    """Perturbed-attention guidance with diffusers' PixArtSigmaPAGPipeline defaults (scale 3.0, layers 'blocks.1'),
+    from an Empty Latent Image."""
     wf = sigma("8-bit (bitsandbytes)", "PixArt-Sigma-XL-2-1024-MS", "auto", 1024, "PixArt-Sigma-PAG")
     wf["nodes"] = [n for n in wf["nodes"] if n[1] != "PixArtSigmaSampler"] + [
         (*ADVANCED, {"seed": 0, "steps": 20, "cfg": 4.5, "scheduler": "dpm++ 2m", "pag_scale": 3.0,
-                     "pag_layers": "blocks.14"}),
+                     "pag_layers": "blocks.1"}),
         (*EMPTY, {"width": 1024, "height": 1024, "batch_size": 1}),
     ]
     wf["links"] = BASE_LINKS + [(9, 0, 4, "latent")]

@@ -166,9 +166,11 @@ class SamplerAdvanced(io.ComfyNode):
                 io.Float.Input("pag_scale", default=0.0, min=0.0, max=20.0, step=0.1, round=0.01,
                                tooltip="Perturbed-attention guidance scale (diffusers' PixArtSigmaPAGPipeline; its "
                                        "default 3.0). 0 = off; on, each step runs one more forward."),
-                io.String.Input("pag_layers", default="blocks.14",
+                io.String.Input("pag_layers", default="blocks.1",
                                 tooltip="Self-attention layers PAG perturbs, as diffusers' pag_applied_layers: regular "
-                                        "expressions, comma-separated (e.g. 'blocks.14' or 'blocks.13, blocks.14')."),
+                                        "expressions, comma-separated, searched in the block names. The default is "
+                                        "diffusers' PixArtSigmaPAGPipeline's, which matches blocks 1 and 10-19; "
+                                        "'blocks.14' is block 14 alone (diffusers' documented example)."),
                 io.Float.Input("guidance_rescale", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="CFG rescale (diffusers' guidance_rescale, Lin et al. 2023: 0.7 suggested); 0 = off."),
                 io.Float.Input("cfg_start", default=0.0, min=0.0, max=1.0, step=0.01,

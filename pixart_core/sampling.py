@@ -388,7 +388,7 @@ def sample(
     resume: SolverState | None = None,
     return_state: bool = False,
     pag_scale: float = 0.0,
-    pag_layers: str = "blocks.14",
+    pag_layers: str = "blocks.1",
     guidance_rescale: float = 0.0,
     cfg_start: float = 0.0,
     cfg_end: float = 1.0,

@@ -44,14 +44,12 @@ def object_info(server) -> dict:
 
 
 def shrink(prompt: dict) -> dict:
-    """The examples' 512-2048 px / 20 steps, cut down for a CPU (and tiny models: 2 DiT blocks)."""
+    """The examples' 512-2048 px / 20 steps, cut down for a CPU (and tiny models)."""
     for node in prompt.values():
         if node["class_type"] in ("PixArtSigmaSampler", "ImageScale", "EmptyLatentImage"):
             node["inputs"].update(width=64, height=64)
         if node["class_type"] == "PixArtSigmaSampler":
             node["inputs"]["steps"] = 2
-        if node["class_type"] == "PixArtSigmaSamplerAdvanced":
-            node["inputs"]["pag_layers"] = "blocks.1"
     apply_overrides(prompt, {"steps": 4} if any(n["class_type"] == "PixArtSigmaSamplerAdvanced"
                                                 for n in prompt.values()) else {})  # stages keep their share
     return prompt

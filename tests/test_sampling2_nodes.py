@@ -78,6 +78,13 @@ def test_advanced_node_inputs(comfy):
     info = comfy.NODE_CLASS_MAPPINGS["PixArtSigmaSamplerAdvanced"].GET_NODE_INFO_V1()
     required = info["input"]["required"]
     assert required["dmd_timestep"][1]["default"] == reference.DMD_TIMESTEPS[0]
+    # PAG's layers: diffusers' PixArtSigmaPAGPipeline's default
+    import inspect
+
+    from diffusers import PixArtSigmaPAGPipeline
+
+    pipeline_default = inspect.signature(PixArtSigmaPAGPipeline.__init__).parameters["pag_applied_layers"].default
+    assert required["pag_layers"][1]["default"] == pipeline_default
     # KSamplerAdvanced's staged-sampling inputs, with its defaults
     ks = comfy.NODE_CLASS_MAPPINGS["KSamplerAdvanced"].INPUT_TYPES()["required"]
     assert required["start_step"][1]["default"] == ks["start_at_step"][1]["default"]
