@@ -72,6 +72,13 @@ def test_two_advanced_stages_equal_one_sampler_run(executor, comfy_base):
     assert r["ok"], r["error"]
     one, two, advanced = (_latent(r, n, comfy_base) for n in ("8", "13", "15"))
     assert torch.equal(one, two) and torch.equal(one, advanced)
+    # Queued again with only stage 2 changed: stage 1 comes from ComfyUI's cache, its state was not used up
+    p["12"]["inputs"]["seed"] = 999
+    again = executor.run(p)
+    assert again["ok"], again["error"]
+    cached = next(d["nodes"] for e, d in again["messages"] if e == "execution_cached")
+    assert "11" in cached and "12" not in cached
+    assert torch.equal(_latent(again, "13", comfy_base), one)
 
 
 def test_advanced_node_inputs(comfy):
