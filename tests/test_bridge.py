@@ -119,6 +119,25 @@ def test_bridged_model_shares_the_dit_weights(comfy):
     assert torch.equal(_eps(dit, x, torch.tensor([500]), ctx), _eps(ref, x, torch.tensor([500]), ctx))
 
 
+def test_bridge_takes_the_unpatched_weights_of_a_loaded_patched_dit(comfy):
+    """The DiT loaded by ComfyUI with a weight patch merged (as a LoRA on our loader leaves it): the MODEL is built
+    from the original weights (ComfyUI unloads and restores them first), not the merged ones."""
+    import comfy.model_management as mm
+
+    handle, ref = _handle(comfy, "sigma-512")
+    clone = handle.patcher.clone()
+    key = "inner.transformer_blocks.0.attn1.to_q.weight"
+    clone.add_patches({key: (torch.ones_like(ref.transformer_blocks[0].attn1.to_q.weight),)}, 1.0)
+    mm.load_models_gpu([clone])
+    inner = handle.patcher.model.inner
+    assert not torch.equal(inner.transformer_blocks[0].attn1.to_q.weight, ref.transformer_blocks[0].attn1.to_q.weight)
+    model = _bridge(comfy).to_model(handle)
+    x, ctx, t = torch.randn(1, 4, 8, 8), torch.randn(1, 5, tiny.T5_WIDTH), torch.tensor([300])
+    with torch.no_grad():
+        got = model.model.diffusion_model(x, t.float(), ctx)
+    assert (got - _eps(ref, x, t, ctx)).abs().max() <= 1e-5
+
+
 # ----------------------------------------------------------------------------------------- the CONDITIONING bridge
 
 def _cond(embeds, mask):
@@ -315,16 +334,16 @@ def test_lora_loader_model_only_equals_hand_merge(comfy, comfy_base):
 
 def test_native_unet_loader_model_runs_with_our_conditioning(comfy, comfy_base):
     """ComfyUI's own PixArt (UNETLoader on an original-layout file; its detection fixes width 1152, 16 heads and
-    4096-wide captions, so this is a 1-block XL) sampled by KSampler with our conditioning bridge: at 1024 px, where
-    ComfyUI's guessed pe_interpolation (2) is right for a Σ-1024 file, it gives what the bridged MODEL of the same
-    weights gives."""
+    4096-wide captions, so this is a 1-block XL) sampled by KSampler with our conditioning bridge: at 512 px, where
+    ComfyUI's guessed pe_interpolation (1, from the file's 32x32 position table) is right for a Σ-512 file, it gives
+    what the bridged MODEL of the same weights gives."""
     from pixart_core.sampling import Conditioning
     from pixart_core import transformer as core_dit
 
-    handle, ref = _handle(comfy, "sigma-1024", size="bench", layers=1)
+    handle, ref = _handle(comfy, "sigma-512", size="bench", layers=1)
     sd = ref.state_dict()
-    pos = core_dit.position_embedding(1152, 64, 64, 64, 2.0)  # the released file's table: 1024 px, pe 2
-    path = comfy_base / "models" / "diffusion_models" / "bench1-native-PixArt-Sigma-XL-2-1024-MS.safetensors"
+    pos = core_dit.position_embedding(1152, 32, 32, 32, 1.0)  # the released file's table: 512 px, pe 1
+    path = comfy_base / "models" / "diffusion_models" / "bench1-native-PixArt-Sigma-XL-2-512-MS.safetensors"
     save_file(tiny.dit_to_original(sd, pos_embed=pos, y_embedding=torch.zeros(300, 4096)), str(path))
     native = _node(comfy, "UNETLoader")().load_unet(path.name, "default")[0]
     bridged = _node(comfy, "PixArtSigmaDiTToModel").execute(handle).result[0]
@@ -332,9 +351,9 @@ def test_native_unet_loader_model_runs_with_our_conditioning(comfy, comfy_base):
     to_comfy = _node(comfy, "PixArtSigmaConditioningToComfy")
     pos_c, neg_c = (to_comfy.execute(Conditioning(torch.randn(1, n, 4096), torch.ones(1, n, dtype=torch.long))).result[0]
                     for n in (9, 1))
-    latent = {"samples": torch.zeros(1, 4, 128, 128)}
+    latent = {"samples": torch.zeros(1, 4, 64, 64)}
     ksampler = _node(comfy, "KSampler")()
     out = [ksampler.sample(m, 1, 2, 4.5, "dpmpp_2m", "simple", pos_c, neg_c, latent)[0]["samples"]
            for m in (native, bridged)]
-    assert torch.isfinite(out[0]).all() and out[0].shape == (1, 4, 128, 128)
+    assert torch.isfinite(out[0]).all() and out[0].shape == (1, 4, 64, 64)
     assert (out[0] - out[1]).abs().max() <= 1e-4 * out[1].abs().max()
