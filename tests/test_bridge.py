@@ -239,7 +239,8 @@ KSAMPLER_TOL = 1e-3  # relative L2 distance (measured 3.8e-5 here): see the test
 
 def test_ksampler_simple_schedule_is_close_to_our_sampler(executor, comfy_base):
     """KSampler dpmpp_2m / simple, fed by our loaders through the bridges (the real executor), against our sampler's
-    dpm++ 2m on the same seed. 'simple' takes timesteps 999 - k·(1000/steps) (ComfyUI's discrete sigmas), diffusers'
+    dpm++ 2m on the same seed; SamplerCustomAdvanced (RandomNoise, CFGGuider, KSamplerSelect, BasicScheduler) gives
+    KSampler's latents. 'simple' takes timesteps 999 - k·(1000/steps) (ComfyUI's discrete sigmas), diffusers'
     linspace rounds 999 - k·999/steps: they differ by one timestep on some steps (10 steps: 499/399/299/199/99 vs
     500/400/300/200/100), so the results are close, not equal (the test above shows the solver itself agrees)."""
     prompt = {
@@ -262,17 +263,29 @@ def test_ksampler_simple_schedule_is_close_to_our_sampler(executor, comfy_base):
                          "denoise": 1.0}},
         "10": {"class_type": "SaveLatent", "inputs": {"samples": ["4", 0], "filename_prefix": "bridge_ours"}},
         "11": {"class_type": "SaveLatent", "inputs": {"samples": ["9", 0], "filename_prefix": "bridge_ksampler"}},
+        # the same through SamplerCustomAdvanced's pieces
+        "12": {"class_type": "RandomNoise", "inputs": {"noise_seed": 9}},
+        "13": {"class_type": "CFGGuider", "inputs": {"model": ["5", 0], "positive": ["6", 0], "negative": ["7", 0],
+                                                    "cfg": 4.5}},
+        "14": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "dpmpp_2m"}},
+        "15": {"class_type": "BasicScheduler", "inputs": {"model": ["5", 0], "scheduler": "simple", "steps": 10,
+                                                         "denoise": 1.0}},
+        "16": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["12", 0], "guider": ["13", 0],
+                                                                "sampler": ["14", 0], "sigmas": ["15", 0],
+                                                                "latent_image": ["8", 0]}},
+        "17": {"class_type": "SaveLatent", "inputs": {"samples": ["16", 0], "filename_prefix": "bridge_custom"}},
     }
     result = executor.run(prompt)
     assert result["ok"], result["error"]
     lat = {}
-    for nid in ("10", "11"):
+    for nid in ("10", "11", "17"):
         info = result["outputs"][nid]["latents"][0]
         lat[nid] = load_file(str(comfy_base / "output" / info["subfolder"] / info["filename"]))["latent_tensor"]
     ours, theirs = lat["10"], lat["11"]
     assert ours.shape == theirs.shape == (1, 4, 8, 8) and torch.isfinite(theirs).all()
     rel = ((theirs - ours).norm() / ours.norm()).item()
     assert rel <= KSAMPLER_TOL, rel
+    assert torch.equal(lat["17"], theirs)  # SamplerCustomAdvanced takes the MODEL and CONDITIONING as KSampler does
 
 
 # --------------------------------------------------------------------------------------------------------- LoRA
