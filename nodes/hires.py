@@ -149,7 +149,7 @@ class TiledRefine(io.ComfyNode):
             tw, th = min(tile_width, width), min(tile_height, height)
         else:
             tw, th = hires.tile_size(width, height, dit.variant.resolution)
-        if overlap % 8 or overlap >= min(tw, th):
+        if overlap % 8 or (width > tw and overlap >= tw) or (height > th and overlap >= th):
             raise ValueError(f"PixArt tiled refine: overlap {overlap} px must be a multiple of 8 and smaller than the "
                              f"tile ({tw}x{th}); lower it.")
         layout = core_tiles.layout(height // 8, width // 8, th // 8, tw // 8, overlap // 8)

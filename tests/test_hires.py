@@ -309,8 +309,12 @@ def test_tiled_refine_asks_comfyui_for_one_tiles_memory(executor, comfy, monkeyp
     assert runs["tiled"] == runs["sampler64"] < runs["sampler128"]
 
 
-def test_tiled_refine_refuses_a_half_set_tile(executor):
+def test_tiled_refine_refuses_a_half_set_tile_and_too_much_overlap(executor):
     p = tiled_graph()
     p["10"]["inputs"]["tile_height"] = 0
     result = executor.run(p)
     assert not result["ok"] and "set both tile_width and tile_height" in result["error"]["exception_message"]
+    result = executor.run(tiled_graph(overlap=64))
+    assert not result["ok"] and "overlap 64 px must be a multiple of 8 and smaller than the tile (64x64)" in \
+        result["error"]["exception_message"]
+    assert executor.run(tiled_graph(canvas=64, overlap=256, steps=2))["ok"]  # one tile: the overlap does not matter
