@@ -100,6 +100,16 @@ class TiledDiT(torch.nn.Module):
     def config(self):
         return self.dit.config
 
+    def __getattr__(self, name: str):
+        """Anything else the sampling loop may read off the DiT (attributes, submodules) comes from the DiT."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            dit = self.__dict__["_modules"].get("dit")
+            if dit is None:
+                raise
+            return getattr(dit, name)
+
     @property
     def use_additional_conditions(self) -> bool:
         return bool(getattr(self.dit, "use_additional_conditions", False))

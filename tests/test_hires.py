@@ -97,6 +97,18 @@ def test_one_tile_covering_the_image_equals_untiled_sampling(dit, tile):
     assert torch.equal(tiled, untiled)
 
 
+def test_tiled_dit_looks_like_the_dit_to_the_loop(dit):
+    from pixart_core import tiles
+
+    model = tiles.TiledDiT(dit, tiles.layout(8, 8, 8, 8, 0), (8, 8))
+    assert model.config is dit.config and next(model.parameters()) is next(dit.parameters())
+    assert model.transformer_blocks is dit.transformer_blocks and model.use_additional_conditions is False
+    with pytest.raises(AttributeError):
+        model.no_such_attribute
+    with pytest.raises(ValueError, match=r"laid out for a \(8, 8\) latent got \(8, 10\)"):
+        model(torch.zeros(2, 4, 8, 10), encoder_hidden_states=torch.zeros(2, 3, T5), timestep=torch.tensor([1, 1]))
+
+
 def test_tiled_forward_is_the_hand_weighted_blend_of_the_dit_on_each_crop(dit):
     """MultiDiffusion's closed form (Bar-Tal et al. 2023, eq. 5) on an 8x12 latent in two 8x8 tiles overlapping by
     4: the DiT run on each crop by hand, blended with the linear ramp 0.125, 0.375, 0.625, 0.875 (and mirrored)."""
