@@ -10,7 +10,10 @@ simulate. It prints one JSON document and a table, and writes bench/out/gpu_chec
   (c) P4 from bench/gpu.py: seconds per 1024 px image against diffusers, MFU and peak VRAM (bf16);
   (d) which SDPA kernel runs in the DiT's self- and cross-attention (torch profiler, one 1024 px forward);
   (e) cosine of the 8-bit and nf4 T5 embeddings against the bf16 T5's, on the GPU;
-  (f) issue 14: the 8-bit and nf4 T5 quantized on the GPU tensor by tensor into the quantized-T5 cache: seconds,
+  (f) 1024 -> 2K -> 4K (issue 16): peak VRAM and seconds of one CFG-batched forward of the 28-block XL/2 DiT (bf16)
+      at 1024x1024, at 2048x2048 and of the tiled refine at 3840x2160 (four 2688x1536 tiles, pixart_core.tiles),
+      each above the weights.
+  (g) issue 14: the 8-bit and nf4 T5 quantized on the GPU tensor by tensor into the quantized-T5 cache: seconds,
       peak VRAM (one tensor at a time, never the whole model), the share of int8/nf4 bytes equal to the CPU
       quantizer's for three layers, and the second (cached) load's seconds.
 
@@ -249,8 +252,51 @@ def worker_sdpa(a) -> dict:
     return {"dtype": str(inner.dtype), "kernels": kernels}
 
 
+def worker_hires(a) -> dict:
+    """(f) one forward per hires stage: peak memory above the loaded weights, and seconds."""
+    import torch
+
+    from pixart_core import tiles
+
+    device = torch.device("cpu" if a.smoke else "cuda")
+    dtype = torch.float32 if a.smoke else torch.bfloat16
+    dit = models.make_dit("tiny" if a.smoke else "bench", variant="sigma-2k").to(device, dtype)
+    width = dit.config.caption_channels
+    scale = 32 if a.smoke else 1  # smoke: the same stages at 1/32 of the size
+    stages = {"1024": (1024, 1024, None), "2048": (2048, 2048, None), "3840x2160 tiled": (3840, 2160, (2688, 1536))}
+    out = {}
+    for name, (w, h, tile) in stages.items():
+        h8, w8 = h // 8 // scale // 2 * 2, w // 8 // scale // 2 * 2
+        model = dit
+        if tile:
+            th8, tw8 = tile[1] // 8 // scale // 2 * 2, tile[0] // 8 // scale // 2 * 2
+            layout = tiles.layout(h8, w8, th8, tw8, 32 // scale or 1)
+            model = tiles.TiledDiT(dit, layout, (h8, w8))
+        x = torch.randn(2, 4, h8, w8, device=device, dtype=dtype)
+        kw = dict(encoder_hidden_states=torch.randn(2, 20, width, device=device, dtype=dtype),
+                  timestep=torch.tensor([500, 500], device=device),
+                  added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
+        with torch.inference_mode():
+            model(x, **kw)  # warm-up (kernels, allocator)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            t0 = time.perf_counter()
+            model(x, **kw)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
+        peak = (torch.cuda.max_memory_allocated() - base) / GiB if device.type == "cuda" else None
+        out[name] = {"latent": [h8, w8], "tiles": len(layout) if tile else 1, "seconds": seconds,
+                     "activation_peak_gib": peak}
+    weights_gib = sum(p.numel() * p.element_size() for p in dit.parameters()) / GiB
+    return {"weights_gib": weights_gib, "stages": out}
+
+
+
 def worker_t5_gpu_quant(a) -> dict:
-    """(f) quantize-once on the GPU: pixart_core.t5.load_t5 with a cache folder and quantize_device=cuda."""
+    """(g) quantize-once on the GPU: pixart_core.t5.load_t5 with a cache folder and quantize_device=cuda."""
     import shutil
 
     torch, mm, N, device, _ = _worker_setup(a)
@@ -294,7 +340,7 @@ def worker_t5_gpu_quant(a) -> dict:
     return out
 
 
-WORKERS = {"reference": worker_reference, "memory": worker_memory, "sdpa": worker_sdpa,
+WORKERS = {"reference": worker_reference, "memory": worker_memory, "sdpa": worker_sdpa, "hires": worker_hires,
            "t5_gpu_quant": worker_t5_gpu_quant}
 
 
@@ -331,7 +377,7 @@ def table(report: dict) -> str:
             rows.append(f"| (b) | {what} | {res} |")
     for q, r in report.get("t5_gpu_quant", {}).items():
         if isinstance(r, dict) and "first_s" in r:
-            rows.append(f"| (f) | T5 {q} quantized on {r['quantized_on']} into the cache, then cached load | "
+            rows.append(f"| (g) | T5 {q} quantized on {r['quantized_on']} into the cache, then cached load | "
                         f"{r['first_s']:.1f} s (peak VRAM {r['peak_vram_gib'] or 0:.2f} GiB, model "
                         f"{r['model_gib']:.2f} GiB), cached {r['cached_s']:.1f} s; bytes equal to CPU's: "
                         f"{r['equal_bytes_vs_cpu']} |")
@@ -341,6 +387,11 @@ def table(report: dict) -> str:
     sdpa = report.get("sdpa", {})
     for where, ks in sdpa.get("kernels", {}).items():
         rows.append(f"| (d) | {where} ({sdpa.get('dtype')}) | {', '.join(f'{k} x{n}' for k, n in ks.items()) or 'none seen'} |")
+    hires = report.get("hires", {})
+    for name, st in hires.get("stages", {}).items():
+        peak = f"{st['activation_peak_gib']:.2f} GiB above {hires['weights_gib']:.2f} GiB of weights" \
+            if st["activation_peak_gib"] is not None else "(CPU)"
+        rows.append(f"| (f) | DiT forward {name} ({st['tiles']} tile(s)) | {st['seconds']:.2f} s, peak {peak} |")
     return "\n".join(rows)
 
 
@@ -398,7 +449,7 @@ def main() -> None:
     for q in QUANTS:
         if due(f"(a)(b)(e) T5 {q}"):
             report["memory"][q] = run_worker(a, "memory", "--quant", q)
-    if due("(f) T5 quantized on the GPU into the cache"):
+    if due("(g) T5 quantized on the GPU into the cache"):
         report["t5_gpu_quant"] = run_worker(a, "t5_gpu_quant")
     if due("(d) SDPA kernels"):
         report["sdpa"] = run_worker(a, "sdpa")
@@ -409,6 +460,8 @@ def main() -> None:
         peak = None if a.cpu_smoke else gpu.peak_tflops(device_name, None)
         p4_table, medians = gpu.summarize(rows, peak, a.steps)
         report["p4"] = {"rows": rows, "median_s_per_image": medians, "table": p4_table}
+    if due("(f) hires stages"):
+        report["hires"] = run_worker(a, "hires")
     report["skipped"] = skipped
     report["seconds"] = time.perf_counter() - start
     report["table"] = table(report)
@@ -418,7 +471,8 @@ def main() -> None:
         print(report["p4"]["table"])
     write_json(a.out or (weights.OUT / ("gpu_check_smoke.json" if a.cpu_smoke else "gpu_check.json")), report)
     failed = [k for k, v in [("reference", report.get("reference", {}))] + list(report["memory"].items())
-              + [("sdpa", report.get("sdpa", {})), ("t5_gpu_quant", report.get("t5_gpu_quant", {}))] if "error" in v]
+              + [("sdpa", report.get("sdpa", {})), ("hires", report.get("hires", {})),
+                 ("t5_gpu_quant", report.get("t5_gpu_quant", {}))] if "error" in v]
     if failed:
         raise SystemExit(f"failed parts: {failed}")
 

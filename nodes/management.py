@@ -78,6 +78,22 @@ def wrap(model: torch.nn.Module, load_device: torch.device, offload_device: torc
                                             offload_device=offload_device, size=unique_bytes(model))
 
 
+def wrap_comfy_model(model: torch.nn.Module, load_device: torch.device,
+                     offload_device: torch.device) -> comfy.model_patcher.ModelPatcher:
+    """A ModelPatcher for a comfy.model_base model (a ComfyUI MODEL), as ComfyUI's own loaders make it."""
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+
+
+def unload(patcher: comfy.model_patcher.ModelPatcher) -> None:
+    """Have ComfyUI unload the model (any of its clones) when loaded: its weights are then its own, unpatched, on
+    the offload device."""
+    for i in range(len(mm.current_loaded_models) - 1, -1, -1):
+        loaded = mm.current_loaded_models[i]
+        if loaded.model is not None and loaded.model.is_clone(patcher):
+            loaded.model_unload()
+            mm.current_loaded_models.pop(i)
+
+
 @dataclasses.dataclass
 class Loaded:
     """A model ready to run, and the device to run it on (inputs go there)."""
@@ -250,3 +266,29 @@ def progress_callback(total: int) -> Callable[[int, int], None]:
 
 def check_interrupt() -> None:
     mm.throw_exception_if_processing_interrupted()
+
+
+def tiled_step_callbacks(steps: int, tiles: int, vae_family: str, device: torch.device
+                         ) -> tuple[Callable[[int, int, Callable[[], torch.Tensor]], None], Callable[[int, int], None]]:
+    """Per-step and per-tile hooks for a tiled sample: one ComfyUI progress bar of steps x tiles that moves after
+    every tile (then raises if the user pressed Cancel), with a latent preview of the whole canvas after each step."""
+    import comfy.latent_formats
+    import latent_preview
+
+    total = steps * tiles
+    bar = comfy.utils.ProgressBar(total)
+    fmt = comfy.latent_formats.SDXL() if vae_family == "sdxl" else comfy.latent_formats.SD15()
+    previewer = latent_preview.get_previewer(device, fmt)
+    done = [0]
+
+    def on_tile(tile: int, of: int) -> None:
+        done[0] += 1
+        bar.update_absolute(min(done[0], total), total)
+        mm.throw_exception_if_processing_interrupted()
+
+    def on_step(step: int, of: int, x0: Callable[[], torch.Tensor]) -> None:
+        if previewer is not None:
+            bar.update_absolute(min(done[0], total), total, previewer.decode_latent_to_preview_image("JPEG", x0()))
+        mm.throw_exception_if_processing_interrupted()
+
+    return on_step, on_tile
