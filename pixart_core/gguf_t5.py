@@ -134,15 +134,30 @@ def _qtypes() -> dict:
     return {T.Q8_0: _q8_0, T.Q4_0: _q4_0, T.Q5_0: _q5_0, T.Q4_K: _q4_k, T.Q5_K: _q5_k, T.Q6_K: _q6_k, T.BF16: _bf16}
 
 
-def dequantize(raw: torch.Tensor, qtype: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A GGUF tensor's values: `raw` holds its bytes (uint8) or, for F32/F16, its values; on raw's device."""
+CHUNK_VALUES = 1 << 21  # with `chunked`, dequantize this many values at a time (8 MB of float32 temporaries)
+
+
+def dequantize(raw: torch.Tensor, qtype: int, shape: tuple[int, ...], dtype: torch.dtype,
+               chunked: bool = False) -> torch.Tensor:
+    """A GGUF tensor's values: `raw` holds its bytes (uint8) or, for F32/F16, its values; on raw's device.
+
+    The block formulas compute in float32 (as gguf-py's reference does), then cast to `dtype`. `chunked` runs them
+    a chunk at a time into the `dtype` result, so the float32 temporaries stay small (for the load-time embedding:
+    ~2x slower on a CPU, so the per-forward dequantization takes the whole weight at once)."""
     import gguf
 
     if raw.dtype != torch.uint8:  # F32 / F16 are kept as torch tensors of their own dtype
         return raw.to(dtype).reshape(shape)
     block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
     blocks = raw.reshape(-1, size)
-    return _qtypes()[qtype](blocks).reshape(shape).to(dtype)
+    fn = _qtypes()[qtype]
+    step = max(1, CHUNK_VALUES // block)
+    if not chunked or blocks.shape[0] <= step:
+        return fn(blocks).reshape(shape).to(dtype)
+    out = torch.empty((blocks.shape[0], block), dtype=dtype, device=raw.device)
+    for i in range(0, blocks.shape[0], step):
+        out[i:i + step] = fn(blocks[i:i + step])
+    return out.reshape(shape)
 
 
 def supported_types() -> list[str]:
@@ -286,7 +301,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype, config_from_shapes) -> tor
             parent, _, child = module.rpartition(".")
             setattr(model.get_submodule(parent), child, GGUFLinear(raw, qtype, shape))
         else:
-            plain[key] = dequantize(raw, qtype, shape, dtype)
+            plain[key] = dequantize(raw, qtype, shape, dtype, chunked=True)
     plain["encoder.embed_tokens.weight"] = plain["shared.weight"]
     result = model.load_state_dict(plain, strict=False, assign=True)
     assert not result.unexpected_keys and all(k.endswith(".qweight") for k in result.missing_keys), result

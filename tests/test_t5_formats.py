@@ -110,11 +110,15 @@ K_TYPES = {"Q4_K", "Q5_K", "Q6_K"}
 D_BYTES = {"Q8_0": [0], "Q4_0": [0], "Q5_0": [0], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}  # fp16 scales
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q4_K", "Q4_0", "BF16"])
-def test_torch_dequantization_equals_gguf_reference(qtype):
+def test_torch_dequantization_equals_gguf_reference(qtype, chunked, monkeypatch):
     """Our torch dequantizer gives exactly gguf-py's numpy values, on quantized weights and on random blocks (every
-    bit pattern, e.g. the 6-bit K scales' high bits), with the blocks' fp16 scales made finite."""
+    bit pattern, e.g. the 6-bit K scales' high bits), with the blocks' fp16 scales made finite; in one go and a
+    chunk at a time (as the load dequantizes the embedding)."""
     import gguf
+
+    monkeypatch.setattr(gguf_t5, "CHUNK_VALUES", 256)  # several chunks in this small tensor
 
     T = gguf.GGMLQuantizationType[qtype]
     block, size = gguf.GGML_QUANT_SIZES[T]
@@ -131,7 +135,7 @@ def test_torch_dequantization_equals_gguf_reference(qtype):
         raw = np.concatenate([raw, noise.reshape(-1)])
     n = raw.size // size * block
     want = gguf.quants.dequantize(raw.reshape(-1, size), T).reshape(-1)
-    got = gguf_t5.dequantize(torch.from_numpy(raw), int(T), (n,), torch.float32).numpy()
+    got = gguf_t5.dequantize(torch.from_numpy(raw), int(T), (n,), torch.float32, chunked=chunked).numpy()
     np.testing.assert_array_equal(got, want)
     assert np.abs(got[: values.size] - values.reshape(-1)).max() < 0.05  # our test quantizers are sane too
 
