@@ -125,9 +125,10 @@ def tensor_type(hf_key: str, shape: tuple[int, ...], file_type: str) -> str:
 
 
 def write_t5_gguf(model_or_sd, path: Path, file_type: str = "Q8_0", arch: str = "t5encoder",
-                  shapes: dict[str, tuple[int, ...]] | None = None) -> Path:
+                  shapes: dict[str, tuple[int, ...]] | None = None, extra: dict[str, np.ndarray] | None = None) -> Path:
     """A GGUF T5 encoder file of a T5EncoderModel (or its state dict): `file_type` one of TYPES; `arch` the
-    general.architecture written; `shapes` overrides the shape a tensor is written with (a broken file)."""
+    general.architecture written; `shapes` overrides the shape a tensor is written with (a broken file); `extra`
+    more tensors by GGUF name (e.g. a full T5's decoder, `dec.blk.0.attn_q.weight`), written as F32."""
     import gguf
     import torch
 
@@ -150,6 +151,8 @@ def write_t5_gguf(model_or_sd, path: Path, file_type: str = "Q8_0", arch: str = 
             values = np.resize(values, shapes[key]).astype(np.float32)
         data, qtype = quantize(values, tensor_type(key, values.shape, file_type))
         writer.add_tensor(name, data, raw_dtype=qtype)
+    for name, values in (extra or {}).items():
+        writer.add_tensor(name, np.ascontiguousarray(values, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -193,15 +193,14 @@ class GGUFLinear(torch.nn.Module):
 
 # ------------------------------------------------------------------------------------------------------- reading
 
-def _field(reader, key: str):
+def _string_field(reader, key: str) -> str | None:
+    """A string metadata field of the GGUF (None when absent or not a string)."""
     import gguf
 
     field = reader.get_field(key)
-    if field is None or not field.types:
+    if field is None or field.types[:1] != [gguf.GGUFValueType.STRING]:
         return None
-    if field.types[0] == gguf.GGUFValueType.STRING:
-        return bytes(field.parts[field.data[-1]]).decode("utf-8", errors="replace")
-    return field.parts[field.data[-1]].tolist()
+    return bytes(field.parts[field.data[-1]]).decode("utf-8", errors="replace")
 
 
 def open_reader(path: Path):
@@ -224,7 +223,7 @@ def struct_error():
     return struct.error
 
 
-def _describe_arch(arch: str | None, names: list[str], emb_shape) -> str:
+def _describe_arch(arch: str | None) -> str:
     if arch in ("llama", "qwen2", "qwen2vl", "qwen3", "gemma", "gemma2", "gemma3", "mistral"):
         return f"a {arch} language model"
     if arch in ("flux", "sd1", "sdxl", "sd3", "aura", "hidream", "ltxv", "hyvid", "wan", "cosmos", "lumina2"):
@@ -241,11 +240,10 @@ def read_t5(path: str | os.PathLike) -> tuple[dict[str, tuple[int, int, torch.Te
 
     path = Path(path)
     reader = open_reader(path)
-    arch = _field(reader, "general.architecture")
-    names = [t.name for t in reader.tensors]
+    arch = _string_field(reader, "general.architecture")
     if arch not in T5_ARCHS:
         raise files.WeightFileError(
-            f"{path.name}: this GGUF holds {_describe_arch(arch, names, None)} (general.architecture = {arch!r}), "
+            f"{path.name}: this GGUF holds {_describe_arch(arch)} (general.architecture = {arch!r}), "
             "not a T5 encoder. Choose a T5-v1.1-XXL GGUF (e.g. t5-v1_1-xxl-encoder-Q8_0.gguf from "
             "city96/t5-v1_1-xxl-encoder-gguf) or a T5 safetensors file."
         )

@@ -59,6 +59,8 @@ def test_scaled_fp8_t5_matches_the_fp32_original(scaled_setup, quant, dtype, flo
     tmp, reference = scaled_setup
     loaded = ct5.load_t5(tmp / "t5xxl_fp8_e4m3fn_scaled.safetensors", quant, dtype)
     assert _cos(_hidden(loaded.model), reference) >= floor
+    bnb = {type(m).__name__ for m in loaded.model.modules() if type(m).__module__.startswith("bitsandbytes")}
+    assert bnb == {"none": set(), ct5.QUANTIZATIONS[1]: {"Linear8bitLt"}, ct5.QUANTIZATIONS[2]: {"Linear4bit"}}[quant]
     if quant == "none":
         assert all(p.dtype == dtype for p in loaded.model.parameters())
 
@@ -94,13 +96,15 @@ def test_scaled_fp8_with_a_broken_scale_is_refused(tmp_path, bad):
 
 
 def test_scaled_fp8_with_a_prefix_and_input_scales(tmp_path):
-    """ComfyUI-prefixed keys (text_encoders.t5xxl.transformer.) and scale_input tensors (fp8 matmul input scales,
-    which do not change the weights) load too."""
+    """ComfyUI-prefixed keys (text_encoders.t5xxl.transformer.) next to another encoder's (a combined file's
+    clip_l, sorted before them) and scale_input tensors (fp8 matmul input scales, which do not change the weights)
+    load too."""
     model = _t5()
     sd = tiny.t5_scaled_fp8_sd(model)
     sd.update({k[: -len("scale_weight")] + "scale_input": torch.tensor(1.0) for k in list(sd) if k.endswith("scale_weight")})
     prefix = "text_encoders.t5xxl.transformer."
-    save_file({prefix + k: v for k, v in sd.items()}, str(tmp_path / "t5.safetensors"))
+    clip = {"text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": torch.ones(8)}
+    save_file({**clip, **{prefix + k: v for k, v in sd.items()}}, str(tmp_path / "t5.safetensors"))
     assert _cos(_hidden(ct5.load_t5(tmp_path / "t5.safetensors", "none", torch.float32).model), _hidden(model)) >= 0.99
 
 
@@ -198,6 +202,30 @@ def test_gguf_t5_computes_in_the_chosen_dtype_and_moves(tmp_path):
     assert loaded.model.encoder.embed_tokens.weight is loaded.model.shared.weight
     loaded.model.to("meta")  # every tensor (the quantized blocks too) is a parameter and moves with the model
     assert {t.device.type for t in [*loaded.model.parameters(), *loaded.model.buffers()]} == {"meta"}
+
+
+def test_gguf_layer_computes_in_the_inputs_dtype(tmp_path):
+    """A GGUF layer's output is the input times gguf-py's dequantized weight, in the input's dtype (bf16 here while
+    the rest of the model was loaded in fp32)."""
+    import gguf
+
+    path = gguf_files.write_t5_gguf(tiny.make_t5(), tmp_path / "t5-Q8_0.gguf", "Q8_0")
+    layer = ct5.load_t5(path, "none", torch.float32).model.encoder.block[0].layer[1].DenseReluDense.wi_0
+    t = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == "enc.blk.0.ffn_gate.weight")
+    weight = torch.from_numpy(gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).copy())
+    x = torch.randn(3, layer.in_features).to(torch.bfloat16)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, torch.nn.functional.linear(x, weight.to(torch.bfloat16)))
+
+
+def test_gguf_of_a_whole_t5_uses_its_encoder(tmp_path):
+    """A GGUF of an encoder-decoder T5 (decoder tensors `dec.*`): the encoder loads, the decoder is left out."""
+    model = tiny.make_t5()
+    path = gguf_files.write_t5_gguf(model, tmp_path / "t5-Q8_0.gguf", "Q8_0",
+                                    extra={"dec.blk.0.attn_q.weight": np.zeros((64, 64)), "dec.output_norm.weight":
+                                           np.ones(64)})
+    assert _cos(_hidden(ct5.load_t5(path, "none", torch.float32).model), _hidden(model)) >= 0.999
 
 
 def test_gguf_key_names_are_llama_cpps():
