@@ -26,6 +26,9 @@ COMPONENTS = {"t5": "text_encoder", "dit": "transformer", "vae": "vae"}  # a dif
 FOLDERS = {"t5": "text_encoders", "dit": "checkpoints", "vae": "vae"}  # where a single file of each kind goes
 KIND_BY_FOLDER = {"text_encoders": "t5", "checkpoints": "dit", "diffusion_models": "dit", "vae": "vae"}
 COMFY_VAES = {"sdxl_vae.safetensors"}  # also loaded by ComfyUI's own VAELoader in the img2img example
+# Models the examples name that the downloader does not fetch (paths under models/): the community two-stage
+# PixArt-Σ 900M v0.7 (diffusers folders, as published on the hub by terminusresearch; download them yourself).
+EXAMPLE_ONLY = (("dit", "diffusers/pixart-900m-1024-ft-v0.7-stage1"), ("dit", "diffusers/pixart-900m-1024-ft-v0.7-stage2"))
 
 
 def tiny_name(value: str, comfy_vae: bool = False) -> str:
@@ -146,6 +149,9 @@ def example_base(base: Path, comfy_path: Path | None = None) -> Path:
                 kind, dest = KIND_BY_FOLDER[local.parts[0]], cache / local
             if not dest.exists():
                 write_tiny(kind, dest, comfy_path, comfy_vae=entry.name in COMFY_VAES)
+        for kind, local in EXAMPLE_ONLY:
+            if not (cache / local).exists():
+                write_tiny(kind, cache / local, comfy_path)
         models_dir.symlink_to(cache, target_is_directory=True)
     example = comfy_path / "input" / "example.png"
     if example.is_file() and not (base / "input" / "example.png").exists():
