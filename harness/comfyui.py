@@ -18,7 +18,8 @@ from . import location
 NODE_IDS = ["PixArtSigmaT5Loader", "PixArtSigmaTextEncode", "PixArtSigmaDiTLoader", "PixArtSigmaSampler",
             "PixArtSigmaSamplerAdvanced",
             "PixArtSigmaResolution", "PixArtSigmaVAELoader", "PixArtSigmaVAEDecode", "PixArtSigmaVAEEncode",
-            "PixArtSigmaDiTToModel", "PixArtSigmaConditioningToComfy"]
+            "PixArtSigmaDiTToModel", "PixArtSigmaConditioningToComfy",
+            "PixArtSigmaHiresUpscale", "PixArtSigmaTiledRefine"]
 RUN_DIR = location.REPO / ".cache" / "run"  # the runner's private custom_nodes/, temp/ and user/
 
 

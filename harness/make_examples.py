@@ -94,6 +94,34 @@ def img2img() -> dict:
     return wf
 
 
+def sigma_4k() -> dict:
+    """1024 -> 2K -> 4K: Σ-1024 at the 16:9 bin, Hires Upscale (VAE) to the 2K bin and img2img with the Σ-2K model,
+    Hires Upscale to 3840x2160, Tiled Refine with the 2K model in 2K-bin tiles, tiled decode."""
+    wf = sigma("8-bit (bitsandbytes)", "PixArt-Sigma-XL-2-1024-MS", "auto", 1024, "PixArt-Sigma-4K")
+    nodes = {n[0]: n for n in wf["nodes"]}
+    nodes[4] = (*SAMPLER[:4], {**nodes[4][4], "width": 1344, "height": 768})
+    nodes[5] = (5, VAE[1], [40, 420], VAE[3], nodes[5][4])
+    nodes[6] = (6, DECODE[1], [2040, 80], DECODE[3], {"tiling": "always"})
+    nodes[7] = (7, SAVE[1], [2360, 80], SAVE[3], nodes[7][4])
+    wf["nodes"] = list(nodes.values()) + [
+        (8, "PixArtSigmaDiTLoader", [40, 560], [340, 110], {"dit_name": "PixArt-Sigma-XL-2-2K-MS.pth",
+                                                             "variant": "sigma-2k"}),
+        (9, "PixArtSigmaHiresUpscale", [1240, 80], [320, 200], {"family": "2048"}),
+        (10, "PixArtSigmaSampler", [1240, 320], [320, 360],
+         {"seed": 0, "steps": 20, "cfg": 4.5, "scheduler": "dpm++ 2m", "denoise": 0.5}),
+        (11, "PixArtSigmaHiresUpscale", [1600, 80], [320, 200], {"family": "2048", "width": 3840, "height": 2160}),
+        (12, "PixArtSigmaTiledRefine", [1600, 320], [320, 360],
+         {"seed": 0, "steps": 20, "cfg": 4.5, "scheduler": "dpm++ 2m", "denoise": 0.35}),
+    ]
+    wf["links"] = [(1, 0, 2, "t5"), (2, 0, 4, "positive"), (2, 1, 4, "negative"), (3, 0, 4, "dit"),
+                   (4, 0, 9, "samples"), (5, 0, 9, "vae"),
+                   (8, 0, 10, "dit"), (2, 0, 10, "positive"), (2, 1, 10, "negative"), (9, 0, 10, "latent"),
+                   (10, 0, 11, "samples"), (5, 0, 11, "vae"),
+                   (8, 0, 12, "dit"), (2, 0, 12, "positive"), (2, 1, 12, "negative"), (11, 0, 12, "latent"),
+                   (12, 0, 6, "samples"), (5, 0, 6, "vae"), (6, 0, 7, "images")]
+    return wf
+
+
 def alpha512() -> dict:
     wf = sigma("8-bit (bitsandbytes)", "PixArt-XL-2-512x512.pth", "alpha-512", 512, "PixArt-alpha-512")
     for i, n in enumerate(wf["nodes"]):
@@ -200,6 +228,7 @@ SPECS = {
     "pixart_sigma_inpaint": inpaint(),
     "pixart_sigma_pag": pag(),
     "pixart_sigma_two_stage": two_stage(),
+    "pixart_sigma_4k": sigma_4k(),
     "pixart_sigma_ksampler": ksampler(),
 }
 

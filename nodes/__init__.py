@@ -5,13 +5,14 @@ from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .bridge import ConditioningToComfy, DiTToModel
 from .dit import DiTLoader
+from .hires import HiresUpscale, TiledRefine
 from .resolution import Resolution
 from .sampler import Sampler, SamplerAdvanced
 from .text import T5Loader, TextEncode
 from .vae import VAEDecode, VAEEncode, VAELoader
 
 NODES: list[type[io.ComfyNode]] = [T5Loader, TextEncode, DiTLoader, Sampler, SamplerAdvanced, Resolution, VAELoader,
-                                  VAEDecode, VAEEncode, DiTToModel, ConditioningToComfy]
+                                  VAEDecode, VAEEncode, DiTToModel, ConditioningToComfy, HiresUpscale, TiledRefine]
 
 
 class PixArtExtension(ComfyExtension):
