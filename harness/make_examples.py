@@ -67,6 +67,15 @@ def sigma(t5_quant: str, dit_name: str, variant: str, size: int, prefix: str) ->
     }
 
 
+def t5_gguf() -> dict:
+    """The T5 from a GGUF file (city96/t5-v1_1-xxl-encoder-gguf): already quantized, so quantization 'none'."""
+    wf = sigma("none", "PixArt-Sigma-XL-2-1024-MS", "auto", 1024, "PixArt-Sigma-t5-gguf")
+    for i, n in enumerate(wf["nodes"]):
+        if n[1] == "PixArtSigmaT5Loader":
+            wf["nodes"][i] = (*n[:4], {**n[4], "t5_name": "t5-v1_1-xxl-encoder-Q8_0.gguf"})
+    return wf
+
+
 def img2img() -> dict:
     wf = sigma("8-bit (bitsandbytes)", "PixArt-Sigma-XL-2-1024-MS", "auto", 1024, "PixArt-Sigma-img2img")
     for i, n in enumerate(wf["nodes"]):
@@ -214,6 +223,7 @@ SPECS = {
     "pixart_sigma_2k": sigma("8-bit (bitsandbytes)", "PixArt-Sigma-XL-2-2K-MS.pth", "sigma-2k", 2048,
                              "PixArt-Sigma-2K"),
     "pixart_sigma_img2img": img2img(),
+    "pixart_sigma_1024_t5_gguf": t5_gguf(),
     "pixart_alpha_512": alpha512(),
     "pixart_sigma_inpaint": inpaint(),
     "pixart_sigma_pag": pag(),

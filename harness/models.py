@@ -125,6 +125,28 @@ def t5_single_file_sd(model, dtype=torch.float16, prefix: str = "") -> dict[str,
     return {prefix + k: v for k, v in sd.items()}
 
 
+FP8_MAX = 448.0  # float8_e4m3fn's largest finite value (torch.finfo(torch.float8_e4m3fn).max)
+
+
+def t5_scaled_fp8_sd(model, scales: bool = True) -> dict[str, torch.Tensor]:
+    """As ComfyUI's t5xxl_fp8_e4m3fn_scaled.safetensors: each Linear weight stored as float8_e4m3fn of
+    weight / scale_weight with a float32 per-tensor `scale_weight` (the real weight is fp8 * scale, comfy/ops.py
+    scaled_fp8_ops convert_weight; set_weight divides by the scale before rounding to fp8), here amax / 448 so the
+    largest weight lands on e4m3's largest value; embedding, norms and relative attention bias in fp16; the empty
+    `scaled_fp8` marker whose dtype names the fp8 type (comfy/text_encoders/sd3_clip.py t5_xxl_detect).
+    `scales=False` leaves the scales out (a broken file)."""
+    out: dict[str, torch.Tensor] = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
+    for k, v in t5_single_file_sd(model, torch.float32).items():
+        if v.ndim == 2 and not k.endswith(("shared.weight", "relative_attention_bias.weight")):
+            scale = (v.abs().max() / FP8_MAX).clamp(min=1e-12).to(torch.float32)
+            out[k] = (v / scale).to(torch.float8_e4m3fn).contiguous()
+            if scales:
+                out[k[: -len("weight")] + "scale_weight"] = scale.reshape(())
+        else:
+            out[k] = v.half().contiguous()
+    return out
+
+
 def vae_to_ldm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers AutoencoderKL keys -> original (LDM) keys, as in sdxl_vae.safetensors."""
     n_up = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("decoder.up_blocks."))

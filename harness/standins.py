@@ -21,7 +21,7 @@ TINY_DIR = REPO / ".cache" / "tiny-models" / "v2"  # bump when what write_tiny w
 TINY_PREFIX = "tiny-random-"
 KINDS = ("t5", "dit", "vae")
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
-FILE_SUFFIXES = (".safetensors", ".sft", *PICKLE_SUFFIXES)
+FILE_SUFFIXES = (".safetensors", ".sft", *PICKLE_SUFFIXES, ".gguf")
 COMPONENTS = {"t5": "text_encoder", "dit": "transformer", "vae": "vae"}  # a diffusers pipeline folder's parts
 FOLDERS = {"t5": "text_encoders", "dit": "checkpoints", "vae": "vae"}  # where a single file of each kind goes
 KIND_BY_FOLDER = {"text_encoders": "t5", "checkpoints": "dit", "diffusion_models": "dit", "vae": "vae"}
@@ -43,7 +43,8 @@ def is_file_name(name: str) -> bool:
 
 def write_tiny(kind: str, dest: Path, comfy_path: Path | None = None, comfy_vae: bool = False) -> Path:
     """One tiny random model of `kind` at `dest`, in the layout the name implies: a diffusers folder when `dest`
-    has no weight-file suffix, the original key layout for .pth/.pt/.ckpt DiTs, LDM keys for single-file VAEs;
+    has no weight-file suffix, the original key layout for .pth/.pt/.ckpt DiTs, LDM keys for single-file VAEs,
+    a GGUF T5 (of the type in the name) for .gguf;
     the variant (DiT) and VAE family from the name, by pixart_core's rules.
 
     `comfy_vae` gives the VAE ComfyUI's fixed architecture, for workflows that also load it with ComfyUI's
@@ -61,7 +62,12 @@ def write_tiny(kind: str, dest: Path, comfy_path: Path | None = None, comfy_vae:
     shutil.rmtree(tmp, ignore_errors=True)
     if kind == "t5":
         t5 = models.make_t5()
-        if suffix:
+        if suffix == ".gguf":  # the quantization type the name says (t5-v1_1-xxl-encoder-Q8_0.gguf), else Q8_0
+            from .gguf_files import TYPES, write_t5_gguf
+
+            file_type = next((t for t in TYPES if f"-{t.lower()}." in dest.name.lower()), "Q8_0")
+            write_t5_gguf(t5, tmp, file_type)
+        elif suffix:
             save_file(models.t5_single_file_sd(t5), str(tmp))
         else:
             t5.save_pretrained(tmp / "text_encoder")

@@ -15,6 +15,7 @@ import comfy.utils
 from comfy.cli_args import args
 
 from ..pixart_core import dtypes
+from ..pixart_core.gguf_t5 import has_gguf_layers
 from ..pixart_core.quant import move_quantized_state, unique_bytes
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,8 @@ class Holder(torch.nn.Module):
 
 
 def _quantized(model: torch.nn.Module) -> bool:
-    return any(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
+    """bitsandbytes layers, or a GGUF T5's layers (quantized blocks dequantized per forward): loaded whole."""
+    return any(type(m).__module__.startswith("bitsandbytes") for m in model.modules()) or has_gguf_layers(model)
 
 
 def castable(model: torch.nn.Module) -> torch.nn.Module:

@@ -37,10 +37,17 @@ def diffusers_folders(subfolder: str) -> list[str]:
     return sorted(found)
 
 
+GGUF_EXT = (".gguf",)
+
+
 def files(*folder_names: str, ext: tuple[str, ...] = WEIGHT_EXT) -> list[str]:
     names: set[str] = set()
     for folder in folder_names:
         names.update(n for n in folder_paths.get_filename_list(folder) if n.lower().endswith(ext))
+        extra = tuple(e for e in ext if e in GGUF_EXT)  # ComfyUI's own lists leave out .gguf files
+        for root in folder_paths.get_folder_paths(folder) if extra else ():
+            found, _ = folder_paths.recursive_search(root, excluded_dir_names=[".git"])
+            names.update(folder_paths.filter_files_extensions(found, extra))
     return sorted(names)
 
 

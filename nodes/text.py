@@ -13,7 +13,8 @@ from . import clip_t5, management, paths
 from .types import CATEGORY, T5, ConditioningType, T5Handle
 
 log = logging.getLogger(__name__)
-T5_FOLDERS = ("text_encoders",)
+T5_FOLDERS = ("text_encoders",)  # ComfyUI's text_encoders list includes models/clip
+T5_EXT = (*paths.WEIGHT_EXT[:2], *paths.GGUF_EXT)
 # Recent prompt embeddings (~5 MB each at 300 x 4096 fp32): re-encoding a prompt seen lately never loads the T5.
 EMBEDDINGS = LRUCache(max_items=16)
 DEVICES = ("default", "cpu")  # as ComfyUI's CLIPLoader
@@ -28,13 +29,15 @@ class T5Loader(io.ComfyNode):
             category=f"{CATEGORY}/loaders",
             description="Loads the T5-v1.1-XXL text encoder, optionally quantized with bitsandbytes.",
             inputs=[
-                io.Combo.Input("t5_name", options=paths.choices(T5_FOLDERS, "text_encoder", paths.WEIGHT_EXT[:2]),
-                               tooltip="A T5-v1.1-XXL single file in models/text_encoders (e.g. t5xxl_fp16.safetensors) "
-                                       "or a diffusers/transformers folder in models/diffusers."),
+                io.Combo.Input("t5_name", options=paths.choices(T5_FOLDERS, "text_encoder", T5_EXT),
+                               tooltip="A T5-v1.1-XXL single file in models/text_encoders or models/clip "
+                                       "(t5xxl_fp16.safetensors, t5xxl_fp8_e4m3fn[_scaled].safetensors, or a GGUF such "
+                                       "as t5-v1_1-xxl-encoder-Q8_0.gguf) or a diffusers/transformers folder in "
+                                       "models/diffusers."),
                 io.Combo.Input("quantization", options=list(core_t5.QUANTIZATIONS), default=core_t5.QUANTIZATIONS[0],
                                tooltip="bitsandbytes 8-bit (T5-XXL: 5.5 GiB) or 4-bit nf4 (4.0 GiB) instead of 8.9 GiB in bf16. "
                                        "Quantized once (on the GPU when T5 runs there) and kept in models/pixart_t5_cache "
-                                       "for later loads."),
+                                       "for later loads. GGUF files are already quantized: use 'none' with them."),
                 io.Combo.Input("dtype", options=list(core_t5.DTYPES), default="auto",
                                tooltip="Compute dtype. Never fp16: T5-XXL overflows in fp16. auto = bf16 where ComfyUI uses bf16 "
                                        "(NVIDIA from RTX 30xx/A100, Apple M-series on macOS 14+), else fp32; fp32 on CPU."),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import captions, dtypes, files, quant
+from . import captions, dtypes, files, gguf_t5, quant, t5_formats
 from .meta import empty_weights
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,8 @@ def folder_weights_dir(path: Path) -> Path:
 
 def load_t5(path: str | os.PathLike, quantization: str, dtype: torch.dtype, *, cache_dir: str | os.PathLike | None = None,
             quantize_device: torch.device | None = None) -> LoadedT5:
-    """Load a T5-v1.1 encoder from a single safetensors file or a transformers/diffusers folder, on the CPU.
+    """Load a T5-v1.1 encoder from a single safetensors file (plain, or ComfyUI's scaled fp8), a GGUF file or a
+    transformers/diffusers folder, on the CPU.
 
     Weights stream from the memory-mapped file tensor by tensor (transformers' loader), converted to `dtype`
     or quantized as they arrive, so the whole model never sits in memory twice. With `cache_dir`, an 8-bit/nf4
@@ -126,6 +127,10 @@ def load_t5(path: str | os.PathLike, quantization: str, dtype: torch.dtype, *, c
     quantizes it there tensor by tensor.
     """
     path = Path(path)
+    if gguf_t5.is_gguf(path):  # already quantized: its linear weights stay so, dequantized per layer at forward
+        if quantization != QUANTIZATIONS[0]:
+            raise ValueError(f"{path.name}: quantization {quantization!r} on a GGUF file. {gguf_t5.QUANTIZATION_HINT}")
+        return LoadedT5(gguf_t5.load(path, dtype, config_from_shapes), dtype, quantization, str(path))
     if cache_dir is not None and quantization != QUANTIZATIONS[0]:
         from . import t5_cache
 
@@ -152,12 +157,9 @@ def load_t5(path: str | os.PathLike, quantization: str, dtype: torch.dtype, *, c
             f"{path.name}: this is not a T5 encoder; it looks like {files.describe(shapes, shapes)}. "
             "Choose a T5-v1.1-XXL file (e.g. t5xxl_fp16.safetensors) in models/text_encoders."
         )
-    if any(k.endswith(".scale_weight") or k.endswith("scaled_fp8") for k in shapes):
-        raise files.WeightFileError(
-            f"{path.name}: a 'scaled fp8' T5 (weights stored with per-tensor scales), which this loader does not read "
-            "yet. Use t5xxl_fp16.safetensors or the plain t5xxl_fp8_e4m3fn.safetensors."
-        )
+    scaled = t5_formats.scaled_keys(shapes)  # ComfyUI's scaled fp8: weights dequantized with their scales
     prefix = anchor[: len(anchor) - len(_ANCHOR) - len("encoder.")]
+    shapes = {k: v for k, v in shapes.items() if k not in scaled}
     shapes = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
     config = config_from_shapes(shapes, path.name)
     from transformers import T5EncoderModel
@@ -172,6 +174,8 @@ def load_t5(path: str | os.PathLike, quantization: str, dtype: torch.dtype, *, c
     got.setdefault("encoder.embed_tokens.weight", got.get("shared.weight"))
     files.check_keys(path.name, got, expected, "a T5-v1.1 encoder")
     files.check_shapes(path.name, got, expected, "a T5-v1.1 encoder")
+    if scaled:
+        return LoadedT5(t5_formats.load_scaled_fp8(path, prefix, config, dtype, qconfig), dtype, quantization, str(path))
     # transformers streams a folder's model.safetensors; give it one that points at the user's file.
     with tempfile.TemporaryDirectory(prefix="pixart_t5_") as tmp:
         config.save_pretrained(tmp)

@@ -154,13 +154,15 @@ def test_wrong_text_encoders_are_named(tmp_path):
         ct5.load_t5(base, "none", torch.float32)
 
 
-def test_scaled_fp8_t5_is_named(tmp_path):
+def test_scaled_fp8_t5_with_scales_missing_is_named(tmp_path):
+    """fp8 weights with the scaled_fp8 marker but only one scale: the others' scales are missing (test_t5_formats
+    loads complete scaled fp8 files)."""
     sd = tiny.t5_single_file_sd(tiny.make_t5(), dtype=torch.float8_e4m3fn)
-    sd["encoder.block.0.layer.0.SelfAttention.q.scale_weight"] = torch.ones(1)
+    sd["encoder.block.0.layer.0.SelfAttention.q.scale_weight"] = torch.ones(())
     sd["scaled_fp8"] = torch.zeros(2, dtype=torch.float8_e4m3fn)
     path = tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors"
     save_file(sd, str(path))
-    with pytest.raises(files.WeightFileError, match="scaled fp8"):
+    with pytest.raises(files.WeightFileError, match=r"a scaled fp8 file whose per-tensor scales are missing for 13 "):
         ct5.load_t5(path, "none", torch.float32)
 
 

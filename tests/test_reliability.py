@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from harness import gguf_files
 from harness import models as tiny
 from test_nodes import DIT_FILE, graph
 
@@ -72,6 +73,13 @@ def bad_files(comfy_base):
     umt5 = tiny.t5_single_file_sd(tiny.make_t5())
     umt5["shared.weight"] = torch.zeros(256384, tiny.T5_WIDTH, dtype=torch.float16)
     save_file(umt5, str(te / "umt5_xxl_fp16.safetensors"))
+    t5 = tiny.make_t5()  # the new T5 formats (issue 14), broken
+    save_file(tiny.t5_scaled_fp8_sd(t5, scales=False), str(te / "t5xxl_fp8_e4m3fn_scaled_noscales.safetensors"))
+    gguf = gguf_files.write_t5_gguf(t5, te / "t5-v1_1-xxl-encoder-truncated-Q8_0.gguf", "Q8_0")
+    gguf.write_bytes(gguf.read_bytes()[: gguf.stat().st_size * 2 // 3])
+    gguf_files.write_t5_gguf(t5, te / "t5-v1_1-xxl-encoder-badshapes-Q8_0.gguf", "Q8_0",
+                             shapes={"encoder.block.0.layer.1.DenseReluDense.wi_1.weight": (96, 64)})
+    gguf_files.write_t5_gguf(t5.state_dict(), te / "llama-3-8b-Q8_0.gguf", "Q8_0", arch="llama")
     save_file(ref_dit, str(vae / "pixart_dit_as_vae.safetensors"))
     save_file(tiny.t5_single_file_sd(tiny.make_t5()), str(vae / "t5_as_vae.safetensors"))
     nan_dit = dict(ref_dit)
@@ -110,6 +118,12 @@ def test_wrong_or_broken_dit_file(executor, comfy, bad_files, name, fragments):
 @pytest.mark.parametrize("name,fragments", [
     ("clip_l.safetensors", ["clip_l.safetensors", "not a T5 encoder", "a CLIP text encoder"]),
     ("umt5_xxl_fp16.safetensors", ["umt5_xxl_fp16.safetensors", "umT5", "256384"]),
+    ("t5xxl_fp8_e4m3fn_scaled_noscales.safetensors",
+     ["t5xxl_fp8_e4m3fn_scaled_noscales.safetensors", "scaled fp8", "scales are missing", "download"]),
+    ("t5-v1_1-xxl-encoder-truncated-Q8_0.gguf", ["t5-v1_1-xxl-encoder-truncated-Q8_0.gguf", "truncated", "download it again"]),
+    ("t5-v1_1-xxl-encoder-badshapes-Q8_0.gguf",
+     ["t5-v1_1-xxl-encoder-badshapes-Q8_0.gguf", "shape(s) do not match a T5-v1.1 encoder", "DenseReluDense.wi_1.weight is [96, 64]"]),
+    ("llama-3-8b-Q8_0.gguf", ["llama-3-8b-Q8_0.gguf", "a llama language model", "not a T5 encoder"]),
 ])
 def test_wrong_text_encoder_file(executor, comfy, bad_files, name, fragments):
     expect_error(executor, comfy, graph(t5=name), *fragments)

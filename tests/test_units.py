@@ -483,17 +483,19 @@ def test_t5_shapes_missing_one_anchor_are_not_a_t5():
     assert ct5.config_from_shapes(only_embed, "t5.safetensors").vocab_size == 32128
 
 
-@pytest.mark.parametrize("marker", ["encoder.block.0.layer.0.SelfAttention.q.scale_weight", "scaled_fp8"])
-def test_each_scaled_fp8_marker_is_refused(tmp_path, marker):
+@pytest.mark.parametrize("marker", ["encoder.block.1.layer.0.SelfAttention.q.scale_weight", "scaled_fp8"])
+def test_each_scaled_fp8_marker_makes_fp8_weights_need_scales(tmp_path, marker):
+    """Either sign of ComfyUI's scaled fp8 layout (a scale, or the marker) on fp8 weights: the missing scales are
+    named (a plain fp8 file, with neither, loads: test_low_vram)."""
     from safetensors.torch import save_file
 
     from pixart_core import files
 
-    sd = tiny.t5_single_file_sd(tiny.make_t5())
-    sd[marker] = torch.ones(1)
+    sd = tiny.t5_single_file_sd(tiny.make_t5(), dtype=torch.float8_e4m3fn)
+    sd[marker] = torch.ones(())
     path = tmp_path / "t5xxl_scaled.safetensors"
     save_file(sd, str(path))
-    with pytest.raises(files.WeightFileError, match="a 'scaled fp8' T5"):
+    with pytest.raises(files.WeightFileError, match=r"scales are missing for 1[34] weight\(s\) \(e.g. encoder.block.0"):
         ct5.load_t5(path, "none", torch.float32)
 
 
