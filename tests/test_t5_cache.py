@@ -322,3 +322,33 @@ def test_gpu_path_writes_the_per_tensor_result_and_loads_it_from_the_cache(tmp_p
     monkeypatch.undo()
     again = ct5.load_t5(src, NF4, torch.float32, cache_dir=cache, quantize_device=torch.device("cuda", 0))
     assert again.cache.hit and again.cache.quantized_on == "cuda:0"
+
+
+# -------------------------------------------------------------------------------------------------- other formats
+
+
+@pytest.mark.parametrize("quant", [Q8, NF4], ids=["8bit", "nf4"])
+def test_scaled_fp8_source_is_cached_like_the_others(tmp_path, tok, quant):
+    """A ComfyUI scaled-fp8 T5 quantized to 8-bit/nf4: the first load (the scaled-fp8 loader, on the CPU) writes the
+    cache; the second reads it and equals the uncached load of the same file, tensors and embeddings."""
+    src = tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors"
+    save_file(tiny.t5_scaled_fp8_sd(tiny.make_t5()), str(src))
+    first = _load(src, tmp_path / "cache", quant)
+    assert first.cache.written
+    again = _load(src, tmp_path / "cache", quant)
+    assert again.cache.hit
+    assert_same_tensors(state(again.model), state(ct5.load_t5(src, quant, torch.float32).model))
+    assert torch.equal(embeds(again, tok), reference(src, quant, torch.float32, tok))
+
+
+def test_gguf_with_quantization_is_still_refused_with_a_cache(tmp_path):
+    """GGUF files are already quantized: 8-bit on one is refused with the loader's message, cache or not, and no
+    cache entry is made."""
+    from pixart_core import gguf_t5
+    from test_t5_formats import GGUF_WIDTH_CONFIG, _t5, gguf_files
+
+    path = gguf_files.write_t5_gguf(_t5(GGUF_WIDTH_CONFIG), tmp_path / "t5-v1_1-xxl-encoder-Q8_0.gguf", "Q8_0")
+    with pytest.raises(ValueError, match="GGUF") as e:
+        _load(path, tmp_path / "cache")
+    assert gguf_t5.QUANTIZATION_HINT in str(e.value)
+    assert not (tmp_path / "cache").exists()
