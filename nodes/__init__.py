@@ -4,12 +4,14 @@ from __future__ import annotations
 from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .dit import DiTLoader
+from .lora import LoraLoader
 from .resolution import Resolution
 from .sampler import Sampler
 from .text import T5Loader, TextEncode
 from .vae import VAEDecode, VAEEncode, VAELoader
 
-NODES: list[type[io.ComfyNode]] = [T5Loader, TextEncode, DiTLoader, Sampler, Resolution, VAELoader, VAEDecode, VAEEncode]
+NODES: list[type[io.ComfyNode]] = [T5Loader, TextEncode, DiTLoader, Sampler, Resolution, VAELoader, VAEDecode, VAEEncode,
+                                   LoraLoader]
 
 
 class PixArtExtension(ComfyExtension):

@@ -1,0 +1,521 @@
+"""PixArt-Σ LoRA Loader (issue 15): every file format against a hand-merged model, stacking, strength 0, unloading,
+T5 parts, quantized T5, other models' LoRAs, and the graph in ComfyUI's executor with the DiT offloaded between
+prompts.
+
+Expected values come from outside the pack: the merge formula by hand (LoRA W + s·(alpha/rank)·B·A, LoHa
+W + s·(alpha/rank)·(w1a·w1b)⊙(w2a·w2b), LoKr W + s·(alpha/rank)·kron(w1, w2a·w2b), as LyCORIS defines them), the
+original → diffusers layout of DESIGN.md §3 (fused qkv rows in q, k, v order), PEFT's own forward of its LoRA'd
+model, and diffusers' / transformers' forwards of the hand-merged weights.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from harness import models as tiny
+from pixart_core import lora as core_lora
+from pixart_core import t5 as ct5
+from conftest import COMFY
+from test_nodes import DIT_FILE, _saved_images, graph
+
+T5_FILE = "tiny_t5xxl_fp16.safetensors"
+STRENGTH = 0.7
+torch.manual_seed(0)
+
+
+# ------------------------------------------------------------------------------------------- building LoRA files
+
+def _rand(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 0.1
+
+
+def _shapes(model):
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _lora_pair(rows, cols, rank, seed):
+    return _rand(rank, cols, seed=seed), _rand(rows, rank, seed=seed + 1)  # down (A), up (B)
+
+
+def _rows(full, parts, shapes):
+    """A fused layer's change cut into its parts' rows, in order (q, k, v); a plain layer's change as it is."""
+    out, start = {}, 0
+    for p in parts:
+        n = shapes[p + ".weight"][0]
+        out[p + ".weight"] = full[start:start + n]
+        start += n
+    assert start == full.shape[0]
+    return out
+
+
+def kohya_diffusers(dit):
+    """lora_unet_<diffusers module path>: lora_down / lora_up / alpha (alpha 2, rank 4)."""
+    mods = ["transformer_blocks.0.attn1.to_q", "transformer_blocks.1.attn2.to_k", "transformer_blocks.0.ff.net.2",
+            "caption_projection.linear_1", "adaln_single.linear", "proj_out", "pos_embed.proj"]
+    sd = tiny.kohya_lora(_shapes(dit), mods, rank=4, alpha=2.0, seed=1, scale=0.1)
+    deltas = {}
+    for m in mods:
+        k = "lora_unet_" + m.replace(".", "_")
+        deltas[m + ".weight"] = 2.0 / 4 * sd[k + ".lora_up.weight"] @ sd[k + ".lora_down.weight"]
+    return sd, {}, deltas
+
+
+ORIGINAL_PLAIN = {"blocks.0.attn.proj": "transformer_blocks.0.attn1.to_out.0",
+                  "blocks.1.cross_attn.q_linear": "transformer_blocks.1.attn2.to_q",
+                  "blocks.0.mlp.fc1": "transformer_blocks.0.ff.net.0.proj",
+                  "t_embedder.mlp.0": "adaln_single.emb.timestep_embedder.linear_1",
+                  "y_embedder.y_proj.fc2": "caption_projection.linear_2",
+                  "final_layer.linear": "proj_out", "t_block.1": "adaln_single.linear"}
+
+
+def _original(dit, naming):
+    """Original PixArt module names (DESIGN.md §3), fused qkv and kv included; rank 4, alpha 1."""
+    shapes = _shapes(dit)
+    sd, deltas, seed = {}, {}, 10
+    fused = {"blocks.0.attn.qkv": [f"transformer_blocks.0.attn1.to_{c}" for c in "qkv"],
+             "blocks.1.cross_attn.kv_linear": [f"transformer_blocks.1.attn2.to_{c}" for c in "kv"]}
+    for orig, ours in [*ORIGINAL_PLAIN.items(), *fused.items()]:
+        parts = ours if isinstance(ours, list) else [ours]
+        rows = sum(shapes[p + ".weight"][0] for p in parts)
+        down, up = _lora_pair(rows, shapes[parts[0] + ".weight"][1], 4, seed)
+        seed += 2
+        name = naming(orig)
+        sd.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(1.0)})
+        full = 1.0 / 4 * up @ down  # a fused layer's change: its rows are q, k, v (kv: k, v)
+        deltas.update(_rows(full, parts, shapes))
+    return sd, {}, deltas
+
+
+def kohya_original(dit):
+    return _original(dit, lambda o: "lora_transformer_" + o.replace(".", "_"))
+
+
+def dotted_original(dit):
+    return _original(dit, lambda o: "diffusion_model." + o)
+
+
+def loha(dit):
+    """LyCORIS LoHa on a plain and a fused layer: (w1a·w1b)⊙(w2a·w2b)·alpha/rank (alpha 3, rank 4)."""
+    shapes = _shapes(dit)
+    sd, deltas = {}, {}
+    for i, (name, parts) in enumerate([("lora_unet_transformer_blocks_1_ff_net_2", ["transformer_blocks.1.ff.net.2"]),
+                                       ("lycoris_blocks_1_attn_qkv", [f"transformer_blocks.1.attn1.to_{c}" for c in "qkv"])]):
+        rows = sum(shapes[p + ".weight"][0] for p in parts)
+        cols = shapes[parts[0] + ".weight"][1]
+        t = {"hada_w1_a": _rand(rows, 4, seed=20 + i) * 4, "hada_w1_b": _rand(4, cols, seed=30 + i) * 4,
+             "hada_w2_a": _rand(rows, 4, seed=40 + i) * 4, "hada_w2_b": _rand(4, cols, seed=50 + i) * 4}
+        sd.update({f"{name}.{k}": v for k, v in t.items()})
+        sd[f"{name}.alpha"] = torch.tensor(3.0)
+        full = (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"]) * 3.0 / 4
+        deltas.update(_rows(full, parts, shapes))
+    return sd, {}, deltas
+
+
+def lokr(dit):
+    """LyCORIS LoKr: kron(w1, w2a·w2b)·alpha/rank (w2 factored, rank 2, alpha 1), on ff.net.0.proj and a fused kv."""
+    shapes = _shapes(dit)
+    sd, deltas = {}, {}
+    for i, (name, parts) in enumerate([("lora_unet_transformer_blocks_0_ff_net_0_proj", ["transformer_blocks.0.ff.net.0.proj"]),
+                                       ("lora_unet_blocks_0_cross_attn_kv_linear", [f"transformer_blocks.0.attn2.to_{c}" for c in "kv"])]):
+        rows = sum(shapes[p + ".weight"][0] for p in parts)
+        cols = shapes[parts[0] + ".weight"][1]
+        a, b = 4, 4  # w1 [4, 4]; w2 [rows/4, cols/4] = w2a [rows/4, 2] @ w2b [2, cols/4]
+        t = {"lokr_w1": _rand(a, b, seed=60 + i) * 4, "lokr_w2_a": _rand(rows // a, 2, seed=70 + i) * 4,
+             "lokr_w2_b": _rand(2, cols // b, seed=80 + i) * 4}
+        sd.update({f"{name}.{k}": v for k, v in t.items()})
+        sd[f"{name}.alpha"] = torch.tensor(1.0)
+        full = torch.kron(t["lokr_w1"], t["lokr_w2_a"] @ t["lokr_w2_b"]) * 1.0 / 2
+        deltas.update(_rows(full, parts, shapes))
+    return sd, {}, deltas
+
+
+PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "linear_1", "proj"]
+
+
+def _peft(dit, alpha, rank=4, alpha_pattern=None, rslora=False):
+    """A real PEFT LoRA on the tiny DiT (random A and B), its state dict as PEFT names it, its config, its model."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=PEFT_TARGETS, init_lora_weights=False,
+                        alpha_pattern=alpha_pattern or {}, use_rslora=rslora)
+    torch.manual_seed(5)
+    model = get_peft_model(copy.deepcopy(dit), config)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn_like(p) * 0.1)
+    sd = {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    return sd, config, model
+
+
+def _peft_deltas(sd, config, prefix):
+    import re
+
+    deltas = {}
+    for k in sd:
+        if k.endswith(".lora_A.weight"):
+            m = k[len(prefix):-len(".lora_A.weight")]
+            A, B = sd[k], sd[k.replace("lora_A", "lora_B")]
+            alpha = next((v for pat, v in config.alpha_pattern.items() if re.fullmatch(rf"(.*\.)?({pat})", m)),
+                         config.lora_alpha)
+            scale = alpha / (config.r ** 0.5 if config.use_rslora else config.r)
+            deltas[m + ".weight"] = scale * (B.flatten(1) @ A.flatten(1))
+    return deltas
+
+
+def peft_folder(dit):
+    """PEFT's save_pretrained: adapter_model.safetensors (base_model.model. keys) + adapter_config.json (alpha 8,
+    rank 4: scale 2, which only the json carries)."""
+    sd, config, model = _peft(dit, alpha=8)
+    return sd, {"adapter_config.json": json.dumps(config.to_dict(), default=list)}, _peft_deltas(sd, config, "base_model.model."), model
+
+
+def diffusers_file(dit):
+    """diffusers' writer (LoraBaseMixin.write_lora_layers): transformer.-prefixed keys, the config in the
+    lora_adapter_metadata header (alpha 2, rank 4, alpha_pattern to_k: 12, rsLoRA)."""
+    sd, config, model = _peft(dit, alpha=2, alpha_pattern={"to_k": 12}, rslora=True)
+    sd = {"transformer." + k[len("base_model.model."):]: v for k, v in sd.items()}
+    meta = {f"transformer.{k}": v for k, v in config.to_dict().items()}
+    return sd, {"metadata": meta}, _peft_deltas(sd, config, "transformer."), model
+
+
+def peft_bare(dit):
+    """PEFT keys without any prefix and no alpha anywhere: alpha = rank (scale 1), as diffusers assumes."""
+    sd, config, model = _peft(dit, alpha=4)
+    sd = {k[len("base_model.model."):]: v for k, v in sd.items()}
+    return sd, {}, _peft_deltas(sd, config, ""), model
+
+
+FORMATS = {"kohya_diffusers": kohya_diffusers, "kohya_original_fused": kohya_original,
+           "original_dotted_fused": dotted_original, "loha": loha, "lokr": lokr,
+           "peft_folder": peft_folder, "diffusers_metadata": diffusers_file, "peft_no_prefix": peft_bare}
+
+
+def merge(base: dict[str, torch.Tensor], *changes: tuple[float, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Hand merge: W + strength * delta (a conv's delta reshaped to its kernel) for each (strength, deltas)."""
+    out = {}
+    for k, v in base.items():
+        w = v.clone()
+        for strength, deltas in changes:
+            if k in deltas:
+                w = w + strength * deltas[k].reshape(v.shape)
+        out[k] = w.contiguous()
+    return out
+
+
+def write_lora(comfy_base, name, sd, extra=None):
+    """Into models/loras: a .safetensors (name), or a PEFT folder (name/adapter_model.safetensors + json)."""
+    from diffusers.loaders.lora_base import LoraBaseMixin
+
+    extra = extra or {}
+    loras = comfy_base / "models" / "loras"
+    loras.mkdir(parents=True, exist_ok=True)
+    if "adapter_config.json" in extra:
+        (loras / name).mkdir(exist_ok=True)
+        save_file(sd, str(loras / name / "adapter_model.safetensors"))
+        (loras / name / "adapter_config.json").write_text(extra["adapter_config.json"])
+        return f"{name}/adapter_model.safetensors"
+    if "metadata" in extra:
+        LoraBaseMixin.write_lora_layers(sd, str(loras / name), True, "lora.safetensors", None, True,
+                                        lora_adapter_metadata=dict(extra["metadata"]))
+        return f"{name}/lora.safetensors"
+    save_file(sd, str(loras / f"{name}.safetensors"))
+    return f"{name}.safetensors"
+
+
+# ------------------------------------------------------------------------------------------------ the nodes
+
+def _node(comfy, node_id):
+    return comfy.NODE_CLASS_MAPPINGS[node_id]
+
+
+def load_dit(comfy):
+    return _node(comfy, "PixArtSigmaDiTLoader").execute(dit_name=DIT_FILE, variant="auto", dtype="fp32").result[0]
+
+
+def apply(comfy, dit, name, strength=STRENGTH, t5=None, t5_strength=1.0):
+    return _node(comfy, "PixArtSigmaLoraLoader").execute(dit=dit, lora_name=name, strength=strength, t5=t5,
+                                                           t5_strength=t5_strength).result
+
+
+def loaded_weights(handle) -> dict[str, torch.Tensor]:
+    """The weights ComfyUI runs the model with: load the patcher (merging its patches), copy its state dict."""
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([handle.patcher])
+    return {k: v.detach().clone() for k, v in handle.patcher.model.inner.state_dict().items()}
+
+
+def dit_out(weights, config=None):
+    """diffusers' PixArtTransformer2DModel forward with these weights on fixed inputs."""
+    from diffusers import PixArtTransformer2DModel
+
+    model = PixArtTransformer2DModel(**(config or tiny.dit_config())).eval()
+    model.load_state_dict(weights)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    cond = torch.randn(1, 5, tiny.T5_WIDTH, generator=g)
+    with torch.no_grad():
+        return model(x, encoder_hidden_states=cond, timestep=torch.tensor([500]),
+                     added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+
+
+@pytest.fixture(autouse=True)
+def _unload(comfy):
+    import comfy.model_management as mm
+
+    mm.unload_all_models()
+    yield
+    mm.unload_all_models()
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_lora_format_equals_hand_merged_model(comfy, comfy_base, tiny_models, fmt):
+    import comfy.model_management as mm
+
+    base_w = {k: v.clone() for k, v in tiny_models["dit"].state_dict().items()}
+    made = FORMATS[fmt](tiny_models["dit"])
+    sd, extra, deltas = made[:3]
+    name = write_lora(comfy_base, f"lora_{fmt}", sd, extra)
+    dit = load_dit(comfy)
+    out_dit, out_t5 = apply(comfy, dit, name)
+    assert out_t5 is None and out_dit is not dit and out_dit.patcher is not dit.patcher
+    expected = merge(base_w, (STRENGTH, deltas))
+    got = loaded_weights(out_dit)
+    for k in base_w:
+        torch.testing.assert_close(got[k], expected[k], atol=1e-5, rtol=0, msg=f"{fmt}: {k}")
+    assert len(deltas) >= 3
+    assert (dit_out(got) - dit_out(expected)).abs().max() <= 1e-5
+    assert (dit_out(got) - dit_out(base_w)).abs().max() > 1e-3  # the LoRA changes the output
+    if len(made) > 3:  # PEFT's own LoRA'd model at the same strength: PEFT's forward is the reference
+        peft_model = made[3]
+        for module in peft_model.modules():
+            if hasattr(module, "scaling"):
+                module.scaling = {a: s * STRENGTH for a, s in module.scaling.items()}
+        g = torch.Generator().manual_seed(3)
+        x, cond = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 5, tiny.T5_WIDTH, generator=g)
+        with torch.no_grad():
+            ref = peft_model(x, encoder_hidden_states=cond, timestep=torch.tensor([500]),
+                             added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        assert (dit_out(got) - ref).abs().max() <= 1e-5
+    # unloading (ComfyUI's unpatch) restores the original weights bit-exact; the base handle never changed
+    mm.unload_all_models()
+    for k, v in out_dit.patcher.model.inner.state_dict().items():
+        assert torch.equal(v, base_w[k]), k
+    assert not dit.patcher.patches
+    for k, v in loaded_weights(dit).items():
+        assert torch.equal(v, base_w[k]), k
+
+
+def test_strength_zero_is_the_base_model(comfy, comfy_base, tiny_models):
+    sd, _, _ = kohya_diffusers(tiny_models["dit"])
+    name = write_lora(comfy_base, "lora_zero", sd)
+    dit = load_dit(comfy)
+    out, _ = apply(comfy, dit, name, strength=0.0)
+    for k, v in loaded_weights(out).items():
+        assert torch.equal(v, tiny_models["dit"].state_dict()[k]), k
+
+
+def test_two_stacked_loras_add_up(comfy, comfy_base, tiny_models):
+    base_w = tiny_models["dit"].state_dict()
+    sd1, _, d1 = kohya_diffusers(tiny_models["dit"])
+    sd2, extra2, d2, _ = peft_folder(tiny_models["dit"])
+    n1, n2 = write_lora(comfy_base, "stack_a", sd1), write_lora(comfy_base, "stack_b", sd2, extra2)
+    dit = load_dit(comfy)
+    first, _ = apply(comfy, dit, n1, strength=0.6)
+    both, _ = apply(comfy, first, n2, strength=-0.4)
+    got = loaded_weights(both)
+    assert set(d1) & set(d2)  # both change some of the same weights
+    want = merge(base_w, (0.6, d1), (-0.4, d2))
+    for k in base_w:
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=0, msg=k)
+    assert len(first.patcher.patches) < len(both.patcher.patches) and not dit.patcher.patches
+
+
+def _t5_lora(t5):
+    """kohya lora_te_ keys on self-attention q and the gated-GELU wi_0, and PEFT text_encoder. keys on wo."""
+    shapes = _shapes(t5)
+    sd, deltas = {}, {}
+    kohya_mods = ["encoder.block.0.layer.0.SelfAttention.q", "encoder.block.1.layer.1.DenseReluDense.wi_0"]
+    sd.update(tiny.kohya_lora(shapes, kohya_mods, rank=4, alpha=2.0, seed=90, prefix="lora_te_", scale=0.3))
+    for m in kohya_mods:
+        k = "lora_te_" + m.replace(".", "_")
+        deltas[m + ".weight"] = 0.5 * sd[k + ".lora_up.weight"] @ sd[k + ".lora_down.weight"]
+    m = "encoder.block.0.layer.1.DenseReluDense.wo"
+    down, up = _lora_pair(shapes[m + ".weight"][0], shapes[m + ".weight"][1], 4, 95)
+    sd[f"text_encoder.{m}.lora_A.weight"], sd[f"text_encoder.{m}.lora_B.weight"] = down * 3, up * 3
+    deltas[m + ".weight"] = 9 * up @ down  # no alpha: alpha = rank
+    return sd, deltas
+
+
+def _encode(comfy, t5, text="a red fox in the snow"):
+    return _node(comfy, "PixArtSigmaTextEncode").execute(t5=t5, positive=text, negative="", max_tokens=300).result[0]
+
+
+def test_t5_part_equals_hand_merged_t5_and_gets_its_own_embeddings(comfy, comfy_base, tiny_models):
+    t5_model = tiny_models["t5"]
+    t5_sd, t5_deltas = _t5_lora(t5_model)
+    sd, _, dit_deltas = kohya_diffusers(tiny_models["dit"])
+    name = write_lora(comfy_base, "lora_with_t5", {**sd, **t5_sd})
+    t5 = _node(comfy, "PixArtSigmaT5Loader").execute(t5_name=T5_FILE, quantization="none", dtype="fp32").result[0]
+    base_cond = _encode(comfy, t5)
+    dit, new_t5 = apply(comfy, load_dit(comfy), name, t5=t5, t5_strength=0.5)
+    assert new_t5.identity != t5.identity and not t5.patcher.patches
+    got = loaded_weights(new_t5)
+    fp16_base = {k: v.half().float() for k, v in t5_model.state_dict().items()}  # the file is fp16
+    for k, v in fp16_base.items():
+        want = v + 0.5 * t5_deltas[k] if k in t5_deltas else v
+        torch.testing.assert_close(got[k], want, atol=1e-5, rtol=0, msg=k)
+    # the LoRA'd T5's embeddings: transformers' T5 with the hand-merged weights, not the base T5's cached ones
+    cond = _encode(comfy, new_t5)
+    merged = tiny.make_t5()
+    merged.load_state_dict({k: v + 0.5 * t5_deltas[k] if k in t5_deltas else v for k, v in fp16_base.items()})
+    tok = ct5.load_tokenizer([COMFY / "comfy" / "text_encoders" / "t5_tokenizer"])
+    ids = tok([ct5.preprocess("a red fox in the snow")], return_tensors="pt")
+    with torch.no_grad():
+        ref = merged(**ids).last_hidden_state
+    assert (cond.embeds - ref).abs().max() <= 1e-5
+    assert (cond.embeds - base_cond.embeds).abs().max() > 1e-3
+    assert torch.equal(_encode(comfy, t5).embeds, base_cond.embeds)  # the base T5 is unchanged
+    assert set(dit_deltas) <= {k[len("inner."):] for k in dit.patcher.patches}
+
+
+def test_quantized_t5_warns_and_the_dit_part_still_applies(comfy, comfy_base, tiny_models, caplog):
+    t5_sd, _ = _t5_lora(tiny_models["t5"])
+    sd, _, deltas = kohya_diffusers(tiny_models["dit"])
+    name = write_lora(comfy_base, "lora_quant_t5", {**sd, **t5_sd})
+    t5 = _node(comfy, "PixArtSigmaT5Loader").execute(t5_name=T5_FILE, quantization=ct5.QUANTIZATIONS[1],
+                                                     dtype="auto").result[0]
+    with caplog.at_level(logging.WARNING):
+        dit, same_t5 = apply(comfy, load_dit(comfy), name, t5=t5)
+    assert same_t5 is t5 and not t5.patcher.patches
+    text = caplog.text
+    assert "T5" in text and "NOT applied" in text and "quantized" in text and "quantization 'none'" in text
+    got = loaded_weights(dit)
+    base = tiny_models["dit"].state_dict()
+    want = merge(base, (STRENGTH, deltas))
+    for k in deltas:
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=0)
+
+
+def test_t5_keys_without_a_t5_are_reported(comfy, comfy_base, tiny_models, caplog):
+    t5_sd, _ = _t5_lora(tiny_models["t5"])
+    sd, _, _ = kohya_diffusers(tiny_models["dit"])
+    name = write_lora(comfy_base, "lora_t5_unconnected", {**sd, **t5_sd})
+    with caplog.at_level(logging.WARNING):
+        apply(comfy, load_dit(comfy), name)
+    assert "8 T5 (text encoder) keys were NOT applied: no T5 is connected" in caplog.text
+
+
+def test_unplaceable_keys_are_listed(comfy, comfy_base, tiny_models, caplog):
+    sd, _, _ = kohya_diffusers(tiny_models["dit"])
+    extra = {"lora_unet_transformer_blocks_7_attn1_to_q.lora_down.weight": torch.zeros(4, 144),  # no block 7
+             "lora_unet_transformer_blocks_7_attn1_to_q.lora_up.weight": torch.zeros(144, 4),
+             "some_counter": torch.tensor(3)}
+    name = write_lora(comfy_base, "lora_extra_keys", {**sd, **extra})
+    with caplog.at_level(logging.WARNING):
+        dit, _ = apply(comfy, load_dit(comfy), name)
+    for k in extra:
+        assert k in caplog.text
+    assert "3 keys NOT applied" in caplog.text
+    assert len(dit.patcher.patches) == 7
+
+
+# Other models' LoRA keys, as their trainers write them.
+FOREIGN = {
+    "sdxl": (["lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q", "lora_te2_text_model_encoder_layers_0_mlp_fc1"],
+             "Stable Diffusion XL"),
+    "sd15": (["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+              "lora_te_text_model_encoder_layers_0_self_attn_q_proj"], "Stable Diffusion 1.x/2.x"),
+    "flux_kohya": (["lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear1"], "Flux"),
+    "flux_diffusers": (["transformer.single_transformer_blocks.0.attn.to_q", "transformer.transformer_blocks.0.attn.add_q_proj"],
+                       "Flux"),
+    "sd3": (["lora_unet_joint_blocks_0_x_block_attn_qkv", "lora_unet_joint_blocks_0_context_block_attn_qkv"],
+            "Stable Diffusion 3"),
+}
+
+
+@pytest.mark.parametrize("kind", list(FOREIGN))
+def test_other_models_loras_are_refused_by_name(kind, tiny_models):
+    mods, what = FOREIGN[kind]
+    sd = {}
+    for m in mods:
+        sd[f"{m}.lora_down.weight"], sd[f"{m}.lora_up.weight"] = torch.zeros(4, 8), torch.zeros(8, 4)
+    with pytest.raises(core_lora.LoraError, match=what) as e:
+        core_lora.prepare(sd, _shapes(tiny_models["dit"]), _shapes(tiny_models["t5"]), name="x.safetensors")
+    assert "not a PixArt LoRA" in str(e.value) and "x.safetensors" in str(e.value)
+
+
+def test_other_model_lora_fails_the_node_clearly(executor, comfy_base):
+    sd = {"lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q.lora_down.weight": torch.zeros(4, 8),
+          "lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q.lora_up.weight": torch.zeros(8, 4)}
+    name = write_lora(comfy_base, "sdxl_style", sd)
+    result = executor.run(with_loras(graph(prefix="foreign"), [(name, 1.0)]))
+    assert not result["ok"]
+    message = result["error"]["exception_message"]
+    assert "sdxl_style.safetensors: this is a Stable Diffusion XL LoRA" in message and "not a PixArt LoRA" in message
+
+
+def test_lora_for_another_size_is_refused(tiny_models):
+    sd = tiny.kohya_lora({"transformer_blocks.0.attn1.to_q.weight": (1152, 1152)}, ["transformer_blocks.0.attn1.to_q"])
+    with pytest.raises(core_lora.LoraError, match=r"\[1152, 1152\] change.*another size"):
+        core_lora.prepare(sd, _shapes(tiny_models["dit"]))
+
+
+def test_lokr_on_a_fused_layer_that_cannot_be_split_is_listed(tiny_models):
+    # kron(w1 [2, 4], w2 [216, 36]): 432 rows in 2 blocks of 216, which no split into 3 x 144 rows follows
+    sd = {"lora_unet_blocks_0_attn_qkv.lokr_w1": torch.zeros(2, 4), "lora_unet_blocks_0_attn_qkv.lokr_w2": torch.zeros(216, 36)}
+    sd["lora_unet_transformer_blocks_0_attn1_to_q.lora_down.weight"] = torch.zeros(2, 144)
+    sd["lora_unet_transformer_blocks_0_attn1_to_q.lora_up.weight"] = torch.zeros(144, 2)
+    plan = core_lora.prepare(sd, _shapes(tiny_models["dit"]))
+    assert plan.dit_map == {"transformer_blocks.0.attn1.to_q": "transformer_blocks.0.attn1.to_q.weight"}
+    assert [u.split(":")[0] for u in plan.unplaced] == sorted(k for k in sd if "qkv" in k)
+    assert all("cannot be split into 3 equal parts" in u for u in plan.unplaced)
+
+
+# ------------------------------------------------------------------------------------- in ComfyUI's executor
+
+def with_loras(prompt: dict, loras: list[tuple[str, float]]) -> dict:
+    """The graph with LoRA loaders chained between the DiT loader (node 3) and the sampler (node 4)."""
+    source = ["3", 0]
+    for i, (name, strength) in enumerate(loras):
+        nid = str(20 + i)
+        prompt[nid] = {"class_type": "PixArtSigmaLoraLoader",
+                       "inputs": {"dit": source, "lora_name": name, "strength": strength}}
+        source = [nid, 0]
+    prompt["4"]["inputs"]["dit"] = source
+    return prompt
+
+
+def test_graph_with_stacked_loras_survives_offload_and_equals_merged_file(executor, comfy, comfy_base, tiny_models):
+    import comfy.model_management as mm
+
+    sd1, _, d1 = kohya_diffusers(tiny_models["dit"])
+    sd2, _, d2 = kohya_original(tiny_models["dit"])
+    n1, n2 = write_lora(comfy_base, "graph_a", sd1), write_lora(comfy_base, "graph_b", sd2)
+    base = tiny_models["dit"].state_dict()
+    merged = merge(base, (0.8, d1), (0.5, d2))
+    merged_name = "tiny-merged-PixArt-Sigma-XL-2-1024-MS.safetensors"
+    save_file(merged, str(comfy_base / "models" / "checkpoints" / merged_name))
+
+    def image(prompt):
+        result = executor.run(prompt)
+        assert result["ok"], result["error"]
+        return _saved_images(result, comfy_base)[0].astype(int)
+
+    loras = [(n1, 0.8), (n2, 0.5)]
+    with_lora = image(with_loras(graph(prefix="lora_a", seed=11), loras))
+    mm.unload_all_models()  # the DiT (and its patches) leave memory; the LoRA'd handle stays in ComfyUI's cache
+    hand = image(graph(prefix="lora_merged", seed=11, dit=merged_name))
+    plain = image(graph(prefix="lora_plain", seed=11))
+    mm.unload_all_models()
+    again = image(with_loras(graph(prefix="lora_b", seed=12), loras))  # reloaded: patched again
+    hand_again = image(graph(prefix="lora_merged_b", seed=12, dit=merged_name))
+    assert np.abs(with_lora - hand).max() <= 1 and np.abs(again - hand_again).max() <= 1
+    assert np.abs(with_lora - plain).mean() > 2  # the LoRA changes the image
