@@ -258,6 +258,10 @@ def dit_out(weights, config=None):
 
     model = PixArtTransformer2DModel(**(config or tiny.dit_config())).eval()
     model.load_state_dict(weights)
+    return forward(model)
+
+
+def forward(model):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(1, 4, 8, 8, generator=g)
     cond = torch.randn(1, 5, tiny.T5_WIDTH, generator=g)
@@ -310,6 +314,30 @@ def test_lora_format_equals_hand_merged_model(comfy, comfy_base, tiny_models, fm
         assert torch.equal(v, base_w[k]), k
     assert not dit.patcher.patches
     for k, v in loaded_weights(dit).items():
+        assert torch.equal(v, base_w[k]), k
+
+
+def test_partially_loaded_lora_dit_streams_patched_weights(comfy, comfy_base, tiny_models):
+    """ComfyUI's partial (lowvram) load of a LoRA'd DiT: the layers that do not fit keep their original weights and
+    get the LoRA applied on the fly at each forward (ComfyUI's LowVramPatch on our cast-weights layers); the output
+    is the hand-merged model's, and unpatching leaves the weights as they were."""
+    base_w = {k: v.clone() for k, v in tiny_models["dit"].state_dict().items()}
+    sd, _, deltas = kohya_original(tiny_models["dit"])
+    out, _ = apply(comfy, load_dit(comfy), write_lora(comfy_base, "lora_partial", sd))
+    patcher = out.patcher
+    cpu = torch.device("cpu")
+    patcher.patch_model(device_to=cpu, lowvram_model_memory=patcher.model_size() // 2)
+    try:
+        streamed = [m for m in patcher.model.modules() if getattr(m, "weight_function", None)]
+        assert streamed, "no LoRA'd layer was left to stream: not a partial load"
+        inner = patcher.model.inner
+        kept = [k for k in deltas if torch.equal(inner.state_dict()[k], base_w[k])]
+        assert kept, "every LoRA'd weight was merged in place: nothing was patched on the fly"
+        got = forward(inner)
+    finally:
+        patcher.unpatch_model(cpu)
+    assert (got - dit_out(merge(base_w, (STRENGTH, deltas)))).abs().max() <= 1e-5
+    for k, v in patcher.model.inner.state_dict().items():
         assert torch.equal(v, base_w[k]), k
 
 
