@@ -131,6 +131,12 @@ def use(patcher: comfy.model_patcher.ModelPatcher, memory_required: int = 0) -> 
     return Loaded(holder.inner, device)
 
 
+def use_clip(patcher: comfy.model_patcher.ModelPatcher) -> None:
+    """Load a ComfyUI CLIP's patcher as ComfyUI's own text encode does (`CLIP.load_model`): ComfyUI decides what
+    is evicted and what part is loaded, and applies the CLIP's patches (LoRA)."""
+    mm.load_model_gpu(patcher)
+
+
 def auto_dtype(kind: str, device: torch.device) -> torch.dtype:
     """What dtype "auto" means for a model of `kind` ("dit", "t5", "vae") on `device`.
 

@@ -9,7 +9,7 @@ from ..pixart_core import captions
 from ..pixart_core import t5 as core_t5
 from ..pixart_core.cache import LRUCache
 from ..pixart_core.sampling import Conditioning
-from . import management, paths
+from . import clip_t5, management, paths
 from .types import CATEGORY, T5, ConditioningType, T5Handle
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,10 @@ class TextEncode(io.ComfyNode):
             category=f"{CATEGORY}/conditioning",
             description="Encodes a positive and a negative prompt with T5 (cleaned as caption_cleaning says, cut to the token limit, with attention mask).",
             inputs=[
-                T5.Input("t5", tooltip="The T5 encoder from PixArt-Σ T5 Loader."),
+                io.MultiType.Input("t5", types=[T5, io.Clip],
+                                   tooltip="The T5 encoder from PixArt-Σ T5 Loader, or a ComfyUI CLIP holding "
+                                           "T5-XXL (CLIPLoader type sd3/pixart, DualCLIPLoader, a GGUF CLIP loader): "
+                                           "encoded with this node's tokenization, token limit and mask."),
                 io.String.Input("positive", multiline=True, default="",
                                 tooltip="What the image should show. Cleaned as caption_cleaning says before T5 reads it."),
                 io.String.Input("negative", multiline=True, default="",
@@ -81,20 +84,19 @@ class TextEncode(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, t5: T5Handle, positive: str, negative: str, max_tokens: int,
+    def execute(cls, t5, positive: str, negative: str, max_tokens: int,
                 caption_cleaning: str = captions.DEFAULT_MODE) -> io.NodeOutput:
+        src = _source(t5)
         limits = core_t5.token_limits(max_tokens)
-        keys = [core_t5.cache_key(t5.identity, text, caption_cleaning, max_tokens) for text in (positive, negative)]
+        keys = [core_t5.cache_key(src.identity, text, caption_cleaning, max_tokens) for text in (positive, negative)]
         out = [EMBEDDINGS.get(k) for k in keys]
         if any(c is None for c in out):
-            ready = management.use(t5.patcher)
-            device = ready.device
-            loaded = core_t5.LoadedT5(ready.model, t5.dtype, t5.quantization, t5.name)
+            loaded, device = src.load()
             keep = management.intermediate_device()
 
             def encode(text: str, limit: int, warn: bool) -> Conditioning:
                 management.check_interrupt()
-                embeds, mask = core_t5.encode(loaded, t5.tokenizer, text, limit, device, cleaning=caption_cleaning,
+                embeds, mask = core_t5.encode(loaded, src.tokenizer, text, limit, device, cleaning=caption_cleaning,
                                               warn=warn)
                 return Conditioning(embeds.to(keep), mask.to(keep))
 
@@ -107,3 +109,15 @@ class TextEncode(io.ComfyNode):
                     out[i] = cond
                     EMBEDDINGS.put(key, cond)
         return io.NodeOutput(*out)
+
+
+def _source(t5) -> clip_t5.Source:
+    """Text Encode's t5 input (our T5 Loader's handle, or a ComfyUI CLIP) as what encoding needs."""
+    if not isinstance(t5, T5Handle):
+        return clip_t5.source(t5)
+
+    def load():
+        ready = management.use(t5.patcher)
+        return core_t5.LoadedT5(ready.model, t5.dtype, t5.quantization, t5.name), ready.device
+
+    return clip_t5.Source(t5.identity, t5.tokenizer, load)
