@@ -386,14 +386,16 @@ def _encode(comfy, t5, text="a red fox in the snow"):
     return _node(comfy, "PixArtSigmaTextEncode").execute(t5=t5, positive=text, negative="", max_tokens=300).result[0]
 
 
-def test_t5_part_equals_hand_merged_t5_and_gets_its_own_embeddings(comfy, comfy_base, tiny_models):
+def test_t5_part_equals_hand_merged_t5_and_gets_its_own_embeddings(comfy, comfy_base, tiny_models, caplog):
     t5_model = tiny_models["t5"]
     t5_sd, t5_deltas = _t5_lora(t5_model)
     sd, _, dit_deltas = kohya_diffusers(tiny_models["dit"])
     name = write_lora(comfy_base, "lora_with_t5", {**sd, **t5_sd})
     t5 = _node(comfy, "PixArtSigmaT5Loader").execute(t5_name=T5_FILE, quantization="none", dtype="fp32").result[0]
     base_cond = _encode(comfy, t5)
-    dit, new_t5 = apply(comfy, load_dit(comfy), name, t5=t5, t5_strength=0.5)
+    with caplog.at_level(logging.INFO):
+        dit, new_t5 = apply(comfy, load_dit(comfy), name, t5=t5, t5_strength=0.5)
+    assert "DiT: 7 weights patched (strength 0.7); T5: 3 weights patched (strength 0.5)" in caplog.text
     assert new_t5.identity != t5.identity and not t5.patcher.patches
     got = loaded_weights(new_t5)
     fp16_base = {k: v.half().float() for k, v in t5_model.state_dict().items()}  # the file is fp16
@@ -447,8 +449,9 @@ def test_unplaceable_keys_are_listed(comfy, comfy_base, tiny_models, caplog):
              "lora_unet_transformer_blocks_7_attn1_to_q.lora_up.weight": torch.zeros(144, 4),
              "some_counter": torch.tensor(3)}
     name = write_lora(comfy_base, "lora_extra_keys", {**sd, **extra})
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         dit, _ = apply(comfy, load_dit(comfy), name)
+    assert "DiT: 7 weights patched (strength 0.7); T5: no T5 keys in this LoRA" in caplog.text
     for k in extra:
         assert k in caplog.text
     assert "3 keys NOT applied" in caplog.text
@@ -547,3 +550,13 @@ def test_graph_with_stacked_loras_survives_offload_and_equals_merged_file(execut
     hand_again = image(graph(prefix="lora_merged_b", seed=12, dit=merged_name))
     assert np.abs(with_lora - hand).max() <= 1 and np.abs(again - hand_again).max() <= 1
     assert np.abs(with_lora - plain).mean() > 2  # the LoRA changes the image
+
+
+def test_t5_output_without_t5_input_fails_text_encode_clearly(executor, comfy_base, tiny_models):
+    name = write_lora(comfy_base, "lora_no_t5_in", kohya_diffusers(tiny_models["dit"])[0])
+    prompt = with_loras(graph(prefix="no_t5"), [(name, 1.0)])
+    prompt["2"]["inputs"]["t5"] = ["20", 1]  # the LoRA loader's t5 output, its t5 input left open
+    result = executor.run(prompt)
+    assert not result["ok"]
+    assert "the t5 output of PixArt-Σ LoRA Loader carries a T5 only when its t5 input is connected" in \
+        result["error"]["exception_message"]
