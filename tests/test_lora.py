@@ -271,7 +271,11 @@ def forward(model):
 
 
 @pytest.fixture(autouse=True)
-def _unload(comfy):
+def _unload(request):
+    """Tests inside ComfyUI start and end with nothing loaded; the key-conversion tests need no ComfyUI."""
+    if not {"comfy", "executor"} & set(request.fixturenames):
+        yield
+        return
     import comfy.model_management as mm
 
     mm.unload_all_models()
@@ -560,3 +564,158 @@ def test_t5_output_without_t5_input_fails_text_encode_clearly(executor, comfy_ba
     assert not result["ok"]
     assert "the t5 output of PixArt-Σ LoRA Loader carries a T5 only when its t5 input is connected" in \
         result["error"]["exception_message"]
+
+
+# ------------------------------------------------------------------ the key conversion alone (no ComfyUI needed)
+
+@pytest.fixture(scope="module")
+def dit_model():
+    return tiny.make_dit()
+
+
+def test_fused_qkv_and_kv_are_split_into_their_rows(dit_model):
+    sd, _, _ = kohya_original(dit_model)
+    plan = core_lora.prepare(sd, _shapes(dit_model), name="orig.safetensors")
+    C = _shapes(dit_model)["transformer_blocks.0.attn1.to_q.weight"][0]
+    for fused, parts in (("lora_transformer_blocks_0_attn_qkv", [f"transformer_blocks.0.attn1.to_{c}" for c in "qkv"]),
+                         ("lora_transformer_blocks_1_cross_attn_kv_linear", [f"transformer_blocks.1.attn2.to_{c}" for c in "kv"])):
+        for i, p in enumerate(parts):
+            assert plan.dit_map[p] == p + ".weight"
+            assert torch.equal(plan.dit[p + ".lora_up.weight"], sd[fused + ".lora_up.weight"][i * C:(i + 1) * C])
+            assert torch.equal(plan.dit[p + ".lora_down.weight"], sd[fused + ".lora_down.weight"])
+            assert plan.dit[p + ".alpha"].item() == 1.0
+    for orig, ours in ORIGINAL_PLAIN.items():
+        k = "lora_transformer_" + orig.replace(".", "_")
+        assert torch.equal(plan.dit[ours + ".lora_up.weight"], sd[k + ".lora_up.weight"])
+    assert len(plan.dit_map) == len(ORIGINAL_PLAIN) + 5 and len(plan.dit) == 3 * len(plan.dit_map)
+    assert plan.unplaced == [] and plan.t5 == {} and plan.t5_keys == []
+    assert plan.formats == ["LoRA, original-layout names"]
+
+
+def test_peft_scaling_becomes_comfyui_alpha(dit_model):
+    """PEFT's own scaling of each LoRA layer (lora_alpha / r, alpha_pattern, rsLoRA: / sqrt(r)) equals the
+    alpha / rank that ComfyUI will apply, from diffusers' metadata header and from adapter_config.json."""
+    for builder, meta_of in ((diffusers_file, lambda extra: {"lora_adapter_metadata": json.dumps(extra["metadata"], default=list)}),
+                             (peft_folder, lambda extra: {"lora_adapter_metadata": json.loads(extra["adapter_config.json"])})):
+        sd, extra, _, model = builder(dit_model)
+        plan = core_lora.prepare(sd, _shapes(dit_model), metadata=meta_of(extra))
+        scalings = {n[len("base_model.model."):]: m.scaling["default"] for n, m in model.named_modules()
+                    if hasattr(m, "scaling") and "default" in m.scaling}
+        assert len(scalings) == len(plan.dit_map) > 10
+        for module, scaling in scalings.items():
+            rank = plan.dit[module + ".lora_A.weight"].shape[0]
+            assert plan.dit[module + ".alpha"].item() / rank == pytest.approx(scaling, rel=1e-6), module
+        assert {plan.dit[m + ".alpha"].item() / 4 for m in scalings} == set(scalings.values())
+    sd, _, _, _ = peft_bare(dit_model)
+    plan = core_lora.prepare(sd, _shapes(dit_model))
+    assert not [k for k in plan.dit if k.endswith(".alpha")]  # no alpha anywhere: ComfyUI's scale 1 (alpha = rank)
+    assert plan.formats == ["LoRA (PEFT/diffusers), diffusers names"]
+
+
+def test_t5_names_and_text_encoder_keys_without_a_t5(dit_model):
+    t5 = tiny.make_t5()
+    sd, _ = _t5_lora(t5)
+    plan = core_lora.prepare(sd, _shapes(dit_model), _shapes(t5))
+    assert plan.t5_map == {m: m + ".weight" for m in ("encoder.block.0.layer.0.SelfAttention.q",
+                                                     "encoder.block.1.layer.1.DenseReluDense.wi_0",
+                                                     "encoder.block.0.layer.1.DenseReluDense.wo")}
+    assert sorted(plan.t5_keys) == sorted(sd) and plan.unplaced == [] and plan.dit_map == {}
+    with pytest.raises(core_lora.LoraError, match="only text-encoder"):
+        core_lora.prepare(sd, _shapes(dit_model))  # no T5 to put them on
+    kohya, _, _ = kohya_diffusers(dit_model)
+    plan = core_lora.prepare({**kohya, **sd}, _shapes(dit_model))
+    assert len(plan.dit_map) == 7 and plan.t5_map == {} and sorted(plan.t5_keys) == sorted(sd) and not plan.unplaced
+    assert "lora_te_x.lora_down.weight: names no module of the T5 encoder" in core_lora.prepare(
+        {**kohya, "lora_te_x.lora_down.weight": torch.zeros(1)}, _shapes(dit_model), _shapes(t5)).unplaced
+
+
+def test_nothing_placeable_names_what_the_file_looks_like(dit_model):
+    sd = {"encoder.down.0.block.0.conv1.weight": torch.zeros(1), "decoder.conv_in.weight": torch.zeros(1)}
+    with pytest.raises(core_lora.LoraError, match="no key of this file names a module of the PixArt DiT or T5 "
+                                                  r"\(it looks like a VAE"):
+        core_lora.prepare(sd, _shapes(dit_model), name="vae.safetensors")
+
+
+# The up/down tensor names ComfyUI's LoRA adapter reads (comfy/weight_adapter/lora.py, LoRAAdapter.load), as
+# trainers write them: kohya, diffusers (old and new), PEFT, Mochi, transformers, Qwen's PEFT default adapter.
+LORA_NAMINGS = [(".lora_up.weight", ".lora_down.weight"), ("_lora.up.weight", "_lora.down.weight"),
+                (".lora_B.weight", ".lora_A.weight"), (".lora.up.weight", ".lora.down.weight"),
+                (".lora_B", ".lora_A"), (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight"),
+                (".lora_B.default.weight", ".lora_A.default.weight")]
+
+
+@pytest.mark.parametrize("up,down", LORA_NAMINGS)
+def test_every_up_down_naming_splits_on_fused_layers(dit_model, up, down):
+    shapes = _shapes(dit_model)
+    U, D = _rand(3 * 144, 2, seed=1), _rand(2, 144, seed=2)
+    P, Q = _rand(144, 2, seed=3), _rand(2, 144, seed=4)
+    sd = {f"diffusion_model.blocks.1.attn.qkv{up}": U, f"diffusion_model.blocks.1.attn.qkv{down}": D,
+          f"transformer.transformer_blocks.0.attn1.to_out.0{up}": P,
+          f"transformer.transformer_blocks.0.attn1.to_out.0{down}": Q}
+    plan = core_lora.prepare(sd, shapes)
+    for i, c in enumerate("qkv"):
+        m = f"transformer_blocks.1.attn1.to_{c}"
+        assert torch.equal(plan.dit[m + up], U[144 * i:144 * (i + 1)]) and torch.equal(plan.dit[m + down], D)
+    assert torch.equal(plan.dit["transformer_blocks.0.attn1.to_out.0" + up], P)
+    assert len(plan.dit) == 8 and not plan.unplaced
+    with pytest.raises(core_lora.LoraError, match="another size"):
+        core_lora.prepare({f"blocks.1.attn.qkv{up}": U[:, :1], f"blocks.1.attn.qkv{down}": D[:1, :100]}, shapes)
+
+
+def test_lokr_and_loha_split_on_fused_layers_as_their_products_do():
+    """Rows of kron(w1, w2) / (w1a·w1b)⊙(w2a·w2b) cut into q, k, v equal what the split factors make."""
+    rows = (144, 144, 144)
+    full = lambda t: torch.kron(t[".lokr_w1"], t[".lokr_w2"])  # noqa: E731
+    for w1, w2 in ((_rand(6, 4, seed=1), _rand(72, 36, seed=2)), (_rand(1, 4, seed=3), _rand(432, 36, seed=4))):
+        t = {".lokr_w1": w1, ".lokr_w2": w2, ".alpha": torch.tensor(2.0)}
+        parts = core_lora.split_fused(t, rows)
+        assert len(parts) == 3
+        for i, part in enumerate(parts):
+            assert torch.equal(full(part), full(t)[144 * i:144 * (i + 1)]) and part[".alpha"] is t[".alpha"]
+    reason = core_lora.split_fused({".lokr_w1": _rand(2, 4, seed=5), ".lokr_w2": _rand(216, 36, seed=6)}, rows)
+    assert reason == "its LoKr factors (2 x 216 rows) cannot be split into 3 equal parts exactly"
+    h = {".hada_w1_a": _rand(288, 2, seed=7), ".hada_w1_b": _rand(2, 144, seed=8), ".hada_w2_a": _rand(288, 2, seed=9),
+         ".hada_w2_b": _rand(2, 144, seed=10)}
+    prod = lambda t: (t[".hada_w1_a"] @ t[".hada_w1_b"]) * (t[".hada_w2_a"] @ t[".hada_w2_b"])  # noqa: E731
+    parts = core_lora.split_fused(h, (144, 144))
+    assert all(torch.equal(prod(p), prod(h)[144 * i:144 * (i + 1)]) for i, p in enumerate(parts))
+    assert core_lora.split_fused({**h, ".dora_scale": torch.ones(288, 1)}, (144, 144)) == \
+        ".dora_scale on a fused layer cannot be split into its q/k/v parts"
+    assert core_lora.split_fused({".lora_up.weight": _rand(200, 2, seed=1), ".lora_down.weight": _rand(2, 144, seed=2)},
+                                 (144, 144)) == ".lora_up.weight has 200 rows, the fused layer 288"
+
+
+def test_describe_lora_names_other_models():
+    assert core_lora.describe_lora(["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"]) == \
+        "a LoRA for a CLIP text encoder only"
+    assert "SDXL" not in (core_lora.describe_lora(["lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_ff"]) or "")
+    assert core_lora.describe_lora(["lora_unet_down_blocks_1_attentions_0_proj_in", "lora_te2_x"]).startswith(
+        "a Stable Diffusion XL LoRA")
+    assert core_lora.describe_lora(["transformer.transformer_blocks.0.ff_context.net.0.proj"]) == \
+        "a LoRA for an MMDiT model (Flux or Stable Diffusion 3)"
+    assert core_lora.describe_lora(["transformer_blocks.0.attn1.to_q", "blocks.0.attn.qkv"]) is None
+
+
+def test_peft_settings_read_both_metadata_forms():
+    header = {"lora_adapter_metadata": json.dumps({"transformer.r": 4, "transformer.lora_alpha": 8,
+                                                   "text_encoder.r": 2, "text_encoder.lora_alpha": 1})}
+    assert core_lora.peft_settings(header, "transformer") == {"r": 4, "lora_alpha": 8}
+    assert core_lora.peft_settings(header, "text_encoder") == {"r": 2, "lora_alpha": 1}
+    assert core_lora.peft_settings({"lora_adapter_metadata": {"r": 4, "lora_alpha": 16}}, "transformer") == \
+        {"r": 4, "lora_alpha": 16}
+    assert core_lora.peft_settings({"lora_adapter_metadata": "{not json"}, "transformer") is None
+    assert core_lora.peft_settings({"ss_network_alpha": "4"}, "transformer") is None
+    assert core_lora.peft_settings(None, "transformer") is None
+    conf = {"lora_alpha": 8, "alpha_pattern": {"attn2.to_k": 3}}
+    assert core_lora.peft_alpha(conf, "transformer_blocks.0.attn2.to_k", 4) == 3.0
+    assert core_lora.peft_alpha(conf, "transformer_blocks.0.attn1.to_k", 4) == 8.0  # the pattern must end the name
+    assert core_lora.peft_alpha({**conf, "use_rslora": True}, "transformer_blocks.0.attn1.to_k", 4) == 16.0
+
+
+def test_read_metadata_takes_adapter_config_beside_the_file(tmp_path):
+    save_file({"a": torch.zeros(1)}, str(tmp_path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 2}))
+    meta = core_lora.read_metadata(tmp_path / "adapter_model.safetensors")
+    assert meta == {"format": "pt", "lora_adapter_metadata": {"r": 4, "lora_alpha": 2}}
+    save_file({"a": torch.zeros(1)}, str(tmp_path / "other.safetensors"), metadata={"lora_adapter_metadata": "{}"})
+    assert core_lora.read_metadata(tmp_path / "other.safetensors") == {"lora_adapter_metadata": "{}"}
