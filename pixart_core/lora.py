@@ -311,9 +311,6 @@ def prepare(sd: dict[str, torch.Tensor], dit_shapes: dict[str, tuple[int, ...]],
         model, m, s = found
         if model == "t5":
             t5_keys.append(key)
-        if s in groups.get((model, m), {}):
-            unplaced.append(f"{key}: duplicate")
-            continue
         groups.setdefault((model, m), {})[s] = sd[key]
         group_keys.setdefault((model, m), []).append(key)
 

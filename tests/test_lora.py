@@ -719,3 +719,99 @@ def test_read_metadata_takes_adapter_config_beside_the_file(tmp_path):
     assert meta == {"format": "pt", "lora_adapter_metadata": {"r": 4, "lora_alpha": 2}}
     save_file({"a": torch.zeros(1)}, str(tmp_path / "other.safetensors"), metadata={"lora_adapter_metadata": "{}"})
     assert core_lora.read_metadata(tmp_path / "other.safetensors") == {"lora_adapter_metadata": "{}"}
+
+
+def test_shape_check_reads_every_adapter_form():
+    """A change of another shape than our weight is refused for LoRA, LoHa, LoKr (whole and factored) and full
+    diffs; forms whose shape the file does not state (LoCon mid weights) are left to ComfyUI."""
+    shapes = {"proj_out.weight": (32, 144)}
+    r = lambda *s: torch.zeros(*s)  # noqa: E731
+    good = {
+        "loha": {".hada_w1_a": r(32, 2), ".hada_w1_b": r(2, 144), ".hada_w2_a": r(32, 2), ".hada_w2_b": r(2, 144)},
+        "lokr": {".lokr_w1": r(4, 8), ".lokr_w2": r(8, 18)},
+        "lokr_factored": {".lokr_w1_a": r(4, 1), ".lokr_w1_b": r(1, 8), ".lokr_w2_a": r(8, 2), ".lokr_w2_b": r(2, 18)},
+        "diff": {".diff": r(32, 144)},
+    }
+    bad = {
+        "loha": {**good["loha"], ".hada_w1_b": r(2, 100)},
+        "lokr": {".lokr_w1": r(4, 8), ".lokr_w2": r(8, 20)},
+        "lokr_factored": {**good["lokr_factored"], ".lokr_w1_a": r(2, 1)},
+        "diff": {".diff": r(32, 143)},
+    }
+    for kind in good:
+        plan = core_lora.prepare({f"lora_unet_proj_out{s}": t for s, t in good[kind].items()}, shapes)
+        assert plan.dit_map == {"proj_out": "proj_out.weight"}, kind
+        with pytest.raises(core_lora.LoraError, match="another size"):
+            core_lora.prepare({f"lora_unet_proj_out{s}": t for s, t in bad[kind].items()}, shapes)
+    assert core_lora.delta_shape({".lora_up.weight": r(32, 2), ".lora_down.weight": r(2, 9), ".lora_mid.weight": r(2, 2, 3, 3)}) is None
+    assert core_lora.delta_shape({".lokr_w1": r(4, 8), ".lokr_w2_a": r(8, 2), ".lokr_w2_b": r(2, 18), ".lokr_t2": r(1)}) is None
+    assert core_lora.delta_shape({".lokr_w1": r(4, 8), ".lokr_w2_a": r(8, 2), ".lokr_w2_b": r(2, 18)}) == (32, 144)
+    assert core_lora.delta_shape({".lora_up.weight": r(32, 2)}) is None
+    fmt = lambda kind: core_lora.prepare({f"lora_unet_proj_out{s}": t for s, t in good[kind].items()}, shapes).formats  # noqa: E731
+    assert fmt("loha") == ["LoHa, kohya names"] and fmt("lokr") == ["LoKr, kohya names"] and fmt("diff") == ["diff, kohya names"]
+
+
+def test_lokr_factored_forms_split_on_fused_layers():
+    w1a, w1b, w2a, w2b = _rand(6, 1, seed=1), _rand(1, 4, seed=2), _rand(72, 2, seed=3), _rand(2, 36, seed=4)
+    t = {".lokr_w1_a": w1a, ".lokr_w1_b": w1b, ".lokr_w2_a": w2a, ".lokr_w2_b": w2b}
+    whole = torch.kron(w1a @ w1b, w2a @ w2b)
+    parts = core_lora.split_fused(t, (144, 144, 144))
+    for i, p in enumerate(parts):
+        assert torch.equal(torch.kron(p[".lokr_w1_a"] @ p[".lokr_w1_b"], p[".lokr_w2_a"] @ p[".lokr_w2_b"]),
+                           whole[144 * i:144 * (i + 1)]) and p[".lokr_w2_b"] is w2b
+    t = {".lokr_w1": _rand(1, 4, seed=5), ".lokr_w2_a": _rand(432, 2, seed=6), ".lokr_w2_b": _rand(2, 36, seed=7)}
+    whole = torch.kron(t[".lokr_w1"], t[".lokr_w2_a"] @ t[".lokr_w2_b"])
+    for i, p in enumerate(core_lora.split_fused(t, (144, 144, 144))):
+        assert torch.equal(torch.kron(p[".lokr_w1"], p[".lokr_w2_a"] @ p[".lokr_w2_b"]), whole[144 * i:144 * (i + 1)])
+    assert core_lora.split_fused({".lokr_w1": _rand(2, 4, seed=1), ".lokr_w2": _rand(72, 4, seed=1)}, (100, 44)) == \
+        "LoKr on a fused layer with unequal parts"
+    assert core_lora.split_fused({".lokr_w1": _rand(2, 4, seed=1)}, (144, 144)) == "LoKr without both factors"
+
+
+def test_fused_rows_come_from_each_part_and_one_weight_takes_one_patch():
+    shapes = {f"transformer_blocks.0.attn1.to_{c}.weight": (6, 4) for c in "qkv"}
+    targets = core_lora.dit_targets(shapes)
+    assert targets["blocks.0.attn.qkv"].rows == (6, 6, 6)
+    assert targets["lora_unet_blocks_0_attn_qkv"].params == tuple(shapes)
+    sd = {"lora_unet_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.zeros(6, 1),
+          "lora_unet_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(1, 4),
+          "transformer.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.zeros(6, 1),
+          "transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(1, 4),
+          "odd_counter": torch.zeros(1), "lora_unet_nothing_here.lora_up.weight": torch.zeros(1)}
+    plan = core_lora.prepare(sd, shapes)
+    assert len(plan.dit_map) == 1 and len(plan.dit) == 2
+    assert sorted(plan.unplaced) == [
+        "lora_unet_nothing_here.lora_up.weight: no module of the PixArt DiT has this name",
+        "odd_counter: not a tensor name a LoRA adapter reads",
+        "transformer.transformer_blocks.0.attn1.to_q.lora_A.weight: transformer_blocks.0.attn1.to_q.weight is already "
+        "patched by another key of this file",
+        "transformer.transformer_blocks.0.attn1.to_q.lora_B.weight: transformer_blocks.0.attn1.to_q.weight is already "
+        "patched by another key of this file"]
+
+
+def test_foreign_refusal_needs_most_keys_to_be_foreign():
+    """A PixArt LoRA with a few stray SD keys is applied (strays listed); a file mostly of SD keys is refused."""
+    shapes = {"proj_out.weight": (2, 2)}
+    ours = {"lora_unet_proj_out.lora_up.weight": torch.zeros(2, 1), "lora_unet_proj_out.lora_down.weight": torch.zeros(1, 2)}
+    stray = {f"lora_unet_down_blocks_0_attentions_0_proj_in.lora_{w}.weight": torch.zeros(1) for w in ("up", "down")}
+    plan = core_lora.prepare({**ours, "lora_unet_down_blocks_x.alpha": torch.zeros(1)}, shapes)  # 1 of 3 foreign
+    assert plan.unplaced == ["lora_unet_down_blocks_x.alpha: no module of the PixArt DiT has this name"]
+    with pytest.raises(core_lora.LoraError, match=r"1\.x/2\.x LoRA .*\(e\.g\. lora_unet_down_blocks_0_attentions_0_proj_in\.lora_down"):
+        core_lora.prepare({**ours, **stray}, shapes, name="mixed.safetensors")  # 2 of 4: half
+    assert core_lora.describe_lora(["unet.down_blocks.1.attentions.0.proj_in", "text_encoder_2.x"]).startswith(
+        "a Stable Diffusion XL LoRA")  # diffusers' SDXL naming: a second text encoder
+
+
+def test_peft_alpha_for_the_t5_part_and_peft_default_adapter_names(dit_model):
+    t5 = tiny.make_t5()
+    m = "encoder.block.0.layer.0.SelfAttention.q"
+    sd = {f"text_encoder.{m}.lora_A.default.weight": torch.zeros(2, 64),
+          f"text_encoder.{m}.lora_B.default.weight": torch.zeros(_shapes(t5)[m + ".weight"][0], 2),
+          "transformer.proj_out.lora_A.weight": torch.zeros(2, 144), "transformer.proj_out.lora_B.weight": torch.zeros(32, 2),
+          "transformer.proj_out.alpha": torch.tensor(5.0)}
+    meta = {"lora_adapter_metadata": json.dumps({"transformer.lora_alpha": 1, "text_encoder.lora_alpha": 6})}
+    plan = core_lora.prepare(sd, _shapes(dit_model), _shapes(t5), meta)
+    assert plan.t5[m + ".alpha"].item() == 6.0  # text_encoder.lora_alpha, PEFT's lora_A.default naming
+    assert plan.dit["proj_out.alpha"].item() == 5.0  # the file's own alpha wins over the metadata
+    assert set(plan.t5) == {m + ".lora_A.default.weight", m + ".lora_B.default.weight", m + ".alpha"}
+    assert plan.t5_map == {m: m + ".weight"} and plan.dit_map == {"proj_out": "proj_out.weight"}
