@@ -16,7 +16,8 @@ from typing import Callable
 from . import location
 
 NODE_IDS = ["PixArtSigmaT5Loader", "PixArtSigmaTextEncode", "PixArtSigmaDiTLoader", "PixArtSigmaSampler",
-            "PixArtSigmaResolution", "PixArtSigmaVAELoader", "PixArtSigmaVAEDecode", "PixArtSigmaVAEEncode", "PixArtSigmaLoraLoader"]
+            "PixArtSigmaResolution", "PixArtSigmaVAELoader", "PixArtSigmaVAEDecode", "PixArtSigmaVAEEncode",
+            "PixArtSigmaDiTToModel", "PixArtSigmaConditioningToComfy", "PixArtSigmaLoraLoader"]
 RUN_DIR = location.REPO / ".cache" / "run"  # the runner's private custom_nodes/, temp/ and user/
 
 

@@ -12,6 +12,7 @@ import sys
 import uuid
 
 from . import comfyui
+from .download import CATALOG, DEFAULT_ENDPOINT, file_url
 from .location import REPO
 from .workflow import _is_widget, combo_options
 
@@ -28,6 +29,27 @@ DECODE = (6, "PixArtSigmaVAEDecode", [1240, 80], [300, 130])
 SAVE = (7, "SaveImage", [1560, 80], [400, 420])
 BASE_LINKS = [(1, 0, 2, "t5"), (2, 0, 4, "positive"), (2, 1, 4, "negative"), (3, 0, 4, "dit"), (4, 0, 6, "samples"),
               (5, 0, 6, "vae"), (6, 0, 7, "images")]
+
+
+# The frontend's missing-models dialog downloads only these (MissingModelsWarning in comfyui-frontend-package).
+DOWNLOADABLE_SUFFIXES = (".safetensors", ".sft")
+
+
+def model_metadata(widget_values: list) -> list[dict]:
+    """`properties.models` of a loader node, as ComfyUI's own templates carry it: for each widget value that names an
+    official single file in harness/download.py's CATALOG, {name, url, directory}. The frontend lists an entry when
+    its name is a widget value of the node and the file is not in that models folder. Diffusers folders (several
+    files) do not fit this one-file schema, and .pth files are refused by the dialog: neither gets an entry."""
+    out = []
+    for value in widget_values:
+        entry = CATALOG.get(value) if isinstance(value, str) else None
+        if entry is None or len(entry.files) != 1 or not value.endswith(DOWNLOADABLE_SUFFIXES):
+            continue
+        hub_path, local = entry.files[0]
+        directory, name = local.split("/", 1)
+        if name == value:
+            out.append({"name": name, "url": file_url(DEFAULT_ENDPOINT, entry.repo, hub_path), "directory": directory})
+    return out
 
 
 def sigma(t5_quant: str, dit_name: str, variant: str, size: int, prefix: str) -> dict:
@@ -90,6 +112,30 @@ def lora() -> dict:
     return wf
 
 
+def ksampler() -> dict:
+    """Our loaders and T5 into ComfyUI's KSampler through the bridges (PixArt-Σ DiT → MODEL, Conditioning →
+    CONDITIONING), ComfyUI's Empty Latent Image, our VAE Decode."""
+    return {
+        "nodes": [
+            (*T5, {"t5_name": "t5xxl_fp16.safetensors", "quantization": "8-bit (bitsandbytes)"}),
+            (*ENC, {"positive": PROMPT, "negative": "", "max_tokens": 0, "caption_cleaning": "diffusers"}),
+            (DIT[0], DIT[1], [40, 420], DIT[3], {"dit_name": "PixArt-Sigma-XL-2-1024-MS.safetensors", "variant": "auto"}),
+            (8, "PixArtSigmaDiTToModel", [420, 440], [260, 50], {}),
+            (9, "PixArtSigmaConditioningToComfy", [880, 80], [330, 50], {}),
+            (10, "PixArtSigmaConditioningToComfy", [880, 180], [330, 50], {}),
+            (11, "EmptyLatentImage", [880, 440], [300, 110], {"width": 1024, "height": 1024, "batch_size": 1}),
+            (12, "KSampler", [1220, 80], [320, 480],
+             {"seed": 0, "steps": 20, "cfg": 4.5, "sampler_name": "dpmpp_2m", "scheduler": "simple", "denoise": 1.0}),
+            (VAE[0], VAE[1], [1220, 600], VAE[3], {"vae_name": "sdxl_vae.safetensors"}),
+            (DECODE[0], DECODE[1], [1580, 80], DECODE[3], {"tiling": "auto"}),
+            (SAVE[0], SAVE[1], [1920, 80], SAVE[3], {"filename_prefix": "PixArt-Sigma-KSampler"}),
+        ],
+        "links": [(1, 0, 2, "t5"), (2, 0, 9, "conditioning"), (2, 1, 10, "conditioning"), (3, 0, 8, "dit"),
+                  (8, 0, 12, "model"), (9, 0, 12, "positive"), (10, 0, 12, "negative"), (11, 0, 12, "latent_image"),
+                  (12, 0, 6, "samples"), (5, 0, 6, "vae"), (6, 0, 7, "images")],
+    }
+
+
 SPECS = {
     "pixart_sigma_1024_t5_8bit": sigma("8-bit (bitsandbytes)", "PixArt-Sigma-XL-2-1024-MS", "auto", 1024,
                                        "PixArt-Sigma"),
@@ -100,6 +146,7 @@ SPECS = {
     "pixart_sigma_img2img": img2img(),
     "pixart_alpha_512": alpha512(),
     "pixart_sigma_lora": lora(),
+    "pixart_sigma_ksampler": ksampler(),
 }
 
 
@@ -147,9 +194,12 @@ def build(name: str, spec: dict, info: dict) -> dict:
             raise ValueError(f"{ntype} #{nid}: no inputs named {sorted(unknown)}")
         outputs = [{"name": oname, "type": otype, "links": out_links.get((nid, slot), [])}
                    for slot, (otype, oname) in enumerate(zip(node_info["output"], node_info["output_name"]))]
+        properties = {"Node name for S&R": ntype}
+        models = model_metadata(widgets)
+        if models:
+            properties["models"] = models
         nodes.append({"id": nid, "type": ntype, "pos": pos, "size": size, "flags": {}, "order": order, "mode": 0,
-                      "inputs": inputs, "outputs": outputs, "properties": {"Node name for S&R": ntype},
-                      "widgets_values": widgets})
+                      "inputs": inputs, "outputs": outputs, "properties": properties, "widgets_values": widgets})
     return {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, "pixart-sigma-nodes/" + name)), "revision": 0,
             "last_node_id": max(n["id"] for n in nodes), "last_link_id": len(link_rows),
             "nodes": nodes, "links": link_rows, "groups": [], "config": {},

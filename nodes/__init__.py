@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from comfy_api.v0_0_2 import ComfyExtension, io
 
+from .bridge import ConditioningToComfy, DiTToModel
 from .dit import DiTLoader
 from .lora import LoraLoader
 from .resolution import Resolution
@@ -11,7 +12,7 @@ from .text import T5Loader, TextEncode
 from .vae import VAEDecode, VAEEncode, VAELoader
 
 NODES: list[type[io.ComfyNode]] = [T5Loader, TextEncode, DiTLoader, Sampler, Resolution, VAELoader, VAEDecode, VAEEncode,
-                                   LoraLoader]
+                                   DiTToModel, ConditioningToComfy, LoraLoader]
 
 
 class PixArtExtension(ComfyExtension):

@@ -78,6 +78,22 @@ def wrap(model: torch.nn.Module, load_device: torch.device, offload_device: torc
                                             offload_device=offload_device, size=unique_bytes(model))
 
 
+def wrap_comfy_model(model: torch.nn.Module, load_device: torch.device,
+                     offload_device: torch.device) -> comfy.model_patcher.ModelPatcher:
+    """A ModelPatcher for a comfy.model_base model (a ComfyUI MODEL), as ComfyUI's own loaders make it."""
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+
+
+def unload(patcher: comfy.model_patcher.ModelPatcher) -> None:
+    """Have ComfyUI unload the model (any of its clones) when loaded: its weights are then its own, unpatched, on
+    the offload device."""
+    for i in range(len(mm.current_loaded_models) - 1, -1, -1):
+        loaded = mm.current_loaded_models[i]
+        if loaded.model is not None and loaded.model.is_clone(patcher):
+            loaded.model_unload()
+            mm.current_loaded_models.pop(i)
+
+
 @dataclasses.dataclass
 class Loaded:
     """A model ready to run, and the device to run it on (inputs go there)."""

@@ -234,3 +234,70 @@ def _sampling_hint(name: str) -> str:
     if "lcm" in low:
         return "; an LCM model: use scheduler 'lcm' with 4 steps and cfg 1"
     return ""
+
+
+def to_original(sd: dict[str, torch.Tensor], y_embedding_tokens: int) -> dict[str, torch.Tensor]:
+    """diffusers PixArt keys -> the original release's keys (the inverse of convert_original): q/k/v and k/v are
+    fused. Tensors that keep their shape are the same tensors (no copy); the fused ones are new. The original's
+    learned null caption `y_embedder.y_embedding` (only used for training-time caption dropout) is zeros of
+    [y_embedding_tokens, caption channels]. Fails naming any key it does not know."""
+    inverse_top = {d: o for o, d in _RENAMES}
+    inverse_block = {d: o for o, d in _BLOCK_RENAMES}
+    fused_parts = {"attn1.to_q.": ("attn.qkv.", ("to_q", "to_k", "to_v"), "attn1"),
+                   "attn2.to_k.": ("cross_attn.kv_linear.", ("to_k", "to_v"), "attn2")}
+    skipped = ("attn1.to_k.", "attn1.to_v.", "attn2.to_v.")
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, value in sd.items():
+        if key.startswith("transformer_blocks."):
+            _, n, rest = key.split(".", 2)
+            fused = next((f for p, f in fused_parts.items() if rest.startswith(p)), None)
+            if fused is not None:
+                name, parts, attn = fused
+                kind = rest.rsplit(".", 1)[1]
+                out[f"blocks.{n}.{name}{kind}"] = torch.cat([sd[f"transformer_blocks.{n}.{attn}.{p}.{kind}"] for p in parts])
+                continue
+            if rest.startswith(skipped):
+                continue
+            new = next((f"blocks.{n}.{o}{rest[len(d):]}" for d, o in inverse_block.items() if rest.startswith(d)), None)
+        else:
+            new = next((o + key[len(d):] for d, o in inverse_top.items() if key.startswith(d)), None)
+        if new is None:
+            unknown.append(key)
+        else:
+            out[new] = value
+    if unknown:
+        raise files.WeightFileError(f"{len(unknown)} keys of this diffusers PixArt model have no original-layout "
+                                    f"name (e.g. {', '.join(sorted(unknown)[:4])}).")
+    caption = sd["caption_projection.linear_1.weight"]
+    out["y_embedder.y_embedding"] = torch.zeros(y_embedding_tokens, caption.shape[1], dtype=caption.dtype,
+                                                device=caption.device)
+    return out
+
+
+def position_embedding(width: int, grid_h: int, grid_w: int, base_size: int, interpolation_scale: float,
+                       device: torch.device | None = None) -> torch.Tensor:
+    """The 2-D sin-cos position table [1, grid_h*grid_w, width] that diffusers' PixArt adds to the patch tokens
+    (float32): base_size is the trained grid side (sample_size // patch), interpolation_scale pe_interpolation."""
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+    return get_2d_sincos_pos_embed(width, (grid_h, grid_w), base_size=base_size,
+                                   interpolation_scale=interpolation_scale, device=device, output_type="pt").float()[None]
+
+
+def share_fused(model: torch.nn.Module, original: dict[str, torch.Tensor]) -> int:
+    """Point a diffusers PixArt's q/k/v (self-attention) and k/v (cross-attention) weights at the rows of the
+    fused tensors in `original` (made from them by to_original: the same values), so that both layouts hold one
+    copy. Returns the bytes that sharing saved."""
+    saved = 0
+    for i, block in enumerate(model.transformer_blocks):
+        for attn, name, parts in ((block.attn1, "attn.qkv", ("to_q", "to_k", "to_v")),
+                                  (block.attn2, "cross_attn.kv_linear", ("to_k", "to_v"))):
+            for kind in ("weight", "bias"):
+                fused = original[f"blocks.{i}.{name}.{kind}"]
+                for part, view in zip(parts, fused.chunk(len(parts))):
+                    p = getattr(getattr(attn, part), kind)
+                    assert torch.equal(p.data, view), f"block {i} {part}.{kind}: not the fused tensor's rows"
+                    saved += p.numel() * p.element_size()
+                    p.data = view
+    return saved

@@ -16,6 +16,8 @@ from PIL import Image
 from conftest import COMFY, EXAMPLES, REPO, queue_prompt, run_script
 
 from harness import frontend, standins
+from harness.comfyui import make_base
+from harness.download import CATALOG
 from harness.location import PACK
 from harness.server import serve
 from harness.workflow import ui_to_api
@@ -48,7 +50,9 @@ def shrink(prompt: dict) -> dict:
     for node in prompt.values():
         if node["class_type"] in ("PixArtSigmaSampler", "ImageScale"):
             node["inputs"].update(width=64, height=64)
-        if node["class_type"] == "PixArtSigmaSampler":
+        if node["class_type"] == "EmptyLatentImage":
+            node["inputs"].update(width=64, height=64)
+        if node["class_type"] in ("PixArtSigmaSampler", "KSampler"):
             node["inputs"]["steps"] = 2
     return prompt
 
@@ -144,3 +148,47 @@ def test_bypassed_node_converts_as_the_frontend_does(browser, object_info, node_
     target, name, source = BYPASS_CASES[node_id]
     assert str(node_id) not in expected and expected[target]["inputs"].get(name) == source, expected[target]
     assert ui_to_api(wf, object_info) == expected
+
+
+def test_examples_carry_download_metadata():
+    """Every loader widget that names an official single .safetensors file carries its {name, url, directory}
+    (ComfyUI templates' schema), url and folder from harness/download.py's table."""
+    seen = set()
+    for name in EXAMPLES:
+        for node in load(name)["nodes"]:
+            models = node["properties"].get("models", [])
+            values = [v for v in node.get("widgets_values", []) if isinstance(v, str)]
+            for v in values:
+                entry = CATALOG.get(v)
+                if entry and len(entry.files) == 1 and v.endswith(".safetensors"):
+                    hub, local = entry.files[0]
+                    want = {"name": v, "url": f"https://huggingface.co/{entry.repo}/resolve/main/{hub}",
+                            "directory": local.split("/")[0]}
+                    assert want in models, (name, node["type"], v)
+                    seen.add(v)
+            assert all(m["name"] in values for m in models), (name, node["type"])
+    assert {"t5xxl_fp16.safetensors", "sdxl_vae.safetensors", "PixArt-Sigma-XL-2-1024-MS.safetensors"} <= seen
+
+
+def test_frontend_missing_models_dialog_offers_the_official_files(browser, tmp_path_factory):
+    """A server whose models folders are empty: the frontend's missing-models dialog lists each official file of
+    the KSampler example as '<directory> / <name>' with its download URL."""
+    wf = load("pixart_sigma_ksampler")
+    want = {(m["directory"], m["name"], m["url"]) for n in wf["nodes"] for m in n["properties"].get("models", [])}
+    assert len(want) == 3
+    with serve(make_base(tmp_path_factory.mktemp("empty_models"))) as srv:
+        frontend.apply_settings(srv.url)
+        page = browser.browser.new_page(viewport={"width": 1600, "height": 900})
+        try:
+            page.goto(srv.url)
+            page.wait_for_function("window.app && window.app.graph && window.app.extensionManager", timeout=90_000)
+            page.evaluate("async (wf) => { await app.loadGraphData(structuredClone(wf)); }", wf)
+            dialog = page.locator(".p-dialog", has_text="Missing Models")
+            dialog.wait_for(timeout=30_000)
+            text = dialog.inner_text()
+            urls = dialog.locator("button[title]").evaluate_all("bs => bs.map(b => b.title)")
+        finally:
+            page.close()
+    for directory, name, url in want:
+        assert f"{directory} / {name}" in text, text
+        assert url in urls, urls

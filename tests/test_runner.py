@@ -51,7 +51,7 @@ def test_runner_example_image(examples_run, name):
     assert arr.shape == (64, 64, 3) and arr.std() > 1.0
     # ComfyUI's SaveImage metadata: the prompt that ran (overrides, tiny stand-ins) and the UI workflow.
     prompt = json.loads(img.info["prompt"])
-    sampler = next(n["inputs"] for n in prompt.values() if n["class_type"] == "PixArtSigmaSampler")
+    sampler = next(n["inputs"] for n in prompt.values() if n["class_type"] in ("PixArtSigmaSampler", "KSampler"))
     encode = next(n["inputs"] for n in prompt.values() if n["class_type"] == "PixArtSigmaTextEncode")
     assert (sampler["seed"], sampler["steps"], encode["positive"]) == (7, 2, "a red fox in the snow")
     names = [n["inputs"][k] for n in prompt.values() for k in ("t5_name", "dit_name", "vae_name") if k in n["inputs"]]
