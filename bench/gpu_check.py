@@ -9,7 +9,10 @@ simulate. It prints one JSON document and a table, and writes bench/out/gpu_chec
       (the memory above the cap counts as reserved), so ComfyUI plans for a card of that size;
   (c) P4 from bench/gpu.py: seconds per 1024 px image against diffusers, MFU and peak VRAM (bf16);
   (d) which SDPA kernel runs in the DiT's self- and cross-attention (torch profiler, one 1024 px forward);
-  (e) cosine of the 8-bit and nf4 T5 embeddings against the bf16 T5's, on the GPU.
+  (e) cosine of the 8-bit and nf4 T5 embeddings against the bf16 T5's, on the GPU;
+  (f) 1024 -> 2K -> 4K (issue 16): peak VRAM and seconds of one CFG-batched forward of the 28-block XL/2 DiT (bf16)
+      at 1024x1024, at 2048x2048 and of the tiled refine at 3840x2160 (four 2688x1536 tiles, pixart_core.tiles),
+      each above the weights.
 
 Weights are random and full size (T5-v1.1-XXL shape with --t5-blocks of its 24 blocks, the PixArt-Σ XL/2 1024
 transformer, the SDXL VAE), written once under bench/out/. Every part runs in its own process (its own CUDA peak).
@@ -246,7 +249,49 @@ def worker_sdpa(a) -> dict:
     return {"dtype": str(inner.dtype), "kernels": kernels}
 
 
-WORKERS = {"reference": worker_reference, "memory": worker_memory, "sdpa": worker_sdpa}
+def worker_hires(a) -> dict:
+    """(f) one forward per hires stage: peak memory above the loaded weights, and seconds."""
+    import torch
+
+    from pixart_core import tiles
+
+    device = torch.device("cpu" if a.smoke else "cuda")
+    dtype = torch.float32 if a.smoke else torch.bfloat16
+    dit = models.make_dit("tiny" if a.smoke else "bench", variant="sigma-2k").to(device, dtype)
+    width = dit.config.caption_channels
+    scale = 32 if a.smoke else 1  # smoke: the same stages at 1/32 of the size
+    stages = {"1024": (1024, 1024, None), "2048": (2048, 2048, None), "3840x2160 tiled": (3840, 2160, (2688, 1536))}
+    out = {}
+    for name, (w, h, tile) in stages.items():
+        h8, w8 = h // 8 // scale // 2 * 2, w // 8 // scale // 2 * 2
+        model = dit
+        if tile:
+            th8, tw8 = tile[1] // 8 // scale // 2 * 2, tile[0] // 8 // scale // 2 * 2
+            layout = tiles.layout(h8, w8, th8, tw8, 32 // scale or 1)
+            model = tiles.TiledDiT(dit, layout, (h8, w8))
+        x = torch.randn(2, 4, h8, w8, device=device, dtype=dtype)
+        kw = dict(encoder_hidden_states=torch.randn(2, 20, width, device=device, dtype=dtype),
+                  timestep=torch.tensor([500, 500], device=device),
+                  added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
+        with torch.inference_mode():
+            model(x, **kw)  # warm-up (kernels, allocator)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            t0 = time.perf_counter()
+            model(x, **kw)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
+        peak = (torch.cuda.max_memory_allocated() - base) / GiB if device.type == "cuda" else None
+        out[name] = {"latent": [h8, w8], "tiles": len(layout) if tile else 1, "seconds": seconds,
+                     "activation_peak_gib": peak}
+    weights_gib = sum(p.numel() * p.element_size() for p in dit.parameters()) / GiB
+    return {"weights_gib": weights_gib, "stages": out}
+
+
+WORKERS = {"reference": worker_reference, "memory": worker_memory, "sdpa": worker_sdpa, "hires": worker_hires}
 
 
 # ---------------------------------------------------------------------------------------------------- parent
@@ -286,6 +331,11 @@ def table(report: dict) -> str:
     sdpa = report.get("sdpa", {})
     for where, ks in sdpa.get("kernels", {}).items():
         rows.append(f"| (d) | {where} ({sdpa.get('dtype')}) | {', '.join(f'{k} x{n}' for k, n in ks.items()) or 'none seen'} |")
+    hires = report.get("hires", {})
+    for name, st in hires.get("stages", {}).items():
+        peak = f"{st['activation_peak_gib']:.2f} GiB above {hires['weights_gib']:.2f} GiB of weights" \
+            if st["activation_peak_gib"] is not None else "(CPU)"
+        rows.append(f"| (f) | DiT forward {name} ({st['tiles']} tile(s)) | {st['seconds']:.2f} s, peak {peak} |")
     return "\n".join(rows)
 
 
@@ -352,6 +402,8 @@ def main() -> None:
         peak = None if a.cpu_smoke else gpu.peak_tflops(device_name, None)
         p4_table, medians = gpu.summarize(rows, peak, a.steps)
         report["p4"] = {"rows": rows, "median_s_per_image": medians, "table": p4_table}
+    if due("(f) hires stages"):
+        report["hires"] = run_worker(a, "hires")
     report["skipped"] = skipped
     report["seconds"] = time.perf_counter() - start
     report["table"] = table(report)
@@ -361,7 +413,7 @@ def main() -> None:
         print(report["p4"]["table"])
     write_json(a.out or (weights.OUT / ("gpu_check_smoke.json" if a.cpu_smoke else "gpu_check.json")), report)
     failed = [k for k, v in [("reference", report.get("reference", {}))] + list(report["memory"].items())
-              + [("sdpa", report.get("sdpa", {}))] if "error" in v]
+              + [("sdpa", report.get("sdpa", {})), ("hires", report.get("hires", {}))] if "error" in v]
     if failed:
         raise SystemExit(f"failed parts: {failed}")
 

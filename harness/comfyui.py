@@ -16,8 +16,10 @@ from typing import Callable
 from . import location
 
 NODE_IDS = ["PixArtSigmaT5Loader", "PixArtSigmaTextEncode", "PixArtSigmaDiTLoader", "PixArtSigmaSampler",
+            "PixArtSigmaSamplerAdvanced",
             "PixArtSigmaResolution", "PixArtSigmaVAELoader", "PixArtSigmaVAEDecode", "PixArtSigmaVAEEncode",
-            "PixArtSigmaDiTToModel", "PixArtSigmaConditioningToComfy", "PixArtSigmaLoraLoader"]
+            "PixArtSigmaDiTToModel", "PixArtSigmaConditioningToComfy",
+            "PixArtSigmaHiresUpscale", "PixArtSigmaTiledRefine", "PixArtSigmaLoraLoader"]
 RUN_DIR = location.REPO / ".cache" / "run"  # the runner's private custom_nodes/, temp/ and user/
 
 

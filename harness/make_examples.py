@@ -85,6 +85,34 @@ def img2img() -> dict:
     return wf
 
 
+def sigma_4k() -> dict:
+    """1024 -> 2K -> 4K: Σ-1024 at the 16:9 bin, Hires Upscale (VAE) to the 2K bin and img2img with the Σ-2K model,
+    Hires Upscale to 3840x2160, Tiled Refine with the 2K model in 2K-bin tiles, tiled decode."""
+    wf = sigma("8-bit (bitsandbytes)", "PixArt-Sigma-XL-2-1024-MS", "auto", 1024, "PixArt-Sigma-4K")
+    nodes = {n[0]: n for n in wf["nodes"]}
+    nodes[4] = (*SAMPLER[:4], {**nodes[4][4], "width": 1344, "height": 768})
+    nodes[5] = (5, VAE[1], [40, 420], VAE[3], nodes[5][4])
+    nodes[6] = (6, DECODE[1], [2040, 80], DECODE[3], {"tiling": "always"})
+    nodes[7] = (7, SAVE[1], [2360, 80], SAVE[3], nodes[7][4])
+    wf["nodes"] = list(nodes.values()) + [
+        (8, "PixArtSigmaDiTLoader", [40, 560], [340, 110], {"dit_name": "PixArt-Sigma-XL-2-2K-MS.pth",
+                                                             "variant": "sigma-2k"}),
+        (9, "PixArtSigmaHiresUpscale", [1240, 80], [320, 200], {"family": "2048"}),
+        (10, "PixArtSigmaSampler", [1240, 320], [320, 360],
+         {"seed": 0, "steps": 20, "cfg": 4.5, "scheduler": "dpm++ 2m", "denoise": 0.5}),
+        (11, "PixArtSigmaHiresUpscale", [1600, 80], [320, 200], {"family": "2048", "width": 3840, "height": 2160}),
+        (12, "PixArtSigmaTiledRefine", [1600, 320], [320, 360],
+         {"seed": 0, "steps": 20, "cfg": 4.5, "scheduler": "dpm++ 2m", "denoise": 0.35}),
+    ]
+    wf["links"] = [(1, 0, 2, "t5"), (2, 0, 4, "positive"), (2, 1, 4, "negative"), (3, 0, 4, "dit"),
+                   (4, 0, 9, "samples"), (5, 0, 9, "vae"),
+                   (8, 0, 10, "dit"), (2, 0, 10, "positive"), (2, 1, 10, "negative"), (9, 0, 10, "latent"),
+                   (10, 0, 11, "samples"), (5, 0, 11, "vae"),
+                   (8, 0, 12, "dit"), (2, 0, 12, "positive"), (2, 1, 12, "negative"), (11, 0, 12, "latent"),
+                   (12, 0, 6, "samples"), (5, 0, 6, "vae"), (6, 0, 7, "images")]
+    return wf
+
+
 def alpha512() -> dict:
     wf = sigma("8-bit (bitsandbytes)", "PixArt-XL-2-512x512.pth", "alpha-512", 512, "PixArt-alpha-512")
     for i, n in enumerate(wf["nodes"]):
@@ -109,6 +137,67 @@ def lora() -> dict:
     ]
     wf["links"] = [link for link in BASE_LINKS if link[2:] != (4, "dit")] + [
         (3, 0, 8, "dit"), (8, 0, 9, "dit"), (9, 0, 4, "dit")]
+    return wf
+
+
+def inpaint() -> dict:
+    """Load Image (its MASK: the transparent part, or what the mask editor painted) -> VAE Encode -> Set Latent
+    Noise Mask -> sampler: only the masked part is repainted."""
+    wf = sigma("8-bit (bitsandbytes)", "PixArt-Sigma-XL-2-1024-MS", "auto", 1024, "PixArt-Sigma-inpaint")
+    for i, n in enumerate(wf["nodes"]):
+        if n[1] == "PixArtSigmaSampler":
+            wf["nodes"][i] = (*SAMPLER[:2], [1240, 460], SAMPLER[3], n[4])
+        if n[1] == "PixArtSigmaVAELoader":
+            wf["nodes"][i] = (*VAE[:2], [400, 880], VAE[3], n[4])
+    wf["nodes"] += [
+        (8, "LoadImage", [40, 480], [320, 360], {"image": "example.png"}),
+        (9, "ImageScale", [400, 480], [300, 130], {"upscale_method": "lanczos", "width": 1024, "height": 1024,
+                                                   "crop": "disabled"}),
+        (10, "PixArtSigmaVAEEncode", [740, 480], [300, 80], {}),
+        (11, "SetLatentNoiseMask", [1000, 640], [200, 50], {}),
+    ]
+    wf["links"] = BASE_LINKS + [(8, 0, 9, "image"), (9, 0, 10, "image"), (5, 0, 10, "vae"), (10, 0, 11, "samples"),
+                                (8, 1, 11, "mask"), (11, 0, 4, "latent")]
+    return wf
+
+
+ADVANCED = (4, "PixArtSigmaSamplerAdvanced", [880, 80], [340, 560])
+EMPTY = (9, "EmptyLatentImage", [420, 420], [300, 110])
+
+
+def pag() -> dict:
+    """Perturbed-attention guidance with diffusers' PixArtSigmaPAGPipeline defaults (scale 3.0, layers 'blocks.1'),
+    from an Empty Latent Image."""
+    wf = sigma("8-bit (bitsandbytes)", "PixArt-Sigma-XL-2-1024-MS", "auto", 1024, "PixArt-Sigma-PAG")
+    wf["nodes"] = [n for n in wf["nodes"] if n[1] != "PixArtSigmaSampler"] + [
+        (*ADVANCED, {"seed": 0, "steps": 20, "cfg": 4.5, "scheduler": "dpm++ 2m", "pag_scale": 3.0,
+                     "pag_layers": "blocks.1"}),
+        (*EMPTY, {"width": 1024, "height": 1024, "batch_size": 1}),
+    ]
+    wf["links"] = BASE_LINKS + [(9, 0, 4, "latent")]
+    return wf
+
+
+def two_stage() -> dict:
+    """The community PixArt-Σ 900M v0.7 experts: stage 1 runs the first 12 of 20 steps (timesteps 999 to ~450) and
+    stops with its noise; stage 2, trained on the last 400 timesteps, finishes the same schedule."""
+    stage = {"seed": 0, "steps": 20, "cfg": 4.5, "scheduler": "dpm++ 2m"}
+    wf = sigma("8-bit (bitsandbytes)", "pixart-900m-1024-ft-v0.7-stage1", "auto", 1024, "PixArt-Sigma-two-stage")
+    wf["nodes"] = [n for n in wf["nodes"] if n[1] not in ("PixArtSigmaSampler", "PixArtSigmaVAELoader",
+                                                          "PixArtSigmaVAEDecode", "SaveImage")] + [
+        (*ADVANCED, {**stage, "end_step": 12, "return_with_leftover_noise": "enable"}),
+        (*EMPTY, {"width": 1024, "height": 1024, "batch_size": 1}),
+        (8, "PixArtSigmaDiTLoader", [880, 680], [340, 110], {"dit_name": "pixart-900m-1024-ft-v0.7-stage2",
+                                                             "variant": "auto"}),
+        (10, "PixArtSigmaSamplerAdvanced", [1260, 80], [340, 560],
+         {**stage, "add_noise": "disable", "start_step": 12}),
+        (*VAE[:2], [1260, 680], VAE[3], {"vae_name": "sdxl_vae.safetensors"}),
+        (*DECODE[:2], [1640, 80], DECODE[3], {"tiling": "auto"}),
+        (*SAVE[:2], [1960, 80], SAVE[3], {"filename_prefix": "PixArt-Sigma-two-stage"}),
+    ]
+    wf["links"] = [(1, 0, 2, "t5"), (2, 0, 4, "positive"), (2, 1, 4, "negative"), (3, 0, 4, "dit"), (9, 0, 4, "latent"),
+                   (2, 0, 10, "positive"), (2, 1, 10, "negative"), (8, 0, 10, "dit"), (4, 0, 10, "latent"),
+                   (10, 0, 6, "samples"), (5, 0, 6, "vae"), (6, 0, 7, "images")]
     return wf
 
 
@@ -146,6 +235,10 @@ SPECS = {
     "pixart_sigma_img2img": img2img(),
     "pixart_alpha_512": alpha512(),
     "pixart_sigma_lora": lora(),
+    "pixart_sigma_inpaint": inpaint(),
+    "pixart_sigma_pag": pag(),
+    "pixart_sigma_two_stage": two_stage(),
+    "pixart_sigma_4k": sigma_4k(),
     "pixart_sigma_ksampler": ksampler(),
 }
 

@@ -29,6 +29,9 @@ KIND_BY_FOLDER = {"text_encoders": "t5", "checkpoints": "dit", "diffusion_models
 COMFY_VAES = {"sdxl_vae.safetensors"}  # also loaded by ComfyUI's own VAELoader in the img2img example
 # The LoRA files the example workflows name (no official PixArt LoRA to download: the user picks their own).
 EXAMPLE_LORAS = ("pixart-sigma-style-lora.safetensors", "pixart-sigma-detail-lora.safetensors")
+# Models the examples name that the downloader does not fetch (paths under models/): the community two-stage
+# PixArt-Σ 900M v0.7 (diffusers folders, as published on the hub by terminusresearch; download them yourself).
+EXAMPLE_ONLY = (("dit", "diffusers/pixart-900m-1024-ft-v0.7-stage1"), ("dit", "diffusers/pixart-900m-1024-ft-v0.7-stage2"))
 
 
 def tiny_name(value: str, comfy_vae: bool = False) -> str:
@@ -150,6 +153,9 @@ def example_base(base: Path, comfy_path: Path | None = None) -> Path:
         for name in EXAMPLE_LORAS:
             if not (cache / "loras" / name).exists():
                 write_tiny("lora", cache / "loras" / name, comfy_path)
+        for kind, local in EXAMPLE_ONLY:
+            if not (cache / local).exists():
+                write_tiny(kind, cache / local, comfy_path)
         models_dir.symlink_to(cache, target_is_directory=True)
     example = comfy_path / "input" / "example.png"
     if example.is_file() and not (base / "input" / "example.png").exists():

@@ -144,6 +144,18 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
     return prompt
 
 
+def _rescale_stages(inputs: dict, steps: int) -> None:
+    """A staged sampler (start_step/end_step inside its schedule) keeps its share of the schedule when its steps
+    change, so that chained stages still meet."""
+    old = inputs.get("steps")
+    if not isinstance(old, int) or old <= 0:
+        return
+    for key in ("start_step", "end_step"):
+        v = inputs.get(key)
+        if isinstance(v, int) and v < old:
+            inputs[key] = round(v * steps / old)
+
+
 def apply_overrides(prompt: dict, values: dict) -> None:
     """Set the prompts (`positive`/`negative`, on PixArt Text Encode nodes) and `seed`, `steps`, `width`, `height`
     wherever a node has that input as a plain value (not linked); None leaves an input alone. A value no node
@@ -156,6 +168,8 @@ def apply_overrides(prompt: dict, values: dict) -> None:
             if name in ("positive", "negative") and node["class_type"] != "PixArtSigmaTextEncode":
                 continue
             if name in node["inputs"] and not isinstance(node["inputs"][name], list):
+                if name == "steps":
+                    _rescale_stages(node["inputs"], value)
                 node["inputs"][name] = value
                 hit = True
         if not hit:

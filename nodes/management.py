@@ -283,3 +283,29 @@ def with_weight_patches(patcher: comfy.model_patcher.ModelPatcher, tensors: dict
     unread = sorted(m for m, p in key_map.items()
                     if "inner." + p not in loaded and "inner." + p[: -len(".weight")] + ".bias" not in loaded)
     return clone, len(applied), unread
+
+
+def tiled_step_callbacks(steps: int, tiles: int, vae_family: str, device: torch.device
+                         ) -> tuple[Callable[[int, int, Callable[[], torch.Tensor]], None], Callable[[int, int], None]]:
+    """Per-step and per-tile hooks for a tiled sample: one ComfyUI progress bar of steps x tiles that moves after
+    every tile (then raises if the user pressed Cancel), with a latent preview of the whole canvas after each step."""
+    import comfy.latent_formats
+    import latent_preview
+
+    total = steps * tiles
+    bar = comfy.utils.ProgressBar(total)
+    fmt = comfy.latent_formats.SDXL() if vae_family == "sdxl" else comfy.latent_formats.SD15()
+    previewer = latent_preview.get_previewer(device, fmt)
+    done = [0]
+
+    def on_tile(tile: int, of: int) -> None:
+        done[0] += 1
+        bar.update_absolute(min(done[0], total), total)
+        mm.throw_exception_if_processing_interrupted()
+
+    def on_step(step: int, of: int, x0: Callable[[], torch.Tensor]) -> None:
+        if previewer is not None:
+            bar.update_absolute(min(done[0], total), total, previewer.decode_latent_to_preview_image("JPEG", x0()))
+        mm.throw_exception_if_processing_interrupted()
+
+    return on_step, on_tile

@@ -1,8 +1,11 @@
-"""Sampler node: the denoising loop (pixart_core.sampling) under ComfyUI's model management."""
+"""Sampler nodes: the denoising loop (pixart_core.sampling) under ComfyUI's model management. The plain sampler
+does text-to-image, img2img and inpainting; the advanced one adds staged sampling (as KSamplerAdvanced) and the
+guidance options."""
 from __future__ import annotations
 
 import logging
 
+import torch
 from comfy_api.v0_0_2 import io
 
 from ..pixart_core import resolution, sampling
@@ -11,6 +14,93 @@ from . import management
 from .types import CATEGORY, LATENT_SPACE_KEY, ConditioningType, DiT, DiTHandle
 
 log = logging.getLogger(__name__)
+
+MASK_TOOLTIP = ("Optional inpainting mask (1 = repaint), e.g. Load Image's MASK; resized to the latent as ComfyUI's "
+                "KSampler does. Replaces the latent's own noise_mask (Set Latent Noise Mask). Needs 'latent'.")
+
+
+def _common_inputs() -> list:
+    return [
+        DiT.Input("dit", tooltip="The transformer from PixArt-Σ DiT Loader."),
+        ConditioningType.Input("positive", tooltip="Positive conditioning from PixArt-Σ Text Encode."),
+        ConditioningType.Input("negative", tooltip="Negative conditioning from PixArt-Σ Text Encode."),
+    ]
+
+
+def _seed_steps_cfg_scheduler() -> list:
+    return [
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                     tooltip="Noise seed. Noise is drawn on the CPU, so a seed gives the same image on any device."),
+        io.Int.Input("steps", default=20, min=1, max=1000, tooltip="Denoising steps (PixArt-Σ: 20 with dpm++ 2m)."),
+        io.Float.Input("cfg", default=4.5, min=0.0, max=100.0, step=0.1, round=0.01,
+                       tooltip="Classifier-free guidance scale (PixArt-Σ: 4.5). 1 or less runs no negative pass."),
+        io.Combo.Input("scheduler", options=list(sampling.SCHEDULERS), default=sampling.DEFAULT_SCHEDULER,
+                       tooltip="diffusers scheduler; dpm++ 2m is configured as the official release."),
+    ]
+
+
+def _fit(dit: DiTHandle, positive, negative):
+    """The conditionings at the DiT's token limit (warning when the prompt is longer than it was trained with)."""
+    limit = dit.variant.max_tokens
+    fitted = [sampling.for_limit(c, limit) for c in (positive, negative)]
+    if any(f is not c for f, c in zip(fitted, (positive, negative))):
+        log.info("PixArt sampler: %s reads %d T5 tokens; using the prompt encoded at that limit.", dit.variant.name, limit)
+    positive, negative = fitted
+    longest = max(positive.mask.shape[1], negative.mask.shape[1])
+    if longest > limit:
+        log.warning("PixArt sampler: %s was trained with %d T5 tokens but gets %d; set max_tokens to %d (or 0, "
+                    "from the DiT) in Text Encode.", dit.variant.name, limit, longest, limit)
+    return positive, negative
+
+
+def _inpaint_mask(latent: dict | None, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The repaint mask: the MASK input, else the LATENT's noise_mask (both resized in the loop, as ComfyUI does)."""
+    if mask is not None and latent is None:
+        raise ValueError("PixArt sampler: the inpainting mask needs the image's latent; connect 'latent' (VAE Encode "
+                         "of the image, or Set Latent Noise Mask's output).")
+    if mask is not None:
+        if latent is not None and "noise_mask" in latent:
+            log.info("PixArt sampler: the mask input replaces the latent's noise_mask.")
+        return mask
+    return None if latent is None else latent.get("noise_mask")
+
+
+def _run(dit: DiTHandle, positive, negative, seed: int, steps: int, cfg: float, scheduler: str, width: int,
+         height: int, batch_size: int, latent: dict | None, mask: torch.Tensor | None, pag: bool = False, **kw):
+    """Sample under model management; returns (model-space latents, SolverState or None) and the VAE scale."""
+    scale = dit.variant.vae_scaling_factor
+    init = None
+    if latent is not None:
+        core_vae.check_pairing(latent.get(LATENT_SPACE_KEY), dit.variant.vae, f"{dit.name} ({dit.variant.name})",
+                               sampler=True)
+        init = latent["samples"].float() * scale
+        batch_size = max(batch_size, init.shape[0])
+        height, width = init.shape[-2] * 8, init.shape[-1] * 8
+    resolution.check_size(width, height)
+    positive, negative = _fit(dit, positive, negative)
+    mask = _inpaint_mask(latent, mask)
+    if kw.pop("empty_start", False) and mask is None:
+        init = None  # an empty latent sampled from the start: pure noise, as KSampler's full denoise gives
+    noise, generator = sampling.initial_noise(seed, batch_size, 4, height, width)
+    p = dit.patcher
+    inner = p.model.inner
+    passes = (2 if cfg > 1.0 else 1) + (1 if pag else 0)
+    need = sampling.inference_memory(batch_size * passes, height, width, inner.inner_dim, inner.dtype, False,
+                                     fused_attention=management.fused_attention(p.load_device, inner.dtype))
+    ready = management.use(p, memory_required=need)
+    return sampling.sample(ready.model, positive, negative, noise, steps=steps, cfg=cfg, scheduler_name=scheduler,
+                           generator=generator, init_latents=init, device=ready.device, mask=mask, return_state=True,
+                           on_step=management.step_callback(steps, dit.variant.vae, ready.device), **kw), scale
+
+
+def _output(dit: DiTHandle, latent: dict | None, latents: torch.Tensor, scale: float,
+            state: sampling.SolverState | None = None) -> dict:
+    """A LATENT as ComfyUI's samplers return one: the input's other keys (noise_mask, batch_index) kept."""
+    out = {k: v for k, v in (latent or {}).items() if k not in ("samples", sampling.STATE_KEY)}
+    out.update(samples=(latents / scale).to(management.intermediate_device()), **{LATENT_SPACE_KEY: dit.variant.vae})
+    if state is not None:
+        out[sampling.STATE_KEY] = state
+    return out
 
 
 class Sampler(io.ComfyNode):
@@ -22,60 +112,96 @@ class Sampler(io.ComfyNode):
             category=f"{CATEGORY}/sampling",
             description="Denoises with the PixArt DiT as diffusers' PixArtSigmaPipeline does; outputs a ComfyUI LATENT.",
             inputs=[
-                DiT.Input("dit", tooltip="The transformer from PixArt-Σ DiT Loader."),
-                ConditioningType.Input("positive", tooltip="Positive conditioning from PixArt-Σ Text Encode."),
-                ConditioningType.Input("negative", tooltip="Negative conditioning from PixArt-Σ Text Encode."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Noise seed. Noise is drawn on the CPU, so a seed gives the same image on any device."),
-                io.Int.Input("steps", default=20, min=1, max=1000, tooltip="Denoising steps (PixArt-Σ: 20 with dpm++ 2m)."),
-                io.Float.Input("cfg", default=4.5, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance scale (PixArt-Σ: 4.5). 1 or less runs no negative pass."),
-                io.Combo.Input("scheduler", options=list(sampling.SCHEDULERS), default=sampling.DEFAULT_SCHEDULER,
-                               tooltip="diffusers scheduler; dpm++ 2m is configured as the official release."),
+                *_common_inputs(),
+                *_seed_steps_cfg_scheduler(),
                 io.Int.Input("width", default=1024, min=16, max=resolution.MAX_SIDE, step=16,
                              tooltip="Image width in pixels, a multiple of 16. Ignored when a latent is connected."),
                 io.Int.Input("height", default=1024, min=16, max=resolution.MAX_SIDE, step=16,
                              tooltip="Image height in pixels, a multiple of 16. Ignored when a latent is connected."),
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per run (one noise generator for the batch)."),
                 io.Latent.Input("latent", optional=True,
-                                tooltip="Optional image latent for img2img (e.g. from VAE Encode with the SDXL VAE)."),
+                                tooltip="Optional image latent for img2img (e.g. from VAE Encode with the SDXL VAE); "
+                                        "with a noise_mask (Set Latent Noise Mask) only the masked part is repainted."),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="img2img strength: the share of the schedule that runs on the input latent."),
+                io.Mask.Input("mask", optional=True, tooltip=MASK_TOOLTIP),
             ],
             outputs=[io.Latent.Output(display_name="LATENT")],
         )
 
     @classmethod
     def execute(cls, dit: DiTHandle, positive, negative, seed: int, steps: int, cfg: float, scheduler: str,
-                width: int, height: int, batch_size: int, latent=None, denoise: float = 1.0) -> io.NodeOutput:
-        scale = dit.variant.vae_scaling_factor
-        init = None
-        if latent is not None:
-            core_vae.check_pairing(latent.get(LATENT_SPACE_KEY), dit.variant.vae, f"{dit.name} ({dit.variant.name})",
-                                   sampler=True)
-            init = latent["samples"].float() * scale
-            batch_size = max(batch_size, init.shape[0])
-            height, width = init.shape[-2] * 8, init.shape[-1] * 8
-        sampling.check_denoise(denoise, steps, img2img=init is not None)
-        resolution.check_size(width, height)
-        limit = dit.variant.max_tokens
-        fitted = [sampling.for_limit(c, limit) for c in (positive, negative)]
-        if any(f is not c for f, c in zip(fitted, (positive, negative))):
-            log.info("PixArt sampler: %s reads %d T5 tokens; using the prompt encoded at that limit.", dit.variant.name, limit)
-        positive, negative = fitted
-        longest = max(positive.mask.shape[1], negative.mask.shape[1])
-        if longest > limit:
-            log.warning("PixArt sampler: %s was trained with %d T5 tokens but gets %d; set max_tokens to %d (or 0, "
-                        "from the DiT) in Text Encode.", dit.variant.name, limit, longest, limit)
-        noise, generator = sampling.initial_noise(seed, batch_size, 4, height, width)
-        p = dit.patcher
-        inner = p.model.inner
-        need = sampling.inference_memory(batch_size, height, width, inner.inner_dim, inner.dtype, cfg > 1.0,
-                                         fused_attention=management.fused_attention(p.load_device, inner.dtype))
-        ready = management.use(p, memory_required=need)
-        latents = sampling.sample(ready.model, positive, negative, noise, steps=steps, cfg=cfg, scheduler_name=scheduler,
-                                  generator=generator, init_latents=init, denoise=denoise, device=ready.device,
-                                  on_step=management.step_callback(steps, dit.variant.vae, ready.device))
-        return io.NodeOutput({"samples": (latents / scale).to(management.intermediate_device()),
-                              LATENT_SPACE_KEY: dit.variant.vae})
+                width: int, height: int, batch_size: int, latent=None, denoise: float = 1.0,
+                mask=None) -> io.NodeOutput:
+        sampling.check_denoise(denoise, steps, img2img=latent is not None)
+        (latents, _), scale = _run(dit, positive, negative, seed, steps, cfg, scheduler, width, height, batch_size,
+                                   latent, mask, denoise=denoise)
+        return io.NodeOutput(_output(dit, latent, latents, scale))
 
+
+class SamplerAdvanced(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PixArtSigmaSamplerAdvanced",
+            display_name="PixArt-Σ Sampler (Advanced)",
+            category=f"{CATEGORY}/sampling",
+            description="PixArt-Σ Sampler with KSamplerAdvanced's staged sampling (start/end step, leftover noise) "
+                        "and guidance options: perturbed-attention guidance, CFG rescale, a CFG interval; the DMD "
+                        "timestep.",
+            inputs=[
+                *_common_inputs(),
+                io.Latent.Input("latent", tooltip="Empty Latent Image to start from noise; VAE Encode for img2img; "
+                                                  "a first stage's output (leftover noise) to go on."),
+                io.Combo.Input("add_noise", options=["enable", "disable"], default="enable",
+                               tooltip="disable: the latent is already noisy (a first stage's leftover noise)."),
+                *_seed_steps_cfg_scheduler(),
+                io.Int.Input("start_step", default=0, min=0, max=10000,
+                             tooltip="First step of the schedule this stage runs (KSamplerAdvanced's start_at_step)."),
+                io.Int.Input("end_step", default=10000, min=0, max=10000,
+                             tooltip="Step this stage stops at (KSamplerAdvanced's end_at_step; past steps = the end)."),
+                io.Combo.Input("return_with_leftover_noise", options=["disable", "enable"], default="disable",
+                               tooltip="enable: stop with the noise still in (for a second stage); disable: an early "
+                                       "stop jumps to the clean estimate, as KSamplerAdvanced does."),
+                io.Float.Input("pag_scale", default=0.0, min=0.0, max=20.0, step=0.1, round=0.01,
+                               tooltip="Perturbed-attention guidance scale (diffusers' PixArtSigmaPAGPipeline; its "
+                                       "default 3.0). 0 = off; on, each step runs one more forward."),
+                io.String.Input("pag_layers", default="blocks.1",
+                                tooltip="Self-attention layers PAG perturbs, as diffusers' pag_applied_layers: regular "
+                                        "expressions, comma-separated, searched in the block names. The default is "
+                                        "diffusers' PixArtSigmaPAGPipeline's, which matches blocks 1 and 10-19; "
+                                        "'blocks.14' is block 14 alone (diffusers' documented example)."),
+                io.Float.Input("guidance_rescale", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="CFG rescale (diffusers' guidance_rescale, Lin et al. 2023: 0.7 suggested); 0 = off."),
+                io.Float.Input("cfg_start", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="CFG runs from this fraction of the schedule..."),
+                io.Float.Input("cfg_end", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="...to this one; outside, one positive-only pass per step (about half the cost)."),
+                io.Int.Input("dmd_timestep", default=sampling.DMD_TIMESTEP, min=0, max=999,
+                             tooltip="The one step of the dmd scheduler (the PixArt-α DMD release: 400)."),
+                io.Mask.Input("mask", optional=True, tooltip=MASK_TOOLTIP),
+            ],
+            outputs=[io.Latent.Output(display_name="LATENT")],
+        )
+
+    @classmethod
+    def execute(cls, dit: DiTHandle, positive, negative, latent, add_noise: str, seed: int, steps: int, cfg: float,
+                scheduler: str, start_step: int, end_step: int, return_with_leftover_noise: str, pag_scale: float,
+                pag_layers: str, guidance_rescale: float, cfg_start: float, cfg_end: float, dmd_timestep: int,
+                mask=None) -> io.NodeOutput:
+        one_step = scheduler == sampling.DMD
+        if not one_step:
+            sampling.check_steps(steps, start_step, end_step)
+        noisy = add_noise == "enable"
+        empty = start_step == 0 and noisy and not bool(latent["samples"].any())
+        if one_step and not empty:
+            raise ValueError("The one-step DMD sampler starts from noise: give it an Empty Latent Image, add_noise "
+                             "enable, start_step 0.")
+        staged = {} if one_step else dict(start_step=start_step, end_step=end_step, add_noise=noisy,
+                                          leftover_noise=return_with_leftover_noise == "enable",
+                                          resume=latent.get(sampling.STATE_KEY))
+        (latents, state), scale = _run(
+            dit, positive, negative, seed, steps, cfg, scheduler, 16, 16, 1, latent, mask, pag=pag_scale > 0,
+            empty_start=empty, pag_scale=pag_scale, pag_layers=pag_layers, guidance_rescale=guidance_rescale,
+            cfg_start=cfg_start, cfg_end=cfg_end, dmd_timestep=dmd_timestep, **staged)
+        return io.NodeOutput(_output(dit, latent, latents, scale, state))

@@ -22,11 +22,12 @@ run = run_script
 @pytest.fixture(scope="module")
 def examples_run(tmp_path_factory):
     """All example workflows through ./scripts/run in one process, with an empty models folder (so every model is
-    a tiny stand-in), small sizes and two steps, and --prompt/--seed overrides."""
+    a tiny stand-in), small sizes and three steps (the 4K example's tiled refine, denoise 0.35, then runs one), and
+    --prompt/--seed overrides."""
     tmp = tmp_path_factory.mktemp("runner")
     (tmp / "models").mkdir()
     r = run(*[REPO / "example_workflows" / f"{n}.json" for n in EXAMPLES], "--output", tmp / "img" / "{name}.png",
-            "--models-dir", tmp / "models", "--output-dir", tmp / "out", "--width", 64, "--height", 64, "--steps", 2,
+            "--models-dir", tmp / "models", "--output-dir", tmp / "out", "--width", 64, "--height", 64, "--steps", 3,
             "--prompt", "a red fox in the snow", "--seed", 7)
     return r, tmp
 
@@ -51,9 +52,10 @@ def test_runner_example_image(examples_run, name):
     assert arr.shape == (64, 64, 3) and arr.std() > 1.0
     # ComfyUI's SaveImage metadata: the prompt that ran (overrides, tiny stand-ins) and the UI workflow.
     prompt = json.loads(img.info["prompt"])
-    sampler = next(n["inputs"] for n in prompt.values() if n["class_type"] in ("PixArtSigmaSampler", "KSampler"))
+    sampler = next(n["inputs"] for n in prompt.values()
+                   if n["class_type"] in ("PixArtSigmaSampler", "PixArtSigmaSamplerAdvanced", "KSampler"))
     encode = next(n["inputs"] for n in prompt.values() if n["class_type"] == "PixArtSigmaTextEncode")
-    assert (sampler["seed"], sampler["steps"], encode["positive"]) == (7, 2, "a red fox in the snow")
+    assert (sampler["seed"], sampler["steps"], encode["positive"]) == (7, 3, "a red fox in the snow")
     names = [n["inputs"][k] for n in prompt.values() for k in ("t5_name", "dit_name", "vae_name") if k in n["inputs"]]
     assert names and all(v.startswith(standins.TINY_PREFIX) for v in names), names
     assert json.loads(img.info["workflow"])["nodes"]
