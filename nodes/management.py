@@ -266,6 +266,27 @@ def check_interrupt() -> None:
     mm.throw_exception_if_processing_interrupted()
 
 
+def param_shapes(patcher: comfy.model_patcher.ModelPatcher) -> dict[str, tuple[int, ...]]:
+    """Our model's parameter names (as the model itself names them, without the Holder's `inner.`) and shapes."""
+    return {k: tuple(v.shape) for k, v in patcher.model.inner.state_dict().items()}
+
+
+def with_weight_patches(patcher: comfy.model_patcher.ModelPatcher, tensors: dict[str, torch.Tensor],
+                        key_map: dict[str, str], strength: float) -> tuple[comfy.model_patcher.ModelPatcher, int, list[str]]:
+    """A clone of `patcher` carrying ComfyUI's weight adapters (LoRA, LoHa, LoKr, ...) built by comfy.lora.load_lora
+    from `tensors` (module -> parameter in `key_map`), at `strength`: ComfyUI merges them into the weights when it
+    loads the clone and restores the originals when it unloads it; the input patcher is not changed.
+    Returns (clone, number of parameters patched, modules no adapter could read)."""
+    import comfy.lora
+
+    loaded = comfy.lora.load_lora(tensors, {m: "inner." + p for m, p in key_map.items()}, log_missing=False)
+    clone = patcher.clone()
+    applied = clone.add_patches(loaded, strength)
+    unread = sorted(m for m, p in key_map.items()
+                    if "inner." + p not in loaded and "inner." + p[: -len(".weight")] + ".bias" not in loaded)
+    return clone, len(applied), unread
+
+
 def tiled_step_callbacks(steps: int, tiles: int, vae_family: str, device: torch.device
                          ) -> tuple[Callable[[int, int, Callable[[], torch.Tensor]], None], Callable[[int, int], None]]:
     """Per-step and per-tile hooks for a tiled sample: one ComfyUI progress bar of steps x tiles that moves after
