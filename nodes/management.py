@@ -86,6 +86,25 @@ def wrap_comfy_model(model: torch.nn.Module, load_device: torch.device,
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
 
+def carry_weight_patches(src: comfy.model_patcher.ModelPatcher, dst: comfy.model_patcher.ModelPatcher,
+                         target: Callable[[str], tuple[str, tuple[int, int, int] | None]]) -> int:
+    """Add `src`'s weight patches (one of our models: keys `inner.<parameter>`) to `dst` (a ComfyUI MODEL) with the
+    same strengths, at the key and rows `target(parameter)` names there. Returns the number of weights patched."""
+    done = set()
+    for key, entries in src.patches.items():
+        name, base = target(key[len("inner."):])
+        for strength_patch, patch, strength_model, offset, function in entries:
+            rows = base
+            if offset is not None:  # a patch on rows of a parameter: the same rows inside the target's
+                if rows is not None and (offset[0] != 0 or offset[1] + offset[2] > rows[2]):
+                    raise ValueError(f"{key}: a weight patch on rows {offset} cannot be carried over")
+                rows = offset if rows is None else (0, rows[1] + offset[1], offset[2])
+            k = "diffusion_model." + name
+            k = k if rows is None and function is None else (k, rows) if function is None else (k, rows, function)
+            done.update(dst.add_patches({k: patch}, strength_patch, strength_model))
+    return len(done)
+
+
 def unload(patcher: comfy.model_patcher.ModelPatcher) -> None:
     """Have ComfyUI unload the model (any of its clones) when loaded: its weights are then its own, unpatched, on
     the offload device."""
