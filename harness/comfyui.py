@@ -19,7 +19,7 @@ NODE_IDS = ["PixArtSigmaT5Loader", "PixArtSigmaTextEncode", "PixArtSigmaDiTLoade
             "PixArtSigmaSamplerAdvanced",
             "PixArtSigmaResolution", "PixArtSigmaVAELoader", "PixArtSigmaVAEDecode", "PixArtSigmaVAEEncode",
             "PixArtSigmaDiTToModel", "PixArtSigmaConditioningToComfy",
-            "PixArtSigmaHiresUpscale", "PixArtSigmaTiledRefine"]
+            "PixArtSigmaHiresUpscale", "PixArtSigmaTiledRefine", "PixArtSigmaLoraLoader"]
 RUN_DIR = location.REPO / ".cache" / "run"  # the runner's private custom_nodes/, temp/ and user/
 
 

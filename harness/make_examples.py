@@ -130,6 +130,25 @@ def alpha512() -> dict:
     return wf
 
 
+def lora() -> dict:
+    """Two stacked LoRA loaders between the DiT loader and the sampler."""
+    from .standins import EXAMPLE_LORAS
+
+    wf = sigma("8-bit (bitsandbytes)", "PixArt-Sigma-XL-2-1024-MS", "auto", 1024, "PixArt-Sigma-LoRA")
+    for i, n in enumerate(wf["nodes"]):
+        if n[1] == "PixArtSigmaDiTLoader":
+            wf["nodes"][i] = (*DIT[:2], [40, 440], DIT[3], n[4])
+        if n[1] == "PixArtSigmaVAELoader":
+            wf["nodes"][i] = (*VAE[:2], [880, 560], VAE[3], n[4])
+    wf["nodes"] += [
+        (8, "PixArtSigmaLoraLoader", [420, 440], [340, 130], {"lora_name": EXAMPLE_LORAS[0], "strength": 0.8}),
+        (9, "PixArtSigmaLoraLoader", [420, 620], [340, 130], {"lora_name": EXAMPLE_LORAS[1], "strength": 0.5}),
+    ]
+    wf["links"] = [link for link in BASE_LINKS if link[2:] != (4, "dit")] + [
+        (3, 0, 8, "dit"), (8, 0, 9, "dit"), (9, 0, 4, "dit")]
+    return wf
+
+
 def inpaint() -> dict:
     """Load Image (its MASK: the transparent part, or what the mask editor painted) -> VAE Encode -> Set Latent
     Noise Mask -> sampler: only the masked part is repainted."""
@@ -225,6 +244,7 @@ SPECS = {
     "pixart_sigma_img2img": img2img(),
     "pixart_sigma_1024_t5_gguf": t5_gguf(),
     "pixart_alpha_512": alpha512(),
+    "pixart_sigma_lora": lora(),
     "pixart_sigma_inpaint": inpaint(),
     "pixart_sigma_pag": pag(),
     "pixart_sigma_two_stage": two_stage(),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import zlib
 from pathlib import Path
 
 import torch
@@ -19,13 +20,15 @@ from .location import REPO, comfyui_path
 log = logging.getLogger(__name__)
 TINY_DIR = REPO / ".cache" / "tiny-models" / "v2"  # bump when what write_tiny writes changes
 TINY_PREFIX = "tiny-random-"
-KINDS = ("t5", "dit", "vae")
+KINDS = ("t5", "dit", "vae", "lora")
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 FILE_SUFFIXES = (".safetensors", ".sft", *PICKLE_SUFFIXES, ".gguf")
 COMPONENTS = {"t5": "text_encoder", "dit": "transformer", "vae": "vae"}  # a diffusers pipeline folder's parts
-FOLDERS = {"t5": "text_encoders", "dit": "checkpoints", "vae": "vae"}  # where a single file of each kind goes
-KIND_BY_FOLDER = {"text_encoders": "t5", "checkpoints": "dit", "diffusion_models": "dit", "vae": "vae"}
+FOLDERS = {"t5": "text_encoders", "dit": "checkpoints", "vae": "vae", "lora": "loras"}  # where a single file of each kind goes
+KIND_BY_FOLDER = {"text_encoders": "t5", "checkpoints": "dit", "diffusion_models": "dit", "vae": "vae", "loras": "lora"}
 COMFY_VAES = {"sdxl_vae.safetensors"}  # also loaded by ComfyUI's own VAELoader in the img2img example
+# The LoRA files the example workflows name (no official PixArt LoRA to download: the user picks their own).
+EXAMPLE_LORAS = ("pixart-sigma-style-lora.safetensors", "pixart-sigma-detail-lora.safetensors")
 # Models the examples name that the downloader does not fetch (paths under models/): the community two-stage
 # PixArt-Σ 900M v0.7 (diffusers folders, as published on the hub by terminusresearch; download them yourself).
 EXAMPLE_ONLY = (("dit", "diffusers/pixart-900m-1024-ft-v0.7-stage1"), ("dit", "diffusers/pixart-900m-1024-ft-v0.7-stage2"))
@@ -72,6 +75,10 @@ def write_tiny(kind: str, dest: Path, comfy_path: Path | None = None, comfy_vae:
         else:
             t5.save_pretrained(tmp / "text_encoder")
             models.copy_tokenizer(comfy_path or comfyui_path(), tmp / "tokenizer")
+    elif kind == "lora":  # a kohya LoRA for the tiny DiT; its weights from the name, so two names differ
+        if suffix != ".safetensors":
+            raise ValueError(f"{dest.name}: tiny LoRA stand-ins are .safetensors files")
+        save_file(models.standin_lora(seed=zlib.crc32(dest.name.encode())), str(tmp))
     elif kind == "dit":
         dit = models.make_dit(variant=models.variant_for(dest.name))
         if not suffix:
@@ -149,6 +156,9 @@ def example_base(base: Path, comfy_path: Path | None = None) -> Path:
                 kind, dest = KIND_BY_FOLDER[local.parts[0]], cache / local
             if not dest.exists():
                 write_tiny(kind, dest, comfy_path, comfy_vae=entry.name in COMFY_VAES)
+        for name in EXAMPLE_LORAS:
+            if not (cache / "loras" / name).exists():
+                write_tiny("lora", cache / "loras" / name, comfy_path)
         for kind, local in EXAMPLE_ONLY:
             if not (cache / local).exists():
                 write_tiny(kind, cache / local, comfy_path)

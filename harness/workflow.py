@@ -13,6 +13,7 @@ MODEL_INPUTS = {  # (class_type, input) -> model kind
     ("PixArtSigmaDiTLoader", "dit_name"): "dit",
     ("PixArtSigmaVAELoader", "vae_name"): "vae",
     ("VAELoader", "vae_name"): "vae",
+    ("PixArtSigmaLoraLoader", "lora_name"): "lora",
 }
 OVERRIDABLE = ("positive", "negative", "seed", "steps", "width", "height")
 

@@ -6,13 +6,15 @@ from comfy_api.v0_0_2 import ComfyExtension, io
 from .bridge import ConditioningToComfy, DiTToModel
 from .dit import DiTLoader
 from .hires import HiresUpscale, TiledRefine
+from .lora import LoraLoader
 from .resolution import Resolution
 from .sampler import Sampler, SamplerAdvanced
 from .text import T5Loader, TextEncode
 from .vae import VAEDecode, VAEEncode, VAELoader
 
 NODES: list[type[io.ComfyNode]] = [T5Loader, TextEncode, DiTLoader, Sampler, SamplerAdvanced, Resolution, VAELoader,
-                                  VAEDecode, VAEEncode, DiTToModel, ConditioningToComfy, HiresUpscale, TiledRefine]
+                                  VAEDecode, VAEEncode, DiTToModel, ConditioningToComfy, HiresUpscale, TiledRefine,
+                                  LoraLoader]
 
 
 class PixArtExtension(ComfyExtension):

@@ -105,7 +105,13 @@ def to_model(handle: DiTHandle):
     saved = core_dit.share_fused(dit, original)
     log.info("PixArt DiT -> MODEL: %s (%s) as ComfyUI's PixArt, %d blocks; %.0f MiB shared with the DiT instead of copied",
              handle.name, handle.variant.name, config["depth"], saved / 2**20)
-    return management.wrap_comfy_model(model, patcher.load_device, patcher.offload_device)
+    out = management.wrap_comfy_model(model, patcher.load_device, patcher.offload_device)
+    if patcher.patches:  # PixArt-Σ LoRA Loader's patches come along, on the fused rows where the DiT's are split
+        shapes = management.param_shapes(patcher)
+        carried = management.carry_weight_patches(
+            patcher, out, lambda key: core_dit.original_target(key, shapes[key][0]))
+        log.info("PixArt DiT -> MODEL: %d LoRA-patched weights carried over", carried)
+    return out
 
 
 def to_conditioning(c: Conditioning) -> list:

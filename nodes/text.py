@@ -124,6 +124,10 @@ class TextEncode(io.ComfyNode):
 
 def _source(t5) -> clip_t5.Source:
     """Text Encode's t5 input (our T5 Loader's handle, or a ComfyUI CLIP) as what encoding needs."""
+    if t5 is None:  # a LoRA loader's t5 output whose t5 input is not connected
+        raise ValueError("PixArt Text Encode got no T5: the t5 output of PixArt-Σ LoRA Loader carries a T5 only when "
+                         "its t5 input is connected. Connect PixArt-Σ T5 Loader to the LoRA loader's t5 input, or "
+                         "wire the T5 Loader straight into Text Encode.")
     if not isinstance(t5, T5Handle):
         return clip_t5.source(t5)
 

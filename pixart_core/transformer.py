@@ -275,6 +275,26 @@ def to_original(sd: dict[str, torch.Tensor], y_embedding_tokens: int) -> dict[st
     return out
 
 
+_FUSED = {"attn1.to_q.": ("attn.qkv.", 0), "attn1.to_k.": ("attn.qkv.", 1), "attn1.to_v.": ("attn.qkv.", 2),
+          "attn2.to_k.": ("cross_attn.kv_linear.", 0), "attn2.to_v.": ("cross_attn.kv_linear.", 1)}
+
+
+def original_target(key: str, rows: int) -> tuple[str, tuple[int, int, int] | None]:
+    """Where the diffusers PixArt parameter `key` (with `rows` rows) is in the original layout that to_original
+    writes: (original key, None), or for the fused q/k/v and k/v, (fused key, (0, first row, rows))."""
+    if key.startswith("transformer_blocks."):
+        _, n, rest = key.split(".", 2)
+        for prefix, (name, index) in _FUSED.items():
+            if rest.startswith(prefix):
+                return f"blocks.{n}.{name}{rest[len(prefix):]}", (0, index * rows, rows)
+        new = next((f"blocks.{n}.{o}{rest[len(d):]}" for o, d in _BLOCK_RENAMES if rest.startswith(d)), None)
+    else:
+        new = next((o + key[len(d):] for o, d in _RENAMES if key.startswith(d)), None)
+    if new is None:
+        raise KeyError(f"{key}: not a parameter of diffusers' PixArt transformer")
+    return new, None
+
+
 def position_embedding(width: int, grid_h: int, grid_w: int, base_size: int, interpolation_scale: float,
                        device: torch.device | None = None) -> torch.Tensor:
     """The 2-D sin-cos position table [1, grid_h*grid_w, width] that diffusers' PixArt adds to the patch tokens

@@ -370,3 +370,60 @@ def test_native_unet_loader_model_runs_with_our_conditioning(comfy, comfy_base):
            for m in (native, bridged)]
     assert torch.isfinite(out[0]).all() and out[0].shape == (1, 4, 64, 64)
     assert (out[0] - out[1]).abs().max() <= 1e-4 * out[1].abs().max()
+
+
+def test_our_lora_loader_and_comfyuis_agree_on_the_bridged_model(comfy, comfy_base):
+    """The same LoRA file two ways: PixArt-Σ LoRA Loader on our DiT and then DiT → MODEL (its patches carried onto
+    the MODEL's fused keys), and DiT → MODEL and then ComfyUI's LoraLoaderModelOnly. Both MODELs, and our own DiT
+    with our loader's patches, give the hand-merged model's epsilon (W + strength·(alpha/rank)·B·A) to 1e-5."""
+    import comfy.model_management as mm
+
+    sys_modules = __import__("sys").modules
+    management = sys_modules[_bridge(comfy).__name__.rsplit(".", 1)[0] + ".management"]
+    handle, ref = _handle(comfy, "sigma-1024", seed=3)
+    loras = comfy_base / "models" / "loras"
+    loras.mkdir(parents=True, exist_ok=True)
+    delta = _lora_file(loras / "tiny_bridge_lora_2.safetensors", ref, seed=5)
+    strength = 2.0
+    merged = copy.deepcopy(ref)
+    with torch.no_grad():
+        for name, d in delta.items():
+            merged.get_parameter(name).add_(strength * d)
+    x, ctx, t = torch.randn(1, 4, 8, 8), torch.randn(1, 5, tiny.T5_WIDTH), torch.tensor([600])
+    want = _eps(merged, x, t, ctx)
+    assert (want - _eps(ref, x, t, ctx)).abs().max() > 1e-3  # the LoRA does change the output (100x the tolerance)
+
+    ours = _node(comfy, "PixArtSigmaLoraLoader").execute(dit=handle, lora_name="tiny_bridge_lora_2.safetensors",
+                                                         strength=strength).result[0]
+    ready = management.use(ours.patcher)
+    assert (_eps(ready.model, x, t, ctx) - want).abs().max() <= 1e-5
+    ours_model = _bridge(comfy).to_model(ours)
+    theirs_model = _node(comfy, "LoraLoaderModelOnly")().load_lora_model_only(
+        _bridge(comfy).to_model(handle), "tiny_bridge_lora_2.safetensors", strength)[0]
+    for model in (ours_model, theirs_model):
+        mm.load_models_gpu([model])
+        with torch.no_grad():
+            got = model.model.diffusion_model(x, t.float(), ctx)
+        assert (got - want).abs().max() <= 1e-5
+        mm.unload_all_models()
+    with torch.no_grad():  # unloaded: the shared weights are the base model's again
+        base = ours_model.model.diffusion_model(x, t.float(), ctx)
+    assert (base - _eps(ref, x, t, ctx)).abs().max() <= 1e-5
+
+
+def test_original_target_names_the_rows_to_original_writes(comfy):
+    """Every parameter of a diffusers PixArt is found in to_original's output at the key and rows original_target
+    names (the fused q/k/v and k/v rows included), with the same values."""
+    from pixart_core import transformer as core_dit
+
+    dit = tiny.make_dit("tiny", variant="alpha-1024", seed=1)
+    sd = dit.state_dict()
+    original = core_dit.to_original(sd, 120)
+    for key, value in sd.items():
+        if key.startswith("pos_embed.") and not key.startswith("pos_embed.proj."):
+            continue
+        name, rows = core_dit.original_target(key, value.shape[0])
+        got = original[name] if rows is None else original[name].narrow(*rows)
+        assert torch.equal(got, value), key
+    with pytest.raises(KeyError, match="not a parameter"):
+        core_dit.original_target("transformer_blocks.0.attn1.nonsense.weight", 4)
