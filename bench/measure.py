@@ -46,6 +46,43 @@ def reset_peak_rss() -> bool:
         return False
 
 
+class MemoryPeak:
+    """While the block runs, a thread samples this process's VmRSS (page cache of mapped files included) and
+    RssAnon (memory the process itself allocated) every `interval` seconds: `base` holds them at entry, `peak` the
+    highest seen, in bytes."""
+
+    FIELDS = ("VmRSS", "RssAnon")
+
+    def __init__(self, interval: float = 0.02):
+        self.interval = interval
+        self.base: dict[str, int] = {}
+        self.peak: dict[str, int] = {}
+
+    def _sample(self) -> None:
+        for k in self.FIELDS:
+            self.peak[k] = max(self.peak[k], _status_kib(k) * 1024)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "MemoryPeak":
+        import threading
+
+        self.base = {k: _status_kib(k) * 1024 for k in self.FIELDS}
+        self.peak = dict(self.base)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
 class Timers:
     """Sum of wall time per label, by wrapping methods of classes (e.g. every DiT forward)."""
 

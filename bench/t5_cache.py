@@ -21,24 +21,17 @@ import json
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 from harness import models
 from harness.location import child_env
 
+from .measure import MemoryPeak
 from .report import print_table
 from .weights import OUT
 
 GiB = 2**30
-
-
-def _anon() -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def _touch(model) -> int:
@@ -89,29 +82,17 @@ def worker(path: str, quantization: str, dtype: str, cache: str, row: str) -> di
     from transformers import T5EncoderModel  # noqa: F401
 
     import_s = time.perf_counter() - t
-    peak = {"anon": 0}
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak["anon"] = max(peak["anon"], _anon())
-            time.sleep(0.02)
-
-    base = _anon()
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    t = time.perf_counter()
-    kwargs = {} if row == "requantize" else {"cache_dir": cache}
-    loaded = ct5.load_t5(path, quantization, getattr(torch, dtype), **kwargs)
-    load_s = time.perf_counter() - t
-    _touch(loaded.model)
-    total_s = time.perf_counter() - t
-    stop.set()
-    th.join()
+    with MemoryPeak() as mem:
+        t = time.perf_counter()
+        kwargs = {} if row == "requantize" else {"cache_dir": cache}
+        loaded = ct5.load_t5(path, quantization, getattr(torch, dtype), **kwargs)
+        load_s = time.perf_counter() - t
+        _touch(loaded.model)
+        total_s = time.perf_counter() - t
     from pixart_core.quant import unique_bytes
 
     out = {"import_s": import_s, "load_s": load_s, "seconds": total_s, "model_bytes": unique_bytes(loaded.model),
-           "peak_anon": peak["anon"] - base}
+           "peak_anon": mem.peak["RssAnon"] - mem.base["RssAnon"]}
     if loaded.cache is not None:
         out.update(hit=loaded.cache.hit, written=loaded.cache.written, entry=str(loaded.cache.entry))
     return out

@@ -13,24 +13,15 @@ import argparse
 import json
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 from harness import models
 from harness.location import child_env
 
+from .measure import MemoryPeak
 from .report import print_table
 from .weights import OUT
-
-
-def _memory() -> dict[str, int]:
-    out = {}
-    for line in open("/proc/self/status"):
-        k, v = line.split(":", 1)
-        if k in ("VmRSS", "RssAnon"):
-            out[k] = int(v.split()[0]) * 1024
-    return out
 
 
 def worker(path: str, quantization: str, dtype: str) -> dict:
@@ -38,27 +29,14 @@ def worker(path: str, quantization: str, dtype: str) -> dict:
     import torch
 
     from pixart_core import t5 as ct5
-    from pixart_core.quant import all_tensors
+    from pixart_core.quant import unique_bytes
 
-    peak = {"VmRSS": 0, "RssAnon": 0}
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            for k, v in _memory().items():
-                peak[k] = max(peak[k], v)
-            time.sleep(0.02)
-
-    base = _memory()
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    t = time.perf_counter()
-    loaded = ct5.load_t5(path, quantization, getattr(torch, dtype))
-    seconds = time.perf_counter() - t
-    stop.set()
-    th.join()
-    unique = {(x.untyped_storage().data_ptr(), x.storage_offset(), x.numel()): x for _, x in all_tensors(loaded.model)}
-    size = sum(x.numel() * x.element_size() for x in unique.values())
+    with MemoryPeak() as mem:
+        t = time.perf_counter()
+        loaded = ct5.load_t5(path, quantization, getattr(torch, dtype))
+        seconds = time.perf_counter() - t
+    base, peak = mem.base, mem.peak
+    size = unique_bytes(loaded.model)
     return {"seconds": seconds, "model_bytes": size, "base": base, "peak": peak}
 
 
