@@ -134,6 +134,8 @@ def load_t5(path: str | os.PathLike, quantization: str, dtype: torch.dtype, *, c
     if cache_dir is not None and quantization != QUANTIZATIONS[0]:
         from . import t5_cache
 
+        _bnb_config(quantization, dtype)  # without bitsandbytes: say how to install it before anything else
+
         model, outcome = t5_cache.load(
             path, quantization, dtype, Path(cache_dir), fresh=lambda: load_t5(path, quantization, dtype),
             from_folder=lambda d: _from_pretrained(d, path.name, dtype, None, None, cpu=True),

@@ -341,7 +341,9 @@ def test_each_t5_file_kind_runs_in_comfyui(executor, comfy, comfy_base, format_f
 
     from test_nodes import graph
 
-    text = "a red fox in the snow"
+    # A prompt no other test encodes: ComfyUI's executor then runs Text Encode for both files (it would serve an
+    # earlier identical node from its own cache), so the pack's embedding cache holds both encodings now.
+    text = "a red fox in the snow seen by the " + {0.99: "scaled", 0.999: "eight", 0.97: "four"}[floor] + " encoder"
     for t5 in ("tiny_t5xxl_fp16.safetensors", name):
         result = executor.run(graph(t5=t5, seed=4242, prefix="formats", positive=text))
         assert result["ok"], result["error"]
