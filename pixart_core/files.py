@@ -41,6 +41,15 @@ def check_file(path: str | os.PathLike) -> Path:
     return path
 
 
+def component_folder(path: Path, subfolder: str, what: str) -> Path:
+    """The folder holding a model's config.json: a diffusers pipeline's `subfolder`/ (transformer, vae,
+    text_encoder), else the folder itself (a bare component or a transformers model folder)."""
+    for p in (path / subfolder, path):
+        if (p / "config.json").is_file():
+            return p
+    raise WeightFileError(f"{path}: no config.json here or in {subfolder}/; not a {what} folder.")
+
+
 def check_folder(folder: Path) -> None:
     """check_file on every config and weight file in a model folder (before any library reads one)."""
     for f in sorted(folder.iterdir()):

@@ -107,13 +107,8 @@ def _bnb_config(quantization: str, dtype: torch.dtype):
 
 
 def folder_weights_dir(path: Path) -> Path:
-    """The folder holding a T5's config.json: the folder itself or a diffusers pipeline's text_encoder/."""
-    for p in (path, path / "text_encoder"):
-        if (p / "config.json").is_file():
-            return p
-    raise files.WeightFileError(
-        f"{path}: no config.json here or in text_encoder/; this is not a transformers/diffusers T5 folder."
-    )
+    """The folder holding a T5's config.json: a diffusers pipeline's text_encoder/ or the folder itself."""
+    return files.component_folder(path, "text_encoder", "transformers/diffusers T5")
 
 
 def load_t5(path: str | os.PathLike, quantization: str, dtype: torch.dtype, *, cache_dir: str | os.PathLike | None = None,

@@ -156,13 +156,6 @@ def resolve_variant(choice: str, name: str, sd_keys: list[str] | None = None, co
     return PRESETS[DEFAULT_VARIANT], f"assumed (name says nothing; default {DEFAULT_VARIANT})"
 
 
-def _folder(path: Path) -> Path:
-    for p in (path / "transformer", path):
-        if (p / "config.json").is_file():
-            return p
-    raise files.WeightFileError(f"{path}: no config.json here or in transformer/; not a diffusers PixArt folder.")
-
-
 def _folder_state_dict(wdir: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     index = wdir / "diffusion_pytorch_model.safetensors.index.json"
     if index.is_file():
@@ -187,7 +180,7 @@ def load_dit(path: str | os.PathLike, variant_choice: str, dtype: torch.dtype):
     path = Path(path)
     folder_config = None
     if path.is_dir():
-        wdir = _folder(path)
+        wdir = files.component_folder(path, "transformer", "diffusers PixArt")
         files.check_folder(wdir)
         folder_config = json.loads((wdir / "config.json").read_text())
         if folder_config.get("_class_name") not in (None, "PixArtTransformer2DModel", "Transformer2DModel"):

@@ -101,13 +101,6 @@ def _ldm_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return convert_ldm_vae_checkpoint(sd, cfg)
 
 
-def _folder(path: Path) -> Path:
-    for p in (path / "vae", path):
-        if (p / "config.json").is_file():
-            return p
-    raise files.WeightFileError(f"{path}: no config.json here or in vae/; not a diffusers VAE folder.")
-
-
 def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     """Load an AutoencoderKL from a single file (LDM or diffusers keys) or a diffusers folder, on the CPU.
 
@@ -118,7 +111,7 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
 
     path = Path(path)
     if path.is_dir():
-        wdir = _folder(path)
+        wdir = files.component_folder(path, "vae", "diffusers VAE")
         files.check_folder(wdir)
         config = json.loads((wdir / "config.json").read_text())
         weights = next((wdir / f for f in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")

@@ -416,7 +416,7 @@ def test_vae_folder_errors_name_the_folder(tmp_path):
     with pytest.raises(files.WeightFileError, match=r"vae: no diffusion_pytorch_model.safetensors in this folder"):
         cvae.load_vae(tmp_path / "noweights")
     (tmp_path / "t5").mkdir()
-    with pytest.raises(files.WeightFileError, match=r"t5: no config.json here or in text_encoder/; this is not a"):
+    with pytest.raises(files.WeightFileError, match=r"t5: no config.json here or in text_encoder/; not a transformers/diffusers T5 folder"):
         ct5.folder_weights_dir(tmp_path / "t5")
 
 
