@@ -5,18 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cases import words as _words
 from harness import models as tiny
-from conftest import COMFY
 from pixart_core import captions
 from pixart_core import t5 as ct5
 
-TOKENIZER = COMFY / "comfy" / "text_encoders" / "t5_tokenizer"
 CPU = torch.device("cpu")
-
-
-def _words(n_tokens: int) -> str:
-    """A prompt of exactly n_tokens T5 tokens, EOS included ('cat' is one token)."""
-    return " ".join(["Cat"] * (n_tokens - 1))
 
 
 HOSTILE = {
@@ -52,11 +46,6 @@ def diffusers_pipe():
     assert is_bs4_available() and is_ftfy_available(), "beautifulsoup4 and ftfy must be installed for the reference"
     assert hasattr(pipeline_pixart_alpha, "BeautifulSoup") and hasattr(pipeline_pixart_alpha, "ftfy")
     return PixArtSigmaPipeline.__new__(PixArtSigmaPipeline)  # only its text methods are used
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return ct5.load_tokenizer([TOKENIZER])
 
 
 def test_token_counts_of_the_long_prompts(tokenizer):

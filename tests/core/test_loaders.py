@@ -1,10 +1,9 @@
-"""pixart_core on its own (no ComfyUI): every loader against the diffusers/transformers model holding the same weights."""
+"""Every loader of pixart_core against the diffusers/transformers model holding the same weights (T5 file and
+folder, bitsandbytes, DiT layouts, VAE), the files they refuse by name (wrong, empty, truncated, code-carrying), and
+the converting read."""
 from __future__ import annotations
 
-import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,24 +11,12 @@ import torch
 from safetensors.torch import save_file
 
 from harness import models as tiny
-from conftest import COMFY, REPO
-from pixart_core import files, sampling
+from pixart_core import files
 from pixart_core import t5 as ct5
 from pixart_core import transformer as cdit
 from pixart_core import vae as cvae
 
-TOKENIZER = COMFY / "comfy" / "text_encoders" / "t5_tokenizer"
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return ct5.load_tokenizer([TOKENIZER])
-
-
-@pytest.fixture(scope="module")
-def ref():
-    return {"t5": tiny.make_t5(), "dit": tiny.make_dit(), "vae": tiny.make_vae()}
 
 
 def _ids(tokenizer, text="a red fox in the snow"):
@@ -37,26 +24,9 @@ def _ids(tokenizer, text="a red fox in the snow"):
     return tok.input_ids, tok.attention_mask
 
 
-# A child Python that finds only the current directory (not ComfyUI, not this checkout through PYTHONPATH).
-CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
-
-
-def test_pixart_core_never_imports_comfy():
-    code = ("import sys, pixart_core.t5, pixart_core.transformer, pixart_core.vae, pixart_core.sampling, "
-            "pixart_core.files; bad=[m for m in sys.modules if m.split('.')[0] in "
-            "('comfy','folder_paths','nodes','comfy_api')]; assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=CLEAN_ENV)  # `-c` imports from cwd
-
-
-def test_package_imports_outside_comfyui(tmp_path):
-    (tmp_path / "pixart_pack").symlink_to(REPO, target_is_directory=True)
-    code = "import sys, pixart_pack; assert callable(pixart_pack.comfy_entrypoint); assert 'comfy' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=CLEAN_ENV)
-
-
-def test_t5_single_fp16_file_computes_in_fp32_like_transformers(tmp_path, ref, tokenizer):
+def test_t5_single_fp16_file_computes_in_fp32_like_transformers(tmp_path, tiny_models, tokenizer):
     path = tmp_path / "t5xxl_fp16.safetensors"
-    save_file(tiny.t5_single_file_sd(ref["t5"], prefix="text_encoders.t5xxl.transformer."), str(path))
+    save_file(tiny.t5_single_file_sd(tiny_models["t5"], prefix="text_encoders.t5xxl.transformer."), str(path))
     loaded = ct5.load_t5(path, "none", torch.float32)
     assert loaded.model.dtype == torch.float32
     expected = tiny.make_t5()
@@ -67,19 +37,19 @@ def test_t5_single_fp16_file_computes_in_fp32_like_transformers(tmp_path, ref, t
     assert (got - want).abs().max() <= 1e-5  # fp32 summation-order noise only
 
 
-def test_t5_folder_and_encode_match_diffusers_padding(tmp_path, ref, tokenizer):
-    ref["t5"].save_pretrained(tmp_path / "text_encoder")
+def test_t5_folder_and_encode_match_diffusers_padding(tmp_path, tiny_models, tokenizer):
+    tiny_models["t5"].save_pretrained(tmp_path / "text_encoder")
     loaded = ct5.load_t5(tmp_path, "none", torch.float32)
     emb, mask = ct5.encode(loaded, tokenizer, "  A Red Fox in the SNOW ", 300, CPU, pad=True)
     ids, m = _ids(tokenizer)  # diffusers lowercases and strips, pads to max_length
-    want = ref["t5"](input_ids=ids, attention_mask=m).last_hidden_state
+    want = tiny_models["t5"](input_ids=ids, attention_mask=m).last_hidden_state
     assert torch.equal(mask, m) and emb.shape == (1, 300, tiny.T5_WIDTH)
     assert (emb - want).abs().max() <= 1e-5
 
 
-def test_trimmed_padding_is_exact_for_t5_and_the_dit(ref, tokenizer):
+def test_trimmed_padding_is_exact_for_t5_and_the_dit(tiny_models, tokenizer):
     """Encoding only the real tokens (our default) gives what the masked DiT reads from diffusers' 300 pads."""
-    loaded = ct5.LoadedT5(ref["t5"], torch.float32, "none", "ref")
+    loaded = ct5.LoadedT5(tiny_models["t5"], torch.float32, "none", "ref")
     full, full_mask = ct5.encode(loaded, tokenizer, "a red fox in the snow", 300, CPU, pad=True)
     short, short_mask = ct5.encode(loaded, tokenizer, "a red fox in the snow", 300, CPU)
     n = int(full_mask.sum())
@@ -92,16 +62,16 @@ def test_trimmed_padding_is_exact_for_t5_and_the_dit(ref, tokenizer):
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([700, 700])
     added = {"resolution": None, "aspect_ratio": None}
     with torch.no_grad():
-        padded = ref["dit"](x, encoder_hidden_states=torch.cat([neg_full, full]), timestep=t, added_cond_kwargs=added,
+        padded = tiny_models["dit"](x, encoder_hidden_states=torch.cat([neg_full, full]), timestep=t, added_cond_kwargs=added,
                             encoder_attention_mask=torch.cat([neg_full_mask, full_mask]), return_dict=False)[0]
         neg_p = torch.nn.functional.pad(neg, (0, 0, 0, n - 1))
-        trimmed = ref["dit"](x, encoder_hidden_states=torch.cat([neg_p, short]), timestep=t, added_cond_kwargs=added,
+        trimmed = tiny_models["dit"](x, encoder_hidden_states=torch.cat([neg_p, short]), timestep=t, added_cond_kwargs=added,
                              encoder_attention_mask=torch.tensor([[1] + [0] * (n - 1), [1] * n]), return_dict=False)[0]
     assert (padded - trimmed).abs().max() <= 1e-5
 
 
-def test_t5_truncates_long_prompt_with_warning(ref, tokenizer, caplog):
-    loaded = ct5.LoadedT5(ref["t5"], torch.float32, "none", "ref")
+def test_t5_truncates_long_prompt_with_warning(tiny_models, tokenizer, caplog):
+    loaded = ct5.LoadedT5(tiny_models["t5"], torch.float32, "none", "ref")
     emb, mask = ct5.encode(loaded, tokenizer, "word " * 400, 300, CPU)
     assert emb.shape[1] == 300 and int(mask.sum()) == 300
     assert "cut off" in caplog.text
@@ -109,34 +79,27 @@ def test_t5_truncates_long_prompt_with_warning(ref, tokenizer, caplog):
 
 @pytest.mark.parametrize("quant,min_cos", [(ct5.QUANTIZATIONS[1], 0.99), (ct5.QUANTIZATIONS[2], 0.97)])
 @pytest.mark.parametrize("layout", ["single", "folder"])
-def test_t5_bitsandbytes_quantized_from_file_and_folder(tmp_path, ref, tokenizer, quant, min_cos, layout):
+def test_t5_bitsandbytes_quantized_from_file_and_folder(tmp_path, tiny_models, tokenizer, quant, min_cos, layout):
     import bitsandbytes as bnb
 
     if layout == "single":
         path = tmp_path / "t5xxl_fp16.safetensors"
-        save_file(tiny.t5_single_file_sd(ref["t5"]), str(path))
+        save_file(tiny.t5_single_file_sd(tiny_models["t5"]), str(path))
     else:
         path = tmp_path
-        ref["t5"].save_pretrained(tmp_path / "text_encoder")
+        tiny_models["t5"].save_pretrained(tmp_path / "text_encoder")
     loaded = ct5.load_t5(path, quant, torch.float32)
     layer = loaded.model.encoder.block[0].layer[1].DenseReluDense.wi_0
     assert isinstance(layer, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))
     emb, _ = ct5.encode(loaded, tokenizer, "a red fox in the snow", 300, CPU)
-    want, _ = ct5.encode(ct5.LoadedT5(ref["t5"], torch.float32, "none", "ref"), tokenizer, "a red fox in the snow", 300, CPU)
+    want, _ = ct5.encode(ct5.LoadedT5(tiny_models["t5"], torch.float32, "none", "ref"), tokenizer, "a red fox in the snow", 300, CPU)
     assert torch.isfinite(emb).all()
     assert torch.nn.functional.cosine_similarity(emb.flatten(), want.flatten(), dim=0) >= min_cos
 
 
-def test_t5_dtype_policy_never_fp16():
-    assert ct5.compute_dtype("auto", torch.bfloat16) == torch.bfloat16
-    assert ct5.compute_dtype("auto", torch.float16) == torch.float32  # e.g. ComfyUI started with --fp16-text-enc
-    with pytest.raises(ValueError, match="not one of"):
-        ct5.compute_dtype("fp16", torch.float32)
-
-
 @pytest.mark.parametrize("layout", ["single", "prefixed", "folder", "original-pth", "original-safetensors"])
-def test_dit_loads_identical_to_diffusers(tmp_path, ref, layout):
-    dit = ref["dit"]
+def test_dit_loads_identical_to_diffusers(tmp_path, tiny_models, layout):
+    dit = tiny_models["dit"]
     if layout == "folder":
         dit.save_pretrained(tmp_path / "PixArt-Sigma-XL-2-1024-MS" / "transformer")
         path = tmp_path / "PixArt-Sigma-XL-2-1024-MS"
@@ -178,8 +141,8 @@ def test_alpha_1024_ms_original_pth_detected_with_micro_conditioning(tmp_path):
         cdit.load_dit(path, "sigma-1024", torch.float32)
 
 
-def test_original_layout_with_unknown_keys_is_refused_by_name(tmp_path, ref):
-    sd = tiny.dit_to_original(ref["dit"].state_dict())
+def test_original_layout_with_unknown_keys_is_refused_by_name(tmp_path, tiny_models):
+    sd = tiny.dit_to_original(tiny_models["dit"].state_dict())
     sd["blocks.0.attn.q_norm.weight"] = torch.ones(144)
     path = tmp_path / "PixArt-Sigma-XL-2-1024-MS.safetensors"
     save_file(sd, str(path))
@@ -187,17 +150,17 @@ def test_original_layout_with_unknown_keys_is_refused_by_name(tmp_path, ref):
         cdit.load_dit(path, "auto", torch.float32)
 
 
-def test_dit_variant_from_name_and_override(tmp_path, ref):
+def test_dit_variant_from_name_and_override(tmp_path, tiny_models):
     path = tmp_path / "PixArt-Sigma-XL-2-512-MS.safetensors"
-    save_file(ref["dit"].state_dict(), str(path))
+    save_file(tiny_models["dit"].state_dict(), str(path))
     model, variant, how = cdit.load_dit(path, "auto", torch.float32)
     assert (variant.name, model.config.sample_size, model.config.interpolation_scale) == ("sigma-512", 64, 1.0)
     model, variant, how = cdit.load_dit(path, "sigma-2k", torch.float32)
     assert (variant.name, model.config.interpolation_scale, how) == ("sigma-2k", 4.0, "chosen in the loader")
 
 
-def test_vae_ldm_single_file_and_folder_decode_like_diffusers(tmp_path, ref):
-    vae = ref["vae"]
+def test_vae_ldm_single_file_and_folder_decode_like_diffusers(tmp_path, tiny_models):
+    vae = tiny_models["vae"]
     single = tmp_path / "sdxl_vae.safetensors"
     save_file(tiny.vae_to_ldm(vae.state_dict()), str(single))
     vae.save_pretrained(tmp_path / "pipe" / "vae")
@@ -217,11 +180,11 @@ def _raises(path, loader, *fragments):
         assert f in str(e.value), str(e.value)
 
 
-def test_wrong_files_are_named(tmp_path, ref):
+def test_wrong_files_are_named(tmp_path, tiny_models):
     dit_file, vae_file, t5_file = tmp_path / "dit.safetensors", tmp_path / "vae.safetensors", tmp_path / "t5.safetensors"
-    save_file(ref["dit"].state_dict(), str(dit_file))
-    save_file(tiny.vae_to_ldm(ref["vae"].state_dict()), str(vae_file))
-    save_file(tiny.t5_single_file_sd(ref["t5"]), str(t5_file))
+    save_file(tiny_models["dit"].state_dict(), str(dit_file))
+    save_file(tiny.vae_to_ldm(tiny_models["vae"].state_dict()), str(vae_file))
+    save_file(tiny.t5_single_file_sd(tiny_models["t5"]), str(t5_file))
     load_dit = lambda p: cdit.load_dit(p, "auto", torch.float32)  # noqa: E731
     load_t5 = lambda p: ct5.load_t5(p, "none", torch.float32)  # noqa: E731
     _raises(vae_file, load_dit, "vae.safetensors", "not a PixArt transformer", "a VAE")
@@ -237,18 +200,18 @@ def test_wrong_files_are_named(tmp_path, ref):
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(3, 2)}, str(flux))
     _raises(flux, load_dit, "a Flux transformer")
     umt5 = tmp_path / "umt5_xxl.safetensors"
-    sd = tiny.t5_single_file_sd(ref["t5"])
+    sd = tiny.t5_single_file_sd(tiny_models["t5"])
     sd["shared.weight"] = torch.zeros(256384, tiny.T5_WIDTH, dtype=torch.float16)
     save_file(sd, str(umt5))
     _raises(umt5, load_t5, "umT5", "256384")
 
 
-def test_empty_truncated_and_code_carrying_files(tmp_path, ref):
+def test_empty_truncated_and_code_carrying_files(tmp_path, tiny_models):
     empty = tmp_path / "empty.safetensors"
     empty.write_bytes(b"")
     _raises(empty, files.read_state_dict, "empty.safetensors", "empty")
     good = tmp_path / "good.safetensors"
-    save_file(ref["dit"].state_dict(), str(good))
+    save_file(tiny_models["dit"].state_dict(), str(good))
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     _raises(cut, files.read_state_dict, "cut.safetensors", "truncated")
@@ -268,30 +231,21 @@ def test_empty_truncated_and_code_carrying_files(tmp_path, ref):
     assert torch.equal(files.read_state_dict(tmp_path / "ok.pth")["w"], torch.ones(2))
 
 
-def test_noise_follows_comfyui_seed_convention():
-    noise, gen = sampling.initial_noise(2**64 - 1, 2, 4, 64, 32)
-    want = torch.randn((2, 4, 8, 4), generator=torch.manual_seed(2**64 - 1))
-    assert torch.equal(noise, want) and noise.shape == (2, 4, 8, 4)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_converting_read_equals_safetensors_load_then_to(tmp_path, dtype):
+    """The loaders read a safetensors file in another dtype tensor by tensor (peak: the converted model plus one
+    source tensor, not the whole file mapped beside it): the same tensors as safetensors' own loader + .to()."""
+    from safetensors.torch import load_file
 
+    from pixart_core import files
 
-@pytest.mark.parametrize("deferred", [False, True], ids=["checked-each-step", "read-once-at-the-end"])
-def test_nan_step_is_named_with_and_without_a_host_sync_per_step(ref, monkeypatch, deferred):
-    """NaN from the 2nd forward on: the error names step 2 either way. On the CPU the check stops at once; on a GPU
-    (forced here) it keeps the first bad step on the device and reads it once after the loop (no sync per step)."""
-    monkeypatch.setattr(sampling, "defers_nan_check", lambda device: deferred)
-    calls = []
-
-    def poison(module, args, output):
-        calls.append(1)
-        return (output[0] * float("nan"),) if len(calls) >= 2 else output
-
-    dit = tiny.make_dit()
-    handle = dit.register_forward_hook(poison)
-    try:
-        cond = sampling.Conditioning(torch.randn(1, 5, dit.config.caption_channels), torch.ones(1, 5, dtype=torch.long))
-        noise, gen = sampling.initial_noise(0, 1, 4, 64, 64)
-        with pytest.raises(FloatingPointError, match=r"NaN/inf at step 2 of 4 \(timestep \d+\)"):
-            sampling.sample(dit, cond, cond, noise, steps=4, cfg=4.5, generator=gen)
-    finally:
-        handle.remove()
-    assert len(calls) == (4 if deferred else 2)
+    torch.manual_seed(0)
+    sd = {"a": torch.randn(3, 5), "b": torch.randn(7).half(), "c": torch.arange(6).reshape(2, 3),
+          "d": torch.randn(4, 2).bfloat16(), "empty": torch.zeros(0, 4)}
+    path = tmp_path / "w.safetensors"
+    save_file(sd, str(path), metadata={"note": "x"})
+    got = files.read_state_dict(path, dtype)
+    want = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in load_file(str(path)).items()}
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k

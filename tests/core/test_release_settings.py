@@ -143,3 +143,9 @@ def test_vae_folder_family_comes_from_its_scaling_factor(tmp_path, family):
     vae.save_pretrained(tmp_path / "some-vae" / "vae")
     loaded, found = cvae.load_vae(tmp_path / "some-vae")
     assert found == family and loaded.config.scaling_factor == ref.VAE_SCALING[family]
+
+
+def test_unknown_scheduler_names_the_choices():
+    with pytest.raises(ValueError) as e:
+        sampling.make_scheduler("heun")
+    assert str(e.value) == f"Unknown scheduler 'heun'; choose one of {list(ref.SCHEDULERS)}."

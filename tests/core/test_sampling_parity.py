@@ -15,11 +15,9 @@ STEPS, CFG, SIZE = 4, 4.5, 64
 
 
 @pytest.fixture(scope="module")
-def setup():
-    torch.manual_seed(3)
-    pos = sampling.Conditioning(torch.randn(1, 12, tiny.T5_WIDTH), torch.tensor([[1] * 9 + [0] * 3]))
-    neg = sampling.Conditioning(torch.randn(1, 12, tiny.T5_WIDTH), torch.tensor([[1] + [0] * 11]))
-    return tiny.make_dit(), tiny.make_vae(), pos, neg
+def setup(dit_and_conds):
+    dit, pos, neg = dit_and_conds
+    return dit, tiny.make_vae(), pos, neg
 
 
 def _pipeline(dit, vae, scheduler_name):

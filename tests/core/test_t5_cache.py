@@ -1,4 +1,4 @@
-"""Issue 14 part B: the quantized-T5 cache (quantize once) and per-tensor quantization on the load device.
+"""The quantized-T5 cache (quantize once) and per-tensor quantization on the load device.
 
 Expected values come from transformers + bitsandbytes: the model `load_t5` quantizes through transformers' loader
 (no cache) is the reference for every cached, rebuilt or per-tensor-quantized model, byte for byte; safetensors'
@@ -17,7 +17,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from harness import models as tiny
-from conftest import COMFY
 from pixart_core import t5 as ct5
 from pixart_core import t5_cache
 
@@ -27,8 +26,9 @@ PROMPT = "a lighthouse on a cliff above a stormy sea"
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return ct5.load_tokenizer([COMFY / "comfy" / "text_encoders" / "t5_tokenizer"])
+def tok(tokenizer):
+    """The shared tokenizer (conftest), under this file's short name."""
+    return tokenizer
 
 
 def write_t5(path, seed=0):
@@ -344,8 +344,10 @@ def test_scaled_fp8_source_is_cached_like_the_others(tmp_path, tok, quant):
 def test_gguf_with_quantization_is_still_refused_with_a_cache(tmp_path):
     """GGUF files are already quantized: 8-bit on one is refused with the loader's message, cache or not, and no
     cache entry is made."""
+    from harness import gguf_files
+    from harness.gguf_files import GGUF_WIDTH_CONFIG
+    from harness.models import make_t5_from_config as _t5
     from pixart_core import gguf_t5
-    from test_t5_formats import GGUF_WIDTH_CONFIG, _t5, gguf_files
 
     path = gguf_files.write_t5_gguf(_t5(GGUF_WIDTH_CONFIG), tmp_path / "t5-v1_1-xxl-encoder-Q8_0.gguf", "Q8_0")
     with pytest.raises(ValueError, match="GGUF") as e:

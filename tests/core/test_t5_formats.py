@@ -1,4 +1,4 @@
-"""The T5 files users already have beyond plain safetensors: ComfyUI's scaled fp8 and GGUF (issue 14, part A).
+"""The T5 files users already have beyond plain safetensors: ComfyUI's scaled fp8 and GGUF.
 
 Expected values come from outside the pack: the unquantized transformers T5 the files were made from, gguf-py's
 numpy dequantizer (`gguf.quants.dequantize`) and its tensor-name map (what llama.cpp's converter writes), and
@@ -11,26 +11,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from cases import cosine as _cos
 from harness import gguf_files
 from harness import models as tiny
+from harness.gguf_files import GGUF_WIDTH_CONFIG
+from harness.models import make_t5_from_config as _t5
 from pixart_core import files
 from pixart_core import gguf_t5
 from pixart_core import t5 as ct5
 
-# A T5 whose every linear row is a multiple of 256 values, so every GGUF type (K-quants: 256-value blocks) applies.
-GGUF_WIDTH_CONFIG = dict(tiny.T5_CONFIG, d_model=256, d_ff=512, num_heads=4, d_kv=64)
 IDS = torch.tensor([[71, 1712, 3, 9, 1263, 16, 8, 4033, 6, 2054, 3, 1]])
-
-
-def _t5(config=None, seed=0):
-    from transformers import T5Config, T5EncoderModel
-
-    torch.manual_seed(seed)
-    return T5EncoderModel(T5Config(**(config or tiny.T5_CONFIG))).eval()
-
-
-def _cos(a, b) -> float:
-    return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
 
 
 @torch.no_grad()
@@ -293,62 +283,29 @@ def test_bitsandbytes_quantization_of_a_gguf_is_refused(tmp_path):
             ct5.load_t5(path, q, torch.float32)
 
 
-# ------------------------------------------------------------------------------------------- in the real ComfyUI
+@pytest.mark.parametrize("marker", ["encoder.block.1.layer.0.SelfAttention.q.scale_weight", "scaled_fp8"])
+def test_each_scaled_fp8_marker_makes_fp8_weights_need_scales(tmp_path, marker):
+    """Either sign of ComfyUI's scaled fp8 layout (a scale, or the marker) on fp8 weights: the missing scales are
+    named (a plain fp8 file, with neither, loads: test_low_vram)."""
+    from safetensors.torch import save_file
 
-@pytest.fixture(scope="module")
-def format_files(comfy_base):
-    te, clip = comfy_base / "models" / "text_encoders", comfy_base / "models" / "clip"
-    clip.mkdir(parents=True, exist_ok=True)
-    model = tiny.make_t5()  # the tiny DiT's 64-wide captions; Q8_0/Q4_0 blocks are 32 wide
-    save_file(tiny.t5_scaled_fp8_sd(model), str(te / "tiny_t5xxl_fp8_e4m3fn_scaled.safetensors"))
-    gguf_files.write_t5_gguf(model, te / "tiny-t5-v1_1-xxl-encoder-Q8_0.gguf", "Q8_0")
-    gguf_files.write_t5_gguf(model, clip / "tiny-t5-v1_1-xxl-encoder-Q4_0.gguf", "Q4_0")
-    return model
+    from pixart_core import files
 
-
-def test_loader_lists_gguf_files_from_text_encoders_and_clip(comfy, format_files):
-    """ComfyUI's text_encoders list covers models/text_encoders and models/clip; its own file lists skip .gguf."""
-    import folder_paths
-    import nodes
-
-    from harness.comfyui import node_info
-    from harness.workflow import combo_options
-
-    choices = combo_options(node_info(nodes, "PixArtSigmaT5Loader")["input"]["required"]["t5_name"])
-    assert {"tiny-t5-v1_1-xxl-encoder-Q8_0.gguf", "tiny-t5-v1_1-xxl-encoder-Q4_0.gguf",
-            "tiny_t5xxl_fp8_e4m3fn_scaled.safetensors", "tiny_t5xxl_fp16.safetensors"} <= set(choices)
-    assert "tiny-t5-v1_1-xxl-encoder-Q4_0.gguf" not in folder_paths.get_filename_list("text_encoders")
+    sd = tiny.t5_single_file_sd(tiny.make_t5(), dtype=torch.float8_e4m3fn)
+    sd[marker] = torch.ones(())
+    path = tmp_path / "t5xxl_scaled.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(files.WeightFileError, match=r"scales are missing for 1[34] weight\(s\) \(e.g. encoder.block.0"):
+        ct5.load_t5(path, "none", torch.float32)
 
 
-def _embeds(t5_file: str, text: str) -> torch.Tensor:
-    """The positive embeddings Text Encode made from this T5 file, as the pack's embedding cache holds them."""
-    import sys
-
-    mods = [m for n, m in sys.modules.items() if n.endswith("pixart_sigma_nodes.nodes.text")]
-    hits = [cond.embeds for m in mods for key, cond in list(m.EMBEDDINGS._items.items())
-            if key[0][0].endswith("/" + t5_file) and key[1] == text]
-    assert hits, f"no embeddings of {t5_file}"
-    return hits[-1]
-
-
-@pytest.mark.parametrize("name,floor", [("tiny_t5xxl_fp8_e4m3fn_scaled.safetensors", 0.99),
-                                        ("tiny-t5-v1_1-xxl-encoder-Q8_0.gguf", 0.999),
-                                        ("tiny-t5-v1_1-xxl-encoder-Q4_0.gguf", 0.97)])
-def test_each_t5_file_kind_runs_in_comfyui(executor, comfy, comfy_base, format_files, name, floor):
-    """Through ComfyUI's executor: a whole graph runs with each file kind, its conditioning matches the fp16 file's
-    (same weights) up to the format's rounding, and model management holds the T5 as loaded (GGUF layers kept)."""
-    import comfy.model_management as mm
-
-    from test_nodes import graph
-
-    # A prompt no other test encodes: ComfyUI's executor then runs Text Encode for both files (it would serve an
-    # earlier identical node from its own cache), so the pack's embedding cache holds both encodings now.
-    text = "a red fox in the snow seen by the " + {0.99: "scaled", 0.999: "eight", 0.97: "four"}[floor] + " encoder"
-    for t5 in ("tiny_t5xxl_fp16.safetensors", name):
-        result = executor.run(graph(t5=t5, seed=4242, prefix="formats", positive=text))
-        assert result["ok"], result["error"]
-    assert _cos(_embeds(name, text), _embeds("tiny_t5xxl_fp16.safetensors", text)) >= floor
-    held = [m.model.model.inner for m in mm.current_loaded_models
-            if m.model is not None and type(getattr(m.model.model, "inner", None)).__name__ == "T5EncoderModel"]
-    if name.endswith(".gguf"):
-        assert any(type(m).__name__ == "GGUFLinear" for t5 in held for m in t5.modules())
+def test_scaled_fp8_t5_with_scales_missing_is_named(tmp_path):
+    """fp8 weights with the scaled_fp8 marker but only one scale: the others' scales are missing (test_t5_formats
+    loads complete scaled fp8 files)."""
+    sd = tiny.t5_single_file_sd(tiny.make_t5(), dtype=torch.float8_e4m3fn)
+    sd["encoder.block.0.layer.0.SelfAttention.q.scale_weight"] = torch.ones(())
+    sd["scaled_fp8"] = torch.zeros(2, dtype=torch.float8_e4m3fn)
+    path = tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(files.WeightFileError, match=r"a scaled fp8 file whose per-tensor scales are missing for 13 "):
+        ct5.load_t5(path, "none", torch.float32)

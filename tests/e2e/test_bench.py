@@ -27,7 +27,7 @@ def test_gpu_bench_cpu_smoke(tmp_path):
 
 
 def test_gpu_check_cpu_smoke(tmp_path):
-    """bench/gpu_check.sh --cpu-smoke: every part of the GPU check (issue 11) on tiny models, on the CPU: the 8-bit
+    """bench/gpu_check.sh --cpu-smoke: every part of the GPU check on tiny models, on the CPU: the 8-bit
     reload keeps one int8 copy per layer, quantized embeddings stay close to bf16, whole images run, the SDPA
     kernels of self- and cross-attention are found, and P4 runs both systems."""
     out = tmp_path / "check.json"
@@ -45,6 +45,6 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert all(any("scaled_dot_product" in k for k in kernels[w]) for w in ("self_attention", "cross_attention"))
     assert set(data["p4"]["median_s_per_image"]) == {"bf16/ours", "bf16/diffusers"}
     assert "| (a) | 8-bit T5 peak VRAM" in r.stdout and "| (d) | cross_attention" in r.stdout
-    # (f) issue 16: the three hires stages ran, the 4K one in four tiles
+    # (f) the three hires stages ran, the 4K one in four tiles
     assert {k: v["tiles"] for k, v in data["hires"]["stages"].items()} == {"1024": 1, "2048": 1, "3840x2160 tiled": 4}
     assert "| (f) | DiT forward 3840x2160 tiled (4 tile(s))" in r.stdout

@@ -20,12 +20,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import COMFY, REPO, queue_prompt
+from conftest import REPO, queue_prompt
 
-from harness import standins
-from harness.server import serve
+from harness.graphs import example as load
+from harness.graphs import shrink
 from harness.workflow import ui_to_api
-from test_examples import load, shrink
 
 REFERENCES = REPO / "tests" / "data" / "example_images"
 RECORD = os.environ.get("PIXART_RECORD_EXAMPLE_IMAGES") == "1"
@@ -110,21 +109,18 @@ VARIANTS += [
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    return standins.example_base(tmp_path_factory.mktemp("example_images_base"), COMFY)
+def base(examples_base) -> Path:
+    return examples_base
 
 
 @pytest.fixture(scope="module")
-def server(base):
-    with serve(base) as srv:
-        yield srv.url
+def server(examples_server) -> str:
+    return examples_server
 
 
 @pytest.fixture(scope="module")
-def object_info(server) -> dict:
-    import requests
-
-    return requests.get(server + "/object_info", timeout=60).json()
+def object_info(examples_object_info) -> dict:
+    return examples_object_info
 
 
 @pytest.fixture(scope="module")

@@ -13,57 +13,33 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import COMFY, EXAMPLES, REPO, queue_prompt, run_script
+from conftest import EXAMPLES, REPO, queue_prompt, run_script
 
-from harness import frontend, standins
+from harness import frontend
 from harness.comfyui import make_base
 from harness.download import CATALOG
+from harness.graphs import example as load
+from harness.graphs import shrink
 from harness.location import PACK
 from harness.server import serve
-from harness.workflow import apply_overrides, ui_to_api
+from harness.workflow import ui_to_api
 
 ARTIFACTS = REPO / ".cache" / "test-artifacts" / "frontend"
 
 
-def load(name: str) -> dict:
-    return json.loads((REPO / "example_workflows" / f"{name}.json").read_text())
+@pytest.fixture(scope="module")
+def base(examples_base) -> Path:
+    return examples_base
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    return standins.example_base(tmp_path_factory.mktemp("examples_base"), COMFY)
+def server(examples_server) -> str:
+    return examples_server
 
 
 @pytest.fixture(scope="module")
-def server(base):
-    with serve(base) as srv:
-        yield srv.url
-
-
-@pytest.fixture(scope="module")
-def object_info(server) -> dict:
-    return requests.get(server + "/object_info", timeout=60).json()
-
-
-def shrink(prompt: dict) -> dict:
-    """The examples' 512-2048 px / 20 steps, cut down for a CPU (and tiny models)."""
-    for node in prompt.values():
-        if node["class_type"] in ("PixArtSigmaSampler", "ImageScale", "EmptyLatentImage"):
-            node["inputs"].update(width=64, height=64)
-        if node["class_type"] == "EmptyLatentImage":
-            node["inputs"].update(width=64, height=64)
-        if node["class_type"] in ("PixArtSigmaSampler", "KSampler"):
-            node["inputs"]["steps"] = 2
-        # 1024 -> 2K -> 4K as 64 -> 80 -> 96 px (the sdxl_vae stand-in is the released VAE's size: its passes cost
-        # the most here): to a bin (2K) -> 80 px; to a set size (4K) -> 96 px
-        if node["class_type"] == "PixArtSigmaHiresUpscale":
-            side = 96 if node["inputs"]["width"] else 80
-            node["inputs"].update(width=side, height=side)
-        if node["class_type"] == "PixArtSigmaTiledRefine":  # 9 tiles of 48 px; 4 steps at denoise 0.35 run 1
-            node["inputs"].update(steps=4, tile_width=48, tile_height=48, overlap=16)
-    apply_overrides(prompt, {"steps": 4} if any(n["class_type"] == "PixArtSigmaSamplerAdvanced"
-                                                for n in prompt.values()) else {})  # stages keep their share
-    return prompt
+def object_info(examples_object_info) -> dict:
+    return examples_object_info
 
 
 run = run_script
@@ -172,7 +148,7 @@ def test_bypassed_node_converts_as_the_frontend_does(browser, object_info, node_
 
 
 def test_frontend_opens_a_t5_loader_saved_before_the_device_input(browser, object_info):
-    """Issue 14: a workflow saved before the T5 loader had `device` (three widget values) opens in the real frontend
+    """A workflow saved before the T5 loader had `device` (three widget values) opens in the real frontend
     with no missing node or invalid value, and the frontend's graphToPrompt sends the default device."""
     wf = load("pixart_sigma_1024_t5_8bit")
     loader = next(n for n in wf["nodes"] if n["type"] == "PixArtSigmaT5Loader")

@@ -175,7 +175,7 @@ print("RESULT", type(loaded.model.encoder.block[0].layer[0].SelfAttention.q).__n
 
 
 def test_requirements_alone_run_the_8bit_t5(tmp_path):
-    """Issue 11.9: `pip install -r requirements.txt` into an environment that has only torch (as ComfyUI's), then
+    """`pip install -r requirements.txt` into an environment that has only torch (as ComfyUI's), then
     the 8-bit T5 path loads (transformers' bitsandbytes loader needs accelerate) and encodes close to fp32."""
     venv, _ = _venv_with_torch(tmp_path)
     r = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--quiet",
@@ -189,7 +189,7 @@ def test_requirements_alone_run_the_8bit_t5(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     layer, finite, cos = next(x for x in run.stdout.splitlines() if x.startswith("RESULT ")).split()[1:]
     assert layer == "Linear8bitLt" and finite == "True" and float(cos) > 0.99, run.stdout
-    assert "MatMul8bitLt" not in run.stderr  # bitsandbytes' per-matmul cast notice stays quiet (issue 11.5)
+    assert "MatMul8bitLt" not in run.stderr  # bitsandbytes' per-matmul cast notice stays quiet
 
 
 SITECUSTOMIZE = '''

@@ -1,9 +1,11 @@
 """The headless runner (scripts/run) as a user runs it: every example workflow in one in-process run on tiny
-stand-in models, command-line overrides reaching the saved image's prompt, one-line errors and exit codes, and the
-UI->API converter on the frontend-only node kinds (Reroute, PrimitiveNode, Note, muted nodes)."""
+stand-in models, command-line overrides reaching the saved image's prompt (the steps override keeping each stage's
+share), one-line errors and exit codes (an unreadable model file included), and the UI->API converter on the
+frontend-only node kinds (Reroute, PrimitiveNode, Note, muted nodes)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ from conftest import COMFY, EXAMPLES, REPO, run_script
 
 from harness import run as run_workflow
 from harness import standins
+from harness.graphs import advanced_sampler as _advanced
 from harness.workflow import WorkflowError, ui_to_api
 
 run = run_script
@@ -171,3 +174,54 @@ def test_tiny_pipeline_folder_named_by_several_loaders(tmp_path):
         assert tiny_models.has_tiny(kind, dest)
     assert {p.name for p in dest.iterdir()} == {"text_encoder", "tokenizer", "vae", "transformer"}
     assert not list(dest.parent.glob("*.tmp"))
+
+
+def _without_read_override() -> None:
+    """In a child process: give up root's power to read any file, so file permissions apply as for a user."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH: dropped from the bounding set, gone after exec
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+@pytest.mark.parametrize("folder,name,node", [
+    ("text_encoders", "t5xxl_fp16.safetensors", "PixArtSigmaT5Loader"),
+    ("diffusion_models", "PixArt-XL-2-512x512.pth", "PixArtSigmaDiTLoader"),
+    ("vae", "vae-ft-mse-840000-ema-pruned.safetensors", "PixArtSigmaVAELoader"),
+])
+def test_unreadable_file(tmp_path, folder, name, node):
+    """A model file ComfyUI lists but cannot read (chmod 000): the run fails at that loader with 'permission
+    denied' and what to do. Runs the headless runner (a real in-process ComfyUI) as a process that file
+    permissions apply to (as root: without CAP_DAC_OVERRIDE)."""
+    import subprocess
+
+    from conftest import REPO
+
+    (tmp_path / "models" / folder).mkdir(parents=True)
+    bad = tmp_path / "models" / folder / name
+    bad.write_bytes(b"\0" * 64)
+    bad.chmod(0)
+    r = subprocess.run([str(REPO / "scripts" / "run"), str(REPO / "example_workflows" / "pixart_alpha_512.json"),
+                        "--models-dir", str(tmp_path / "models"), "--output-dir", str(tmp_path / "out"),
+                        "--width", "64", "--height", "64", "--steps", "1"],
+                       capture_output=True, text=True, timeout=300,
+                       preexec_fn=_without_read_override if os.geteuid() == 0 else None)
+    assert r.returncode == 1, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert f"({node}) failed" in last and name in last, last
+    assert "permission denied" in last and "chmod a+r" in last, last
+    assert "Traceback" not in r.stderr
+
+
+def test_steps_override_keeps_each_stage_share():
+    from harness.workflow import apply_overrides
+
+    prompt = {"4": _advanced(end_step=12, return_with_leftover_noise="enable"),
+              "10": _advanced(add_noise="disable", start_step=12)}
+    for node in prompt.values():
+        node["inputs"]["steps"] = 20
+    apply_overrides(prompt, {"steps": 5})
+    assert [(n["inputs"]["start_step"], n["inputs"]["end_step"], n["inputs"]["steps"]) for n in prompt.values()] == \
+        [(0, 3, 5), (3, 10000, 5)]  # 12 of 20 -> 3 of 5; 0 and "to the end" stay

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import psutil
 
-from test_nodes import graph
+from harness.graphs import graph
 from conftest import queue_prompt
 
 

@@ -1,13 +1,17 @@
-"""The example workflow through a real ComfyUI HTTP server on 127.0.0.1, with the pack in its custom_nodes/."""
+"""The example workflow through a real ComfyUI HTTP server on 127.0.0.1, with the pack in its custom_nodes/, and bad
+prompts (a wrong file, ComfyUI's CLIPLoader with a CLIP-L) answered clearly while the server keeps serving."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
+import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from conftest import NODE_IDS, REPO, queue_prompt
 from harness.workflow import ui_to_api
@@ -69,3 +73,28 @@ def test_bad_prompt_over_http_then_server_keeps_serving(server):
     assert "height 50 is not a multiple of 16" in err["exception_message"] and "48 or 64" in err["exception_message"]
     sampler["height"], sampler["seed"] = 64, 1
     assert queue_prompt(server, prompt)["status"]["status_str"] == "success"
+
+
+def test_cliploader_clip_l_gives_a_clear_error_in_the_server(comfy_server, comfy_base):
+    """ComfyUI's own CLIPLoader output into Text Encode over HTTP: a CLIP-L file is named, the server keeps
+    serving. (A T5-XXL through CLIPLoader needs all 24 XXL layers, 9.5 GB: the tiny tests above build ComfyUI's
+    classes with a tiny config instead.)"""
+    path = comfy_base / "models" / "text_encoders" / "tiny_clip_l_only.safetensors"
+    if not path.exists():  # ComfyUI recognises CLIP-L by this key (comfy/sd.py detect_te_model)
+        save_file({"text_model.encoder.layers.0.mlp.fc1.weight": torch.zeros(3072, 768, dtype=torch.float16)},
+                  str(path))
+    prompt = {
+        "1": {"class_type": "CLIPLoader", "inputs": {"clip_name": path.name, "type": "stable_diffusion"}},
+        "2": {"class_type": "PixArtSigmaTextEncode",
+              "inputs": {"t5": ["1", 0], "positive": "a fox", "negative": "", "max_tokens": 0}},
+        "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}},
+    }
+    info = requests.get(comfy_server.url + "/object_info/PixArtSigmaTextEncode", timeout=30).json()
+    t5_type = info["PixArtSigmaTextEncode"]["input"]["required"]["t5"][0]
+    assert set(t5_type.split(",")) == {"PIXART_T5", "CLIP"}
+    hist = queue_prompt(comfy_server.url, prompt)
+    assert hist["status"]["status_str"] == "error"
+    err = next(m[1] for m in hist["status"]["messages"] if m[0] == "execution_error")
+    assert "no T5-XXL" in err["exception_message"] and "CLIP-L" in err["exception_message"], err
+    logging.getLogger(__name__).info("server answered: %s", err["exception_message"])
+    assert requests.get(comfy_server.url + "/system_stats", timeout=30).ok

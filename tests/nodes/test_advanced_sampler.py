@@ -1,6 +1,10 @@
-"""Issue 16 through ComfyUI's executor: inpainting from Load Image's mask (MASK input and Set Latent Noise Mask),
-two PixArt-Σ Sampler (Advanced) stages chained as KSamplerAdvanced users chain them, the advanced node's inputs."""
+"""PixArt-Σ Sampler (Advanced) and the sampler's mask input in ComfyUI: inpainting from Load Image's mask (MASK input
+and Set Latent Noise Mask) with the mask resized as ComfyUI's prepare_mask, two stages chained as KSamplerAdvanced
+users chain them, PAG on the DiT as the pack runs it (ComfyUI's cast-weights layers) against diffusers'
+PixArtSigmaPAGPipeline, the node's inputs and its DMD timestep."""
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import pytest
@@ -8,11 +12,12 @@ import torch
 from PIL import Image
 
 import reference_settings as reference
-from test_nodes import graph
-
-ADVANCED = dict(add_noise="enable", seed=7, steps=4, cfg=4.5, scheduler="dpm++ 2m", start_step=0, end_step=10000,
-                return_with_leftover_noise="disable", pag_scale=0.0, pag_layers="blocks.1", guidance_rescale=0.0,
-                cfg_start=0.0, cfg_end=1.0, dmd_timestep=400)
+from cases import SIZE
+from cases import noise as _noise
+from harness import models as tiny
+from harness.graphs import advanced_sampler as _advanced
+from harness.graphs import graph
+from pixart_core import sampling
 
 
 def _latent(result, node, comfy_base):
@@ -20,11 +25,6 @@ def _latent(result, node, comfy_base):
 
     info = result["outputs"][node]["latents"][0]
     return load_file(str(comfy_base / "output" / info["subfolder"] / info["filename"]))["latent_tensor"]
-
-
-def _advanced(**inputs):
-    return {"class_type": "PixArtSigmaSamplerAdvanced",
-            "inputs": {"dit": ["3", 0], "positive": ["2", 0], "negative": ["2", 1], **{**ADVANCED, **inputs}}}
 
 
 @pytest.fixture(scope="module")
@@ -115,18 +115,6 @@ def test_bad_pag_layer_is_a_clear_error_and_the_server_goes_on(executor):
     assert executor.run(p)["ok"]
 
 
-def test_steps_override_keeps_each_stage_share():
-    from harness.workflow import apply_overrides
-
-    prompt = {"4": _advanced(end_step=12, return_with_leftover_noise="enable"),
-              "10": _advanced(add_noise="disable", start_step=12)}
-    for node in prompt.values():
-        node["inputs"]["steps"] = 20
-    apply_overrides(prompt, {"steps": 5})
-    assert [(n["inputs"]["start_step"], n["inputs"]["end_step"], n["inputs"]["steps"]) for n in prompt.values()] == \
-        [(0, 3, 5), (3, 10000, 5)]  # 12 of 20 -> 3 of 5; 0 and "to the end" stay
-
-
 def test_advanced_dmd_timestep_reaches_the_loop(executor, comfy_base):
     """The plain sampler's dmd step is at 400; the advanced one at 400 gives the same latents, at 599 others."""
     p = graph(steps=1, cfg=1.0, seed=3, save_latent=True, prefix="dmd_plain")
@@ -139,3 +127,51 @@ def test_advanced_dmd_timestep_reaches_the_loop(executor, comfy_base):
     assert r["ok"], r["error"]
     plain, at400, at599 = (_latent(r, n, comfy_base) for n in ("8", "12", "14"))
     assert torch.equal(plain, at400) and (at599 - at400).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mask_shape,latent_shape", [((64, 96), (1, 4, 8, 12)), ((2, 37, 51), (2, 4, 8, 12)),
+                                                     ((1, 1, 40, 40), (3, 4, 5, 5)), ((3, 24, 24), (2, 4, 6, 6))])
+def test_mask_is_resized_as_comfyui_prepare_mask(comfy, mask_shape, latent_shape):
+    import comfy.sampler_helpers
+
+    mask = torch.rand(mask_shape, generator=torch.Generator().manual_seed(0))
+    want = comfy.sampler_helpers.prepare_mask(mask, latent_shape, "cpu")
+    got = sampling.latent_mask(mask, latent_shape)
+    assert got.shape == want.shape == latent_shape and torch.equal(got, want)
+
+
+def _cast_copy(dit):
+    """The DiT as the pack runs it: ComfyUI's cast-weights layers (the pack's nodes/management.castable, as ComfyUI
+    loaded it)."""
+    import sys
+
+    management = next(m for name, m in sys.modules.items() if name.endswith("nodes.management")
+                      and hasattr(m, "castable"))
+    model = management.castable(copy.deepcopy(dit))
+    assert any(getattr(m, "comfy_cast_weights", None) is not None for m in model.modules())
+    return model
+
+
+@pytest.mark.parametrize("cfg", [4.5, 1.0])
+@pytest.mark.parametrize("layers", ["blocks.1", "blocks.(0|1)"])
+def test_pag_matches_diffusers_pag_pipeline(comfy, dit_and_conds, cfg, layers):
+    from diffusers import PixArtSigmaPAGPipeline
+
+    dit, pos, neg = dit_and_conds
+    ours_model = _cast_copy(dit)
+    before = dict(ours_model.attn_processors)
+    noise, gen = _noise()
+    ours = sampling.sample(ours_model, pos, neg, noise, steps=4, cfg=cfg, generator=gen, pag_scale=3.0,
+                           pag_layers=layers)
+    assert {k: id(v) for k, v in ours_model.attn_processors.items()} == {k: id(v) for k, v in before.items()}
+
+    pipe = PixArtSigmaPAGPipeline(tokenizer=None, text_encoder=None, vae=tiny.make_vae(), transformer=dit,
+                                  scheduler=reference.scheduler(sampling.DEFAULT_SCHEDULER), pag_applied_layers=layers)
+    ref = pipe(prompt=None, negative_prompt=None, prompt_embeds=pos.embeds, prompt_attention_mask=pos.mask, negative_prompt_embeds=neg.embeds,
+               negative_prompt_attention_mask=neg.mask, num_images_per_prompt=2, latents=noise.clone(),
+               num_inference_steps=4, guidance_scale=cfg, pag_scale=3.0, height=SIZE, width=SIZE,
+               output_type="latent", use_resolution_binning=False).images
+    noise, gen = _noise()
+    plain = sampling.sample(dit, pos, neg, noise, steps=4, cfg=cfg, generator=gen)
+    assert (ours - ref).abs().max() <= 1e-4
+    assert (ours - plain).abs().max() > 1e-2  # PAG changed the result

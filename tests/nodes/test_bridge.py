@@ -1,4 +1,4 @@
-"""Issue 15, the bridge: our DiT as ComfyUI's MODEL and our T5 conditioning as ComfyUI's CONDITIONING, driven by
+"""The bridge: our DiT as ComfyUI's MODEL and our T5 conditioning as ComfyUI's CONDITIONING, driven by
 ComfyUI's own KSampler / sample_custom / LoraLoaderModelOnly / UNETLoader in this process (the real executor)."""
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from harness import models as tiny
 from reference_settings import SIGMA_SCHEDULER_CONFIG
-from test_nodes import DIT_FILE
+from harness.graphs import DIT_FILE
+from harness.lora_files import write_comfy_keymap_lora as _lora_file
 
 PROMPT = "a red fox in the snow"
 
@@ -289,28 +290,6 @@ def test_ksampler_simple_schedule_is_close_to_our_sampler(executor, comfy_base):
 
 
 # --------------------------------------------------------------------------------------------------------- LoRA
-
-def _lora_file(path, dit, rank=2, alpha=1.0, seed=0):
-    """A LoRA in the layouts ComfyUI's PixArt key map reads: diffusers keys under `transformer.` (lora_A/lora_B +
-    alpha) and one original-layout kohya key on the fused self-attention qkv (lora_down/lora_up); returns
-    {diffusers weight name: delta W at strength 1}, the hand merge's deltas."""
-    g = torch.Generator().manual_seed(seed)
-    sd, delta = {}, {}
-    width = dit.config.num_attention_heads * dit.config.attention_head_dim
-    for name in ("transformer_blocks.0.attn1.to_k", "transformer_blocks.1.attn2.to_v", "transformer_blocks.1.ff.net.0.proj",
-                 "transformer_blocks.0.attn2.to_q"):
-        w = dit.get_submodule(name).weight
-        a, b = torch.randn(rank, w.shape[1], generator=g) * 0.1, torch.randn(w.shape[0], rank, generator=g) * 0.1
-        sd[f"transformer.{name}.lora_A.weight"], sd[f"transformer.{name}.lora_B.weight"] = a, b
-        sd[f"transformer.{name}.alpha"] = torch.tensor(alpha)
-        delta[f"{name}.weight"] = (alpha / rank) * b @ a
-    a, b = torch.randn(rank, width, generator=g) * 0.1, torch.randn(3 * width, rank, generator=g) * 0.1
-    sd["lora_unet_blocks_1_attn_qkv.lora_down.weight"], sd["lora_unet_blocks_1_attn_qkv.lora_up.weight"] = a, b
-    sd["lora_unet_blocks_1_attn_qkv.alpha"] = torch.tensor(float(rank))  # alpha = rank: scale 1
-    for part, rows in zip("qkv", (b @ a).chunk(3)):
-        delta[f"transformer_blocks.1.attn1.to_{part}.weight"] = rows
-    save_file(sd, str(path))
-    return delta
 
 
 def test_lora_loader_model_only_equals_hand_merge(comfy, comfy_base):

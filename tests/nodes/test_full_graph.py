@@ -5,44 +5,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from harness import models as tiny
-
-DIT_FILE = "tiny-PixArt-Sigma-XL-2-1024-MS.safetensors"
-PIPE = "tiny-PixArt-Sigma-XL-2-1024-MS"
-
-
-def graph(t5="tiny_t5xxl_fp16.safetensors", quant="none", dit=DIT_FILE, vae="tiny_sdxl_vae.safetensors",
-          seed=7, width=64, height=64, batch=1, prefix="pixart_test", positive="a red fox in the snow",
-          negative="", steps=3, cfg=4.5, save_latent=False, **sampler):
-    """An API-format prompt: T5 -> encode -> DiT -> sample -> decode -> SaveImage (+ SaveLatent). The DiT and VAE
-    compute in fp32 (their `auto` is bf16 on CPUs with native bf16), so results compare with diffusers' fp32."""
-    p = {
-        "1": {"class_type": "PixArtSigmaT5Loader", "inputs": {"t5_name": t5, "quantization": quant, "dtype": "auto"}},
-        "2": {"class_type": "PixArtSigmaTextEncode",
-              "inputs": {"t5": ["1", 0], "positive": positive, "negative": negative, "max_tokens": 300}},
-        "3": {"class_type": "PixArtSigmaDiTLoader", "inputs": {"dit_name": dit, "variant": "auto", "dtype": "fp32"}},
-        "4": {"class_type": "PixArtSigmaSampler",
-              "inputs": {"dit": ["3", 0], "positive": ["2", 0], "negative": ["2", 1], "seed": seed, "steps": steps,
-                         "cfg": cfg, "scheduler": "dpm++ 2m", "width": width, "height": height, "batch_size": batch,
-                         "denoise": 1.0, **sampler}},
-        "5": {"class_type": "PixArtSigmaVAELoader", "inputs": {"vae_name": vae, "dtype": "fp32"}},
-        "6": {"class_type": "PixArtSigmaVAEDecode", "inputs": {"vae": ["5", 0], "samples": ["4", 0]}},
-        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": prefix}},
-    }
-    if save_latent:
-        p["8"] = {"class_type": "SaveLatent", "inputs": {"samples": ["4", 0], "filename_prefix": prefix}}
-    return p
-
-
-def _saved_images(result, comfy_base: Path) -> list[np.ndarray]:
-    out = []
-    for img in result["outputs"]["7"]["images"]:
-        path = comfy_base / "output" / img["subfolder"] / img["filename"]
-        out.append(np.asarray(Image.open(path)))
-    return out
+from harness.graphs import PIPE, graph
+from harness.graphs import saved_images as _saved_images
 
 
 def _loaded_models(comfy):
@@ -63,12 +30,11 @@ def test_nodes_registered_with_tooltips_and_categories(comfy):
                 assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
 
 
-def test_full_graph_makes_an_image_and_matches_diffusers(executor, comfy, comfy_base, tiny_models):
+def test_full_graph_makes_an_image_and_matches_diffusers(executor, comfy, comfy_base, tiny_models, tokenizer):
     from diffusers import PixArtSigmaPipeline
 
     import reference_settings as reference
     from pixart_core import sampling
-    from pixart_core import t5 as ct5
 
     prompt = "A Red Fox in the SNOW... see <b>https://example.com/fox</b> #fox"
     result = executor.run(graph(save_latent=True, batch=2, positive=prompt))
@@ -84,7 +50,6 @@ def test_full_graph_makes_an_image_and_matches_diffusers(executor, comfy, comfy_
     # The reference: diffusers' pipeline, encoding the same prompt with the fp16-rounded T5 of the file.
     t5 = tiny.make_t5()
     t5.load_state_dict({k: v.half().float() for k, v in t5.state_dict().items()})
-    tokenizer = ct5.load_tokenizer([Path(comfy.__file__).parent / "comfy" / "text_encoders" / "t5_tokenizer"])
     noise, gen = sampling.initial_noise(7, 2, 4, 64, 64)
     pipe = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=t5, vae=tiny_models["vae"],
                                transformer=tiny_models["dit"], scheduler=reference.scheduler("dpm++ 2m"))

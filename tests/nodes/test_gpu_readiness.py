@@ -1,4 +1,4 @@
-"""What a GPU run does, simulated on the CPU with ComfyUI's own model management (issue 11).
+"""What a GPU run does, simulated on the CPU with ComfyUI's own model management (the fake GPU: harness/fake_gpu.py).
 
 A fake GPU is the meta device: ComfyUI's loader moves tensors there as it would to CUDA (shapes, no data), with
 ComfyUI's free-memory query patched to a fixed budget minus what is loaded there, and `vram_state` set to each of
@@ -17,47 +17,8 @@ import torch
 from safetensors.torch import save_file
 
 from harness import models as tiny
-from conftest import COMFY
-
-META, CPU = torch.device("meta"), torch.device("cpu")
-GiB = 1 << 30
-
-
-def pack(module: str):
-    """The pack's module as ComfyUI imported it (from custom_nodes/, under the pack's folder name)."""
-    found = [m for n, m in sys.modules.items() if n.endswith("pixart_sigma_nodes." + module)]
-    assert found, f"the pack's {module} is not loaded"
-    return found[0]
-
-
-@contextlib.contextmanager
-def fake_gpu(state, total: int):
-    """ComfyUI in VRAM mode `state` with a meta-device GPU of `total` bytes (free = total - what is loaded there)."""
-    import comfy.model_management as mm
-
-    real_free, real_state = mm.get_free_memory, mm.vram_state
-
-    def free(dev=None, torch_free_too=False):
-        if dev is None or dev.type != "meta":
-            return real_free(dev, torch_free_too)
-        used = sum(m.model.loaded_size() for m in mm.current_loaded_models if m.model is not None and m.device == META)
-        return (total - used, 0) if torch_free_too else total - used
-
-    mm.get_free_memory, mm.vram_state = free, state
-    try:
-        yield
-    finally:
-        mm.get_free_memory, mm.vram_state = real_free, real_state
-        # meta tensors cannot move back to the CPU: drop the fake GPU's models from ComfyUI's list as they are
-        mm.current_loaded_models[:] = [m for m in mm.current_loaded_models if m.device != META]
-
-
-def budget_for_partial(size: int) -> int:
-    """A fake GPU on which ComfyUI's NORMAL/LOW_VRAM loader keeps about half of a `size`-byte model (its formula:
-    usable = max(free - minimum required, min(free * ratio, free - minimum inference memory)))."""
-    import comfy.model_management as mm
-
-    return int(mm.minimum_inference_memory() + size // 2)
+from harness.comfyui import pack
+from harness.fake_gpu import CPU, META, GiB, budget_for_partial, fake_gpu
 
 
 def dit_inputs(dit, device):
@@ -86,7 +47,7 @@ STATES = ["NORMAL_VRAM", "LOW_VRAM", "NO_VRAM", "HIGH_VRAM", "SHARED"]
 @pytest.mark.parametrize("state", STATES)
 @pytest.mark.parametrize("kind", ["dit", "t5"])
 def test_models_run_on_the_load_device_in_every_vram_state(comfy, state, kind):
-    """Issue 11.2/11.8: in every VRAM mode the DiT and T5 compute on ComfyUI's load device. Where ComfyUI loads
+    """In every VRAM mode the DiT and T5 compute on ComfyUI's load device. Where ComfyUI loads
     them partially (NORMAL/LOW with too little memory, NO_VRAM always) the rest streams per forward through
     ComfyUI's cast-weights layers; nothing silently stays on the CPU."""
     import comfy.model_management as mm
@@ -110,7 +71,7 @@ def test_models_run_on_the_load_device_in_every_vram_state(comfy, state, kind):
 
 
 def test_quantized_t5_under_novram_runs_on_the_cpu_and_says_so(comfy, tmp_path, caplog):
-    """Issue 11.2/11.8: bitsandbytes layers cannot stream, so --novram (which loads nothing whole) leaves the 8-bit
+    """bitsandbytes layers cannot stream, so --novram (which loads nothing whole) leaves the 8-bit
     T5 in system memory: it runs there, and the log says where instead of claiming the GPU."""
     import comfy.model_management as mm
 
@@ -128,18 +89,8 @@ def test_quantized_t5_under_novram_runs_on_the_cpu_and_says_so(comfy, tmp_path, 
     assert any("quantized" in r.getMessage() and "runs on cpu" in r.getMessage() for r in caplog.records)
 
 
-@pytest.fixture
-def int8_t5(tmp_path):
-    from pixart_core import t5 as ct5
-
-    path = tmp_path / "t5.safetensors"
-    save_file(tiny.t5_single_file_sd(tiny.make_t5()), str(path))
-    tok = ct5.load_tokenizer([COMFY / "comfy" / "text_encoders" / "t5_tokenizer"])
-    return ct5.load_t5(path, ct5.QUANTIZATIONS[1], torch.float32), tok
-
-
 def test_int8_t5_reload_keeps_one_int8_copy(comfy, int8_t5):
-    """Issue 11.1: encode prompt A, ComfyUI unloads everything, encode prompt B (and A again). Linear8bitLt.to(),
+    """Encode prompt A, ComfyUI unloads everything, encode prompt B (and A again). Linear8bitLt.to(),
     which ComfyUI calls on every leaf when it loads, moves `weight` and `state.CB` into two separate tensors; so
     between forwards no layer may hold its int8 matrix in `state` (after the first forward bitsandbytes keeps it
     there: +3.4 GiB of int8 copies on the GPU for T5-XXL), and every int8 matrix is one storage throughout.
@@ -166,24 +117,8 @@ def test_int8_t5_reload_keeps_one_int8_copy(comfy, int8_t5):
     assert torch.equal(outputs[0], outputs[2]) and not torch.equal(outputs[0], outputs[1])
 
 
-def test_int8_encode_prints_no_bitsandbytes_cast_notice(int8_t5, caplog):
-    """Issue 11.5: bitsandbytes logs 'MatMul8bitLt: inputs will be cast ...' once per layer per forward."""
-    from pixart_core import t5 as ct5
-
-    loaded, tok = int8_t5
-    with caplog.at_level(logging.DEBUG):
-        emb, _ = ct5.encode(loaded, tok, "a red fox in the snow", 300, CPU)
-        # without our filter the same forward does log it (the notice is real, and on this logger)
-        with torch.no_grad():
-            loaded.model(input_ids=torch.tensor([[3, 4, 1]]))
-    ours = [r for r in caplog.records if "MatMul8bitLt" in r.getMessage()]
-    assert torch.isfinite(emb).all()
-    n_layers = sum(1 for m in loaded.model.modules() if type(m).__name__ == "Linear8bitLt")
-    assert len(ours) == n_layers, f"{len(ours)} notices; expected only the unfiltered forward's {n_layers}"
-
-
 def test_patcher_counts_a_tied_embedding_once(comfy):
-    """Issue 11.7: ComfyUI's module_size reads the state dict, which names T5's tied embedding twice."""
+    """ComfyUI's module_size reads the state dict, which names T5's tied embedding twice."""
     import comfy.model_management as mm
 
     t5 = tiny.make_t5()
@@ -194,7 +129,7 @@ def test_patcher_counts_a_tied_embedding_once(comfy):
 
 
 def test_attention_memory_is_counted_whole_on_the_math_kernel(comfy, monkeypatch):
-    """Issue 11.7: SDPA's math kernel holds every head's score matrix: 2 (CFG) x 16 heads x 16384^2 tokens x 2 bytes
+    """SDPA's math kernel holds every head's score matrix: 2 (CFG) x 16 heads x 16384^2 tokens x 2 bytes
     = 16 GiB at 2K in bf16, which a 4x-MLP cap hid. Which kernel runs follows the GPU and dtype."""
     from pixart_core import sampling
 
@@ -268,7 +203,7 @@ def device_kind(monkeypatch, kind, name, version, native):
 
 @pytest.mark.parametrize("case", list(DTYPE_CASES))
 def test_auto_dtype_follows_comfyui_per_device(comfy, monkeypatch, case):
-    """Issue 11.3 and the dtype policy: `auto` for each (device kind, capability) pair."""
+    """The dtype policy: `auto` for each (device kind, capability) pair."""
     kind, name, version, native, (dit, t5, vae) = DTYPE_CASES[case]
     management = pack("nodes.management")
     with device_kind(monkeypatch, kind, name, version, native) as device:
@@ -291,50 +226,10 @@ def test_auto_dtype_respects_comfyui_flags(comfy, monkeypatch):
         assert management.auto_dtype("t5", device) == torch.bfloat16
 
 
-def test_native_bf16_cpu_detection_reads_cpu_flags(tmp_path):
-    """The flags that mean native bf16 (Linux /proc/cpuinfo): x86 avx512_bf16 / amx_bf16, ARM bf16."""
-    from pixart_core import dtypes
-
-    info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx512bw avx512_bf16\n\nprocessor\t: 1\n")
-    assert "avx512_bf16" in dtypes._cpu_flags(info)
-    info.write_text("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n")
-    assert "bf16" in dtypes._cpu_flags(info) and dtypes._cpu_flags(tmp_path / "missing") is None
-
-
-def test_bf16_holds_up_against_fp32_on_the_cpu():
-    """The CPU bf16 default is safe: a 20-step DPM-Solver++ image and a VAE decode in bf16 stay within bf16's
-    error of fp32 and finite. Bound: bf16 keeps 8 mantissa bits (unit roundoff 2^-9 = 0.2%); measured on these tiny
-    models (2026-11-29): relative L2 error 0.30% after 20 steps of the 2-block DiT, 0.27% through the VAE; the
-    bounds, 2% and 1%, leave room for other CPUs' summation orders."""
-    from pixart_core import sampling
-
-    dit32 = tiny.make_dit()
-    dit16 = tiny.make_dit().to(torch.bfloat16)
-    torch.manual_seed(1)
-    pos = sampling.Conditioning(torch.randn(1, 6, dit32.config.caption_channels), torch.ones(1, 6, dtype=torch.long))
-    neg = sampling.Conditioning(torch.randn(1, 1, dit32.config.caption_channels), torch.ones(1, 1, dtype=torch.long))
-    latents = {}
-    for name, dit in (("fp32", dit32), ("bf16", dit16)):
-        noise, gen = sampling.initial_noise(3, 1, 4, 128, 128)
-        latents[name] = sampling.sample(dit, pos, neg, noise, steps=20, cfg=4.5, generator=gen)
-    rel = (latents["bf16"] - latents["fp32"]).norm() / latents["fp32"].norm()
-    assert torch.isfinite(latents["bf16"]).all() and rel < 0.02, f"DiT bf16 vs fp32: {rel:.4f}"
-
-    from pixart_core import vae as cvae
-
-    vae32 = tiny.make_vae()
-    vae16 = tiny.make_vae().to(torch.bfloat16)
-    z = latents["fp32"] / 0.13025
-    img32, img16 = cvae.decode(vae32, z), cvae.decode(vae16, z)
-    rel = (img16 - img32).norm() / img32.norm()
-    assert torch.isfinite(img16).all() and rel < 0.01, f"VAE bf16 vs fp32: {rel:.4f}"
-
-
 # ---- VAE: whole job first, tiles when it still does not fit ------------------------------------------------------
 
 def test_vae_asks_for_the_whole_job_before_deciding_to_tile(comfy):
-    """Issue 11.4: with the DiT still on a 'GPU' that cannot also hold a 1024 px decode, the decision comes after
+    """With the DiT still on a 'GPU' that cannot also hold a 1024 px decode, the decision comes after
     ComfyUI evicted what it must for the whole decode: no tiles (the same image whatever else was loaded). When
     even an empty GPU is too small, it tiles."""
     import comfy.model_management as mm
@@ -357,30 +252,10 @@ def test_vae_asks_for_the_whole_job_before_deciding_to_tile(comfy):
             assert (mm.get_free_memory(META) < need) == want_tiles
 
 
-def test_tiled_encode_is_diffusers_tiled_encode(comfy):
-    """Issue 11.6: the tiled encode is diffusers' own tiled encoder (AutoencoderKL.enable_tiling with the same tile
-    size): a 128 px image in 64 px tiles, overlapping and blended."""
-    from pixart_core import vae as cvae
-
-    vae = tiny.make_vae()
-    torch.manual_seed(0)
-    img = torch.nn.functional.interpolate(torch.rand(1, 3, 16, 16), size=(128, 128), mode="bilinear").movedim(1, -1)
-    whole = cvae.encode(vae, img)
-    tiled = cvae.encode(vae, img, tiled=True, tile_latent=8)
-    reference = tiny.make_vae()
-    reference.enable_tiling()
-    reference.tile_sample_min_size, reference.tile_latent_min_size = 64, 8
-    with torch.no_grad():
-        want = reference.encode(img.movedim(-1, 1) * 2 - 1).latent_dist.mode()
-    assert tiled.shape == whole.shape == (1, 4, 16, 16)
-    assert not torch.equal(whole, tiled)  # really tiled
-    torch.testing.assert_close(tiled, want, rtol=0, atol=1e-6)
-
-
 ENCODE_OOM_SCRIPT = r"""
 import json, sys
-import conftest
-from test_reliability import _text, run_capped
+from harness.comfyui import Executor, init_comfy, run_capped
+from harness.comfyui import error_text as _text
 
 def prompt(tiling, prefix):
     return {"1": {"class_type": "EmptyImage", "inputs": {"width": 1280, "height": 1280, "batch_size": 1, "color": 0x8844CC}},
@@ -388,8 +263,8 @@ def prompt(tiling, prefix):
             "3": {"class_type": "PixArtSigmaVAEEncode", "inputs": {"vae": ["2", 0], "image": ["1", 0], "tiling": tiling}},
             "4": {"class_type": "SaveLatent", "inputs": {"samples": ["3", 0], "filename_prefix": prefix}}}
 
-conftest.init_comfy(conftest.Path(sys.argv[1]))
-ex = conftest.Executor()
+init_comfy(sys.argv[1])
+ex = Executor()
 warm = ex.run({k: v for k, v in prompt("auto", "warm").items() if k in ("1", "2")} | {
     "5": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}})
 assert warm["ok"], warm["error"]
@@ -402,7 +277,7 @@ print("RESULT " + json.dumps({"never": {"ok": never["ok"], "text": _text(never)}
 
 
 def test_out_of_memory_during_encode_falls_back_to_tiles(comfy_base):
-    """Issue 11.6: a real out-of-memory error in VAE Encode (address space capped 880 MiB above the process, in a
+    """A real out-of-memory error in VAE Encode (address space capped 880 MiB above the process, in a
     fresh process): 'never' says what to do, 'auto' retries in tiles and gives the latent."""
     import json
     import subprocess
@@ -423,7 +298,7 @@ def test_out_of_memory_during_encode_falls_back_to_tiles(comfy_base):
 
 @pytest.mark.parametrize("kind", ["dit", "t5", "vae"])
 def test_partial_load_gives_the_same_output_as_a_whole_load(comfy, kind):
-    """Issue 11.8: ComfyUI's partial load (ModelPatcher.load with a budget of half the model, the lowvram path)
+    """ComfyUI's partial load (ModelPatcher.load with a budget of half the model, the lowvram path)
     streams the layers that do not fit through ComfyUI's cast-weights forward; the output is bit-identical to the
     whole model's."""
     management = pack("nodes.management")
@@ -450,21 +325,3 @@ def test_partial_load_gives_the_same_output_as_a_whole_load(comfy, kind):
     assert torch.equal(whole, partial)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_converting_read_equals_safetensors_load_then_to(tmp_path, dtype):
-    """The loaders read a safetensors file in another dtype tensor by tensor (peak: the converted model plus one
-    source tensor, not the whole file mapped beside it): the same tensors as safetensors' own loader + .to()."""
-    from safetensors.torch import load_file
-
-    from pixart_core import files
-
-    torch.manual_seed(0)
-    sd = {"a": torch.randn(3, 5), "b": torch.randn(7).half(), "c": torch.arange(6).reshape(2, 3),
-          "d": torch.randn(4, 2).bfloat16(), "empty": torch.zeros(0, 4)}
-    path = tmp_path / "w.safetensors"
-    save_file(sd, str(path), metadata={"note": "x"})
-    got = files.read_state_dict(path, dtype)
-    want = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in load_file(str(path)).items()}
-    assert set(got) == set(want)
-    for k in want:
-        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k

@@ -1,5 +1,5 @@
-"""Issue 14 part B: the T5 loader's `device` input (default / cpu, as ComfyUI's CLIPLoader has), simulated on a
-meta-device GPU with ComfyUI's own model management (see test_gpu_readiness.py for the fake GPU)."""
+"""The T5 loader's `device` input (default / cpu, as ComfyUI's CLIPLoader has), simulated on a meta-device GPU with
+ComfyUI's own model management (the fake GPU: harness/fake_gpu.py)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,8 @@ import torch
 
 from harness import models as tiny
 from pixart_core.variants import DEFAULT_VARIANT, PRESETS
-from test_gpu_readiness import CPU, META, GiB, fake_gpu, pack
+from harness.comfyui import pack
+from harness.fake_gpu import CPU, META, GiB, fake_gpu
 
 T5_FILE = "tiny_t5xxl_fp16.safetensors"
 
@@ -158,7 +159,7 @@ def test_workflow_saved_before_the_device_input_runs(comfy, executor):
     prompt = ui_to_api(wf, comfyui.object_info(comfy, {n["type"] for n in wf["nodes"]}))
     inputs = next(n["inputs"] for n in prompt.values() if n["class_type"] == "PixArtSigmaT5Loader")
     assert "device" not in inputs and len(inputs) == 3
-    from test_nodes import graph
+    from harness.graphs import graph
 
     old_api = graph(seed=5)  # an API prompt from before: no device input
     assert "device" not in old_api["1"]["inputs"]
