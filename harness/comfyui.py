@@ -96,7 +96,6 @@ def init_comfy(base: Path | None = None, *, pack: bool = True, cpu: bool = True,
     return nodes
 
 
-
 def pack(module: str):
     """The pack's module as ComfyUI imported it (from custom_nodes/, under the pack's folder name), e.g.
     pack("nodes.management")."""

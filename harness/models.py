@@ -90,7 +90,6 @@ def make_t5(size: str = "tiny", seed: int = 0, layers: int | None = None):
     return T5EncoderModel(T5Config(**t5_config(size, layers))).eval()
 
 
-
 def make_t5_from_config(config: dict | None = None, seed: int = 0):
     """A T5 encoder with random weights from a transformers T5 config (default: the tiny preset's)."""
     from transformers import T5Config, T5EncoderModel

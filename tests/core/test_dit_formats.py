@@ -126,5 +126,3 @@ def test_full_size_xl2_single_file(tmp_path):
               added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
     with torch.no_grad():
         assert (model(x, **kw)[0] - ref(x, **kw)[0]).abs().max() <= 1e-6
-
-

@@ -87,5 +87,3 @@ def test_stage_arguments_are_checked(dit_and_conds):
         sampling.sample(dit, pos, neg, noise, steps=6, cfg=4.5, start_step=2)
     with pytest.raises(ValueError, match="use one of them"):
         sampling.sample(dit, pos, neg, noise, steps=6, cfg=4.5, end_step=3, init_latents=noise, denoise=0.5)
-
-

@@ -12,8 +12,6 @@ from harness import models as tiny
 from pixart_core import files
 from pixart_core import t5 as ct5
 
-CPU = torch.device("cpu")
-
 
 def test_tokenizer_candidates(tmp_path):
     assert ct5.tokenizer_candidates(tmp_path) == [tmp_path / "tokenizer", tmp_path]

@@ -188,5 +188,3 @@ def test_clip_without_t5_xxl_is_named(comfy):
     holder.umt5xxl.transformer = comfy.text_encoders.t5.T5(cfg, torch.float32, "meta", comfy.ops.manual_cast)
     with pytest.raises(ValueError, match=r"a T5 with a 32000-token vocabulary .*32128 tokens"):
         _encode(nodes, clip_l)
-
-

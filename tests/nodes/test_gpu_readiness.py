@@ -323,5 +323,3 @@ def test_partial_load_gives_the_same_output_as_a_whole_load(comfy, kind):
         finally:
             patcher.unpatch_model(CPU)
     assert torch.equal(whole, partial)
-
-
