@@ -221,6 +221,40 @@ def dit_to_original(sd: dict[str, torch.Tensor], pos_embed: torch.Tensor | None 
     return {k: v.contiguous() for k, v in out.items()}
 
 
+
+DIT_LAYOUTS = ("original-pth", "original-pth-wrapped", "original-safetensors", "diffusers-single", "comfyui-prefixed",
+               "diffusers-folder")
+
+
+def write_dit(folder: Path, layout: str, name: str, model) -> Path:
+    """The DiT saved into `folder` as `name` in one of the layouts users have (DIT_LAYOUTS: the original release's
+    .pth, bare or under "state_dict", and safetensors; diffusers keys in one file; the original keys under ComfyUI's
+    model.diffusion_model. prefix; a diffusers folder); returns the file or folder."""
+    from safetensors.torch import save_file
+
+    sd = model.state_dict()
+    if layout == "original-pth":
+        path = folder / f"{name}.pth"
+        torch.save(dit_to_original(sd), path)
+    elif layout == "original-pth-wrapped":
+        path = folder / f"{name}.pth"
+        torch.save({"state_dict": dit_to_original(sd)}, path)
+    elif layout == "original-safetensors":
+        path = folder / f"{name}.safetensors"
+        save_file(dit_to_original(sd), str(path))
+    elif layout == "diffusers-single":
+        path = folder / f"{name}.safetensors"
+        save_file(sd, str(path))
+    elif layout == "comfyui-prefixed":
+        path = folder / f"{name}.safetensors"
+        save_file({f"model.diffusion_model.{k}": v for k, v in dit_to_original(sd).items()}, str(path))
+    elif layout == "diffusers-folder":
+        path = folder / name
+        model.save_pretrained(path / "transformer")
+    else:
+        raise ValueError(f"unknown DiT layout {layout!r}; one of {DIT_LAYOUTS}")
+    return path
+
 def copy_tokenizer(comfy_path: Path, dest: Path) -> None:
     """ComfyUI's own T5 tokenizer (comfy/text_encoders/t5_tokenizer) into a folder."""
     shutil.copytree(Path(comfy_path) / "comfy" / "text_encoders" / "t5_tokenizer", dest, dirs_exist_ok=True)

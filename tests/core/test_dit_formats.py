@@ -8,6 +8,8 @@ from safetensors.torch import save_file
 
 import reference_settings as reference
 from harness import models as tiny
+from harness.models import DIT_LAYOUTS as LAYOUTS
+from harness.models import write_dit as _write
 from pixart_core import transformer as cdit
 
 RELEASE_NAMES = {
@@ -15,31 +17,6 @@ RELEASE_NAMES = {
     "sigma-1024": "PixArt-Sigma-XL-2-1024-MS", "sigma-2k": "PixArt-Sigma-XL-2-2K-MS",
     "alpha-256": "PixArt-XL-2-256x256", "alpha-512": "PixArt-XL-2-512x512", "alpha-1024": "PixArt-XL-2-1024-MS",
 }
-LAYOUTS = ["original-pth", "original-pth-wrapped", "original-safetensors", "diffusers-single",
-           "comfyui-prefixed", "diffusers-folder"]
-
-
-def _write(tmp_path, layout: str, name: str, model) -> object:
-    sd = model.state_dict()
-    if layout == "original-pth":
-        path = tmp_path / f"{name}.pth"
-        torch.save(tiny.dit_to_original(sd), path)
-    elif layout == "original-pth-wrapped":
-        path = tmp_path / f"{name}.pth"
-        torch.save({"state_dict": tiny.dit_to_original(sd)}, path)
-    elif layout == "original-safetensors":
-        path = tmp_path / f"{name}.safetensors"
-        save_file(tiny.dit_to_original(sd), str(path))
-    elif layout == "diffusers-single":
-        path = tmp_path / f"{name}.safetensors"
-        save_file(sd, str(path))
-    elif layout == "comfyui-prefixed":
-        path = tmp_path / f"{name}.safetensors"
-        save_file({f"model.diffusion_model.{k}": v for k, v in tiny.dit_to_original(sd).items()}, str(path))
-    else:
-        path = tmp_path / name
-        model.save_pretrained(path / "transformer")
-    return path
 
 
 def _forward(model, micro: bool, h: int = 8, w: int = 12):
