@@ -19,7 +19,8 @@ NODES = REPO / "nodes"
 PACKAGE = NODES / "comfy"
 HEADER = PACKAGE / "__init__.py"
 OBJECTS_HEADING = "Attributes of ComfyUI objects"
-ENTRY = re.compile(r"^(\S+)\s+(public|private)\s+\S")
+GROUP = re.compile(r"^([A-Za-z_][\w.]*)$")  # a module (first list) or a class (second list)
+ENTRY = re.compile(r"^    (\S+)\s+(public|private)\s")  # one of its attributes
 
 
 def comfyui_modules() -> set[str]:
@@ -59,8 +60,19 @@ def header() -> tuple[dict[str, str], dict[str, str]]:
     """({module attribute: kind}, {object attribute: kind}) as the package's header lists them."""
     doc = ast.get_docstring(ast.parse(HEADER.read_text()))
     modules, objects = doc.split(OBJECTS_HEADING)
-    parse = lambda text: {m[1]: m[2] for m in map(ENTRY.match, text.splitlines()) if m}  # noqa: E731
-    return parse(modules), parse(objects)
+    return _entries(modules), _entries(objects)
+
+
+def _entries(text: str) -> dict[str, str]:
+    """{owner.attribute: kind} of one list."""
+    found, owner = {}, None
+    for line in text.splitlines():
+        if GROUP.match(line):
+            owner = line
+        elif (m := ENTRY.match(line)) is not None:
+            assert owner is not None, f"an entry before any module or class: {line}"
+            found[f"{owner}.{m[1]}"] = m[2]
+    return found
 
 
 def reached(path: Path) -> tuple[set[str], set[str]]:
