@@ -9,9 +9,9 @@ from comfy_api.v0_0_2 import io
 from ..pixart_core import hires, resolution, sampling
 from ..pixart_core import tiles as core_tiles
 from ..pixart_core import vae as core_vae
-from . import management
+from .comfy import devices, loading, progress
 from .types import CATEGORY, LATENT_SPACE_KEY, VAE, ConditioningType, DiT, DiTHandle, VAEHandle
-from .vae import load_for, run_tiled
+from .vae_jobs import load_for, run_tiled
 
 log = logging.getLogger(__name__)
 VIA_VAE = "vae (decode, upscale, encode)"
@@ -73,12 +73,12 @@ class HiresUpscale(io.ComfyNode):
             images = run_tiled(lambda t: core_vae.decode(ready.model, latents, tiled=t, device=ready.device),
                                tiled, "auto", "decode", size)
             images = hires.upscale_images(images, w, h, upscale_mode)
-            management.check_interrupt()
+            progress.check_interrupt()
             ready, tiled = load_for(vae, core_vae.encode_memory((1, h, w, 3), dtype, base) * images.shape[0], "auto")
             up = run_tiled(lambda t: core_vae.encode(ready.model, images, tiled=t, device=ready.device),
                            tiled, "auto", "encode", f"{w}x{h}")
             space = space or vae.family
-        out = {"samples": up.to(management.intermediate_device())}
+        out = {"samples": up.to(devices.intermediate_device())}
         if space:
             out[LATENT_SPACE_KEY] = space
         return io.NodeOutput(out, w, h)
@@ -159,13 +159,13 @@ class TiledRefine(io.ComfyNode):
         p = dit.patcher
         inner = p.model.inner
         need = sampling.inference_memory(batch, th, tw, inner.inner_dim, inner.dtype, cfg > 1.0,  # one tile's
-                                         fused_attention=management.fused_attention(p.load_device, inner.dtype))
-        ready = management.use(p, memory_required=need)
-        on_step, on_tile = management.tiled_step_callbacks(min(int(steps * denoise), steps), len(layout),
+                                         fused_attention=devices.fused_attention(p.load_device, inner.dtype))
+        ready = loading.use(p, memory_required=need)
+        on_step, on_tile = progress.tiled_step_callbacks(min(int(steps * denoise), steps), len(layout),
                                                            dit.variant.vae, ready.device)
         model = core_tiles.TiledDiT(ready.model, layout, (height // 8, width // 8), on_tile)
         latents = sampling.sample(model, positive, negative, noise, steps=steps, cfg=cfg, scheduler_name=scheduler,
                                   generator=generator, init_latents=init, denoise=denoise, device=ready.device,
                                   on_step=on_step)
-        return io.NodeOutput({"samples": (latents / dit.variant.vae_scaling_factor).to(management.intermediate_device()),
+        return io.NodeOutput({"samples": (latents / dit.variant.vae_scaling_factor).to(devices.intermediate_device()),
                               LATENT_SPACE_KEY: dit.variant.vae})

@@ -10,7 +10,7 @@ from comfy_api.v0_0_2 import io
 
 from ..pixart_core import resolution, sampling
 from ..pixart_core import vae as core_vae
-from . import management
+from .comfy import devices, loading, progress
 from .types import CATEGORY, LATENT_SPACE_KEY, ConditioningType, DiT, DiTHandle
 
 log = logging.getLogger(__name__)
@@ -86,18 +86,18 @@ def _run(dit: DiTHandle, positive, negative, seed: int, steps: int, cfg: float, 
     inner = p.model.inner
     passes = (2 if cfg > 1.0 else 1) + (1 if pag else 0)
     need = sampling.inference_memory(batch_size * passes, height, width, inner.inner_dim, inner.dtype, False,
-                                     fused_attention=management.fused_attention(p.load_device, inner.dtype))
-    ready = management.use(p, memory_required=need)
+                                     fused_attention=devices.fused_attention(p.load_device, inner.dtype))
+    ready = loading.use(p, memory_required=need)
     return sampling.sample(ready.model, positive, negative, noise, steps=steps, cfg=cfg, scheduler_name=scheduler,
                            generator=generator, init_latents=init, device=ready.device, mask=mask, return_state=True,
-                           on_step=management.step_callback(steps, dit.variant.vae, ready.device), **kw), scale
+                           on_step=progress.step_callback(steps, dit.variant.vae, ready.device), **kw), scale
 
 
 def _output(dit: DiTHandle, latent: dict | None, latents: torch.Tensor, scale: float,
             state: sampling.SolverState | None = None) -> dict:
     """A LATENT as ComfyUI's samplers return one: the input's other keys (noise_mask, batch_index) kept."""
     out = {k: v for k, v in (latent or {}).items() if k not in ("samples", sampling.STATE_KEY)}
-    out.update(samples=(latents / scale).to(management.intermediate_device()), **{LATENT_SPACE_KEY: dit.variant.vae})
+    out.update(samples=(latents / scale).to(devices.intermediate_device()), **{LATENT_SPACE_KEY: dit.variant.vae})
     if state is not None:
         out[sampling.STATE_KEY] = state
     return out

@@ -9,7 +9,8 @@ from ..pixart_core import captions
 from ..pixart_core import t5 as core_t5
 from ..pixart_core.cache import LRUCache
 from ..pixart_core.sampling import Conditioning
-from . import clip_t5, management, paths
+from . import clip_t5
+from .comfy import devices, loading, paths, progress
 from .types import CATEGORY, T5, ConditioningType, T5Handle
 
 log = logging.getLogger(__name__)
@@ -52,12 +53,12 @@ class T5Loader(io.ComfyNode):
     @classmethod
     def execute(cls, t5_name: str, quantization: str, dtype: str, device: str = DEVICES[0]) -> io.NodeOutput:
         path = paths.resolve(t5_name, T5_FOLDERS)
-        load_device, offload_device = management.t5_devices(cpu=device == "cpu")
-        compute = core_t5.compute_dtype(dtype, management.auto_dtype("t5", load_device))
+        load_device, offload_device = devices.t5_devices(cpu=device == "cpu")
+        compute = core_t5.compute_dtype(dtype, devices.auto_dtype("t5", load_device))
         tokenizer = core_t5.load_tokenizer(core_t5.tokenizer_candidates(path) + [paths.COMFY_TOKENIZER])
         loaded = core_t5.load_t5(path, quantization, compute, cache_dir=paths.t5_cache_dir(),
                                  quantize_device=load_device if load_device.type == "cuda" else None)
-        patcher = management.wrap(loaded.model, load_device, offload_device)
+        patcher = loading.wrap(loaded.model, load_device, offload_device)
         log.info("PixArt T5 %s loaded (%s, %s, runs on %s)", t5_name, quantization, compute, load_device)
         stat = path.stat()
         identity = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, quantization, str(compute), str(load_device))
@@ -103,10 +104,10 @@ class TextEncode(io.ComfyNode):
         out = [EMBEDDINGS.get(k) for k in keys]
         if any(c is None for c in out):
             loaded, device = src.load()
-            keep = management.intermediate_device()
+            keep = devices.intermediate_device()
 
             def encode(text: str, limit: int, warn: bool) -> Conditioning:
-                management.check_interrupt()
+                progress.check_interrupt()
                 embeds, mask = core_t5.encode(loaded, src.tokenizer, text, limit, device, cleaning=caption_cleaning,
                                               warn=warn)
                 return Conditioning(embeds.to(keep), mask.to(keep))
@@ -132,7 +133,7 @@ def _source(t5) -> clip_t5.Source:
         return clip_t5.source(t5)
 
     def load():
-        ready = management.use(t5.patcher)
+        ready = loading.use(t5.patcher)
         return core_t5.LoadedT5(ready.model, t5.dtype, t5.quantization, t5.name), ready.device
 
     return clip_t5.Source(t5.identity, t5.tokenizer, load)

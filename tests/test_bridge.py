@@ -30,7 +30,7 @@ def _handle(comfy, variant: str, seed: int = 0, size: str = "tiny", **overrides)
     import sys
 
     types = sys.modules[_bridge(comfy).__name__.rsplit(".", 1)[0] + ".types"]
-    management = sys.modules[_bridge(comfy).__name__.rsplit(".", 1)[0] + ".management"]
+    management = sys.modules[_bridge(comfy).__name__.rsplit(".", 1)[0] + ".comfy.loading"]
     from pixart_core.variants import PRESETS
 
     dit = tiny.make_dit(size, variant=variant, seed=seed, **overrides)
@@ -379,7 +379,7 @@ def test_our_lora_loader_and_comfyuis_agree_on_the_bridged_model(comfy, comfy_ba
     import comfy.model_management as mm
 
     sys_modules = __import__("sys").modules
-    management = sys_modules[_bridge(comfy).__name__.rsplit(".", 1)[0] + ".management"]
+    management = sys_modules[_bridge(comfy).__name__.rsplit(".", 1)[0] + ".comfy.loading"]
     handle, ref = _handle(comfy, "sigma-1024", seed=3)
     loras = comfy_base / "models" / "loras"
     loras.mkdir(parents=True, exist_ok=True)

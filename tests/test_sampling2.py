@@ -121,11 +121,11 @@ def test_mask_without_latent_is_refused(setup):
 # --- guidance ----------------------------------------------------------------------------------------------------
 
 def _cast_copy(dit):
-    """The DiT as the pack runs it: ComfyUI's cast-weights layers (the pack's nodes/management.castable, as ComfyUI
+    """The DiT as the pack runs it: ComfyUI's cast-weights layers (the pack's nodes/comfy/loading.castable, as ComfyUI
     loaded it)."""
     import sys
 
-    management = next(m for name, m in sys.modules.items() if name.endswith("nodes.management")
+    management = next(m for name, m in sys.modules.items() if name.endswith("nodes.comfy.loading")
                       and hasattr(m, "castable"))
     model = management.castable(copy.deepcopy(dit))
     assert any(getattr(m, "comfy_cast_weights", None) is not None for m in model.modules())
