@@ -14,7 +14,7 @@ import comfy.supported_models
 
 from ..pixart_core import transformer as core_dit
 from ..pixart_core.meta import empty_weights
-from ..pixart_core.sampling import Conditioning
+from ..pixart_core.conditioning import Conditioning
 from . import management
 from .types import CATEGORY, ConditioningType, DiT, DiTHandle
 
