@@ -1,5 +1,5 @@
 """The denoising loop (diffusers schedulers, as PixArtSigmaPipeline runs them): a checked Request is planned (the
-part of the schedule it runs, its first latents), then `denoise` steps the solver with a guided prediction
+part of the schedule it runs, its first latents), then `loop` steps the solver with a guided prediction
 (pixart_core.guidance) that it calls as predict(x, t, step)."""
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from . import schedulers
+from .conditioning import Conditioning
 from .guidance import Guidance, Predict, guided
 from .inpaint import Inpainting, latent_mask
 from .request import Request, check_inputs
@@ -136,7 +137,7 @@ def prepare(r: Request, noise: torch.Tensor, generator: torch.Generator | None,
 
 
 @torch.no_grad()
-def denoise(predict: Predict, plan: Plan, latents: torch.Tensor, on_step: OnStep | None = None) -> torch.Tensor:
+def loop(predict: Predict, plan: Plan, latents: torch.Tensor, on_step: OnStep | None = None) -> torch.Tensor:
     """Step the plan's solver through its timesteps from `latents` with the guided prediction; returns its latents.
     Inpainting keeps the image outside the mask before every forward and in the prediction there."""
     s, timesteps = plan.scheduler, plan.timesteps
@@ -194,12 +195,13 @@ def run(model: torch.nn.Module, r: Request, noise: torch.Tensor, generator: torc
     device = device or next(model.parameters()).device
     plan, latents = prepare(r, noise, generator, device)
     with guided(model, r.positive, r.negative, r.guidance, r.schedule_steps) as predict:
-        latents = denoise(predict, plan, latents, on_step)
+        latents = loop(predict, plan, latents, on_step)
     return finish(r, plan, latents)
 
 
-def sample(model: torch.nn.Module, positive, negative, noise: torch.Tensor, *, generator: torch.Generator | None = None,
-           device: torch.device | None = None, on_step: OnStep | None = None, return_state: bool = False, **settings):
+def sample(model: torch.nn.Module, positive: Conditioning, negative: Conditioning, noise: torch.Tensor, *,
+           generator: torch.Generator | None = None, device: torch.device | None = None, on_step: OnStep | None = None,
+           return_state: bool = False, **settings):
     """Check and run a request given as keywords (Request's and Guidance's fields; the size is the noise's), for
     scripts and tests: the latents, or (latents, SolverState or None) with `return_state`."""
     names = {f.name for f in dataclasses.fields(Guidance)}

@@ -322,3 +322,18 @@ def test_dmd_timestep_reaches_the_model(setup, timestep):
     finally:
         handle.remove()
     assert seen == [[timestep, timestep]]
+
+
+def test_dmd_runs_its_one_step_from_noise_whatever_the_stage_settings(setup):
+    """The Advanced sampler always sends stage settings (end step 10000, leftover noise...): DMD's one step from
+    noise ignores them (the same latents as without them); a start from an input latent or part-way is refused."""
+    dit, pos, neg = setup
+    noise, gen = _noise()
+    plain = sampling.sample(dit, pos, neg, noise, steps=1, cfg=1.0, scheduler=schedulers.DMD, generator=gen)
+    noise, gen = _noise()
+    staged = sampling.sample(dit, pos, neg, noise, steps=20, cfg=1.0, scheduler=schedulers.DMD, generator=gen,
+                             end_step=12, leftover_noise=True)
+    assert torch.equal(plain, staged)
+    for kw in (dict(init_latents=noise), dict(init_latents=noise, start_step=2, add_noise=False)):
+        with pytest.raises(ValueError, match="does not do img2img: it starts from noise"):
+            sampling.sample(dit, pos, neg, noise, steps=20, cfg=1.0, scheduler=schedulers.DMD, **kw)
