@@ -207,13 +207,13 @@ def worker_sdpa(a) -> dict:
     torch, mm, N, device, _ = _worker_setup(a)
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    sampling = _pack("pixart_core.sampling")
+    conditioning = _pack("pixart_core.conditioning")
     dit = N["PixArtSigmaDiTLoader"].execute(dit_name=gpu.DIT, variant="auto", dtype="auto").result[0]
     inner = dit.patcher.model.inner
     width = inner.config.caption_channels
     # real prompts are short and the empty negative is one token: padded to the longest, so cross-attention is masked
-    pos = sampling.Conditioning(torch.randn(1, 24, width), torch.ones(1, 24, dtype=torch.long))
-    neg = sampling.Conditioning(torch.randn(1, 1, width), torch.ones(1, 1, dtype=torch.long))
+    pos = conditioning.Conditioning(torch.randn(1, 24, width), torch.ones(1, 24, dtype=torch.long))
+    neg = conditioning.Conditioning(torch.randn(1, 1, width), torch.ones(1, 1, dtype=torch.long))
     open_ranges: dict[int, object] = {}
 
     def pre(label):

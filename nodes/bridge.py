@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..pixart_core.sampling import Conditioning
+from ..pixart_core.conditioning import Conditioning
 from .comfy.native_pixart import AT_LIMIT_KEY, to_model
 from .types import CATEGORY, ConditioningType, DiT, DiTHandle
 

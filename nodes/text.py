@@ -8,7 +8,7 @@ from comfy_api.v0_0_2 import io
 from ..pixart_core import captions
 from ..pixart_core import t5 as core_t5
 from ..pixart_core.cache import LRUCache
-from ..pixart_core.sampling import Conditioning
+from ..pixart_core.conditioning import Conditioning
 from . import clip_t5
 from .comfy import devices, loading, paths, progress
 from .types import CATEGORY, T5, ConditioningType, T5Handle

@@ -4,6 +4,7 @@ from __future__ import annotations
 from comfy_api.v0_0_2 import io
 
 from ..pixart_core import vae as core_vae
+from ..pixart_core.resolution import check_multiple, optional_size
 from .comfy import devices, loading, paths, progress
 from .types import CATEGORY, LATENT_SPACE_KEY, VAE, VAEHandle
 from .vae_jobs import load_for, run_tiled
@@ -66,9 +67,7 @@ class VAEDecode(io.ComfyNode):
                 target_height: int = 0) -> io.NodeOutput:
         latents = samples["samples"]
         core_vae.check_pairing(samples.get(LATENT_SPACE_KEY), vae.family, vae.name)
-        if (target_width > 0) != (target_height > 0):
-            raise ValueError("PixArt VAE decode: set both target_width and target_height, or neither (0).")
-        target = (target_width, target_height) if target_width > 0 else None
+        target = optional_size(target_width, target_height, "PixArt VAE decode", "target_width and target_height")
         inner = vae.patcher.model.inner
         dtype, width = inner.dtype, inner.config.block_out_channels[0]
         need = core_vae.decode_memory(tuple(latents.shape), dtype, width)  # one image at a time
@@ -102,9 +101,7 @@ class VAEEncode(io.ComfyNode):
     @classmethod
     def execute(cls, vae: VAEHandle, image, tiling: str = "auto") -> io.NodeOutput:
         h, w = image.shape[1:3]
-        if h % 16 or w % 16:
-            raise ValueError(f"PixArt VAE encode: the image is {w}x{h}; PixArt needs sides in multiples of 16 "
-                             f"(crop or resize it, e.g. with ImageScale to {w // 16 * 16}x{h // 16 * 16}).")
+        check_multiple(w, h, f"PixArt VAE encode: the image is {w}x{h}", " Crop or resize it (e.g. with ImageScale).")
         inner = vae.patcher.model.inner
         need = core_vae.encode_memory(tuple(image.shape), inner.dtype, inner.config.block_out_channels[0]) * image.shape[0]
         ready, tiled = load_for(vae, need, tiling)

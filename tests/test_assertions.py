@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 import reference_settings as reference
 from harness import models as tiny
 from conftest import COMFY
-from pixart_core import sampling
+from pixart_core import conditioning, sampling, schedulers
 from pixart_core import t5 as ct5
 
 TOKENIZER = COMFY / "comfy" / "text_encoders" / "t5_tokenizer"
@@ -23,8 +23,8 @@ SIZE = 64
 @pytest.fixture(scope="module")
 def conds():
     torch.manual_seed(3)
-    pos = sampling.Conditioning(torch.randn(1, 12, tiny.T5_WIDTH), torch.tensor([[1] * 9 + [0] * 3]))
-    neg = sampling.Conditioning(torch.randn(1, 12, tiny.T5_WIDTH), torch.tensor([[1] + [0] * 11]))
+    pos = conditioning.Conditioning(torch.randn(1, 12, tiny.T5_WIDTH), torch.tensor([[1] * 9 + [0] * 3]))
+    neg = conditioning.Conditioning(torch.randn(1, 12, tiny.T5_WIDTH), torch.tensor([[1] + [0] * 11]))
     return pos, neg
 
 
@@ -58,7 +58,7 @@ def test_dit_passes_per_step_follow_cfg(conds, cfg, passes_per_image):
     assert [x.shape[0] for x, _ in calls] == [2 * passes_per_image] * 4
 
 
-@pytest.mark.parametrize("name", [s for s in reference.SCHEDULERS if s != sampling.DMD])
+@pytest.mark.parametrize("name", [s for s in reference.SCHEDULERS if s != schedulers.DMD])
 @pytest.mark.parametrize("steps,denoise", [(10, 0.6), (7, 0.3)])
 def test_img2img_noises_the_input_as_diffusers_strength_does(conds, name, steps, denoise):
     """The first DiT input is the input latent noised at diffusers' img2img start timestep (StableDiffusionImg2Img
@@ -72,7 +72,7 @@ def test_img2img_noises_the_input_as_diffusers_strength_does(conds, name, steps,
     noise, gen = sampling.initial_noise(3, 2, 4, SIZE, SIZE)
     calls, handle = _record_calls(dit)
     try:
-        sampling.sample(dit, pos, neg, noise, steps=steps, cfg=4.5, scheduler_name=name, generator=gen,
+        sampling.sample(dit, pos, neg, noise, steps=steps, cfg=4.5, scheduler=name, generator=gen,
                         init_latents=init, denoise=denoise)
     finally:
         handle.remove()
@@ -91,7 +91,7 @@ def test_dmd_refuses_img2img(conds):
     pos, neg = conds
     noise, _ = sampling.initial_noise(0, 1, 4, SIZE, SIZE)
     with pytest.raises(ValueError, match="does not do img2img"):
-        sampling.sample(tiny.make_dit(), pos, neg, noise, steps=1, cfg=1.0, scheduler_name=sampling.DMD,
+        sampling.sample(tiny.make_dit(), pos, neg, noise, steps=1, cfg=1.0, scheduler=schedulers.DMD,
                         init_latents=torch.zeros(1, 4, 8, 8), denoise=0.5)
 
 
@@ -153,15 +153,15 @@ def test_token_limits_from_the_dit():
 
 
 def test_for_limit_picks_the_encoding_made_at_the_dit_limit():
-    long = sampling.Conditioning(torch.zeros(1, 300, 4), torch.ones(1, 300, dtype=torch.long))
-    short = sampling.Conditioning(torch.ones(1, 120, 4), torch.ones(1, 120, dtype=torch.long))
+    long = conditioning.Conditioning(torch.zeros(1, 300, 4), torch.ones(1, 300, dtype=torch.long))
+    short = conditioning.Conditioning(torch.ones(1, 120, 4), torch.ones(1, 120, dtype=torch.long))
     long.at_limit[120] = short
-    assert sampling.for_limit(long, 120) is short
-    assert sampling.for_limit(long, 300) is long
-    plain = sampling.Conditioning(torch.zeros(1, 150, 4), torch.ones(1, 150, dtype=torch.long))
-    assert sampling.for_limit(plain, 120) is plain  # nothing better to offer: the sampler warns
-    fits = sampling.Conditioning(torch.zeros(1, 120, 4), torch.ones(1, 120, dtype=torch.long), {120: short})
-    assert sampling.for_limit(fits, 120) is fits
+    assert conditioning.for_limit(long, 120) is short
+    assert conditioning.for_limit(long, 300) is long
+    plain = conditioning.Conditioning(torch.zeros(1, 150, 4), torch.ones(1, 150, dtype=torch.long))
+    assert conditioning.for_limit(plain, 120) is plain  # nothing better to offer: the sampler warns
+    fits = conditioning.Conditioning(torch.zeros(1, 120, 4), torch.ones(1, 120, dtype=torch.long), {120: short})
+    assert conditioning.for_limit(fits, 120) is fits
 
 
 # --- the Text Encode node inside ComfyUI: its cache and the token limit that follows the DiT ---------------------

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from harness import models as tiny
 from conftest import COMFY, REPO
 from pixart_core import files, sampling
+from pixart_core.conditioning import Conditioning
 from pixart_core import t5 as ct5
 from pixart_core import transformer as cdit
 from pixart_core import vae as cvae
@@ -288,7 +289,7 @@ def test_nan_step_is_named_with_and_without_a_host_sync_per_step(ref, monkeypatc
     dit = tiny.make_dit()
     handle = dit.register_forward_hook(poison)
     try:
-        cond = sampling.Conditioning(torch.randn(1, 5, dit.config.caption_channels), torch.ones(1, 5, dtype=torch.long))
+        cond = Conditioning(torch.randn(1, 5, dit.config.caption_channels), torch.ones(1, 5, dtype=torch.long))
         noise, gen = sampling.initial_noise(0, 1, 4, 64, 64)
         with pytest.raises(FloatingPointError, match=r"NaN/inf at step 2 of 4 \(timestep \d+\)"):
             sampling.sample(dit, cond, cond, noise, steps=4, cfg=4.5, generator=gen)

@@ -168,9 +168,10 @@ def test_scaled_fp8_t5_with_scales_missing_is_named(tmp_path):
 
 def test_t5_of_the_wrong_width_is_named_at_sampling():
     from pixart_core import sampling
+    from pixart_core.conditioning import Conditioning
 
     dit = tiny.make_dit()
-    cond = sampling.Conditioning(torch.randn(1, 4, 768), torch.ones(1, 4, dtype=torch.long))
+    cond = Conditioning(torch.randn(1, 4, 768), torch.ones(1, 4, dtype=torch.long))
     noise, _ = sampling.initial_noise(0, 1, 4, 16, 16)
     with pytest.raises(ValueError, match=r"768 wide \(T5-v1.1-base\).*64-wide"):
         sampling.sample(dit, cond, cond, noise, steps=1, cfg=4.5)

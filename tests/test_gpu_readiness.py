@@ -196,11 +196,11 @@ def test_patcher_counts_a_tied_embedding_once(comfy):
 def test_attention_memory_is_counted_whole_on_the_math_kernel(comfy, monkeypatch):
     """Issue 11.7: SDPA's math kernel holds every head's score matrix: 2 (CFG) x 16 heads x 16384^2 tokens x 2 bytes
     = 16 GiB at 2K in bf16, which a 4x-MLP cap hid. Which kernel runs follows the GPU and dtype."""
-    from pixart_core import sampling
+    from pixart_core import dit_memory
 
     devices = pack("nodes.comfy.devices")
-    math = sampling.inference_memory(1, 2048, 2048, 1152, torch.bfloat16, True, fused_attention=False)
-    fused = sampling.inference_memory(1, 2048, 2048, 1152, torch.bfloat16, True, fused_attention=True)
+    math = dit_memory.inference_memory(1, 2048, 2048, 1152, torch.bfloat16, True, fused_attention=False)
+    fused = dit_memory.inference_memory(1, 2048, 2048, 1152, torch.bfloat16, True, fused_attention=True)
     scores = 2 * 16 * 16384 ** 2 * 2
     mlp = 2 * 16384 * 1152 * 12 * 2
     assert math == scores + mlp + (64 << 20)
@@ -308,12 +308,13 @@ def test_bf16_holds_up_against_fp32_on_the_cpu():
     models (2026-11-29): relative L2 error 0.30% after 20 steps of the 2-block DiT, 0.27% through the VAE; the
     bounds, 2% and 1%, leave room for other CPUs' summation orders."""
     from pixart_core import sampling
+    from pixart_core.conditioning import Conditioning
 
     dit32 = tiny.make_dit()
     dit16 = tiny.make_dit().to(torch.bfloat16)
     torch.manual_seed(1)
-    pos = sampling.Conditioning(torch.randn(1, 6, dit32.config.caption_channels), torch.ones(1, 6, dtype=torch.long))
-    neg = sampling.Conditioning(torch.randn(1, 1, dit32.config.caption_channels), torch.ones(1, 1, dtype=torch.long))
+    pos = Conditioning(torch.randn(1, 6, dit32.config.caption_channels), torch.ones(1, 6, dtype=torch.long))
+    neg = Conditioning(torch.randn(1, 1, dit32.config.caption_channels), torch.ones(1, 1, dtype=torch.long))
     latents = {}
     for name, dit in (("fp32", dit32), ("bf16", dit16)):
         noise, gen = sampling.initial_noise(3, 1, 4, 128, 128)

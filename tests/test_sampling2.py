@@ -10,7 +10,8 @@ import torch
 
 import reference_settings as reference
 from harness import models as tiny
-from pixart_core import sampling
+from pixart_core import guidance, inpaint, sampling, schedulers
+from pixart_core.conditioning import Conditioning
 
 SIZE = 64
 
@@ -18,8 +19,8 @@ SIZE = 64
 @pytest.fixture(scope="module")
 def setup():
     torch.manual_seed(3)
-    pos = sampling.Conditioning(torch.randn(1, 12, tiny.T5_WIDTH), torch.tensor([[1] * 9 + [0] * 3]))
-    neg = sampling.Conditioning(torch.randn(1, 12, tiny.T5_WIDTH), torch.tensor([[1] + [0] * 11]))
+    pos = Conditioning(torch.randn(1, 12, tiny.T5_WIDTH), torch.tensor([[1] * 9 + [0] * 3]))
+    neg = Conditioning(torch.randn(1, 12, tiny.T5_WIDTH), torch.tensor([[1] + [0] * 11]))
     return tiny.make_dit(), pos, neg
 
 
@@ -62,7 +63,7 @@ def test_mask_is_resized_as_comfyui_prepare_mask(comfy, mask_shape, latent_shape
 
     mask = torch.rand(mask_shape, generator=torch.Generator().manual_seed(0))
     want = comfy.sampler_helpers.prepare_mask(mask, latent_shape, "cpu")
-    got = sampling.latent_mask(mask, latent_shape)
+    got = inpaint.latent_mask(mask, latent_shape)
     assert got.shape == want.shape == latent_shape and torch.equal(got, want)
 
 
@@ -72,7 +73,7 @@ def _box_mask(batch=2):
     return m
 
 
-@pytest.mark.parametrize("name", ["ddim", "dpm++ 2m"])
+@pytest.mark.parametrize("name", ["ddim", "dpmpp_2m"])
 def test_inpainting_keeps_the_image_outside_the_mask(setup, name):
     """Outside the mask: the image, re-noised to the timestep a stage stops at (diffusers' add_noise on the
     published scheduler: a hand-checkable closed form), and the image itself at the end of the schedule."""
@@ -80,7 +81,7 @@ def test_inpainting_keeps_the_image_outside_the_mask(setup, name):
     init = torch.randn(2, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(5))
     mask = _box_mask()
     noise, gen = _noise()
-    stage, _ = sampling.sample(dit, pos, neg, noise, steps=6, cfg=4.5, scheduler_name=name, generator=gen,
+    stage, _ = sampling.sample(dit, pos, neg, noise, steps=6, cfg=4.5, scheduler=name, generator=gen,
                                init_latents=init, mask=mask, end_step=3, leftover_noise=True, return_state=True)
     ref = reference.scheduler(name)
     ref.set_timesteps(6)
@@ -93,7 +94,7 @@ def test_inpainting_keeps_the_image_outside_the_mask(setup, name):
     # the LATENT holds ComfyUI's form x0 + sigma * noise (= the VP latent / sqrt(a))
     assert (stage - renoised / a.sqrt())[outside.expand_as(stage)].abs().max() < 1e-4
     noise, gen = _noise()
-    full = sampling.sample(dit, pos, neg, noise, steps=6, cfg=4.5, scheduler_name=name, generator=gen,
+    full = sampling.sample(dit, pos, neg, noise, steps=6, cfg=4.5, scheduler=name, generator=gen,
                            init_latents=init, mask=mask)
     assert torch.equal(full[outside.expand_as(full)], init[outside.expand_as(init)])
     assert (full - init)[~outside.expand_as(full)].abs().min() > 0  # the masked part was repainted
@@ -146,7 +147,7 @@ def test_pag_matches_diffusers_pag_pipeline(comfy, setup, cfg, layers):
     assert {k: id(v) for k, v in ours_model.attn_processors.items()} == {k: id(v) for k, v in before.items()}
 
     pipe = PixArtSigmaPAGPipeline(tokenizer=None, text_encoder=None, vae=tiny.make_vae(), transformer=dit,
-                                  scheduler=reference.scheduler(sampling.DEFAULT_SCHEDULER), pag_applied_layers=layers)
+                                  scheduler=reference.scheduler(schedulers.DEFAULT), pag_applied_layers=layers)
     ref = pipe(prompt=None, negative_prompt=None, prompt_embeds=pos.embeds, prompt_attention_mask=pos.mask, negative_prompt_embeds=neg.embeds,
                negative_prompt_attention_mask=neg.mask, num_images_per_prompt=2, latents=noise.clone(),
                num_inference_steps=4, guidance_scale=cfg, pag_scale=3.0, height=SIZE, width=SIZE,
@@ -171,10 +172,10 @@ def test_pag_layers_are_the_ones_diffusers_picks():
         pipe._set_pag_attn_processor(pipe.pag_applied_layers, do_classifier_free_guidance=True)
         want = sorted(n for n, m in model.named_modules()
                       if isinstance(getattr(m, "processor", None), PAGCFGIdentitySelfAttnProcessor2_0))
-        got = sorted(names[id(m)] for m in sampling.pag_targets(dit, sampling.pag_layer_patterns(spec)))
+        got = sorted(names[id(m)] for m in guidance.pag_targets(dit, guidance.pag_layer_patterns(spec)))
         assert got == want and got, spec
     with pytest.raises(ValueError, match="blocks.0 to blocks.11"):
-        sampling.pag_targets(dit, ["blocks.40"])
+        guidance.pag_targets(dit, ["blocks.40"])
 
 
 def test_pag_processors_come_back_after_cancel(setup):
@@ -195,8 +196,8 @@ def test_guidance_rescale_as_diffusers(setup):
     dit, pos, neg = setup
     noise, gen = _noise()
     ours = sampling.sample(dit, pos, neg, noise, steps=4, cfg=7.0, generator=gen, guidance_rescale=0.7)
-    ref, _, _ = _reference_loop(dit, pos, neg, noise, 4, 7.0, sampling.DEFAULT_SCHEDULER, rescale=0.7)
-    plain, _, _ = _reference_loop(dit, pos, neg, noise, 4, 7.0, sampling.DEFAULT_SCHEDULER)
+    ref, _, _ = _reference_loop(dit, pos, neg, noise, 4, 7.0, schedulers.DEFAULT, rescale=0.7)
+    plain, _, _ = _reference_loop(dit, pos, neg, noise, 4, 7.0, schedulers.DEFAULT)
     assert (ours - ref).abs().max() <= 1e-4 and (ours - plain).abs().max() > 1e-3
 
 
@@ -233,18 +234,18 @@ def test_cfg_interval_runs_one_pass_outside_it(setup):
 
 # --- staged sampling ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["dpm++ 2m", "sa-solver", "unipc", "euler ancestral", "ddpm", "ddim"])
+@pytest.mark.parametrize("name", ["dpmpp_2m", "sa_solver", "unipc", "euler_ancestral", "ddpm", "ddim"])
 def test_two_stages_equal_one_run(setup, name):
     """Stage 1 stops with leftover noise and hands its solver state on in the LATENT; stage 2 continues: the same
     latents as one run, bit for bit, for multistep (history) and stochastic (generator) schedulers alike."""
     dit, pos, neg = setup
     noise, gen = _noise()
-    whole = sampling.sample(dit, pos, neg, noise, steps=7, cfg=4.5, scheduler_name=name, generator=gen)
+    whole = sampling.sample(dit, pos, neg, noise, steps=7, cfg=4.5, scheduler=name, generator=gen)
     noise, gen = _noise()
-    first, state = sampling.sample(dit, pos, neg, noise, steps=7, cfg=4.5, scheduler_name=name, generator=gen,
+    first, state = sampling.sample(dit, pos, neg, noise, steps=7, cfg=4.5, scheduler=name, generator=gen,
                                    end_step=4, leftover_noise=True, return_state=True)
     noise, gen = _noise(seed=99)  # stage 2's own seed: its noise is not added (add_noise off)
-    second = sampling.sample(dit, pos, neg, noise, steps=7, cfg=4.5, scheduler_name=name, generator=gen,
+    second = sampling.sample(dit, pos, neg, noise, steps=7, cfg=4.5, scheduler=name, generator=gen,
                              init_latents=first, start_step=4, add_noise=False, resume=state)
     assert torch.equal(second, whole)
 
@@ -253,7 +254,7 @@ def test_two_inpainting_stages_equal_one_inpainting_run(setup):
     """The state also carries the image and noise that stage 2 keeps re-noising outside the mask."""
     dit, pos, neg = setup
     init = torch.randn(2, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(5))
-    kw = dict(steps=6, cfg=4.5, scheduler_name="dpm++ 2m", mask=_box_mask())
+    kw = dict(steps=6, cfg=4.5, scheduler="dpmpp_2m", mask=_box_mask())
     noise, gen = _noise()
     whole = sampling.sample(dit, pos, neg, noise, generator=gen, init_latents=init, **kw)
     noise, gen = _noise()
@@ -270,16 +271,16 @@ def test_stage_two_without_the_state_restarts_the_solver(setup):
     first-order deterministic DDIM still gives one run's result; DPM-Solver++ 2M's first step is then first order."""
     dit, pos, neg = setup
     results = {}
-    for name in ("ddim", "dpm++ 2m"):
+    for name in ("ddim", "dpmpp_2m"):
         noise, gen = _noise()
-        whole = sampling.sample(dit, pos, neg, noise, steps=6, cfg=4.5, scheduler_name=name, generator=gen)
+        whole = sampling.sample(dit, pos, neg, noise, steps=6, cfg=4.5, scheduler=name, generator=gen)
         noise, gen = _noise()
-        first = sampling.sample(dit, pos, neg, noise, steps=6, cfg=4.5, scheduler_name=name, generator=gen,
+        first = sampling.sample(dit, pos, neg, noise, steps=6, cfg=4.5, scheduler=name, generator=gen,
                                 end_step=3, leftover_noise=True)
-        second = sampling.sample(dit, pos, neg, noise, steps=6, cfg=4.5, scheduler_name=name, generator=gen,
+        second = sampling.sample(dit, pos, neg, noise, steps=6, cfg=4.5, scheduler=name, generator=gen,
                                  init_latents=first, start_step=3, add_noise=False)
         results[name] = ((second - whole).abs().max() / whole.abs().max()).item()
-    assert results["ddim"] <= 1e-6 and results["dpm++ 2m"] > 1e-3  # relative (random tiny weights: large latents)
+    assert results["ddim"] <= 1e-6 and results["dpmpp_2m"] > 1e-3  # relative (random tiny weights: large latents)
 
 
 def test_early_stop_returns_the_clean_estimate_or_comfyui_leftover(setup):
@@ -288,9 +289,9 @@ def test_early_stop_returns_the_clean_estimate_or_comfyui_leftover(setup):
     dit, pos, neg = setup
     noise, gen = _noise()
     ref_x, res, sch = _reference_loop(dit, pos, neg, noise, 6, 4.5, "ddim", stop=4)
-    clean = sampling.sample(dit, pos, neg, noise, steps=6, cfg=4.5, scheduler_name="ddim", generator=gen, end_step=4)
+    clean = sampling.sample(dit, pos, neg, noise, steps=6, cfg=4.5, scheduler="ddim", generator=gen, end_step=4)
     assert (clean - res.pred_original_sample).abs().max() <= 1e-4
-    leftover = sampling.sample(dit, pos, neg, noise, steps=6, cfg=4.5, scheduler_name="ddim", generator=gen,
+    leftover = sampling.sample(dit, pos, neg, noise, steps=6, cfg=4.5, scheduler="ddim", generator=gen,
                                end_step=4, leftover_noise=True)
     a = sch.alphas_cumprod[int(sch.timesteps[3]) - 1000 // 6]  # diffusers' DDIM steps to t - 1000 // steps
     assert (leftover - ref_x / a.sqrt()).abs().max() <= 1e-4
@@ -317,7 +318,22 @@ def test_dmd_timestep_reaches_the_model(setup, timestep):
     try:
         noise, gen = _noise()
         kw = {} if timestep == reference.DMD_TIMESTEPS[0] else {"dmd_timestep": timestep}  # the default is the release's
-        sampling.sample(dit, pos, neg, noise, steps=1, cfg=1.0, scheduler_name=sampling.DMD, generator=gen, **kw)
+        sampling.sample(dit, pos, neg, noise, steps=1, cfg=1.0, scheduler=schedulers.DMD, generator=gen, **kw)
     finally:
         handle.remove()
     assert seen == [[timestep, timestep]]
+
+
+def test_dmd_runs_its_one_step_from_noise_whatever_the_stage_settings(setup):
+    """The Advanced sampler always sends stage settings (end step 10000, leftover noise...): DMD's one step from
+    noise ignores them (the same latents as without them); a start from an input latent or part-way is refused."""
+    dit, pos, neg = setup
+    noise, gen = _noise()
+    plain = sampling.sample(dit, pos, neg, noise, steps=1, cfg=1.0, scheduler=schedulers.DMD, generator=gen)
+    noise, gen = _noise()
+    staged = sampling.sample(dit, pos, neg, noise, steps=20, cfg=1.0, scheduler=schedulers.DMD, generator=gen,
+                             end_step=12, leftover_noise=True)
+    assert torch.equal(plain, staged)
+    for kw in (dict(init_latents=noise), dict(init_latents=noise, start_step=2, add_noise=False)):
+        with pytest.raises(ValueError, match="does not do img2img: it starts from noise"):
+            sampling.sample(dit, pos, neg, noise, steps=20, cfg=1.0, scheduler=schedulers.DMD, **kw)

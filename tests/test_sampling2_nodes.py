@@ -139,3 +139,37 @@ def test_advanced_dmd_timestep_reaches_the_loop(executor, comfy_base):
     assert r["ok"], r["error"]
     plain, at400, at599 = (_latent(r, n, comfy_base) for n in ("8", "12", "14"))
     assert torch.equal(plain, at400) and (at599 - at400).abs().max() > 1e-3
+
+
+# The scheduler widget's options as every workflow saved before the core got its own scheduler ids holds them.
+SAVED_SCHEDULER_LABELS = ["dpm++ 2m", "sa-solver", "ddim", "euler", "euler ancestral", "unipc", "ddpm", "lcm",
+                          "dmd 1-step (t=400)"]
+
+
+def test_saved_scheduler_labels_map_to_an_id_and_back(comfy):
+    """Every scheduler value of every example workflow (converted as ComfyUI's frontend converts it) and every
+    label ever offered: a core scheduler id, whose label is the saved value again; the widgets offer exactly the
+    saved labels, so old workflows load with the same values."""
+    import json
+
+    from conftest import REPO
+    from harness import comfyui
+    from harness.workflow import ui_to_api
+    from test_gpu_readiness import pack
+
+    labels, schedulers = pack("nodes.scheduler_labels"), pack("pixart_core.schedulers")
+    samplers = ("PixArtSigmaSampler", "PixArtSigmaSamplerAdvanced", "PixArtSigmaTiledRefine")
+    saved = []
+    for path in sorted((REPO / "example_workflows").glob("*.json")):
+        wf = json.loads(path.read_text())
+        prompt = ui_to_api(wf, comfyui.object_info(comfy, {n["type"] for n in wf["nodes"]}))
+        saved += [n["inputs"]["scheduler"] for n in prompt.values() if n["class_type"] in samplers]
+    assert saved and set(saved) <= set(SAVED_SCHEDULER_LABELS)
+    for label in saved + SAVED_SCHEDULER_LABELS:
+        scheduler_id = labels.to_id(label)
+        assert scheduler_id in schedulers.SCHEDULERS and labels.LABELS[scheduler_id] == label
+    info = comfyui.object_info(comfy, samplers)
+    offered = {c: info[c]["input"]["required"]["scheduler"] for c in samplers}
+    for c in ("PixArtSigmaSampler", "PixArtSigmaSamplerAdvanced"):
+        assert offered[c][1]["options"] == SAVED_SCHEDULER_LABELS and offered[c][1]["default"] == "dpm++ 2m"
+    assert offered["PixArtSigmaTiledRefine"][1]["options"] == SAVED_SCHEDULER_LABELS[:-1]  # no one-step DMD

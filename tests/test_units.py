@@ -7,7 +7,8 @@ import torch
 
 import reference_settings as reference
 from harness import models as tiny
-from pixart_core import resolution, sampling
+from pixart_core import dit_memory, resolution, sampling, schedulers
+from pixart_core.conditioning import Conditioning
 from pixart_core import t5 as ct5
 from pixart_core import transformer as cdit
 from pixart_core import vae as cvae
@@ -78,19 +79,19 @@ def test_inference_memory_scales_as_activations_do():
     """No outside formula exists for this estimate; what any activation estimate must do: linear in the images run
     (CFG doubles them), proportional to bytes per element, growing with the token count, and a fixed reserve."""
     reserve = 64 << 20
-    one = sampling.inference_memory(1, 256, 256, 1152, torch.float32, cfg=False) - reserve
-    assert sampling.inference_memory(2, 256, 256, 1152, torch.float32, cfg=False) - reserve == 2 * one
-    assert sampling.inference_memory(1, 256, 256, 1152, torch.float32, cfg=True) - reserve == 2 * one
-    assert sampling.inference_memory(1, 256, 256, 1152, torch.bfloat16, cfg=False) - reserve == one // 2
-    assert sampling.inference_memory(1, 512, 256, 1152, torch.float32, cfg=False) - reserve > 2 * one
-    assert sampling.inference_memory(1, 256, 256, 2304, torch.float32, cfg=False) - reserve > one
+    one = dit_memory.inference_memory(1, 256, 256, 1152, torch.float32, cfg=False) - reserve
+    assert dit_memory.inference_memory(2, 256, 256, 1152, torch.float32, cfg=False) - reserve == 2 * one
+    assert dit_memory.inference_memory(1, 256, 256, 1152, torch.float32, cfg=True) - reserve == 2 * one
+    assert dit_memory.inference_memory(1, 256, 256, 1152, torch.bfloat16, cfg=False) - reserve == one // 2
+    assert dit_memory.inference_memory(1, 512, 256, 1152, torch.float32, cfg=False) - reserve > 2 * one
+    assert dit_memory.inference_memory(1, 256, 256, 2304, torch.float32, cfg=False) - reserve > one
     # at least the MLP activations of one forward: 256 tokens x 4 x 1152 fp32 values
     assert one >= (256 // 16) ** 2 * 4 * 1152 * 4
     tokens = (2048 // 16) ** 2
-    big = sampling.inference_memory(1, 2048, 2048, 1152, torch.float32, cfg=False) - reserve
+    big = dit_memory.inference_memory(1, 2048, 2048, 1152, torch.float32, cfg=False) - reserve
     assert big <= 5 * tokens * 1152 * 12 * 4  # a fused attention kernel needs no more than the MLP part
     # SDPA's math kernel holds every head's tokens x tokens scores (16 heads in PixArt XL/2): counted whole
-    math = sampling.inference_memory(1, 2048, 2048, 1152, torch.float32, cfg=False, fused_attention=False) - reserve
+    math = dit_memory.inference_memory(1, 2048, 2048, 1152, torch.float32, cfg=False, fused_attention=False) - reserve
     assert math >= 16 * tokens * tokens * 4 > big
     # one head's score matrix is tokens x tokens values: the default is PixArt XL/2's 16 heads (diffusers' default
     # num_attention_heads for PixArtTransformer2DModel)
@@ -98,20 +99,20 @@ def test_inference_memory_scales_as_activations_do():
 
     heads = inspect_default(PixArtTransformer2DModel.__init__, "num_attention_heads")
     assert heads == 16
-    one_head_less = sampling.inference_memory(1, 2048, 2048, 1152, torch.float32, cfg=False, fused_attention=False,
+    one_head_less = dit_memory.inference_memory(1, 2048, 2048, 1152, torch.float32, cfg=False, fused_attention=False,
                                               heads=heads - 1) - reserve
     assert math - one_head_less == tokens * tokens * 4  # one fp32 score matrix
     for args in [(1, 256, 256, 1152, torch.float32, False), (3, 1024, 512, 1152, torch.bfloat16, True)]:
-        assert type(sampling.inference_memory(*args)) is int
-        assert type(sampling.inference_memory(*args, fused_attention=False)) is int
+        assert type(dit_memory.inference_memory(*args)) is int
+        assert type(dit_memory.inference_memory(*args, fused_attention=False)) is int
 
 
 def test_preview_x0_is_the_schedulers_clean_estimate():
     """on_step's x0 equals DDIM's pred_original_sample for the same latents and epsilon (diffusers)."""
     torch.manual_seed(3)
     dit = tiny.make_dit()
-    pos = sampling.Conditioning(torch.randn(1, 5, tiny.T5_WIDTH), torch.ones(1, 5, dtype=torch.long))
-    neg = sampling.Conditioning(torch.randn(1, 5, tiny.T5_WIDTH), torch.ones(1, 5, dtype=torch.long))
+    pos = Conditioning(torch.randn(1, 5, tiny.T5_WIDTH), torch.ones(1, 5, dtype=torch.long))
+    neg = Conditioning(torch.randn(1, 5, tiny.T5_WIDTH), torch.ones(1, 5, dtype=torch.long))
     seen, previews = [], []
 
     def hook(module, args, kwargs, output):
@@ -120,7 +121,7 @@ def test_preview_x0_is_the_schedulers_clean_estimate():
     handle = dit.register_forward_hook(hook, with_kwargs=True)
     noise, gen = sampling.initial_noise(1, 1, 4, 64, 64)
     try:
-        sampling.sample(dit, pos, neg, noise, steps=3, cfg=3.0, scheduler_name="ddim", generator=gen,
+        sampling.sample(dit, pos, neg, noise, steps=3, cfg=3.0, scheduler="ddim", generator=gen,
                         on_step=lambda i, n, x0: previews.append(x0()))
     finally:
         handle.remove()
@@ -317,8 +318,8 @@ def test_decode_resizes_back_as_diffusers_binning():
 def test_wrong_t5_width_names_the_t5(width, name):
     """T5-v1.1 widths (d_model) as google's v1.1 configs give them: small 512, base 768, large 1024, XL 2048, XXL 4096."""
     dit = tiny.make_dit()
-    cond = sampling.Conditioning(torch.randn(1, 4, width), torch.ones(1, 4, dtype=torch.long))
-    good = sampling.Conditioning(torch.randn(1, 4, tiny.T5_WIDTH), torch.ones(1, 4, dtype=torch.long))
+    cond = Conditioning(torch.randn(1, 4, width), torch.ones(1, 4, dtype=torch.long))
+    good = Conditioning(torch.randn(1, 4, tiny.T5_WIDTH), torch.ones(1, 4, dtype=torch.long))
     noise, _ = sampling.initial_noise(0, 1, 4, 16, 16)
     import re
 
@@ -340,9 +341,9 @@ def test_nan_error_names_the_step_and_its_timestep(bad_call):
         return (output[0] * float("nan"),) if len(calls) >= bad_call else output
 
     handle = dit.register_forward_hook(poison)
-    ref = reference.scheduler("dpm++ 2m")
+    ref = reference.scheduler("dpmpp_2m")
     ref.set_timesteps(20)
-    cond = sampling.Conditioning(torch.randn(1, 5, tiny.T5_WIDTH), torch.ones(1, 5, dtype=torch.long))
+    cond = Conditioning(torch.randn(1, 5, tiny.T5_WIDTH), torch.ones(1, 5, dtype=torch.long))
     noise, gen = sampling.initial_noise(0, 1, 4, 32, 32)
     try:
         with pytest.raises(FloatingPointError, match=rf"NaN/inf at step {bad_call} of 20 \(timestep "
@@ -551,15 +552,15 @@ def test_conditionings_of_different_lengths_match_diffusers_padded(tmp_path):
 
     torch.manual_seed(7)
     dit = tiny.make_dit()
-    pos = sampling.Conditioning(torch.randn(1, 9, tiny.T5_WIDTH), torch.ones(1, 9, dtype=torch.long))
-    neg = sampling.Conditioning(torch.randn(1, 1, tiny.T5_WIDTH), torch.ones(1, 1, dtype=torch.long))
+    pos = Conditioning(torch.randn(1, 9, tiny.T5_WIDTH), torch.ones(1, 9, dtype=torch.long))
+    neg = Conditioning(torch.randn(1, 1, tiny.T5_WIDTH), torch.ones(1, 1, dtype=torch.long))
     noise, gen = sampling.initial_noise(4, 1, 4, 64, 64)
     ours = sampling.sample(dit, pos, neg, noise, steps=3, cfg=4.5, generator=gen)
     ours_swapped = sampling.sample(dit, neg, pos, noise, steps=3, cfg=4.5)
     neg_embeds = torch.cat([neg.embeds, torch.zeros(1, 8, tiny.T5_WIDTH)], dim=1)
     neg_mask = torch.tensor([[1] + [0] * 8])
     pipe = PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=tiny.make_vae(), transformer=dit,
-                               scheduler=reference.scheduler("dpm++ 2m"))
+                               scheduler=reference.scheduler("dpmpp_2m"))
     kw = dict(prompt=None, negative_prompt=None, latents=noise.clone(), num_inference_steps=3, guidance_scale=4.5,
               height=64, width=64, output_type="latent", use_resolution_binning=False)
     want = pipe(prompt_embeds=pos.embeds, prompt_attention_mask=pos.mask, negative_prompt_embeds=neg_embeds,
@@ -639,9 +640,9 @@ def test_negative_one_token_shorter_is_padded_by_hand_computation():
     """Lengths 3 and 2 (one token apart): the same latents as the negative zero-padded to 3 with a 0 in its mask."""
     torch.manual_seed(8)
     dit = tiny.make_dit()
-    pos = sampling.Conditioning(torch.randn(1, 3, tiny.T5_WIDTH), torch.ones(1, 3, dtype=torch.long))
-    neg = sampling.Conditioning(torch.randn(1, 2, tiny.T5_WIDTH), torch.ones(1, 2, dtype=torch.long))
-    padded = sampling.Conditioning(torch.cat([neg.embeds, torch.zeros(1, 1, tiny.T5_WIDTH)], 1),
+    pos = Conditioning(torch.randn(1, 3, tiny.T5_WIDTH), torch.ones(1, 3, dtype=torch.long))
+    neg = Conditioning(torch.randn(1, 2, tiny.T5_WIDTH), torch.ones(1, 2, dtype=torch.long))
+    padded = Conditioning(torch.cat([neg.embeds, torch.zeros(1, 1, tiny.T5_WIDTH)], 1),
                                    torch.tensor([[1, 1, 0]]))
     noise, _ = sampling.initial_noise(2, 1, 4, 32, 32)
     a = sampling.sample(dit, pos, neg, noise, steps=2, cfg=4.5)
@@ -651,14 +652,14 @@ def test_negative_one_token_shorter_is_padded_by_hand_computation():
 
 def test_unknown_scheduler_names_the_choices():
     with pytest.raises(ValueError) as e:
-        sampling.make_scheduler("heun")
+        schedulers.make("heun")
     assert str(e.value) == f"Unknown scheduler 'heun'; choose one of {list(reference.SCHEDULERS)}."
 
 
 def test_check_denoise_refuses_exactly_what_runs_nothing():
     """The denoise rules by hand: text-to-image needs denoise 1; img2img runs int(steps * denoise) steps, so
     0.04 of 20 steps runs none (the smallest that runs one is 1/20 = 0.05)."""
-    from pixart_core.sampling import check_denoise
+    from pixart_core.request import check_denoise
 
     check_denoise(1.0, 20, img2img=False)
     check_denoise(0.05, 20, img2img=True)
