@@ -2,10 +2,11 @@
 city96/t5-v1_1-xxl-encoder-gguf), made from a transformers T5EncoderModel with gguf's own writer and name map.
 
 Tensor names come from gguf-py's `TensorNameMap` for MODEL_ARCH.T5ENCODER (what convert_hf_to_gguf.py uses);
-Q8_0, Q5_1, Q5_0, Q4_1, Q4_0 and BF16 blocks from gguf-py's quantizers; Q6_K, Q5_K, Q4_K, Q3_K and Q2_K blocks
-(gguf-py only reads those) from the small quantizers below, which pack ggml's block layouts (ggml-common.h
-block_q2_K ... block_q6_K) with a plain min/max or abs-max scale per sub-block: valid blocks, not llama.cpp's
-error-minimising search. Which tensor gets which type follows llama-quantize's recipes (`tensor_type`).
+Q8_0, Q5_1, Q5_0, Q4_1, Q4_0 and BF16 blocks from gguf-py's quantizers; Q6_K, Q5_K, Q4_K, Q3_K, Q2_K, IQ4_XS and
+IQ4_NL blocks (gguf-py only reads those) from the small quantizers below, which pack ggml's block layouts
+(ggml-common.h block_q2_K ... block_q6_K, block_iq4_nl/xs) with a plain min/max or abs-max scale per
+sub-block: valid blocks, not llama.cpp's error-minimising search. Which tensor gets which type follows
+llama-quantize's recipes (`tensor_type`).
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ QK_K = 256
 FILE_TYPES = {
     "F32": "F32", "F16": "F16", "BF16": "BF16", "Q8_0": "Q8_0", "Q6_K": "Q6_K", "Q5_K_M": "Q5_K", "Q5_K_S": "Q5_K",
     "Q5_1": "Q5_1", "Q5_0": "Q5_0", "Q4_K_M": "Q4_K", "Q4_K_S": "Q4_K", "Q4_1": "Q4_1", "Q4_0": "Q4_0",
-    "Q3_K_L": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_S": "Q3_K", "Q2_K": "Q2_K",
+    "Q3_K_L": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_S": "Q3_K", "Q2_K": "Q2_K", "IQ4_XS": "IQ4_XS",
+    "IQ4_NL": "IQ4_NL",
 }
 TYPES = tuple(FILE_TYPES)
 
@@ -98,6 +100,44 @@ def quantize_q3_k(blocks: np.ndarray) -> np.ndarray:
     return np.concatenate([hmask, _crumb_pack(u & 3, n), low, high, _f16_bytes(d)], axis=1)
 
 
+IQ4_LEVELS = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)
+
+
+def _iq4_pick(sub: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """The nearest of the 16 IQ4 levels to each value / step (level 1 where the step is 0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x = np.where(step != 0, sub / step, 0)
+    return np.abs(x[..., None] - IQ4_LEVELS).argmin(axis=-1).astype(np.uint8)
+
+
+def quantize_iq4_nl(blocks: np.ndarray) -> np.ndarray:
+    """The largest magnitude at level -127; the rest to their nearest level."""
+    n = blocks.shape[0]
+    peak = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=-1)[:, None], axis=-1)
+    d = (peak / -127).astype(np.float16)
+    q = _iq4_pick(blocks, d.astype(np.float32))
+    return np.concatenate([d.view(np.uint8), _nibble_pack(q, n, 16)], axis=1)
+
+
+def quantize_iq4_xs(blocks: np.ndarray) -> np.ndarray:
+    n = blocks.shape[0]
+    sub = blocks.reshape(n, 8, 32)
+    peak = np.take_along_axis(sub, np.abs(sub).argmax(axis=-1)[..., None], axis=-1)[..., 0]
+    scale = peak / -127
+    d = np.abs(scale).max(axis=-1, keepdims=True) / 31
+    d16 = d.astype(np.float16).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.where(d16 > 0, np.rint(scale / d16), 0).clip(-32, 31)
+    q = _iq4_pick(sub, (d16 * sc)[..., None])
+    u = (sc + 32).astype(np.uint16)  # 0..63
+    low = ((u[:, 0::2] & 0x0F) | ((u[:, 1::2] & 0x0F) << 4)).astype(np.uint8)
+    high = np.zeros(n, dtype=np.uint16)
+    for j in range(8):  # bits 2j, 2j+1: scale j's top two bits
+        high |= (u[:, j] >> 4) << (2 * j)
+    return np.concatenate([_f16_bytes(d), high.astype("<u2").reshape(n, 1).view(np.uint8), low,
+                           _nibble_pack(q.reshape(n, -1), n, 16)], axis=1)
+
+
 def quantize_q4_k(blocks: np.ndarray) -> np.ndarray:
     n = blocks.shape[0]
     d, dmin, sc, m, q = _k_affine(blocks, 15)
@@ -145,7 +185,7 @@ def quantize(values: np.ndarray, qtype_name: str) -> tuple[np.ndarray, object]:
     if qtype == T.F16:
         return values.astype(np.float16), qtype
     own = {T.Q2_K: quantize_q2_k, T.Q3_K: quantize_q3_k, T.Q4_K: quantize_q4_k, T.Q5_K: quantize_q5_k,
-           T.Q6_K: quantize_q6_k}
+           T.Q6_K: quantize_q6_k, T.IQ4_NL: quantize_iq4_nl, T.IQ4_XS: quantize_iq4_xs}
     if qtype in own:
         block, size = gguf.GGML_QUANT_SIZES[qtype]
         rows = values.reshape(-1, values.shape[-1])
@@ -175,11 +215,13 @@ def _mixed_type(role: str, layer: int, n_layers: int, file_type: str, base: str)
         return "Q6_K"
     if file_type == "Q4_K_S" and (layer < 4 if role == "attn_v" else layer < n_layers // 8):
         return "Q5_K"
+    if file_type in ("IQ4_XS", "IQ4_NL") and role == "ffn_down" and layer < n_layers // 8:
+        return "Q5_K"  # without an importance matrix, as these files are made here
     return base
 
 
 # llama.cpp's tensor_type_fallback: a row that is not a whole number of blocks takes a 32-wide type
-FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL"}
 
 
 def tensor_type(hf_key: str, shape: tuple[int, ...], file_type: str, n_layers: int = 24) -> str:

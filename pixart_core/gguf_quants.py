@@ -1,5 +1,5 @@
 """GGML block dequantization in torch: every GGUF tensor type ComfyUI-GGUF reads (F32, F16, BF16, Q8_0, Q5_1, Q5_0,
-Q4_1, Q4_0, Q6_K, Q5_K, Q4_K, Q3_K, Q2_K).
+Q4_1, Q4_0, Q6_K, Q5_K, Q4_K, Q3_K, Q2_K, IQ4_NL, IQ4_XS).
 
 Each block function takes blocks [n, type_size] (uint8) and returns their values [n, block_size] in float32, with
 the same float32 operations in the same order as gguf-py's numpy reference (`gguf.quants.dequantize`), so the
@@ -143,6 +143,32 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
     return (d * q.reshape(n, 16, 16)).reshape(n, QK_K)
 
 
+# ggml-common.h kvalues_iq4nl: the 16 levels IQ4_NL/IQ4_XS nibbles index
+IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+def _iq4_levels(q: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(IQ4_LEVELS, dtype=torch.float32, device=q.device)[q.long()]
+
+
+def _iq4_nl(b: torch.Tensor) -> torch.Tensor:
+    """block_iq4_nl: fp16 d, 16 bytes of nibbles as Q4_0; x = d*level[q]."""
+    n = b.shape[0]
+    return _f16(b[:, :2]) * _iq4_levels(_nibbles(b[:, 2:], n, 16))
+
+
+def _iq4_xs(b: torch.Tensor) -> torch.Tensor:
+    """block_iq4_xs: fp16 d, uint16 of 2-bit high scale parts, 4 bytes of 4-bit low parts (eight 6-bit scales per
+    32 values), 128 bytes of nibbles as Q4_0 per 32 values; x = d*(scale-32)*level[q]."""
+    n = b.shape[0]
+    low = (b[:, 4:8].reshape(n, 4, 1) >> _shifts([0, 4], (1, 1, 2), b)).reshape(n, 8) & 0x0F
+    high16 = b[:, 2].to(torch.int32) | b[:, 3].to(torch.int32) << 8
+    high = (high16.reshape(n, 1) >> torch.arange(0, 16, 2, dtype=torch.int32, device=b.device).reshape(1, 8)) & 0x03
+    sc = (low.to(torch.int32) | (high << 4)).to(torch.float32) - 32
+    dl = (_f16(b[:, :2]) * sc).reshape(n, 8, 1)
+    return (dl * _iq4_levels(_nibbles(b[:, 8:], n, 16)).reshape(n, 8, 32)).reshape(n, QK_K)
+
+
 def _bf16(b: torch.Tensor) -> torch.Tensor:
     """bfloat16 values, two bytes each."""
     return b.contiguous().view(torch.bfloat16).to(torch.float32)
@@ -164,6 +190,7 @@ TYPES: dict[int, QuantType] = {
     14: QuantType("Q6_K", QK_K, 210, _q6_k), 13: QuantType("Q5_K", QK_K, 176, _q5_k),
     12: QuantType("Q4_K", QK_K, 144, _q4_k), 11: QuantType("Q3_K", QK_K, 110, _q3_k),
     10: QuantType("Q2_K", QK_K, 84, _q2_k),
+    20: QuantType("IQ4_NL", 32, 18, _iq4_nl), 23: QuantType("IQ4_XS", QK_K, 136, _iq4_xs),
 }
 
 CHUNK_VALUES = 1 << 21  # with `chunked`, dequantize this many values at a time (8 MB of float32 temporaries)

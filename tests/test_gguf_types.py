@@ -20,11 +20,12 @@ from pixart_core import files, gguf_quants, gguf_t5
 from pixart_core import t5 as ct5
 
 # city96/ComfyUI-GGUF dequant.py dequantize_functions (torch); F32/F16 are read as torch tensors
-COMFYUI_GGUF_TYPES = ["BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K"]
+COMFYUI_GGUF_TYPES = ["BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K",
+                      "IQ4_NL", "IQ4_XS"]
 # Byte offsets of each block's fp16 scales (ggml-common.h: block_q4_1 {d, m, qs}, block_q2_K {scales, qs, d, dmin},
 # block_q3_K {hmask, qs, scales, d}, ...): random blocks get finite scales there.
 F16_OFFSETS = {"Q8_0": [0], "Q5_1": [0, 2], "Q5_0": [0], "Q4_1": [0, 2], "Q4_0": [0], "Q6_K": [208],
-               "Q5_K": [0, 2], "Q4_K": [0, 2], "Q3_K": [108], "Q2_K": [80, 82]}
+               "Q5_K": [0, 2], "Q4_K": [0, 2], "Q3_K": [108], "Q2_K": [80, 82], "IQ4_NL": [0], "IQ4_XS": [0]}
 
 
 def test_readable_types_are_comfyui_ggufs():
@@ -36,7 +37,7 @@ def test_readable_types_are_comfyui_ggufs():
         qtype = gguf.GGMLQuantizationType[name]
         kind = gguf_quants.TYPES[int(qtype)]
         assert (kind.name, kind.block, kind.size) == (name, *gguf.GGML_QUANT_SIZES[qtype])
-    for name in ("IQ4_XS", "IQ2_XXS", "TQ1_0", "TQ2_0", "Q8_1", "Q8_K"):
+    for name in ("IQ2_XXS", "IQ3_S", "IQ1_S", "TQ1_0", "TQ2_0", "Q8_1", "Q8_K", "MXFP4"):
         assert not gguf_quants.is_readable(int(gguf.GGMLQuantizationType[name]))
 
 
@@ -79,7 +80,8 @@ def test_torch_dequantization_equals_gguf_reference(name, mode, monkeypatch):
 
 # Tolerances of harness.gguf_files' quantizers on N(0, 0.05) weights (max |error|): they write valid blocks
 QUANTIZER_ERROR = {"BF16": 0.001, "Q8_0": 0.001, "Q6_K": 0.005, "Q5_K": 0.008, "Q5_1": 0.008, "Q5_0": 0.01,
-                   "Q4_K": 0.015, "Q4_1": 0.015, "Q4_0": 0.02, "Q3_K": 0.05, "Q2_K": 0.07}
+                   "Q4_K": 0.015, "Q4_1": 0.015, "Q4_0": 0.02, "Q3_K": 0.05, "Q2_K": 0.07, "IQ4_NL": 0.02,
+                   "IQ4_XS": 0.02}
 
 
 @pytest.mark.parametrize("name", COMFYUI_GGUF_TYPES)
@@ -100,11 +102,13 @@ MIX_CONFIG = dict(tiny.T5_CONFIG, d_model=256, d_ff=512, num_heads=4, d_kv=64, n
 IDS = torch.tensor([[71, 1712, 3, 9, 1263, 16, 8, 4033, 6, 2054, 3, 1]])
 
 # llama-quantize's choice for a T5 encoder of 24 blocks, blocks 0-3 (src/llama-quant.cpp llama_tensor_get_type_impl,
-# by hand: one KV head per head and no experts; attn_v: Q2_K -> Q3_K, Q3_K_M -> Q5_K in the first two then Q4_K,
-# Q3_K_L -> Q5_K, Q4_K_S -> Q5_K in the first four, Q4_K_M/Q5_K_M -> Q6_K where use_more_bits (blocks 0-2 of 24:
-# i < 24/8); ffn_down: Q2_K -> Q3_K, Q3_K_M -> Q5_K below 24/16 then Q4_K, Q3_K_L -> Q5_K, Q4_K_S -> Q5_K below 24/8,
-# Q4_K_M/Q5_K_M -> Q6_K where use_more_bits; token_embd takes the output rule (no output.weight): Q6_K unless Q8_0;
-# attn_o is not `attn_output`, so it keeps the file's type; norms F32, attn_rel_b not quantized)
+# by hand: one KV head per head, no experts, no importance matrix).
+#   attn_v: Q2_K -> Q3_K; Q3_K_M -> Q5_K in the first two, then Q4_K; Q3_K_L -> Q5_K; Q4_K_S -> Q5_K in the first
+#     four; Q4_K_M/Q5_K_M -> Q6_K where use_more_bits (blocks 0-2 of 24: i < 24/8).
+#   ffn_down: Q2_K -> Q3_K; Q3_K_M -> Q5_K below 24/16, then Q4_K; Q3_K_L -> Q5_K; Q4_K_S and IQ4_XS/IQ4_NL -> Q5_K
+#     below 24/8; Q4_K_M/Q5_K_M -> Q6_K where use_more_bits.
+#   token_embd takes the output rule (a T5 encoder has no output.weight): Q6_K unless the file is Q8_0. attn_o is
+#     not `attn_output`, so it keeps the file's type; norms F32; attn_rel_b is not quantized (F16 as converted).
 # file type: (most linear weights, attn_v of blocks 0-3, ffn_down of blocks 0-3, token_embd)
 MIXES = {
     "Q8_0": ("Q8_0", ["Q8_0"] * 4, ["Q8_0"] * 4, "Q8_0"),
@@ -115,17 +119,21 @@ MIXES = {
     "Q4_K_M": ("Q4_K", ["Q6_K"] * 3 + ["Q4_K"], ["Q6_K"] * 3 + ["Q4_K"], "Q6_K"),
     "Q4_K_S": ("Q4_K", ["Q5_K"] * 4, ["Q5_K"] * 3 + ["Q4_K"], "Q6_K"),
     "Q4_1": ("Q4_1", ["Q4_1"] * 4, ["Q4_1"] * 4, "Q6_K"),
+    "IQ4_XS": ("IQ4_XS", ["IQ4_XS"] * 4, ["Q5_K"] * 3 + ["IQ4_XS"], "Q6_K"),
+    "IQ4_NL": ("IQ4_NL", ["IQ4_NL"] * 4, ["Q5_K"] * 3 + ["IQ4_NL"], "Q6_K"),
     "Q3_K_L": ("Q3_K", ["Q5_K"] * 4, ["Q5_K"] * 4, "Q6_K"),
     "Q3_K_M": ("Q3_K", ["Q5_K"] * 2 + ["Q4_K"] * 2, ["Q5_K"] + ["Q4_K"] * 3, "Q6_K"),
     "Q3_K_S": ("Q3_K", ["Q3_K"] * 4, ["Q3_K"] * 4, "Q6_K"),
     "Q2_K": ("Q2_K", ["Q3_K"] * 4, ["Q3_K"] * 4, "Q6_K"),
 }
-# Cosine of the last hidden state vs the unquantized T5 (this random 4-block T5, seeds 0/1/2: Q8_0 0.99987-0.99988,
-# Q6_K 0.9983-0.9985, Q5_K_M 0.9962-0.9969, Q5_K_S 0.9953-0.9960, Q5_1 0.9951-0.9957, Q4_K_M 0.9865-0.9867,
-# Q4_K_S 0.9861-0.9866, Q4_1 0.9822-0.9836, Q3_K_L 0.953-0.957, Q3_K_M 0.951-0.956, Q3_K_S 0.931-0.935,
-# Q2_K 0.80-0.82: the test writer's plain min/max blocks, not llama.cpp's search); floors leave about twice the loss
+# Cosine of the last hidden state vs the unquantized T5, measured on this random 4-block T5 with seeds 0/1/2:
+# Q8_0 0.99987-0.99988, Q6_K 0.9983-0.9985, Q5_K_M 0.9962-0.9969, Q5_K_S 0.9953-0.9960, Q5_1 0.9951-0.9957,
+# Q4_K_M 0.9865-0.9867, Q4_K_S 0.9861-0.9866, Q4_1 0.9822-0.9836, IQ4_XS 0.9830-0.9832, IQ4_NL 0.9826-0.9836,
+# Q3_K_L 0.953-0.957, Q3_K_M 0.951-0.956, Q3_K_S 0.931-0.935, Q2_K 0.80-0.82 (the test writer's plain min/max
+# blocks, not llama.cpp's search). The floors leave about twice the loss.
 MIX_FLOORS = {"Q8_0": 0.9995, "Q6_K": 0.996, "Q5_K_M": 0.992, "Q5_K_S": 0.99, "Q5_1": 0.99, "Q4_K_M": 0.97,
-              "Q4_K_S": 0.97, "Q4_1": 0.965, "Q3_K_L": 0.9, "Q3_K_M": 0.9, "Q3_K_S": 0.86, "Q2_K": 0.6}
+              "Q4_K_S": 0.97, "Q4_1": 0.965, "IQ4_XS": 0.965, "IQ4_NL": 0.965, "Q3_K_L": 0.9, "Q3_K_M": 0.9,
+              "Q3_K_S": 0.86, "Q2_K": 0.6}
 
 
 def _cos(a, b) -> float:
