@@ -189,7 +189,10 @@ def quantize(values: np.ndarray, qtype_name: str) -> tuple[np.ndarray, object]:
     if qtype in own:
         block, size = gguf.GGML_QUANT_SIZES[qtype]
         rows = values.reshape(-1, values.shape[-1])
-        data = own[qtype](rows.reshape(-1, block)).reshape(rows.shape[0], -1)
+        blocks = rows.reshape(-1, block)
+        step = max(1, (1 << 20) // block)  # a million values at a time: full-size T5 tensors stay in memory bounds
+        data = np.concatenate([own[qtype](blocks[i:i + step]) for i in range(0, blocks.shape[0], step)])
+        data = data.reshape(rows.shape[0], -1)
         assert data.shape[1] == values.shape[-1] // block * size
         return data.reshape(*values.shape[:-1], -1), qtype
     return gguf.quants.quantize(values, qtype), qtype
@@ -248,6 +251,29 @@ def tensor_type(hf_key: str, shape: tuple[int, ...], file_type: str, n_layers: i
     if not fits(base):
         base = FALLBACK.get(base, "F16")
     return base if fits(base) else "F16"
+
+
+def layout_bytes(config: dict, file_type: str, recipe_layers: int, dtype_bytes: int) -> tuple[int, int]:
+    """(tensor bytes of the GGUF file, bytes of the model pixart_core loads from it) for a T5 of `config` (a
+    T5Config dict) typed as the first blocks of a `recipe_layers`-block `file_type` file: the loader keeps linear
+    weights in their file types and dequantizes the rest (embedding, norms, relative attention bias) to the compute
+    dtype of `dtype_bytes` bytes."""
+    import gguf
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    with torch.device("meta"):
+        model = T5EncoderModel(T5Config(**config))
+    linears = {n + ".weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    file_bytes = memory = 0
+    for key, p in model.state_dict().items():
+        if key == "encoder.embed_tokens.weight":
+            continue  # tied to shared.weight
+        qtype = gguf.GGMLQuantizationType[tensor_type(key, tuple(p.shape), file_type, recipe_layers)]
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        file_bytes += p.numel() // block * size
+        memory += p.numel() // block * size if key in linears else p.numel() * dtype_bytes
+    return file_bytes, memory
 
 
 def write_t5_gguf(model_or_sd, path: Path, file_type: str = "Q8_0", arch: str = "t5encoder",

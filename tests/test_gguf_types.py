@@ -185,6 +185,19 @@ def test_mixed_gguf_t5_matches_the_unquantized_t5(tmp_path, mix_model, file_type
         assert m.qtype == int(t.tensor_type) and m.qweight.numel() == int(t.n_bytes)
 
 
+# The sizes huggingface.co/city96/t5-v1_1-xxl-encoder-gguf lists (tree/main, GB = 1e9 bytes, as displayed)
+CITY96_FILE_GB = {"Q3_K_S": 2.1, "Q3_K_M": 2.3, "Q3_K_L": 2.46, "Q4_K_S": 2.74, "Q4_K_M": 2.9, "Q5_K_S": 3.29,
+                  "Q5_K_M": 3.39, "Q6_K": 3.91, "Q8_0": 5.06, "F16": 9.53}
+
+
+@pytest.mark.parametrize("file_type", list(CITY96_FILE_GB))
+def test_mixes_give_city96s_file_sizes(file_type):
+    """The test files' per-tensor types, applied to T5-v1.1-XXL's 24 blocks, add up to city96's published file
+    sizes (within the listing's rounding and the file's metadata: the tokenizer vocabulary is ~1 MB)."""
+    file_bytes, _ = gguf_files.layout_bytes(tiny.t5_config("full"), file_type, 24, 2)
+    assert abs(file_bytes / 1e9 - CITY96_FILE_GB[file_type]) < 0.006
+
+
 # ------------------------------------------------------------------------------------------------ refused types
 
 def _retyped(src, dest, tensor: str, qtype_name: str, data: np.ndarray):
