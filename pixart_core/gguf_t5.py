@@ -141,7 +141,7 @@ def read_t5(path: str | os.PathLike) -> tuple[dict[str, tuple[int, int, torch.Te
         if not is_readable(qtype):
             raise files.WeightFileError(
                 f"{path.name}: tensor {t.name} has GGUF type {t.tensor_type.name}, which this loader does not read "
-                f"(it reads {', '.join(supported_types())}, as ComfyUI-GGUF does). Choose a file of one of those "
+                f"(it reads {', '.join(supported_types())}). Choose a file of one of those "
                 "types, e.g. t5-v1_1-xxl-encoder-Q3_K_M.gguf (city96/t5-v1_1-xxl-encoder-gguf)."
             )
         block, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
