@@ -303,7 +303,8 @@ def worker_t5_gpu_quant(a) -> dict:
     import importlib
 
     ct5 = _pack("pixart_core.t5")
-    t5_cache = importlib.import_module(ct5.__name__.rsplit(".", 1)[0] + ".t5_cache")  # imported on first use
+    t5_cache = importlib.import_module(ct5.__name__.rsplit(".", 1)[0] + ".t5_cache")
+    t5_quantize = importlib.import_module(ct5.__name__.rsplit(".", 1)[0] + ".t5_quantize")
     path = Path(a.base) / "models" / "text_encoders" / a.t5
     out = {}
     for q in QUANTS:
@@ -311,27 +312,27 @@ def worker_t5_gpu_quant(a) -> dict:
         shutil.rmtree(cache, ignore_errors=True)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        kind = "8bit" if q == "8-bit" else "nf4"  # the core's quantization ids (pixart_core.t5_spec)
         t = time.perf_counter()
-        first = ct5.load_t5(path, QUANTS[q], torch.bfloat16, cache_dir=cache, quantize_device=device)
+        first = ct5.load_t5(path, kind, torch.bfloat16, cache_dir=cache, quantize_device=device)
         first_s = time.perf_counter() - t
         peak = torch.cuda.max_memory_allocated(device) / GiB if device.type == "cuda" else None
         model_gib = first.model.get_memory_footprint() / GiB
         t = time.perf_counter()
-        again = ct5.load_t5(path, QUANTS[q], torch.bfloat16, cache_dir=cache, quantize_device=device)
+        again = ct5.load_t5(path, kind, torch.bfloat16, cache_dir=cache, quantize_device=device)
         cached_s = time.perf_counter() - t
         # the GPU's quantized bytes against the CPU quantizer's, for three layers (read from the cache file)
         from safetensors import safe_open
 
         keys = ["encoder.block.0.layer.0.SelfAttention.q.weight", "encoder.block.0.layer.1.DenseReluDense.wi_0.weight",
                 "encoder.block.1.layer.0.SelfAttention.o.weight"]
-        kind = "8bit" if q == "8-bit" else "nf4"
         same = []
         with safe_open(str(path), framework="pt") as src, \
                 safe_open(str(again.cache.entry / t5_cache.WEIGHTS), framework="pt") as cached:
             for k in keys:
                 if k not in src.keys():
                     continue
-                cpu = t5_cache.quantize_weight(k, src.get_tensor(k).to(torch.bfloat16), kind, torch.device("cpu"))[k]
+                cpu = t5_quantize.quantize_weight(k, src.get_tensor(k).to(torch.bfloat16), kind, torch.device("cpu"))[k]
                 same.append(float((cpu == cached.get_tensor(k)).float().mean()))
         out[q] = {"first_s": first_s, "quantized_on": first.cache.quantized_on, "peak_vram_gib": peak,
                   "model_gib": model_gib, "cached_s": cached_s, "cached_hit": again.cache.hit,

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import files
+from . import files, t5_spec
 from .gguf_quants import dequantize, is_readable, supported_types
 from .meta import empty_weights
 
@@ -163,17 +163,17 @@ def read_t5(path: str | os.PathLike) -> tuple[dict[str, tuple[int, int, torch.Te
     return out, {k: v[1] for k, v in out.items()}
 
 
-def load(path: str | os.PathLike, dtype: torch.dtype, config_from_shapes) -> torch.nn.Module:
+def load(path: str | os.PathLike, dtype: torch.dtype) -> torch.nn.Module:
     """A transformers T5EncoderModel from a GGUF T5 file, with GGUFLinear layers (quantized weights kept) and the
-    other weights in `dtype`, on the CPU. `config_from_shapes` is pixart_core.t5's (it names wrong models)."""
+    other weights in `dtype`, on the CPU."""
     from transformers import T5EncoderModel
 
     path = Path(path)
     tensors, shapes = read_t5(path)
-    config = config_from_shapes(shapes, path.name)
+    config = t5_spec.config_from_shapes(shapes, path.name)
     with empty_weights():
         model = T5EncoderModel(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != t5_spec.EMBEDDING_ALIAS}
     files.check_keys(path.name, shapes, expected, "a T5-v1.1 encoder")
     files.check_shapes(path.name, shapes, expected, "a T5-v1.1 encoder")
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -185,7 +185,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype, config_from_shapes) -> tor
             setattr(model.get_submodule(parent), child, GGUFLinear(raw, qtype, shape))
         else:
             plain[key] = dequantize(raw, qtype, shape, dtype, chunked=True)
-    plain["encoder.embed_tokens.weight"] = plain["shared.weight"]
+    plain[t5_spec.EMBEDDING_ALIAS] = plain[t5_spec.EMBEDDING]
     result = model.load_state_dict(plain, strict=False, assign=True)
     assert not result.unexpected_keys and all(k.endswith(".qweight") for k in result.missing_keys), result
     model.encoder.embed_tokens.weight = model.shared.weight  # one tensor, as from_pretrained ties them

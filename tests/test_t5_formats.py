@@ -16,6 +16,7 @@ from harness import models as tiny
 from pixart_core import files
 from pixart_core import gguf_t5
 from pixart_core import t5 as ct5
+from pixart_core import t5_spec
 
 # A T5 whose every linear row is a multiple of 256 values, so every GGUF type (K-quants: 256-value blocks) applies.
 GGUF_WIDTH_CONFIG = dict(tiny.T5_CONFIG, d_model=256, d_ff=512, num_heads=4, d_kv=64)
@@ -51,7 +52,7 @@ def scaled_setup(tmp_path_factory):
 
 # nf4's own error on this tiny T5 is ~0.01 (test_low_vram's nf4 floor is 0.97 for the same reason)
 SCALED_MODES = [("none", torch.float32, 0.99), ("none", torch.bfloat16, 0.99),
-                (ct5.QUANTIZATIONS[1], torch.float32, 0.99), (ct5.QUANTIZATIONS[2], torch.float32, 0.97)]
+                (t5_spec.QUANT_8BIT, torch.float32, 0.99), (t5_spec.QUANT_NF4, torch.float32, 0.97)]
 
 
 @pytest.mark.parametrize("quant,dtype,floor", SCALED_MODES, ids=["fp32", "bf16", "8bit", "nf4"])
@@ -60,7 +61,7 @@ def test_scaled_fp8_t5_matches_the_fp32_original(scaled_setup, quant, dtype, flo
     loaded = ct5.load_t5(tmp / "t5xxl_fp8_e4m3fn_scaled.safetensors", quant, dtype)
     assert _cos(_hidden(loaded.model), reference) >= floor
     bnb = {type(m).__name__ for m in loaded.model.modules() if type(m).__module__.startswith("bitsandbytes")}
-    assert bnb == {"none": set(), ct5.QUANTIZATIONS[1]: {"Linear8bitLt"}, ct5.QUANTIZATIONS[2]: {"Linear4bit"}}[quant]
+    assert bnb == {"none": set(), t5_spec.QUANT_8BIT: {"Linear8bitLt"}, t5_spec.QUANT_NF4: {"Linear4bit"}}[quant]
     if quant == "none":
         assert all(p.dtype == dtype for p in loaded.model.parameters())
 
@@ -255,7 +256,7 @@ def test_gguf_of_an_unread_type_is_named(tmp_path):
 
 def test_bitsandbytes_quantization_of_a_gguf_is_refused(tmp_path):
     path = gguf_files.write_t5_gguf(tiny.make_t5(), tmp_path / "t5-Q8_0.gguf", "Q8_0")
-    for q in ct5.QUANTIZATIONS[1:]:
+    for q in (t5_spec.QUANT_8BIT, t5_spec.QUANT_NF4):
         with pytest.raises(ValueError, match="already quantized.*set quantization to 'none'"):
             ct5.load_t5(path, q, torch.float32)
 
