@@ -75,7 +75,10 @@ def run_worker(a, kind: str, timeout: float, *extra: str) -> dict:
             stdout, _ = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
-            os.killpg(p.pid, signal.SIGKILL)
+            try:
+                os.killpg(p.pid, signal.SIGKILL)  # the worker and anything it started
+            except ProcessLookupError:
+                pass
             stdout, _ = p.communicate()
         err.seek(0)
         stderr = err.read()

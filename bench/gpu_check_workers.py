@@ -208,7 +208,8 @@ def log_env() -> dict:
     import torch
     import transformers
 
-    libs = sorted({line.split()[-1].rsplit("/", 1)[-1] for line in open("/proc/self/maps") if "libbitsandbytes" in line})
+    with open("/proc/self/maps") as maps:
+        libs = sorted({line.split()[-1].rsplit("/", 1)[-1] for line in maps if "libbitsandbytes" in line})
     return {"torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
             "diffusers": diffusers.__version__, "bitsandbytes_library": libs}
 
@@ -287,7 +288,7 @@ def _equal_bytes(c: Ctx, source: Path, cache: Path, quant: str) -> dict:
     same = {}
     with safe_open(str(source), framework="pt") as src, safe_open(str(weights), framework="pt") as cached:
         for k in COMPARED:
-            if k not in src.keys() or k not in cached.keys():
+            if k not in set(src.keys()) or k not in set(cached.keys()):
                 continue
             w = src.get_tensor(k)
             if quant == "8-bit":
@@ -582,14 +583,18 @@ def worker_hires(a) -> dict:
     forwards = []
     handle = inner.register_forward_pre_hook(lambda m, args: forwards.append(1))
     out = {}
+    def stage(w: int, h: int, tile: tuple[int, int] | None, overlap: int):
+        if tile is None:  # one sampler step: one CFG-batched forward
+            return c.sample(dit, pos, neg, (w, h), 1)
+        # two steps at denoise 0.5: one step runs, one forward per tile
+        return c.node("PixArtSigmaTiledRefine", dit=dit, positive=pos, negative=neg,
+                      latent={"samples": torch.zeros(1, 4, h // 8, w // 8)}, seed=0, steps=2, cfg=gpu.CFG,
+                      scheduler=SCHEDULER, denoise=0.5, tile_width=tile[0], tile_height=tile[1], overlap=overlap)
+
     for name, (w, h, tile, overlap) in hires_stages(a.smoke).items():
-        if tile is None:
-            run = lambda: c.sample(dit, pos, neg, (w, h), 1)  # noqa: E731
-        else:
-            latent = {"samples": torch.zeros(1, 4, h // 8, w // 8)}
-            run = lambda: c.node("PixArtSigmaTiledRefine", dit=dit, positive=pos, negative=neg, latent=latent,  # noqa: E731
-                                 seed=0, steps=2, cfg=gpu.CFG, scheduler=SCHEDULER, denoise=0.5, tile_width=tile[0],
-                                 tile_height=tile[1], overlap=overlap)
+        def run(w=w, h=h, tile=tile, overlap=overlap):
+            return stage(w, h, tile, overlap)
+
         with torch.inference_mode():
             run()  # warm-up: loads the DiT, kernels, allocator
             c.reset_peak()

@@ -30,8 +30,8 @@ def _wheel(folder: Path, name: str, version: str, files: dict[str, bytes], requi
     with each file's urlsafe-base64 sha256 and size."""
     info = f"{name}-{version}.dist-info"
     members = dict(files)
-    members[f"{info}/METADATA"] = ("Metadata-Version: 2.1\nName: %s\nVersion: %s\n%s\n" % (
-        name, version, "".join(f"Requires-Dist: {r}\n" for r in requires))).encode()
+    requirements = "".join(f"Requires-Dist: {r}\n" for r in requires)
+    members[f"{info}/METADATA"] = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n{requirements}\n".encode()
     members[f"{info}/WHEEL"] = b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: false\nTag: py3-none-any\n"
     record = [f"{n},sha256={base64.urlsafe_b64encode(hashlib.sha256(d).digest()).rstrip(b'=').decode()},{len(d)}"
               for n, d in members.items()] + [f"{info}/RECORD,,"]
