@@ -383,7 +383,7 @@ def _cosine(c: Ctx, out: dict, t5) -> None:
     ref = c.torch.load(path)
     with c.torch.inference_mode():
         mine = [embeds_of(c.encode(t5, p)[0]) for p in PROMPTS]
-    out["cosine_vs_bf16"] = [cosine(c.torch, m, r) for m, r in zip(mine, ref)]
+    out["cosine_vs_bf16"] = [cosine(c.torch, m, r) for m, r in zip(mine, ref, strict=True)]
 
 
 class Cap:
@@ -396,11 +396,16 @@ class Cap:
 
     def __enter__(self) -> dict:
         c = self.c
+        seen = {}
+        if c.cuda:
+            free, total = c.torch.cuda.mem_get_info(c.device)
+            # what the card holds before the ballast: this process's CUDA context and tensors, and anything another
+            # process holds (none expected: the parent never touches the GPU)
+            seen = {"device_used_gib": _gib(total - free), "torch_reserved_gib": _gib(c.torch.cuda.memory_reserved(c.device))}
         if self.gib and c.cuda:
-            total = c.torch.cuda.get_device_properties(c.device).total_memory
             self.bytes = max(0, total - int(self.gib * GiB))
             self.ballast = c.torch.empty(self.bytes, dtype=c.torch.uint8, device=c.device) if self.bytes else None
-        return {"cap_gib": self.gib, "ballast_gib": _gib(self.bytes),
+        return {"cap_gib": self.gib, **seen, "ballast_gib": _gib(self.bytes),
                 "comfy_free_gib": _gib(c.mm.get_free_memory(c.device)) if c.cuda else None,
                 "comfy_reserved_gib": _gib(c.mm.extra_reserved_memory())}
 
