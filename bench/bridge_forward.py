@@ -34,7 +34,7 @@ def main() -> None:
     comfyui.init_comfy(quiet=True)
     import comfy.ldm.modules.attention as attention
     pack = next(m for name, m in sys.modules.items() if name.endswith(".nodes.bridge"))
-    management = sys.modules[pack.__name__.rsplit(".", 1)[0] + ".management"]
+    management = sys.modules[pack.__name__.rsplit(".", 1)[0] + ".comfy.loading"]
     types = sys.modules[pack.__name__.rsplit(".", 1)[0] + ".types"]
     from pixart_core.variants import PRESETS
 

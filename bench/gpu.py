@@ -180,16 +180,16 @@ def worker_diffusers(a) -> dict:
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from pixart_core import sampling
+    from pixart_core import schedulers
     from pixart_core import t5 as ct5
 
     models_dir = Path(a.base) / "models"
     device = torch.device("cpu" if a.smoke else "cuda")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
     tokenizer = AutoTokenizer.from_pretrained(str(comfyui_path() / "comfy" / "text_encoders" / "t5_tokenizer"))
-    text_encoder = ct5.load_t5(models_dir / "text_encoders" / T5, ct5.QUANTIZATIONS[0], torch.float32).model.to(device)
+    text_encoder = ct5.load_t5(models_dir / "text_encoders" / T5, "none", torch.float32).model.to(device)
     pipe = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=None, vae=None,
-                               scheduler=sampling.make_scheduler("dpm++ 2m"))
+                               scheduler=schedulers.make("dpmpp_2m"))
     with torch.no_grad():
         pe, pm, ne, nm = pipe.encode_prompt(weights.PROMPT, negative_prompt="", device=device, clean_caption=False)
     del pipe, text_encoder
@@ -204,7 +204,7 @@ def worker_diffusers(a) -> dict:
     vae.load_state_dict(load_file(str(models_dir / "vae" / VAE)))
     vae = vae.to(device, torch.bfloat16).eval()
     pipe = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=None, transformer=dit, vae=vae,
-                               scheduler=sampling.make_scheduler("dpm++ 2m"))
+                               scheduler=schedulers.make("dpmpp_2m"))
     pipe.set_progress_bar_config(disable=True)
     embeds = dict(prompt_embeds=pe.to(dtype), prompt_attention_mask=pm, negative_prompt_embeds=ne.to(dtype),
                   negative_prompt_attention_mask=nm)

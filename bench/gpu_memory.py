@@ -109,12 +109,11 @@ def worker_diffusers(a) -> dict:
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, BitsAndBytesConfig, T5EncoderModel
 
-    from pixart_core import files, sampling
-    from pixart_core import t5 as ct5
+    from pixart_core import files, schedulers, t5_spec
 
     models_dir = Path(a.models)
     tmp = Path(tempfile.mkdtemp())
-    cfg = ct5.config_from_shapes(files.read_shapes(models_dir / T5_FILE), "t5")
+    cfg = t5_spec.config_from_shapes(files.read_shapes(models_dir / T5_FILE), "t5")
     cfg.save_pretrained(tmp)
     os.symlink(models_dir / T5_FILE, tmp / "model.safetensors")
     tok = AutoTokenizer.from_pretrained(str(comfyui_path() / "comfy" / "text_encoders" / "t5_tokenizer"))
@@ -123,7 +122,7 @@ def worker_diffusers(a) -> dict:
     text_encoder = T5EncoderModel.from_pretrained(tmp, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
                                                   device_map="auto")
     pipe = PixArtSigmaPipeline(tokenizer=tok, text_encoder=text_encoder, transformer=None, vae=None,
-                               scheduler=sampling.make_scheduler("dpm++ 2m"))
+                               scheduler=schedulers.make("dpmpp_2m"))
     with torch.no_grad():
         pe, pm, ne, nm = pipe.encode_prompt(PROMPT, negative_prompt="", device="cuda")
     after_t5 = torch.cuda.max_memory_allocated()
@@ -134,7 +133,7 @@ def worker_diffusers(a) -> dict:
     dit.load_state_dict(load_file(models_dir / DIT_FILE))
     dit = dit.to("cuda", torch.bfloat16)
     pipe = PixArtSigmaPipeline(tokenizer=None, text_encoder=None, transformer=dit, vae=None,
-                               scheduler=sampling.make_scheduler("dpm++ 2m"))
+                               scheduler=schedulers.make("dpmpp_2m"))
     latents = pipe(negative_prompt=None, prompt_embeds=pe.to(torch.bfloat16), prompt_attention_mask=pm,
                    negative_prompt_embeds=ne.to(torch.bfloat16), negative_prompt_attention_mask=nm,
                    num_inference_steps=a.steps, guidance_scale=4.5, height=a.size, width=a.size,

@@ -35,7 +35,8 @@ def main() -> None:
     import torch
     from diffusers import PixArtSigmaPipeline
 
-    from pixart_core import sampling
+    from pixart_core import sampling, schedulers
+    from pixart_core.conditioning import Conditioning
     from pixart_core import transformer as core_dit
 
     base = weights.work_dir(a.dit_layers, 2)
@@ -43,16 +44,16 @@ def main() -> None:
     torch.manual_seed(1)
     n = a.tokens
     if a.padded:
-        pos = sampling.Conditioning(torch.randn(1, 300, 4096) * 0.5, torch.tensor([[1] * n + [0] * (300 - n)]))
-        neg = sampling.Conditioning(torch.randn(1, 300, 4096) * 0.5, torch.tensor([[1] + [0] * 299]))
+        pos = Conditioning(torch.randn(1, 300, 4096) * 0.5, torch.tensor([[1] * n + [0] * (300 - n)]))
+        neg = Conditioning(torch.randn(1, 300, 4096) * 0.5, torch.tensor([[1] + [0] * 299]))
     else:
-        pos = sampling.Conditioning(torch.randn(1, n, 4096) * 0.5, torch.ones(1, n, dtype=torch.long))
-        neg = sampling.Conditioning(torch.randn(1, 1, 4096) * 0.5, torch.ones(1, 1, dtype=torch.long))
+        pos = Conditioning(torch.randn(1, n, 4096) * 0.5, torch.ones(1, n, dtype=torch.long))
+        neg = Conditioning(torch.randn(1, 1, 4096) * 0.5, torch.ones(1, 1, dtype=torch.long))
     length = pos.embeds.shape[1]
     neg_emb = torch.nn.functional.pad(neg.embeds, (0, 0, 0, length - neg.embeds.shape[1]))
     neg_mask = torch.nn.functional.pad(neg.mask, (0, length - neg.mask.shape[1]))
     pipe = PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=dit,
-                               scheduler=sampling.make_scheduler(sampling.DEFAULT_SCHEDULER))
+                               scheduler=schedulers.make(schedulers.DEFAULT))
     pipe.set_progress_bar_config(disable=True)
 
     inner: list[float] = []

@@ -62,6 +62,7 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from pixart_core import sampling
+    from pixart_core.conditioning import Conditioning
     from pixart_core import t5 as core_t5
     from pixart_core import transformer as core_dit
 
@@ -72,7 +73,7 @@ def main() -> None:
 
     # ---- real conditioning from our T5 path (tokenizer shipped by ComfyUI)
     tok = core_t5.load_tokenizer([comfyui_path() / "comfy" / "text_encoders" / "t5_tokenizer"])
-    t5 = core_t5.load_t5(models / "text_encoders" / weights.t5_file(a.t5_layers), core_t5.QUANTIZATIONS[0], torch.float32)
+    t5 = core_t5.load_t5(models / "text_encoders" / weights.t5_file(a.t5_layers), "none", torch.float32)
     import inspect
 
     # diffusers' padded [1, 300] tensors (our encode pads only when asked since 157fd2b; before, it always padded)
@@ -258,7 +259,7 @@ def main() -> None:
         steps = 4
         noise, gen = sampling.initial_noise(0, 1, 4, 64, 64)
         with CountSyncs() as cs:
-            sampling.sample(small, sampling.Conditioning(pe, pm), sampling.Conditioning(ne, nm), noise, steps=steps, cfg=4.5,
+            sampling.sample(small, Conditioning(pe, pm), Conditioning(ne, nm), noise, steps=steps, cfg=4.5,
                             generator=gen)
         result["sync_ops_in_loop"] = {"steps": steps, "counts": dict(cs.counts)}
         md.append(f"\nOps that force a host<->device sync on a GPU, in our sampling loop ({steps} steps, dpm++ 2m): "

@@ -73,7 +73,7 @@ def ensure_weights(dit_layers: int = 28, t5_layers: int = 2, rebuild: bool = Fal
     import torch
     from safetensors.torch import save_file
 
-    from pixart_core import sampling
+    from pixart_core import schedulers
 
     t0 = time.perf_counter()
     if base.exists():
@@ -105,7 +105,7 @@ def ensure_weights(dit_layers: int = 28, t5_layers: int = 2, rebuild: bool = Fal
     del vae
 
     models.copy_tokenizer(comfyui_path(), pipe / "tokenizer")
-    sampling.make_scheduler(sampling.DEFAULT_SCHEDULER).save_pretrained(pipe / "scheduler")
+    schedulers.make(schedulers.DEFAULT).save_pretrained(pipe / "scheduler")
     (pipe / "model_index.json").write_text(json.dumps({
         "_class_name": "PixArtSigmaPipeline", "_diffusers_version": "0.42.1",
         "scheduler": ["diffusers", "DPMSolverMultistepScheduler"], "text_encoder": ["transformers", "T5EncoderModel"],

@@ -98,7 +98,7 @@ def init_comfy(base: Path | None = None, *, pack: bool = True, cpu: bool = True,
 
 def pack(module: str):
     """The pack's module as ComfyUI imported it (from custom_nodes/, under the pack's folder name), e.g.
-    pack("nodes.management")."""
+    pack("nodes.comfy.loading")."""
     found = [m for n, m in sys.modules.items() if n.endswith(f"{location.PACK}." + module)]
     assert found, f"the pack's {module} is not loaded"
     return found[0]

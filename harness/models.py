@@ -97,6 +97,7 @@ def make_t5_from_config(config: dict | None = None, seed: int = 0):
     torch.manual_seed(seed)
     return T5EncoderModel(T5Config(**(config or T5_CONFIG))).eval()
 
+
 def make_dit(size: str = "tiny", seed: int = 0, variant: str | Variant = DEFAULT_VARIANT, **overrides):
     from diffusers import PixArtTransformer2DModel
 

@@ -7,7 +7,7 @@ from comfy_api.v0_0_2 import io, ui
 
 from ..pixart_core import transformer as core_dit
 from ..pixart_core.variants import PRESETS
-from . import management, paths
+from .comfy import devices, loading, paths
 from .types import CATEGORY, DiT, DiTHandle
 
 log = logging.getLogger(__name__)
@@ -40,10 +40,10 @@ class DiTLoader(io.ComfyNode):
     @classmethod
     def execute(cls, dit_name: str, variant: str, dtype: str) -> io.NodeOutput:
         path = paths.resolve(dit_name, DIT_FOLDERS)
-        load_device, offload_device = management.dit_devices()
-        compute = core_dit.compute_dtype(dtype, management.auto_dtype("dit", load_device))
+        load_device, offload_device = devices.dit_devices()
+        compute = core_dit.compute_dtype(dtype, devices.auto_dtype("dit", load_device))
         model, found, how = core_dit.load_dit(path, variant, compute)
         text = f"{dit_name}: {found.name} ({how}); {found.resolution}px family, {found.max_tokens} tokens, {found.vae.upper()} VAE"
         log.info("PixArt DiT %s", text)
-        handle = DiTHandle(management.wrap(model, load_device, offload_device), found, dit_name, how)
+        handle = DiTHandle(loading.wrap(model, load_device, offload_device), found, dit_name, how)
         return io.NodeOutput(handle, ui=ui.PreviewText(text))

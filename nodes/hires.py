@@ -6,12 +6,15 @@ import logging
 
 from comfy_api.v0_0_2 import io
 
-from ..pixart_core import hires, resolution, sampling
+from ..pixart_core import conditioning, dit_memory, hires, resolution, sampling
 from ..pixart_core import tiles as core_tiles
 from ..pixart_core import vae as core_vae
-from . import management
+from ..pixart_core.guidance import Guidance
+from ..pixart_core.request import Request, check_inputs
+from . import scheduler_labels
+from .comfy import devices, loading, progress
 from .types import CATEGORY, LATENT_SPACE_KEY, VAE, ConditioningType, DiT, DiTHandle, VAEHandle
-from .vae import load_for, run_tiled
+from .vae_jobs import load_for, run_tiled
 
 log = logging.getLogger(__name__)
 VIA_VAE = "vae (decode, upscale, encode)"
@@ -73,26 +76,15 @@ class HiresUpscale(io.ComfyNode):
             images = run_tiled(lambda t: core_vae.decode(ready.model, latents, tiled=t, device=ready.device),
                                tiled, "auto", "decode", size)
             images = hires.upscale_images(images, w, h, upscale_mode)
-            management.check_interrupt()
+            progress.check_interrupt()
             ready, tiled = load_for(vae, core_vae.encode_memory((1, h, w, 3), dtype, base) * images.shape[0], "auto")
             up = run_tiled(lambda t: core_vae.encode(ready.model, images, tiled=t, device=ready.device),
                            tiled, "auto", "encode", f"{w}x{h}")
             space = space or vae.family
-        out = {"samples": up.to(management.intermediate_device())}
+        out = {"samples": up.to(devices.intermediate_device())}
         if space:
             out[LATENT_SPACE_KEY] = space
         return io.NodeOutput(out, w, h)
-
-
-def fit_conditioning(dit: DiTHandle, positive, negative):
-    """The prompts as the DiT was trained to read them (its token limit), as the Sampler does."""
-    limit = dit.variant.max_tokens
-    positive, negative = (sampling.for_limit(c, limit) for c in (positive, negative))
-    longest = max(positive.mask.shape[1], negative.mask.shape[1])
-    if longest > limit:
-        log.warning("PixArt tiled refine: %s was trained with %d T5 tokens but gets %d; set max_tokens to %d (or 0, "
-                    "from the DiT) in Text Encode.", dit.variant.name, limit, longest, limit)
-    return positive, negative
 
 
 class TiledRefine(io.ComfyNode):
@@ -116,8 +108,8 @@ class TiledRefine(io.ComfyNode):
                              tooltip="Steps of the whole schedule; denoise x steps of them run."),
                 io.Float.Input("cfg", default=4.5, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale (PixArt-Σ: 4.5)."),
-                io.Combo.Input("scheduler", options=[s for s in sampling.SCHEDULERS if s != sampling.DMD],
-                               default=sampling.DEFAULT_SCHEDULER, tooltip="diffusers scheduler."),
+                io.Combo.Input("scheduler", options=scheduler_labels.options(one_step=False),
+                               default=scheduler_labels.DEFAULT, tooltip="diffusers scheduler."),
                 io.Float.Input("denoise", default=TILED_DENOISE, min=0.01, max=1.0, step=0.01,
                                tooltip="The share of the schedule that runs: low keeps the composition (each tile "
                                        "sees only its part of the image), high invents detail per tile."),
@@ -137,35 +129,23 @@ class TiledRefine(io.ComfyNode):
                 denoise: float, tile_width: int, tile_height: int, overlap: int) -> io.NodeOutput:
         core_vae.check_pairing(latent.get(LATENT_SPACE_KEY), dit.variant.vae, f"{dit.name} ({dit.variant.name})",
                                sampler=True)
-        if scheduler == sampling.DMD:
-            raise ValueError("PixArt tiled refine: the one-step DMD sampler does not do img2img; pick another scheduler.")
         init = latent["samples"].float() * dit.variant.vae_scaling_factor
         batch, height, width = init.shape[0], init.shape[-2] * 8, init.shape[-1] * 8
-        sampling.check_denoise(denoise, steps, img2img=True)
-        if (tile_width > 0) != (tile_height > 0):
-            raise ValueError("PixArt tiled refine: set both tile_width and tile_height, or neither (0 = the DiT's bin).")
-        if tile_width > 0:
-            resolution.check_size(tile_width, tile_height)
-            tw, th = min(tile_width, width), min(tile_height, height)
-        else:
-            tw, th = hires.tile_size(width, height, dit.variant.resolution)
-        if overlap % 8 or (width > tw and overlap >= tw) or (height > th and overlap >= th):
-            raise ValueError(f"PixArt tiled refine: overlap {overlap} px must be a multiple of 8 and smaller than the "
-                             f"tile ({tw}x{th}); lower it.")
-        layout = core_tiles.layout(height // 8, width // 8, th // 8, tw // 8, overlap // 8)
-        log.info("PixArt tiled refine: %dx%d in %d tiles of %dx%d", width, height, len(layout), tw, th)
-        positive, negative = fit_conditioning(dit, positive, negative)
-        noise, generator = sampling.initial_noise(seed, batch, 4, height, width)
+        positive, negative = conditioning.fit(positive, negative, dit.variant.max_tokens, dit.variant.name)
+        request = Request(positive, negative, width, height, steps, Guidance(cfg),
+                          scheduler=scheduler_labels.to_id(scheduler), denoise=denoise, init_latents=init, tiled=True)
         p = dit.patcher
         inner = p.model.inner
-        need = sampling.inference_memory(batch, th, tw, inner.inner_dim, inner.dtype, cfg > 1.0,  # one tile's
-                                         fused_attention=management.fused_attention(p.load_device, inner.dtype))
-        ready = management.use(p, memory_required=need)
-        on_step, on_tile = management.tiled_step_callbacks(min(int(steps * denoise), steps), len(layout),
+        check_inputs(request, inner)
+        layout, (tw, th) = hires.tiling(width, height, dit.variant.resolution, tile_width, tile_height, overlap)
+        log.info("PixArt tiled refine: %dx%d in %d tiles of %dx%d", width, height, len(layout), tw, th)
+        noise, generator = sampling.initial_noise(seed, batch, 4, height, width)
+        need = dit_memory.inference_memory(batch, th, tw, inner.inner_dim, inner.dtype, cfg > 1.0,  # one tile's
+                                           fused_attention=devices.fused_attention(p.load_device, inner.dtype))
+        ready = loading.use(p, memory_required=need)
+        on_step, on_tile = progress.tiled_step_callbacks(min(int(steps * denoise), steps), len(layout),
                                                            dit.variant.vae, ready.device)
         model = core_tiles.TiledDiT(ready.model, layout, (height // 8, width // 8), on_tile)
-        latents = sampling.sample(model, positive, negative, noise, steps=steps, cfg=cfg, scheduler_name=scheduler,
-                                  generator=generator, init_latents=init, denoise=denoise, device=ready.device,
-                                  on_step=on_step)
-        return io.NodeOutput({"samples": (latents / dit.variant.vae_scaling_factor).to(management.intermediate_device()),
+        latents, _ = sampling.run(model, request, noise, generator, ready.device, on_step)
+        return io.NodeOutput({"samples": (latents / dit.variant.vae_scaling_factor).to(devices.intermediate_device()),
                               LATENT_SPACE_KEY: dit.variant.vae})

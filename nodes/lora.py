@@ -7,10 +7,9 @@ import logging
 
 from comfy_api.v0_0_2 import io, ui
 
-from ..pixart_core import files
+from ..pixart_core import files, t5_spec
 from ..pixart_core import lora as core_lora
-from ..pixart_core import t5 as core_t5
-from . import management, paths
+from .comfy import patches, paths
 from .types import CATEGORY, T5, DiT, DiTHandle, T5Handle
 
 log = logging.getLogger(__name__)
@@ -47,13 +46,13 @@ class LoraLoader(io.ComfyNode):
                 t5_strength: float = 1.0) -> io.NodeOutput:
         path = paths.resolve(lora_name, LORA_FOLDERS)
         sd = files.read_state_dict(path)
-        t5_shapes = management.param_shapes(t5.patcher) if t5 is not None else None
-        plan = core_lora.prepare(sd, management.param_shapes(dit.patcher), t5_shapes, core_lora.read_metadata(path),
+        t5_shapes = patches.param_shapes(t5.patcher) if t5 is not None else None
+        plan = core_lora.prepare(sd, patches.param_shapes(dit.patcher), t5_shapes, core_lora.read_metadata(path),
                                  lora_name)
         lines = [f"{lora_name}: {', '.join(plan.formats)}"]
         new_dit = dit
         if strength != 0 and plan.dit_map:
-            patcher, n, unread = management.with_weight_patches(dit.patcher, plan.dit, plan.dit_map, strength)
+            patcher, n, unread = patches.with_weight_patches(dit.patcher, plan.dit, plan.dit_map, strength)
             new_dit = dataclasses.replace(dit, patcher=patcher)
             plan.unplaced.extend(f"{m}: no weight adapter reads these tensors" for m in unread)
         else:
@@ -79,7 +78,7 @@ class LoraLoader(io.ComfyNode):
                         "LoRA loader. Connect the T5 loader to its t5 input and use its t5 output.", path.name,
                         len(plan.t5_keys))
             return None, f"T5: {len(plan.t5_keys)} keys not applied (no T5 connected)"
-        if t5.quantization != core_t5.QUANTIZATIONS[0]:
+        if t5.quantization != t5_spec.QUANT_NONE:
             log.warning("PixArt LoRA %s: its %d T5 (text encoder) keys were NOT applied: the T5 is quantized (%s), and "
                         "a LoRA cannot be merged into bitsandbytes weights. Load the T5 with quantization 'none' to "
                         "use the LoRA's T5 part (the DiT part is applied).", path.name, len(plan.t5_keys),
@@ -87,7 +86,7 @@ class LoraLoader(io.ComfyNode):
             return t5, f"T5: {len(plan.t5_keys)} keys NOT applied (T5 is quantized: use quantization 'none')"
         if strength == 0 or not plan.t5_map:
             return t5, f"T5: 0 weights patched (t5_strength {strength:g})"
-        patcher, n, unread = management.with_weight_patches(t5.patcher, plan.t5, plan.t5_map, strength)
+        patcher, n, unread = patches.with_weight_patches(t5.patcher, plan.t5, plan.t5_map, strength)
         plan.unplaced.extend(f"{m}: no weight adapter reads these tensors" for m in unread)
         stat = path.stat()
         # the embedding cache is keyed by identity: a LoRA'd T5 must not reuse the base T5's embeddings

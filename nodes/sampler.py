@@ -8,9 +8,13 @@ import logging
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..pixart_core import resolution, sampling
+from ..pixart_core import conditioning, dit_memory, resolution, sampling, stages
 from ..pixart_core import vae as core_vae
-from . import management
+from ..pixart_core.guidance import Guidance
+from ..pixart_core.request import Request, check_inputs
+from ..pixart_core.schedulers import DMD_TIMESTEP
+from . import scheduler_labels
+from .comfy import devices, loading, progress
 from .types import CATEGORY, LATENT_SPACE_KEY, ConditioningType, DiT, DiTHandle
 
 log = logging.getLogger(__name__)
@@ -34,30 +38,13 @@ def _seed_steps_cfg_scheduler() -> list:
         io.Int.Input("steps", default=20, min=1, max=1000, tooltip="Denoising steps (PixArt-Σ: 20 with dpm++ 2m)."),
         io.Float.Input("cfg", default=4.5, min=0.0, max=100.0, step=0.1, round=0.01,
                        tooltip="Classifier-free guidance scale (PixArt-Σ: 4.5). 1 or less runs no negative pass."),
-        io.Combo.Input("scheduler", options=list(sampling.SCHEDULERS), default=sampling.DEFAULT_SCHEDULER,
+        io.Combo.Input("scheduler", options=scheduler_labels.options(), default=scheduler_labels.DEFAULT,
                        tooltip="diffusers scheduler; dpm++ 2m is configured as the official release."),
     ]
 
 
-def _fit(dit: DiTHandle, positive, negative):
-    """The conditionings at the DiT's token limit (warning when the prompt is longer than it was trained with)."""
-    limit = dit.variant.max_tokens
-    fitted = [sampling.for_limit(c, limit) for c in (positive, negative)]
-    if any(f is not c for f, c in zip(fitted, (positive, negative))):
-        log.info("PixArt sampler: %s reads %d T5 tokens; using the prompt encoded at that limit.", dit.variant.name, limit)
-    positive, negative = fitted
-    longest = max(positive.mask.shape[1], negative.mask.shape[1])
-    if longest > limit:
-        log.warning("PixArt sampler: %s was trained with %d T5 tokens but gets %d; set max_tokens to %d (or 0, "
-                    "from the DiT) in Text Encode.", dit.variant.name, limit, longest, limit)
-    return positive, negative
-
-
 def _inpaint_mask(latent: dict | None, mask: torch.Tensor | None) -> torch.Tensor | None:
     """The repaint mask: the MASK input, else the LATENT's noise_mask (both resized in the loop, as ComfyUI does)."""
-    if mask is not None and latent is None:
-        raise ValueError("PixArt sampler: the inpainting mask needs the image's latent; connect 'latent' (VAE Encode "
-                         "of the image, or Set Latent Noise Mask's output).")
     if mask is not None:
         if latent is not None and "noise_mask" in latent:
             log.info("PixArt sampler: the mask input replaces the latent's noise_mask.")
@@ -65,41 +52,42 @@ def _inpaint_mask(latent: dict | None, mask: torch.Tensor | None) -> torch.Tenso
     return None if latent is None else latent.get("noise_mask")
 
 
-def _run(dit: DiTHandle, positive, negative, seed: int, steps: int, cfg: float, scheduler: str, width: int,
-         height: int, batch_size: int, latent: dict | None, mask: torch.Tensor | None, pag: bool = False, **kw):
-    """Sample under model management; returns (model-space latents, SolverState or None) and the VAE scale."""
+def _run(dit: DiTHandle, positive, negative, seed: int, batch_size: int, size: tuple[int, int], latent: dict | None,
+         mask: torch.Tensor | None, guidance: Guidance, empty_start: bool = False, **settings):
+    """The widgets as a Request, checked, then sampled under model management: ((model-space latents, SolverState or
+    None), the VAE scale). `settings`: the Request's schedule fields."""
     scale = dit.variant.vae_scaling_factor
-    init = None
+    (width, height), init = size, None
     if latent is not None:
         core_vae.check_pairing(latent.get(LATENT_SPACE_KEY), dit.variant.vae, f"{dit.name} ({dit.variant.name})",
                                sampler=True)
         init = latent["samples"].float() * scale
         batch_size = max(batch_size, init.shape[0])
         height, width = init.shape[-2] * 8, init.shape[-1] * 8
-    resolution.check_size(width, height)
-    positive, negative = _fit(dit, positive, negative)
     mask = _inpaint_mask(latent, mask)
-    if kw.pop("empty_start", False) and mask is None:
+    if empty_start and mask is None:
         init = None  # an empty latent sampled from the start: pure noise, as KSampler's full denoise gives
-    noise, generator = sampling.initial_noise(seed, batch_size, 4, height, width)
+    positive, negative = conditioning.fit(positive, negative, dit.variant.max_tokens, dit.variant.name)
+    request = Request(positive, negative, width, height, guidance=guidance, init_latents=init, mask=mask, **settings)
     p = dit.patcher
     inner = p.model.inner
-    passes = (2 if cfg > 1.0 else 1) + (1 if pag else 0)
-    need = sampling.inference_memory(batch_size * passes, height, width, inner.inner_dim, inner.dtype, False,
-                                     fused_attention=management.fused_attention(p.load_device, inner.dtype))
-    ready = management.use(p, memory_required=need)
-    return sampling.sample(ready.model, positive, negative, noise, steps=steps, cfg=cfg, scheduler_name=scheduler,
-                           generator=generator, init_latents=init, device=ready.device, mask=mask, return_state=True,
-                           on_step=management.step_callback(steps, dit.variant.vae, ready.device), **kw), scale
+    check_inputs(request, inner)
+    noise, generator = sampling.initial_noise(seed, batch_size, 4, height, width)
+    passes = (2 if guidance.cfg > 1.0 else 1) + (1 if guidance.pag_scale > 0 else 0)
+    need = dit_memory.inference_memory(batch_size * passes, height, width, inner.inner_dim, inner.dtype, False,
+                                       fused_attention=devices.fused_attention(p.load_device, inner.dtype))
+    ready = loading.use(p, memory_required=need)
+    on_step = progress.step_callback(request.steps, dit.variant.vae, ready.device)
+    return sampling.run(ready.model, request, noise, generator, ready.device, on_step), scale
 
 
 def _output(dit: DiTHandle, latent: dict | None, latents: torch.Tensor, scale: float,
-            state: sampling.SolverState | None = None) -> dict:
+            state: stages.SolverState | None = None) -> dict:
     """A LATENT as ComfyUI's samplers return one: the input's other keys (noise_mask, batch_index) kept."""
-    out = {k: v for k, v in (latent or {}).items() if k not in ("samples", sampling.STATE_KEY)}
-    out.update(samples=(latents / scale).to(management.intermediate_device()), **{LATENT_SPACE_KEY: dit.variant.vae})
+    out = {k: v for k, v in (latent or {}).items() if k not in ("samples", stages.STATE_KEY)}
+    out.update(samples=(latents / scale).to(devices.intermediate_device()), **{LATENT_SPACE_KEY: dit.variant.vae})
     if state is not None:
-        out[sampling.STATE_KEY] = state
+        out[stages.STATE_KEY] = state
     return out
 
 
@@ -133,9 +121,9 @@ class Sampler(io.ComfyNode):
     def execute(cls, dit: DiTHandle, positive, negative, seed: int, steps: int, cfg: float, scheduler: str,
                 width: int, height: int, batch_size: int, latent=None, denoise: float = 1.0,
                 mask=None) -> io.NodeOutput:
-        sampling.check_denoise(denoise, steps, img2img=latent is not None)
-        (latents, _), scale = _run(dit, positive, negative, seed, steps, cfg, scheduler, width, height, batch_size,
-                                   latent, mask, denoise=denoise)
+        (latents, _), scale = _run(dit, positive, negative, seed, batch_size, (width, height), latent, mask,
+                                   Guidance(cfg), steps=steps, scheduler=scheduler_labels.to_id(scheduler),
+                                   denoise=denoise)
         return io.NodeOutput(_output(dit, latent, latents, scale))
 
 
@@ -177,7 +165,7 @@ class SamplerAdvanced(io.ComfyNode):
                                tooltip="CFG runs from this fraction of the schedule..."),
                 io.Float.Input("cfg_end", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="...to this one; outside, one positive-only pass per step (about half the cost)."),
-                io.Int.Input("dmd_timestep", default=sampling.DMD_TIMESTEP, min=0, max=999,
+                io.Int.Input("dmd_timestep", default=DMD_TIMESTEP, min=0, max=999,
                              tooltip="The one step of the dmd scheduler (the PixArt-α DMD release: 400)."),
                 io.Mask.Input("mask", optional=True, tooltip=MASK_TOOLTIP),
             ],
@@ -189,19 +177,12 @@ class SamplerAdvanced(io.ComfyNode):
                 scheduler: str, start_step: int, end_step: int, return_with_leftover_noise: str, pag_scale: float,
                 pag_layers: str, guidance_rescale: float, cfg_start: float, cfg_end: float, dmd_timestep: int,
                 mask=None) -> io.NodeOutput:
-        one_step = scheduler == sampling.DMD
-        if not one_step:
-            sampling.check_steps(steps, start_step, end_step)
-        noisy = add_noise == "enable"
-        empty = start_step == 0 and noisy and not bool(latent["samples"].any())
-        if one_step and not empty:
-            raise ValueError("The one-step DMD sampler starts from noise: give it an Empty Latent Image, add_noise "
-                             "enable, start_step 0.")
-        staged = {} if one_step else dict(start_step=start_step, end_step=end_step, add_noise=noisy,
-                                          leftover_noise=return_with_leftover_noise == "enable",
-                                          resume=latent.get(sampling.STATE_KEY))
+        # An Empty Latent Image sampled from the start is text-to-image (as KSampler's full denoise gives).
+        empty = start_step == 0 and add_noise == "enable" and not bool(latent["samples"].any())
+        guidance = Guidance(cfg, pag_scale, pag_layers, guidance_rescale, cfg_start, cfg_end)
         (latents, state), scale = _run(
-            dit, positive, negative, seed, steps, cfg, scheduler, 16, 16, 1, latent, mask, pag=pag_scale > 0,
-            empty_start=empty, pag_scale=pag_scale, pag_layers=pag_layers, guidance_rescale=guidance_rescale,
-            cfg_start=cfg_start, cfg_end=cfg_end, dmd_timestep=dmd_timestep, **staged)
+            dit, positive, negative, seed, 1, (16, 16), latent, mask, guidance, empty_start=empty, steps=steps,
+            scheduler=scheduler_labels.to_id(scheduler), start_step=start_step, end_step=end_step,
+            add_noise=add_noise == "enable", leftover_noise=return_with_leftover_noise == "enable",
+            resume=latent.get(stages.STATE_KEY), dmd_timestep=dmd_timestep)
         return io.NodeOutput(_output(dit, latent, latents, scale, state))

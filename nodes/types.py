@@ -11,7 +11,7 @@ from ..pixart_core.variants import Variant
 
 T5 = io.Custom("PIXART_T5")
 DiT = io.Custom("PIXART_DIT")
-ConditioningType = io.Custom("PIXART_CONDITIONING")  # the socket; pixart_core.sampling.Conditioning travels on it
+ConditioningType = io.Custom("PIXART_CONDITIONING")  # the socket; pixart_core.conditioning.Conditioning travels on it
 VAE = io.Custom("PIXART_VAE")
 
 CATEGORY = "PixArt-Σ"

@@ -1,15 +1,14 @@
 """VAE loader, decode and encode nodes."""
 from __future__ import annotations
 
-import logging
-
 from comfy_api.v0_0_2 import io
 
 from ..pixart_core import vae as core_vae
-from . import management, paths
+from ..pixart_core.resolution import check_multiple, optional_size
+from .comfy import devices, loading, paths, progress
 from .types import CATEGORY, LATENT_SPACE_KEY, VAE, VAEHandle
+from .vae_jobs import load_for, run_tiled
 
-log = logging.getLogger(__name__)
 VAE_FOLDERS = ("vae",)
 TILING = ("auto", "always", "never")
 
@@ -36,9 +35,9 @@ class VAELoader(io.ComfyNode):
     @classmethod
     def execute(cls, vae_name: str, dtype: str) -> io.NodeOutput:
         path = paths.resolve(vae_name, VAE_FOLDERS)
-        load_device, offload_device = management.vae_devices()
-        model, family = core_vae.load_vae(path, core_vae.compute_dtype(dtype, management.auto_dtype("vae", load_device)))
-        return io.NodeOutput(VAEHandle(management.wrap(model, load_device, offload_device), vae_name, family))
+        load_device, offload_device = devices.vae_devices()
+        model, family = core_vae.load_vae(path, core_vae.compute_dtype(dtype, devices.auto_dtype("vae", load_device)))
+        return io.NodeOutput(VAEHandle(loading.wrap(model, load_device, offload_device), vae_name, family))
 
 
 class VAEDecode(io.ComfyNode):
@@ -68,55 +67,17 @@ class VAEDecode(io.ComfyNode):
                 target_height: int = 0) -> io.NodeOutput:
         latents = samples["samples"]
         core_vae.check_pairing(samples.get(LATENT_SPACE_KEY), vae.family, vae.name)
-        if (target_width > 0) != (target_height > 0):
-            raise ValueError("PixArt VAE decode: set both target_width and target_height, or neither (0).")
-        target = (target_width, target_height) if target_width > 0 else None
+        target = optional_size(target_width, target_height, "PixArt VAE decode", "target_width and target_height")
         inner = vae.patcher.model.inner
         dtype, width = inner.dtype, inner.config.block_out_channels[0]
         need = core_vae.decode_memory(tuple(latents.shape), dtype, width)  # one image at a time
         ready, tiled = load_for(vae, need, tiling)
-        management.check_interrupt()
-        progress = management.progress_callback(latents.shape[0])
+        progress.check_interrupt()
+        on_image = progress.progress_callback(latents.shape[0])
         images = run_tiled(
-            lambda t: core_vae.decode(ready.model, latents, tiled=t, target=target, on_image=progress, device=ready.device),
+            lambda t: core_vae.decode(ready.model, latents, tiled=t, target=target, on_image=on_image, device=ready.device),
             tiled, tiling, "decode", f"{latents.shape[-1] * 8}x{latents.shape[-2] * 8}")
         return io.NodeOutput(images)
-
-
-def load_for(vae: VAEHandle, need: int, tiling: str) -> tuple[management.Loaded, bool]:
-    """Load the VAE asking ComfyUI for the whole job's memory first (it evicts other models for it, as its own VAE
-    nodes do), then decide: tile only when the job still does not fit (or when told to)."""
-    ready = management.use(vae.patcher, memory_required=need)
-    return ready, tiling == "always" or (tiling == "auto" and need > management.free_memory(ready.device))
-
-
-def run_tiled(job, tiled: bool, tiling: str, what: str, size: str):
-    """`job(tiled)`; on an out-of-memory error without tiles, again in tiles (unless tiling is 'never')."""
-    result = None
-    try:
-        result = job(tiled)
-    except Exception as e:
-        if not management.is_oom(e):
-            raise
-        if tiled:
-            raise _oom(e, f"PixArt VAE {what} ran out of memory at {size} even in tiles. Free memory (close other "
-                          f"programs, or unload models from ComfyUI's menu) or {what} a smaller image.") from e
-        if tiling == "never":
-            raise _oom(e, f"PixArt VAE {what} ran out of memory at {size}. Set tiling to 'auto' ({what}s in "
-                          "tiles when memory runs short) or 'always'.") from e
-        log.warning("PixArt VAE %s ran out of memory at %s; retrying in tiles.", what, size)
-    if result is None:  # retried outside the except block, so the failed attempt's tensors are freed first
-        management.soft_empty_cache()
-        result = job(True)
-    return result
-
-
-def _oom(error: Exception, message: str) -> Exception:
-    """The same kind of out-of-memory error (ComfyUI's executor treats OOM specially), with our message."""
-    try:
-        return type(error)(message)
-    except Exception:
-        return RuntimeError(message)
 
 
 class VAEEncode(io.ComfyNode):
@@ -140,15 +101,13 @@ class VAEEncode(io.ComfyNode):
     @classmethod
     def execute(cls, vae: VAEHandle, image, tiling: str = "auto") -> io.NodeOutput:
         h, w = image.shape[1:3]
-        if h % 16 or w % 16:
-            raise ValueError(f"PixArt VAE encode: the image is {w}x{h}; PixArt needs sides in multiples of 16 "
-                             f"(crop or resize it, e.g. with ImageScale to {w // 16 * 16}x{h // 16 * 16}).")
+        check_multiple(w, h, f"PixArt VAE encode: the image is {w}x{h}", " Crop or resize it (e.g. with ImageScale).")
         inner = vae.patcher.model.inner
         need = core_vae.encode_memory(tuple(image.shape), inner.dtype, inner.config.block_out_channels[0]) * image.shape[0]
         ready, tiled = load_for(vae, need, tiling)
         samples = run_tiled(lambda t: core_vae.encode(ready.model, image, tiled=t, device=ready.device),
                             tiled, tiling, "encode", f"{w}x{h}")
-        latent = {"samples": samples.to(management.intermediate_device())}
+        latent = {"samples": samples.to(devices.intermediate_device())}
         if vae.family:
             latent[LATENT_SPACE_KEY] = vae.family
         return io.NodeOutput(latent)

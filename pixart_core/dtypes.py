@@ -1,6 +1,6 @@
 """The loaders' dtype choices: one policy for "auto" and for the named dtypes.
 
-What "auto" means on a device is decided by the caller (nodes/management.py asks ComfyUI, as it decides for its
+What "auto" means on a device is decided by the caller (nodes/comfy/devices.py asks ComfyUI, as it decides for its
 own models); this module applies the user's choice and the rules that hold whatever the device: T5-XXL and the
 SDXL VAE never compute in fp16 (they overflow).
 """

@@ -8,16 +8,34 @@ MAX_SIDE = 4096  # the largest side of any trained bin (2K family)
 MULTIPLE = 16  # patch 2 x VAE 8
 
 
+def _check_multiple(label: str, v: int, where: str, hint: str) -> None:
+    if v % MULTIPLE:
+        lo, hi = max(MULTIPLE, v // MULTIPLE * MULTIPLE), v // MULTIPLE * MULTIPLE + MULTIPLE
+        raise ValueError(f"{where}: {label} {v} is not a multiple of {MULTIPLE} (patch 2 x VAE 8); use {lo} or {hi}."
+                         f"{hint}")
+
+
+def check_multiple(width: int, height: int, where: str, hint: str = "") -> None:
+    """Refuse sides that are not multiples of 16 (patch 2 x VAE 8), naming the neighbouring multiples; `where`
+    starts the message, `hint` ends it."""
+    for label, v in (("width", width), ("height", height)):
+        _check_multiple(label, v, where, hint)
+
+
 def check_size(width: int, height: int) -> None:
     """Refuse sizes the DiT cannot take before anything is allocated, naming valid neighbours."""
     for label, v in (("width", width), ("height", height)):
         if v <= 0 or v > MAX_SIDE:
             raise ValueError(f"PixArt sampler: {label} {v} is outside {MULTIPLE}..{MAX_SIDE}.")
-        if v % MULTIPLE:
-            lo, hi = max(MULTIPLE, v // MULTIPLE * MULTIPLE), v // MULTIPLE * MULTIPLE + MULTIPLE
-            raise ValueError(
-                f"PixArt sampler: {label} {v} is not a multiple of {MULTIPLE} (patch 2 x VAE 8); use {lo} or {hi}."
-            )
+        _check_multiple(label, v, "PixArt sampler", "")
+
+
+def optional_size(width: int, height: int, where: str, names: str, unset: str = "0") -> tuple[int, int] | None:
+    """A size given as two widgets where 0 means not set: None when neither is set; refuses one without the other
+    (`names` the two widgets, `unset` what leaving them at 0 gives)."""
+    if (width > 0) != (height > 0):
+        raise ValueError(f"{where}: set both {names}, or neither ({unset}).")
+    return (width, height) if width > 0 else None
 
 
 def bins(family: int) -> dict[str, list[float]]:
@@ -43,13 +61,24 @@ def snap(width: int, height: int, family: int) -> tuple[int, int]:
     return int(w), int(h)
 
 
-def resize_and_crop(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """[B,C,H,W] -> [B,C,height,width]: scale to cover, then centre-crop, as diffusers' resolution binning does."""
+def resize_and_crop(images: torch.Tensor, width: int, height: int, mode: str = "bilinear",
+                    covering: bool = False) -> torch.Tensor:
+    """[B,C,H,W] -> [B,C,height,width]: scaled to cover, then centre-cropped (the aspect ratio kept).
+
+    The scaled sides are truncated with int() as diffusers' PixArtImageProcessor.resize_and_crop_tensor does (the
+    resize-back after decoding matches diffusers' resolution binning); with `covering` they are rounded and never
+    below the target (the hires upscale: a ratio whose float product lands just under a side cannot leave it one
+    pixel short). The two rules give different sizes for some inputs, so both are kept, and with them the pixels.
+    """
     h, w = images.shape[-2:]
     if (h, w) == (height, width):
         return images
     ratio = max(height / h, width / w)
-    rh, rw = int(h * ratio), int(w * ratio)
-    images = torch.nn.functional.interpolate(images, size=(rh, rw), mode="bilinear", align_corners=False)
+    if covering:
+        rh, rw = max(height, round(h * ratio)), max(width, round(w * ratio))
+    else:
+        rh, rw = int(h * ratio), int(w * ratio)
+    kwargs = {"align_corners": False} if mode in ("bicubic", "bilinear") else {}
+    images = torch.nn.functional.interpolate(images, size=(rh, rw), mode=mode, **kwargs)
     top, left = (rh - height) // 2, (rw - width) // 2
-    return images[:, :, top:top + height, left:left + width]
+    return images[..., top:top + height, left:left + width]

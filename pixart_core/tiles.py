@@ -8,8 +8,9 @@ Here each tile's W_i is a linear ramp across the overlaps it shares with its nei
 sum to 1 at every latent pixel. The average is taken on the model output (epsilon): every scheduler here steps
 linearly in it, so averaging predictions equals averaging the crops' denoised latents, as the paper does.
 
-`TiledDiT` wraps a PixArt DiT so that the unchanged sampling loop (pixart_core.sampling.sample) drives it: one
-forward of the wrapper runs the DiT once per tile (the whole CFG batch at once), so memory is one tile's.
+`TiledDiT` wraps a PixArt DiT so that the guided prediction (pixart_core.guidance) calls it as it calls the DiT and
+the sampling loop (pixart_core.sampling) runs unchanged: one forward of the wrapper runs the DiT once per tile (the
+whole CFG batch at once), so memory is one tile's. pixart_core.hires.tiling lays the tiles out for a canvas.
 """
 from __future__ import annotations
 

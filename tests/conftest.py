@@ -143,10 +143,11 @@ def int8_t5(tmp_path, tokenizer):
     from safetensors.torch import save_file
 
     from pixart_core import t5 as ct5
+    from pixart_core import t5_spec
 
     path = tmp_path / "t5.safetensors"
     save_file(models.t5_single_file_sd(models.make_t5()), str(path))
-    return ct5.load_t5(path, ct5.QUANTIZATIONS[1], torch.float32), tokenizer
+    return ct5.load_t5(path, t5_spec.QUANT_8BIT, torch.float32), tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -155,11 +156,11 @@ def conds():
     with a padding mask: random, seeded."""
     import torch
 
-    from pixart_core import sampling
+    from pixart_core.conditioning import Conditioning
 
     torch.manual_seed(3)
-    pos = sampling.Conditioning(torch.randn(1, 12, models.T5_WIDTH), torch.tensor([[1] * 9 + [0] * 3]))
-    neg = sampling.Conditioning(torch.randn(1, 12, models.T5_WIDTH), torch.tensor([[1] + [0] * 11]))
+    pos = Conditioning(torch.randn(1, 12, models.T5_WIDTH), torch.tensor([[1] * 9 + [0] * 3]))
+    neg = Conditioning(torch.randn(1, 12, models.T5_WIDTH), torch.tensor([[1] + [0] * 11]))
     return pos, neg
 
 

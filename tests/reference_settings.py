@@ -52,14 +52,14 @@ RELEASE_SCHEDULE = {k: SIGMA_SCHEDULER_CONFIG[k] for k in (
 TRAINING_SCHEDULE = {k: RELEASE_SCHEDULE[k] for k in (
     "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")}
 
-# The pack's scheduler name -> (diffusers class, its settings); settings not named keep diffusers' own defaults.
+# The pack's scheduler id -> (diffusers class, its settings); settings not named keep diffusers' own defaults.
 SCHEDULERS: dict[str, tuple[str, dict]] = {
     # [Σ-sched]: the whole file.
-    "dpm++ 2m": ("DPMSolverMultistepScheduler", {k: v for k, v in SIGMA_SCHEDULER_CONFIG.items() if k[0] != "_"}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {k: v for k, v in SIGMA_SCHEDULER_CONFIG.items() if k[0] != "_"}),
     # [α-repo] app/app.py:174: SASolverScheduler.from_config(pipe.scheduler.config, algorithm_type='data_prediction',
     # tau_func=lambda t: 1 if 200 <= t <= 800 else 0, predictor_order=2, corrector_order=2) (the tau_func given
     # there is diffusers' default, so it is not a config field).
-    "sa-solver": ("SASolverScheduler", {**{k: v for k, v in SIGMA_SCHEDULER_CONFIG.items() if k[0] != "_"},
+    "sa_solver": ("SASolverScheduler", {**{k: v for k, v in SIGMA_SCHEDULER_CONFIG.items() if k[0] != "_"},
                                         "algorithm_type": "data_prediction", "predictor_order": 2,
                                         "corrector_order": 2}),
     # No PixArt source uses DDIM: the release schedule and spacing; the predicted x0 is never clipped
@@ -67,7 +67,7 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
     "ddim": ("DDIMScheduler", {**RELEASE_SCHEDULE, "clip_sample": False}),
     # No PixArt source uses Euler / Euler ancestral / UniPC: the release schedule and spacing.
     "euler": ("EulerDiscreteScheduler", dict(RELEASE_SCHEDULE)),
-    "euler ancestral": ("EulerAncestralDiscreteScheduler", dict(RELEASE_SCHEDULE)),
+    "euler_ancestral": ("EulerAncestralDiscreteScheduler", dict(RELEASE_SCHEDULE)),
     "unipc": ("UniPCMultistepScheduler", dict(RELEASE_SCHEDULE)),
     # [Σ-repo] scripts/inference.py:95-98: IDDPM ancestral sampling, clip_denoised=False; its respacing
     # (diffusion/model/respace.py:54-58, round(i * 999 / (n - 1))) is diffusers' "linspace" spacing.
@@ -77,7 +77,7 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
     "lcm": ("LCMScheduler", dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", prediction_type="epsilon")),
     # [Σ-repo] app/app_pixart_dmd.py:132,193-194: DDPMScheduler, timesteps=[400], guidance_scale=1; the one step
     # returns the unclipped x0 estimate ([Σ-repo] scripts/DMD/transformer_train/generate.py:34-41, eps_to_mu).
-    "dmd 1-step (t=400)": ("DDPMScheduler", {**TRAINING_SCHEDULE, "clip_sample": False}),
+    "dmd": ("DDPMScheduler", {**TRAINING_SCHEDULE, "clip_sample": False}),
 }
 DMD_TIMESTEPS = [400]  # [Σ-repo] app/app_pixart_dmd.py:193
 DMD_GUIDANCE = 1.0  # [Σ-repo] app/app_pixart_dmd.py:194

@@ -8,7 +8,8 @@ import torch
 
 import reference_settings as reference
 from harness import models as tiny
-from pixart_core import sampling
+from pixart_core import conditioning, sampling
+from pixart_core.conditioning import Conditioning
 
 
 @pytest.mark.parametrize("width,name", [(512, "T5-v1.1-small"), (768, "T5-v1.1-base"), (1024, "T5-v1.1-large"),
@@ -16,8 +17,8 @@ from pixart_core import sampling
 def test_wrong_t5_width_names_the_t5(width, name):
     """T5-v1.1 widths (d_model) as google's v1.1 configs give them: small 512, base 768, large 1024, XL 2048, XXL 4096."""
     dit = tiny.make_dit()
-    cond = sampling.Conditioning(torch.randn(1, 4, width), torch.ones(1, 4, dtype=torch.long))
-    good = sampling.Conditioning(torch.randn(1, 4, tiny.T5_WIDTH), torch.ones(1, 4, dtype=torch.long))
+    cond = Conditioning(torch.randn(1, 4, width), torch.ones(1, 4, dtype=torch.long))
+    good = Conditioning(torch.randn(1, 4, tiny.T5_WIDTH), torch.ones(1, 4, dtype=torch.long))
     noise, _ = sampling.initial_noise(0, 1, 4, 16, 16)
     import re
 
@@ -34,15 +35,15 @@ def test_conditionings_of_different_lengths_match_diffusers_padded(tmp_path):
 
     torch.manual_seed(7)
     dit = tiny.make_dit()
-    pos = sampling.Conditioning(torch.randn(1, 9, tiny.T5_WIDTH), torch.ones(1, 9, dtype=torch.long))
-    neg = sampling.Conditioning(torch.randn(1, 1, tiny.T5_WIDTH), torch.ones(1, 1, dtype=torch.long))
+    pos = Conditioning(torch.randn(1, 9, tiny.T5_WIDTH), torch.ones(1, 9, dtype=torch.long))
+    neg = Conditioning(torch.randn(1, 1, tiny.T5_WIDTH), torch.ones(1, 1, dtype=torch.long))
     noise, gen = sampling.initial_noise(4, 1, 4, 64, 64)
     ours = sampling.sample(dit, pos, neg, noise, steps=3, cfg=4.5, generator=gen)
     ours_swapped = sampling.sample(dit, neg, pos, noise, steps=3, cfg=4.5)
     neg_embeds = torch.cat([neg.embeds, torch.zeros(1, 8, tiny.T5_WIDTH)], dim=1)
     neg_mask = torch.tensor([[1] + [0] * 8])
     pipe = PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=tiny.make_vae(), transformer=dit,
-                               scheduler=reference.scheduler("dpm++ 2m"))
+                               scheduler=reference.scheduler("dpmpp_2m"))
     kw = dict(prompt=None, negative_prompt=None, latents=noise.clone(), num_inference_steps=3, guidance_scale=4.5,
               height=64, width=64, output_type="latent", use_resolution_binning=False)
     want = pipe(prompt_embeds=pos.embeds, prompt_attention_mask=pos.mask, negative_prompt_embeds=neg_embeds,
@@ -56,9 +57,9 @@ def test_negative_one_token_shorter_is_padded_by_hand_computation():
     """Lengths 3 and 2 (one token apart): the same latents as the negative zero-padded to 3 with a 0 in its mask."""
     torch.manual_seed(8)
     dit = tiny.make_dit()
-    pos = sampling.Conditioning(torch.randn(1, 3, tiny.T5_WIDTH), torch.ones(1, 3, dtype=torch.long))
-    neg = sampling.Conditioning(torch.randn(1, 2, tiny.T5_WIDTH), torch.ones(1, 2, dtype=torch.long))
-    padded = sampling.Conditioning(torch.cat([neg.embeds, torch.zeros(1, 1, tiny.T5_WIDTH)], 1),
+    pos = Conditioning(torch.randn(1, 3, tiny.T5_WIDTH), torch.ones(1, 3, dtype=torch.long))
+    neg = Conditioning(torch.randn(1, 2, tiny.T5_WIDTH), torch.ones(1, 2, dtype=torch.long))
+    padded = Conditioning(torch.cat([neg.embeds, torch.zeros(1, 1, tiny.T5_WIDTH)], 1),
                                    torch.tensor([[1, 1, 0]]))
     noise, _ = sampling.initial_noise(2, 1, 4, 32, 32)
     a = sampling.sample(dit, pos, neg, noise, steps=2, cfg=4.5)
@@ -68,21 +69,22 @@ def test_negative_one_token_shorter_is_padded_by_hand_computation():
 
 def test_t5_of_the_wrong_width_is_named_at_sampling():
     from pixart_core import sampling
+    from pixart_core.conditioning import Conditioning
 
     dit = tiny.make_dit()
-    cond = sampling.Conditioning(torch.randn(1, 4, 768), torch.ones(1, 4, dtype=torch.long))
+    cond = Conditioning(torch.randn(1, 4, 768), torch.ones(1, 4, dtype=torch.long))
     noise, _ = sampling.initial_noise(0, 1, 4, 16, 16)
     with pytest.raises(ValueError, match=r"768 wide \(T5-v1.1-base\).*64-wide"):
         sampling.sample(dit, cond, cond, noise, steps=1, cfg=4.5)
 
 
 def test_for_limit_picks_the_encoding_made_at_the_dit_limit():
-    long = sampling.Conditioning(torch.zeros(1, 300, 4), torch.ones(1, 300, dtype=torch.long))
-    short = sampling.Conditioning(torch.ones(1, 120, 4), torch.ones(1, 120, dtype=torch.long))
+    long = conditioning.Conditioning(torch.zeros(1, 300, 4), torch.ones(1, 300, dtype=torch.long))
+    short = conditioning.Conditioning(torch.ones(1, 120, 4), torch.ones(1, 120, dtype=torch.long))
     long.at_limit[120] = short
-    assert sampling.for_limit(long, 120) is short
-    assert sampling.for_limit(long, 300) is long
-    plain = sampling.Conditioning(torch.zeros(1, 150, 4), torch.ones(1, 150, dtype=torch.long))
-    assert sampling.for_limit(plain, 120) is plain  # nothing better to offer: the sampler warns
-    fits = sampling.Conditioning(torch.zeros(1, 120, 4), torch.ones(1, 120, dtype=torch.long), {120: short})
-    assert sampling.for_limit(fits, 120) is fits
+    assert conditioning.for_limit(long, 120) is short
+    assert conditioning.for_limit(long, 300) is long
+    plain = conditioning.Conditioning(torch.zeros(1, 150, 4), torch.ones(1, 150, dtype=torch.long))
+    assert conditioning.for_limit(plain, 120) is plain  # nothing better to offer: the sampler warns
+    fits = conditioning.Conditioning(torch.zeros(1, 120, 4), torch.ones(1, 120, dtype=torch.long), {120: short})
+    assert conditioning.for_limit(fits, 120) is fits

@@ -53,12 +53,13 @@ def test_bf16_holds_up_against_fp32_on_the_cpu():
     models (2026-11-29): relative L2 error 0.30% after 20 steps of the 2-block DiT, 0.27% through the VAE; the
     bounds, 2% and 1%, leave room for other CPUs' summation orders."""
     from pixart_core import sampling
+    from pixart_core.conditioning import Conditioning
 
     dit32 = tiny.make_dit()
     dit16 = tiny.make_dit().to(torch.bfloat16)
     torch.manual_seed(1)
-    pos = sampling.Conditioning(torch.randn(1, 6, dit32.config.caption_channels), torch.ones(1, 6, dtype=torch.long))
-    neg = sampling.Conditioning(torch.randn(1, 1, dit32.config.caption_channels), torch.ones(1, 1, dtype=torch.long))
+    pos = Conditioning(torch.randn(1, 6, dit32.config.caption_channels), torch.ones(1, 6, dtype=torch.long))
+    neg = Conditioning(torch.randn(1, 1, dit32.config.caption_channels), torch.ones(1, 1, dtype=torch.long))
     latents = {}
     for name, dit in (("fp32", dit32), ("bf16", dit16)):
         noise, gen = sampling.initial_noise(3, 1, 4, 128, 128)

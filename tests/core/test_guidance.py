@@ -12,7 +12,7 @@ from cases import noise as _noise
 from cases import pipeline_loop as _reference_loop
 from cases import record_calls as _record_calls
 from harness import models as tiny
-from pixart_core import sampling
+from pixart_core import guidance, sampling, schedulers
 
 
 @pytest.mark.parametrize("cfg,passes_per_image", [(1.0, 1), (0.5, 1), (0.0, 1), (1.01, 2), (4.5, 2)])
@@ -44,10 +44,10 @@ def test_pag_layers_are_the_ones_diffusers_picks():
         pipe._set_pag_attn_processor(pipe.pag_applied_layers, do_classifier_free_guidance=True)
         want = sorted(n for n, m in model.named_modules()
                       if isinstance(getattr(m, "processor", None), PAGCFGIdentitySelfAttnProcessor2_0))
-        got = sorted(names[id(m)] for m in sampling.pag_targets(dit, sampling.pag_layer_patterns(spec)))
+        got = sorted(names[id(m)] for m in guidance.pag_targets(dit, guidance.pag_layer_patterns(spec)))
         assert got == want and got, spec
     with pytest.raises(ValueError, match="blocks.0 to blocks.11"):
-        sampling.pag_targets(dit, ["blocks.40"])
+        guidance.pag_targets(dit, ["blocks.40"])
 
 
 def test_pag_processors_come_back_after_cancel(dit_and_conds):
@@ -68,8 +68,8 @@ def test_guidance_rescale_as_diffusers(dit_and_conds):
     dit, pos, neg = dit_and_conds
     noise, gen = _noise()
     ours = sampling.sample(dit, pos, neg, noise, steps=4, cfg=7.0, generator=gen, guidance_rescale=0.7)
-    ref, _, _ = _reference_loop(dit, pos, neg, noise, 4, 7.0, sampling.DEFAULT_SCHEDULER, rescale=0.7)
-    plain, _, _ = _reference_loop(dit, pos, neg, noise, 4, 7.0, sampling.DEFAULT_SCHEDULER)
+    ref, _, _ = _reference_loop(dit, pos, neg, noise, 4, 7.0, schedulers.DEFAULT, rescale=0.7)
+    plain, _, _ = _reference_loop(dit, pos, neg, noise, 4, 7.0, schedulers.DEFAULT)
     assert (ours - ref).abs().max() <= 1e-4 and (ours - plain).abs().max() > 1e-3
 
 

@@ -11,13 +11,13 @@ import reference_settings as reference
 from cases import SIZE
 from cases import record_calls as _record_calls
 from harness import models as tiny
-from pixart_core import sampling
+from pixart_core import sampling, schedulers
 
 
 def test_check_denoise_refuses_exactly_what_runs_nothing():
     """The denoise rules by hand: text-to-image needs denoise 1; img2img runs int(steps * denoise) steps, so
     0.04 of 20 steps runs none (the smallest that runs one is 1/20 = 0.05)."""
-    from pixart_core.sampling import check_denoise
+    from pixart_core.request import check_denoise
 
     check_denoise(1.0, 20, img2img=False)
     check_denoise(0.05, 20, img2img=True)
@@ -33,7 +33,7 @@ def test_check_denoise_refuses_exactly_what_runs_nothing():
         assert str(e.value) == message
 
 
-@pytest.mark.parametrize("name", [s for s in reference.SCHEDULERS if s != sampling.DMD])
+@pytest.mark.parametrize("name", [s for s in reference.SCHEDULERS if s != schedulers.DMD])
 @pytest.mark.parametrize("steps,denoise", [(10, 0.6), (7, 0.3)])
 def test_img2img_noises_the_input_as_diffusers_strength_does(conds, name, steps, denoise):
     """The first DiT input is the input latent noised at diffusers' img2img start timestep (StableDiffusionImg2Img
@@ -47,7 +47,7 @@ def test_img2img_noises_the_input_as_diffusers_strength_does(conds, name, steps,
     noise, gen = sampling.initial_noise(3, 2, 4, SIZE, SIZE)
     calls, handle = _record_calls(dit)
     try:
-        sampling.sample(dit, pos, neg, noise, steps=steps, cfg=4.5, scheduler_name=name, generator=gen,
+        sampling.sample(dit, pos, neg, noise, steps=steps, cfg=4.5, scheduler=name, generator=gen,
                         init_latents=init, denoise=denoise)
     finally:
         handle.remove()
@@ -66,5 +66,5 @@ def test_dmd_refuses_img2img(conds):
     pos, neg = conds
     noise, _ = sampling.initial_noise(0, 1, 4, SIZE, SIZE)
     with pytest.raises(ValueError, match="does not do img2img"):
-        sampling.sample(tiny.make_dit(), pos, neg, noise, steps=1, cfg=1.0, scheduler_name=sampling.DMD,
+        sampling.sample(tiny.make_dit(), pos, neg, noise, steps=1, cfg=1.0, scheduler=schedulers.DMD,
                         init_latents=torch.zeros(1, 4, 8, 8), denoise=0.5)

@@ -13,7 +13,7 @@ from cases import noise as _noise
 from pixart_core import sampling
 
 
-@pytest.mark.parametrize("name", ["ddim", "dpm++ 2m"])
+@pytest.mark.parametrize("name", ["ddim", "dpmpp_2m"])
 def test_inpainting_keeps_the_image_outside_the_mask(dit_and_conds, name):
     """Outside the mask: the image, re-noised to the timestep a stage stops at (diffusers' add_noise on the
     published scheduler: a hand-checkable closed form), and the image itself at the end of the schedule."""
@@ -21,7 +21,7 @@ def test_inpainting_keeps_the_image_outside_the_mask(dit_and_conds, name):
     init = torch.randn(2, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(5))
     mask = _box_mask()
     noise, gen = _noise()
-    stage, _ = sampling.sample(dit, pos, neg, noise, steps=6, cfg=4.5, scheduler_name=name, generator=gen,
+    stage, _ = sampling.sample(dit, pos, neg, noise, steps=6, cfg=4.5, scheduler=name, generator=gen,
                                init_latents=init, mask=mask, end_step=3, leftover_noise=True, return_state=True)
     ref = reference.scheduler(name)
     ref.set_timesteps(6)
@@ -34,7 +34,7 @@ def test_inpainting_keeps_the_image_outside_the_mask(dit_and_conds, name):
     # the LATENT holds ComfyUI's form x0 + sigma * noise (= the VP latent / sqrt(a))
     assert (stage - renoised / a.sqrt())[outside.expand_as(stage)].abs().max() < 1e-4
     noise, gen = _noise()
-    full = sampling.sample(dit, pos, neg, noise, steps=6, cfg=4.5, scheduler_name=name, generator=gen,
+    full = sampling.sample(dit, pos, neg, noise, steps=6, cfg=4.5, scheduler=name, generator=gen,
                            init_latents=init, mask=mask)
     assert torch.equal(full[outside.expand_as(full)], init[outside.expand_as(init)])
     assert (full - init)[~outside.expand_as(full)].abs().min() > 0  # the masked part was repainted

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from harness import models as tiny
 from pixart_core import files
 from pixart_core import t5 as ct5
+from pixart_core import t5_spec
 from pixart_core import transformer as cdit
 from pixart_core import vae as cvae
 
@@ -77,7 +78,7 @@ def test_t5_truncates_long_prompt_with_warning(tiny_models, tokenizer, caplog):
     assert "cut off" in caplog.text
 
 
-@pytest.mark.parametrize("quant,min_cos", [(ct5.QUANTIZATIONS[1], 0.99), (ct5.QUANTIZATIONS[2], 0.97)])
+@pytest.mark.parametrize("quant,min_cos", [(t5_spec.QUANT_8BIT, 0.99), (t5_spec.QUANT_NF4, 0.97)])
 @pytest.mark.parametrize("layout", ["single", "folder"])
 def test_t5_bitsandbytes_quantized_from_file_and_folder(tmp_path, tiny_models, tokenizer, quant, min_cos, layout):
     import bitsandbytes as bnb
@@ -95,6 +96,20 @@ def test_t5_bitsandbytes_quantized_from_file_and_folder(tmp_path, tiny_models, t
     want, _ = ct5.encode(ct5.LoadedT5(tiny_models["t5"], torch.float32, "none", "ref"), tokenizer, "a red fox in the snow", 300, CPU)
     assert torch.isfinite(emb).all()
     assert torch.nn.functional.cosine_similarity(emb.flatten(), want.flatten(), dim=0) >= min_cos
+
+
+def test_has_bnb_layers_tells_bitsandbytes_models_apart(tmp_path):
+    """True for what transformers' bitsandbytes loader makes (8-bit and nf4), False for the same T5 unquantized."""
+    from transformers import BitsAndBytesConfig, T5EncoderModel
+
+    from pixart_core.quant import has_bnb_layers
+
+    tiny.make_t5().save_pretrained(tmp_path / "t5")
+    assert not has_bnb_layers(T5EncoderModel.from_pretrained(tmp_path / "t5"))
+    for config in (BitsAndBytesConfig(load_in_8bit=True), BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")):
+        model = T5EncoderModel.from_pretrained(tmp_path / "t5", quantization_config=config, device_map={"": "cpu"},
+                                               dtype=torch.float32)
+        assert has_bnb_layers(model), config
 
 
 @pytest.mark.parametrize("layout", ["single", "prefixed", "folder", "original-pth", "original-safetensors"])

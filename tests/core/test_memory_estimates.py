@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pixart_core import sampling
+from pixart_core import dit_memory
 from pixart_core import vae as cvae
 
 
@@ -33,19 +33,19 @@ def test_inference_memory_scales_as_activations_do():
     """No outside formula exists for this estimate; what any activation estimate must do: linear in the images run
     (CFG doubles them), proportional to bytes per element, growing with the token count, and a fixed reserve."""
     reserve = 64 << 20
-    one = sampling.inference_memory(1, 256, 256, 1152, torch.float32, cfg=False) - reserve
-    assert sampling.inference_memory(2, 256, 256, 1152, torch.float32, cfg=False) - reserve == 2 * one
-    assert sampling.inference_memory(1, 256, 256, 1152, torch.float32, cfg=True) - reserve == 2 * one
-    assert sampling.inference_memory(1, 256, 256, 1152, torch.bfloat16, cfg=False) - reserve == one // 2
-    assert sampling.inference_memory(1, 512, 256, 1152, torch.float32, cfg=False) - reserve > 2 * one
-    assert sampling.inference_memory(1, 256, 256, 2304, torch.float32, cfg=False) - reserve > one
+    one = dit_memory.inference_memory(1, 256, 256, 1152, torch.float32, cfg=False) - reserve
+    assert dit_memory.inference_memory(2, 256, 256, 1152, torch.float32, cfg=False) - reserve == 2 * one
+    assert dit_memory.inference_memory(1, 256, 256, 1152, torch.float32, cfg=True) - reserve == 2 * one
+    assert dit_memory.inference_memory(1, 256, 256, 1152, torch.bfloat16, cfg=False) - reserve == one // 2
+    assert dit_memory.inference_memory(1, 512, 256, 1152, torch.float32, cfg=False) - reserve > 2 * one
+    assert dit_memory.inference_memory(1, 256, 256, 2304, torch.float32, cfg=False) - reserve > one
     # at least the MLP activations of one forward: 256 tokens x 4 x 1152 fp32 values
     assert one >= (256 // 16) ** 2 * 4 * 1152 * 4
     tokens = (2048 // 16) ** 2
-    big = sampling.inference_memory(1, 2048, 2048, 1152, torch.float32, cfg=False) - reserve
+    big = dit_memory.inference_memory(1, 2048, 2048, 1152, torch.float32, cfg=False) - reserve
     assert big <= 5 * tokens * 1152 * 12 * 4  # a fused attention kernel needs no more than the MLP part
     # SDPA's math kernel holds every head's tokens x tokens scores (16 heads in PixArt XL/2): counted whole
-    math = sampling.inference_memory(1, 2048, 2048, 1152, torch.float32, cfg=False, fused_attention=False) - reserve
+    math = dit_memory.inference_memory(1, 2048, 2048, 1152, torch.float32, cfg=False, fused_attention=False) - reserve
     assert math >= 16 * tokens * tokens * 4 > big
     # one head's score matrix is tokens x tokens values: the default is PixArt XL/2's 16 heads (diffusers' default
     # num_attention_heads for PixArtTransformer2DModel)
@@ -53,9 +53,9 @@ def test_inference_memory_scales_as_activations_do():
 
     heads = inspect_default(PixArtTransformer2DModel.__init__, "num_attention_heads")
     assert heads == 16
-    one_head_less = sampling.inference_memory(1, 2048, 2048, 1152, torch.float32, cfg=False, fused_attention=False,
+    one_head_less = dit_memory.inference_memory(1, 2048, 2048, 1152, torch.float32, cfg=False, fused_attention=False,
                                               heads=heads - 1) - reserve
     assert math - one_head_less == tokens * tokens * 4  # one fp32 score matrix
     for args in [(1, 256, 256, 1152, torch.float32, False), (3, 1024, 512, 1152, torch.bfloat16, True)]:
-        assert type(sampling.inference_memory(*args)) is int
-        assert type(sampling.inference_memory(*args, fused_attention=False)) is int
+        assert type(dit_memory.inference_memory(*args)) is int
+        assert type(dit_memory.inference_memory(*args, fused_attention=False)) is int

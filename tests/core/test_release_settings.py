@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 import reference_settings as ref
 from harness import models as tiny
-from pixart_core import sampling
+from pixart_core import schedulers
 from pixart_core import transformer as cdit
 from pixart_core import vae as cvae
 from pixart_core.variants import PRESETS, variant_from_config, variant_from_name
@@ -30,12 +30,12 @@ def _fields(scheduler) -> list[str]:
 
 
 def test_every_scheduler_has_a_reference():
-    assert set(sampling.SCHEDULERS) == set(ref.SCHEDULERS)
+    assert set(schedulers.SCHEDULERS) == set(ref.SCHEDULERS)
 
 
 @pytest.mark.parametrize("name", list(ref.SCHEDULERS))
 def test_make_scheduler_matches_the_published_settings(name):
-    ours, want = sampling.make_scheduler(name), ref.scheduler(name)
+    ours, want = schedulers.make(name), ref.scheduler(name)
     assert type(ours).__name__ == ref.SCHEDULERS[name][0]
     fields = _fields(want)
     assert len(fields) >= 9  # a real comparison, not an empty one
@@ -44,14 +44,14 @@ def test_make_scheduler_matches_the_published_settings(name):
 
 
 def test_dmd_samples_at_the_release_timestep():
-    assert [sampling.DMD_TIMESTEP] == ref.DMD_TIMESTEPS
+    assert [schedulers.DMD_TIMESTEP] == ref.DMD_TIMESTEPS
 
 
 @pytest.mark.parametrize("name", list(ref.SCHEDULERS))
 def test_timesteps_match_the_published_scheduler(name):
     """The schedule actually run (not only the config): 20 steps, or the DMD step."""
-    ours, want = sampling.make_scheduler(name), ref.scheduler(name)
-    kw = {"timesteps": ref.DMD_TIMESTEPS} if name == sampling.DMD else {"num_inference_steps": 20}
+    ours, want = schedulers.make(name), ref.scheduler(name)
+    kw = {"timesteps": ref.DMD_TIMESTEPS} if name == schedulers.DMD else {"num_inference_steps": 20}
     ours.set_timesteps(**kw)
     want.set_timesteps(**kw)
     assert torch.equal(ours.timesteps, want.timesteps)
@@ -147,5 +147,5 @@ def test_vae_folder_family_comes_from_its_scaling_factor(tmp_path, family):
 
 def test_unknown_scheduler_names_the_choices():
     with pytest.raises(ValueError) as e:
-        sampling.make_scheduler("heun")
+        schedulers.make("heun")
     assert str(e.value) == f"Unknown scheduler 'heun'; choose one of {list(ref.SCHEDULERS)}."

@@ -1,6 +1,6 @@
 """The sampling loop itself: ComfyUI's seed convention for the noise, the preview's clean estimate against the
 scheduler's, the NaN/inf error (which step, which timestep, with and without a host sync per step) and the DMD
-timestep reaching the model."""
+timestep reaching the model (and DMD's one step ignoring stage settings)."""
 from __future__ import annotations
 
 import pytest
@@ -9,15 +9,16 @@ import torch
 import reference_settings as reference
 from cases import noise as _noise
 from harness import models as tiny
-from pixart_core import sampling
+from pixart_core import sampling, schedulers
+from pixart_core.conditioning import Conditioning
 
 
 def test_preview_x0_is_the_schedulers_clean_estimate():
     """on_step's x0 equals DDIM's pred_original_sample for the same latents and epsilon (diffusers)."""
     torch.manual_seed(3)
     dit = tiny.make_dit()
-    pos = sampling.Conditioning(torch.randn(1, 5, tiny.T5_WIDTH), torch.ones(1, 5, dtype=torch.long))
-    neg = sampling.Conditioning(torch.randn(1, 5, tiny.T5_WIDTH), torch.ones(1, 5, dtype=torch.long))
+    pos = Conditioning(torch.randn(1, 5, tiny.T5_WIDTH), torch.ones(1, 5, dtype=torch.long))
+    neg = Conditioning(torch.randn(1, 5, tiny.T5_WIDTH), torch.ones(1, 5, dtype=torch.long))
     seen, previews = [], []
 
     def hook(module, args, kwargs, output):
@@ -26,7 +27,7 @@ def test_preview_x0_is_the_schedulers_clean_estimate():
     handle = dit.register_forward_hook(hook, with_kwargs=True)
     noise, gen = sampling.initial_noise(1, 1, 4, 64, 64)
     try:
-        sampling.sample(dit, pos, neg, noise, steps=3, cfg=3.0, scheduler_name="ddim", generator=gen,
+        sampling.sample(dit, pos, neg, noise, steps=3, cfg=3.0, scheduler="ddim", generator=gen,
                         on_step=lambda i, n, x0: previews.append(x0()))
     finally:
         handle.remove()
@@ -52,9 +53,9 @@ def test_nan_error_names_the_step_and_its_timestep(bad_call):
         return (output[0] * float("nan"),) if len(calls) >= bad_call else output
 
     handle = dit.register_forward_hook(poison)
-    ref = reference.scheduler("dpm++ 2m")
+    ref = reference.scheduler("dpmpp_2m")
     ref.set_timesteps(20)
-    cond = sampling.Conditioning(torch.randn(1, 5, tiny.T5_WIDTH), torch.ones(1, 5, dtype=torch.long))
+    cond = Conditioning(torch.randn(1, 5, tiny.T5_WIDTH), torch.ones(1, 5, dtype=torch.long))
     noise, gen = sampling.initial_noise(0, 1, 4, 32, 32)
     try:
         with pytest.raises(FloatingPointError, match=rf"NaN/inf at step {bad_call} of 20 \(timestep "
@@ -90,7 +91,7 @@ def test_nan_step_is_named_with_and_without_a_host_sync_per_step(monkeypatch, de
     dit = tiny.make_dit()
     handle = dit.register_forward_hook(poison)
     try:
-        cond = sampling.Conditioning(torch.randn(1, 5, dit.config.caption_channels), torch.ones(1, 5, dtype=torch.long))
+        cond = Conditioning(torch.randn(1, 5, dit.config.caption_channels), torch.ones(1, 5, dtype=torch.long))
         noise, gen = sampling.initial_noise(0, 1, 4, 64, 64)
         with pytest.raises(FloatingPointError, match=r"NaN/inf at step 2 of 4 \(timestep \d+\)"):
             sampling.sample(dit, cond, cond, noise, steps=4, cfg=4.5, generator=gen)
@@ -107,7 +108,22 @@ def test_dmd_timestep_reaches_the_model(dit_and_conds, timestep):
     try:
         noise, gen = _noise()
         kw = {} if timestep == reference.DMD_TIMESTEPS[0] else {"dmd_timestep": timestep}  # the default is the release's
-        sampling.sample(dit, pos, neg, noise, steps=1, cfg=1.0, scheduler_name=sampling.DMD, generator=gen, **kw)
+        sampling.sample(dit, pos, neg, noise, steps=1, cfg=1.0, scheduler=schedulers.DMD, generator=gen, **kw)
     finally:
         handle.remove()
     assert seen == [[timestep, timestep]]
+
+
+def test_dmd_runs_its_one_step_from_noise_whatever_the_stage_settings(dit_and_conds):
+    """The Advanced sampler always sends stage settings (end step 10000, leftover noise...): DMD's one step from
+    noise ignores them (the same latents as without them); a start from an input latent or part-way is refused."""
+    dit, pos, neg = dit_and_conds
+    noise, gen = _noise()
+    plain = sampling.sample(dit, pos, neg, noise, steps=1, cfg=1.0, scheduler=schedulers.DMD, generator=gen)
+    noise, gen = _noise()
+    staged = sampling.sample(dit, pos, neg, noise, steps=20, cfg=1.0, scheduler=schedulers.DMD, generator=gen,
+                             end_step=12, leftover_noise=True)
+    assert torch.equal(plain, staged)
+    for kw in (dict(init_latents=noise), dict(init_latents=noise, start_step=2, add_noise=False)):
+        with pytest.raises(ValueError, match="does not do img2img: it starts from noise"):
+            sampling.sample(dit, pos, neg, noise, steps=20, cfg=1.0, scheduler=schedulers.DMD, **kw)

@@ -9,7 +9,7 @@ import torch
 
 import reference_settings as reference
 from harness import models as tiny
-from pixart_core import sampling
+from pixart_core import sampling, schedulers
 
 STEPS, CFG, SIZE = 4, 4.5, 64
 
@@ -27,12 +27,12 @@ def _pipeline(dit, vae, scheduler_name):
                                scheduler=reference.scheduler(scheduler_name))
 
 
-@pytest.mark.parametrize("scheduler", [s for s in sampling.SCHEDULERS if s != sampling.DMD])
+@pytest.mark.parametrize("scheduler", [s for s in schedulers.SCHEDULERS if s != schedulers.DMD])
 def test_latents_match_pixart_sigma_pipeline(setup, scheduler):
     dit, vae, pos, neg = setup
     seed, batch = 1234, 2
     noise, gen = sampling.initial_noise(seed, batch, 4, SIZE, SIZE)
-    ours = sampling.sample(dit, pos, neg, noise, steps=STEPS, cfg=CFG, scheduler_name=scheduler, generator=gen)
+    ours = sampling.sample(dit, pos, neg, noise, steps=STEPS, cfg=CFG, scheduler=scheduler, generator=gen)
 
     _, ref_gen = sampling.initial_noise(seed, batch, 4, SIZE, SIZE)  # same generator state after the noise
     pipe = _pipeline(dit, vae, scheduler)
@@ -48,7 +48,7 @@ def test_cfg_one_runs_no_negative_pass_like_diffusers(setup):
     dit, vae, pos, neg = setup
     noise, gen = sampling.initial_noise(5, 1, 4, SIZE, SIZE)
     ours = sampling.sample(dit, pos, neg, noise, steps=STEPS, cfg=1.0, generator=gen)
-    ref = _pipeline(dit, vae, sampling.DEFAULT_SCHEDULER)(
+    ref = _pipeline(dit, vae, schedulers.DEFAULT)(
         prompt=None, prompt_embeds=pos.embeds, prompt_attention_mask=pos.mask, latents=noise.clone(),
         num_inference_steps=STEPS, guidance_scale=1.0, height=SIZE, width=SIZE, output_type="latent",
         use_resolution_binning=False).images
@@ -56,7 +56,7 @@ def test_cfg_one_runs_no_negative_pass_like_diffusers(setup):
 
 
 def test_default_scheduler_is_the_official_config():
-    s = sampling.make_scheduler(sampling.DEFAULT_SCHEDULER)
+    s = schedulers.make(schedulers.DEFAULT)
     cfg = s.config
     assert type(s).__name__ == "DPMSolverMultistepScheduler"
     assert (cfg.algorithm_type, cfg.solver_order, cfg.beta_schedule, cfg.beta_start, cfg.beta_end,
@@ -75,7 +75,7 @@ def test_alpha_1024_micro_conditioning_matches_pixart_alpha_pipeline(setup):
     dit = tiny.make_dit(micro=True)  # alpha-1024-MS: resolution + aspect-ratio embedders
     noise, gen = sampling.initial_noise(9, 2, 4, 96, 64)  # non-square: height 96, width 64
     ours = sampling.sample(dit, pos, neg, noise, steps=STEPS, cfg=CFG, generator=gen)
-    ref = _alpha_pipeline(dit, vae, reference.scheduler(sampling.DEFAULT_SCHEDULER))(
+    ref = _alpha_pipeline(dit, vae, reference.scheduler(schedulers.DEFAULT))(
         prompt=None, negative_prompt=None, prompt_embeds=pos.embeds, prompt_attention_mask=pos.mask,
         negative_prompt_embeds=neg.embeds, negative_prompt_attention_mask=neg.mask, num_images_per_prompt=2,
         latents=noise.clone(), num_inference_steps=STEPS, guidance_scale=CFG, height=96, width=64,
@@ -97,10 +97,10 @@ def test_dmd_one_step_matches_the_dmd_release_sampling(setup):
     dit = tiny.make_dit(sample_size=64, interpolation_scale=1.0)
     noise, gen = sampling.initial_noise(21, 1, 4, SIZE, SIZE)
     calls = []
-    ours = sampling.sample(dit, pos, neg, noise, steps=25, cfg=1.0, scheduler_name=sampling.DMD, generator=gen,
+    ours = sampling.sample(dit, pos, neg, noise, steps=25, cfg=1.0, scheduler=schedulers.DMD, generator=gen,
                            on_step=lambda i, n, x0: calls.append((i, n)))
     _, ref_gen = sampling.initial_noise(21, 1, 4, SIZE, SIZE)
-    ref = _alpha_pipeline(dit, vae, reference.scheduler(sampling.DMD))(
+    ref = _alpha_pipeline(dit, vae, reference.scheduler(schedulers.DMD))(
         prompt=None, prompt_embeds=pos.embeds, prompt_attention_mask=pos.mask, latents=noise.clone(),
         generator=ref_gen, timesteps=reference.DMD_TIMESTEPS, num_inference_steps=1,
         guidance_scale=reference.DMD_GUIDANCE, height=SIZE, width=SIZE,
@@ -115,10 +115,10 @@ def test_img2img_schedule_follows_diffusers_strength(setup):
     from diffusers import StableDiffusionImg2ImgPipeline
 
     for steps, denoise in [(20, 0.5), (20, 0.3), (7, 0.75), (4, 1.0)]:
-        ours = sampling.make_scheduler(sampling.DEFAULT_SCHEDULER)
+        ours = schedulers.make(schedulers.DEFAULT)
         ours.set_timesteps(steps)
         ts, n = sampling.img2img_timesteps(ours, steps, denoise)
-        ref = reference.scheduler(sampling.DEFAULT_SCHEDULER)
+        ref = reference.scheduler(schedulers.DEFAULT)
         ref.set_timesteps(steps)
         want, want_n = StableDiffusionImg2ImgPipeline.get_timesteps(SimpleNamespace(scheduler=ref), steps, denoise, "cpu")
         assert torch.equal(ts, want) and n == want_n, (steps, denoise)

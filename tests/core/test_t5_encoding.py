@@ -44,7 +44,7 @@ def test_cache_key_changes_with_every_input_that_changes_the_encoding(tokenizer)
         return ct5.encode(t5, tokenizer, s["prompt"], s["max_tokens"], CPU, cleaning=s["cleaning"])[0]
 
     def key(s):
-        return ct5.cache_key(s["identity"], s["prompt"], s["cleaning"], s["max_tokens"])
+        return ct5.cache_key(s["identity"], ct5.preprocess(s["prompt"], s["cleaning"]), s["cleaning"], s["max_tokens"])
 
     for field, value in changes.items():
         changed = {**base, field: value}
@@ -73,5 +73,8 @@ def test_token_limit_errors():
 
 def test_cache_key_of_strip_only_prompts_keeps_case():
     """Under caption_cleaning 'none' the case reaches T5, so prompts differing in case are different encodings."""
-    assert ct5.cache_key(("t5",), "A Cat", "none", 300) != ct5.cache_key(("t5",), "a cat", "none", 300)
-    assert ct5.cache_key(("t5",), "A Cat", "lowercase", 300) == ct5.cache_key(("t5",), "a cat", "lowercase", 300)
+    def key(prompt, cleaning):  # as Text Encode keys an encoding: by the cleaned text
+        return ct5.cache_key(("t5",), ct5.preprocess(prompt, cleaning), cleaning, 300)
+
+    assert key("A Cat", "none") != key("a cat", "none")
+    assert key("A Cat", "lowercase") == key("a cat", "lowercase")

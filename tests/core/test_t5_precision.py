@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from harness import models as tiny
 from pixart_core import t5 as ct5
+from pixart_core import t5_spec
 
 LONG = "a lighthouse on a cliff above a stormy sea, waves crashing, dramatic clouds, " * 20  # > 300 tokens
 CPU = torch.device("cpu")
@@ -52,7 +53,7 @@ def overflow_setup(tmp_path_factory, tokenizer):
 
 
 MODES = [("none", torch.float32, 0.99), ("none", torch.bfloat16, 0.99),
-         (ct5.QUANTIZATIONS[1], torch.float32, 0.99), (ct5.QUANTIZATIONS[2], torch.float32, 0.97)]
+         (t5_spec.QUANT_8BIT, torch.float32, 0.99), (t5_spec.QUANT_NF4, torch.float32, 0.97)]
 
 
 @pytest.mark.parametrize("storage", ["fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_scaled"])
@@ -76,7 +77,7 @@ def test_int8_side_tensors_follow_the_module(tmp_path, tokenizer):
 
     path = tmp_path / "t5.safetensors"
     save_file(tiny.t5_single_file_sd(tiny.make_t5()), str(path))
-    loaded = ct5.load_t5(path, ct5.QUANTIZATIONS[1], torch.float32)
+    loaded = ct5.load_t5(path, t5_spec.QUANT_8BIT, torch.float32)
     before, _ = ct5.encode(loaded, tokenizer, "a red fox", 300, CPU)
     layers = [m for m in loaded.model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
     # After a forward the layers are back in bitsandbytes' before-the-first-forward form: the int8 matrix and its

@@ -12,7 +12,7 @@ T5 = tiny.T5_WIDTH
 
 
 def _cond(seed: int, length: int = 5):
-    from pixart_core.sampling import Conditioning
+    from pixart_core.conditioning import Conditioning
 
     g = torch.Generator().manual_seed(seed)
     return Conditioning(torch.randn(1, length, T5, generator=g), torch.ones(1, length, dtype=torch.long))

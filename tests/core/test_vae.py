@@ -7,7 +7,7 @@ import torch
 
 import reference_settings as reference
 from harness import models as tiny
-from pixart_core import t5 as ct5
+from pixart_core import t5_spec
 from pixart_core import vae as cvae
 
 
@@ -137,7 +137,7 @@ def test_vae_folder_errors_name_the_folder(tmp_path):
         cvae.load_vae(tmp_path / "noweights")
     (tmp_path / "t5").mkdir()
     with pytest.raises(files.WeightFileError, match=r"t5: no config.json here or in text_encoder/; not a transformers/diffusers T5 folder"):
-        ct5.folder_weights_dir(tmp_path / "t5")
+        t5_spec.weights_folder(tmp_path / "t5")
 
 
 def test_vae_single_files_in_every_layout_load_as_the_saved_vae(tmp_path):

@@ -17,7 +17,7 @@ from cases import noise as _noise
 from harness import models as tiny
 from harness.graphs import advanced_sampler as _advanced
 from harness.graphs import graph
-from pixart_core import sampling
+from pixart_core import inpaint, sampling, schedulers
 
 
 def _latent(result, node, comfy_base):
@@ -136,16 +136,16 @@ def test_mask_is_resized_as_comfyui_prepare_mask(comfy, mask_shape, latent_shape
 
     mask = torch.rand(mask_shape, generator=torch.Generator().manual_seed(0))
     want = comfy.sampler_helpers.prepare_mask(mask, latent_shape, "cpu")
-    got = sampling.latent_mask(mask, latent_shape)
+    got = inpaint.latent_mask(mask, latent_shape)
     assert got.shape == want.shape == latent_shape and torch.equal(got, want)
 
 
 def _cast_copy(dit):
-    """The DiT as the pack runs it: ComfyUI's cast-weights layers (the pack's nodes/management.castable, as ComfyUI
+    """The DiT as the pack runs it: ComfyUI's cast-weights layers (the pack's nodes/comfy/loading.castable, as ComfyUI
     loaded it)."""
     import sys
 
-    management = next(m for name, m in sys.modules.items() if name.endswith("nodes.management")
+    management = next(m for name, m in sys.modules.items() if name.endswith("nodes.comfy.loading")
                       and hasattr(m, "castable"))
     model = management.castable(copy.deepcopy(dit))
     assert any(getattr(m, "comfy_cast_weights", None) is not None for m in model.modules())
@@ -166,7 +166,7 @@ def test_pag_matches_diffusers_pag_pipeline(comfy, dit_and_conds, cfg, layers):
     assert {k: id(v) for k, v in ours_model.attn_processors.items()} == {k: id(v) for k, v in before.items()}
 
     pipe = PixArtSigmaPAGPipeline(tokenizer=None, text_encoder=None, vae=tiny.make_vae(), transformer=dit,
-                                  scheduler=reference.scheduler(sampling.DEFAULT_SCHEDULER), pag_applied_layers=layers)
+                                  scheduler=reference.scheduler(schedulers.DEFAULT), pag_applied_layers=layers)
     ref = pipe(prompt=None, negative_prompt=None, prompt_embeds=pos.embeds, prompt_attention_mask=pos.mask, negative_prompt_embeds=neg.embeds,
                negative_prompt_attention_mask=neg.mask, num_images_per_prompt=2, latents=noise.clone(),
                num_inference_steps=4, guidance_scale=cfg, pag_scale=3.0, height=SIZE, width=SIZE,

@@ -31,7 +31,7 @@ def _handle(comfy, variant: str, seed: int = 0, size: str = "tiny", **overrides)
     import sys
 
     types = sys.modules[_bridge(comfy).__name__.rsplit(".", 1)[0] + ".types"]
-    management = sys.modules[_bridge(comfy).__name__.rsplit(".", 1)[0] + ".management"]
+    management = sys.modules[_bridge(comfy).__name__.rsplit(".", 1)[0] + ".comfy.loading"]
     from pixart_core.variants import PRESETS
 
     dit = tiny.make_dit(size, variant=variant, seed=seed, **overrides)
@@ -142,7 +142,7 @@ def test_bridge_takes_the_unpatched_weights_of_a_loaded_patched_dit(comfy):
 # ----------------------------------------------------------------------------------------- the CONDITIONING bridge
 
 def _cond(embeds, mask):
-    from pixart_core.sampling import Conditioning
+    from pixart_core.conditioning import Conditioning
 
     return Conditioning(embeds, mask)
 
@@ -181,7 +181,7 @@ def test_conditioning_bridge_refuses_an_empty_mask(comfy):
 
 def test_alpha_model_reads_the_conditioning_at_its_token_limit(comfy):
     """A prompt encoded at 300 tokens with its 120-token encoding attached: the α MODEL reads the 120 one, as our
-    sampler does (pixart_core.sampling.for_limit), a Σ MODEL the 300 one."""
+    sampler does (pixart_core.conditioning.for_limit), a Σ MODEL the 300 one."""
     bridge = _bridge(comfy)
     long, short = torch.randn(1, 150, tiny.T5_WIDTH), torch.randn(1, 120, tiny.T5_WIDTH)
     c = _cond(long, torch.ones(1, 150, dtype=torch.long))
@@ -228,7 +228,7 @@ def test_sample_custom_dpmpp_2m_on_the_release_timesteps_equals_our_sampler(comf
     got = comfy_sample.sample_custom(model, noise, 4.5, comfy_samplers.sampler_object("dpmpp_2m"),
                                      _dpmpp_sigmas(model, 10), bridge.to_conditioning(pos),
                                      bridge.to_conditioning(neg), latent, seed=11)
-    want = sampling.sample(ref, pos, neg, ours, steps=10, cfg=4.5, scheduler_name="dpm++ 2m")
+    want = sampling.sample(ref, pos, neg, ours, steps=10, cfg=4.5, scheduler="dpmpp_2m")
     # ComfyUI's latent is the model-space one divided back by nothing (process_out is the SDXL scale: undo it)
     got_scaled = model.model.latent_format.process_in(got)
     err = ((got_scaled - want).abs().max() / want.abs().max()).item()
@@ -329,7 +329,7 @@ def test_native_unet_loader_model_runs_with_our_conditioning(comfy, comfy_base):
     4096-wide captions, so this is a 1-block XL) sampled by KSampler with our conditioning bridge: at 512 px, where
     ComfyUI's guessed pe_interpolation (1, from the file's 32x32 position table) is right for a Σ-512 file, it gives
     what the bridged MODEL of the same weights gives."""
-    from pixart_core.sampling import Conditioning
+    from pixart_core.conditioning import Conditioning
     from pixart_core import transformer as core_dit
 
     handle, ref = _handle(comfy, "sigma-512", size="bench", layers=1)
@@ -358,7 +358,7 @@ def test_our_lora_loader_and_comfyuis_agree_on_the_bridged_model(comfy, comfy_ba
     import comfy.model_management as mm
 
     sys_modules = __import__("sys").modules
-    management = sys_modules[_bridge(comfy).__name__.rsplit(".", 1)[0] + ".management"]
+    management = sys_modules[_bridge(comfy).__name__.rsplit(".", 1)[0] + ".comfy.loading"]
     handle, ref = _handle(comfy, "sigma-1024", seed=3)
     loras = comfy_base / "models" / "loras"
     loras.mkdir(parents=True, exist_ok=True)

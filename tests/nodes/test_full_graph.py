@@ -52,7 +52,7 @@ def test_full_graph_makes_an_image_and_matches_diffusers(executor, comfy, comfy_
     t5.load_state_dict({k: v.half().float() for k, v in t5.state_dict().items()})
     noise, gen = sampling.initial_noise(7, 2, 4, 64, 64)
     pipe = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=t5, vae=tiny_models["vae"],
-                               transformer=tiny_models["dit"], scheduler=reference.scheduler("dpm++ 2m"))
+                               transformer=tiny_models["dit"], scheduler=reference.scheduler("dpmpp_2m"))
     ref = pipe(prompt=prompt, negative_prompt="", num_images_per_prompt=2, latents=noise,
                generator=gen, num_inference_steps=3, guidance_scale=4.5, height=64, width=64, output_type="latent",
                use_resolution_binning=False, clean_caption=True).images  # diffusers' default: caption cleaning
@@ -85,7 +85,7 @@ def test_diffusers_folder_matches_the_folders_diffusers_pipeline(executor, comfy
                                text_encoder=T5EncoderModel.from_pretrained(folder / "text_encoder"),
                                transformer=PixArtTransformer2DModel.from_pretrained(folder, subfolder="transformer"),
                                vae=AutoencoderKL.from_pretrained(folder, subfolder="vae"),
-                               scheduler=reference.scheduler("dpm++ 2m"))
+                               scheduler=reference.scheduler("dpmpp_2m"))
     noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(21))  # ComfyUI's seed convention
     ref = pipe(prompt=prompt, negative_prompt="", latents=noise, num_inference_steps=3, guidance_scale=4.5,
                height=64, width=64, output_type="latent", use_resolution_binning=False).images

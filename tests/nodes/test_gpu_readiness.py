@@ -52,7 +52,7 @@ def test_models_run_on_the_load_device_in_every_vram_state(comfy, state, kind):
     ComfyUI's cast-weights layers; nothing silently stays on the CPU."""
     import comfy.model_management as mm
 
-    management = pack("nodes.management")
+    management = pack("nodes.comfy.loading")
     model = tiny.make_dit() if kind == "dit" else tiny.make_t5()
     patcher = management.wrap(model, META, CPU)
     total = budget_for_partial(patcher.model_size()) if state in ("NORMAL_VRAM", "LOW_VRAM") else 24 * GiB
@@ -76,11 +76,12 @@ def test_quantized_t5_under_novram_runs_on_the_cpu_and_says_so(comfy, tmp_path, 
     import comfy.model_management as mm
 
     from pixart_core import t5 as ct5
+    from pixart_core import t5_spec
 
-    management = pack("nodes.management")
+    management = pack("nodes.comfy.loading")
     path = tmp_path / "t5.safetensors"
     save_file(tiny.t5_single_file_sd(tiny.make_t5()), str(path))
-    loaded = ct5.load_t5(path, ct5.QUANTIZATIONS[1], torch.float32)
+    loaded = ct5.load_t5(path, t5_spec.QUANT_8BIT, torch.float32)
     patcher = management.wrap(loaded.model, META, CPU)
     with fake_gpu(mm.VRAMState.NO_VRAM, 24 * GiB), caplog.at_level(logging.WARNING):
         ready = management.use(patcher)
@@ -104,7 +105,7 @@ def test_int8_t5_reload_keeps_one_int8_copy(comfy, int8_t5):
 
     loaded, tok = int8_t5
     layers = [m for m in loaded.model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
-    management = pack("nodes.management")
+    management = pack("nodes.comfy.loading")
     patcher = management.wrap(loaded.model, CPU, CPU)
     outputs = []
     for prompt in ("prompt a", "prompt b", "prompt a"):
@@ -123,7 +124,7 @@ def test_patcher_counts_a_tied_embedding_once(comfy):
 
     t5 = tiny.make_t5()
     assert t5.shared.weight is t5.encoder.embed_tokens.weight
-    patcher = pack("nodes.management").wrap(t5, CPU, CPU)
+    patcher = pack("nodes.comfy.loading").wrap(t5, CPU, CPU)
     emb = t5.shared.weight
     assert patcher.model_size() == mm.module_size(t5) - emb.numel() * emb.element_size()
 
@@ -131,11 +132,11 @@ def test_patcher_counts_a_tied_embedding_once(comfy):
 def test_attention_memory_is_counted_whole_on_the_math_kernel(comfy, monkeypatch):
     """SDPA's math kernel holds every head's score matrix: 2 (CFG) x 16 heads x 16384^2 tokens x 2 bytes
     = 16 GiB at 2K in bf16, which a 4x-MLP cap hid. Which kernel runs follows the GPU and dtype."""
-    from pixart_core import sampling
+    from pixart_core import dit_memory
 
-    management = pack("nodes.management")
-    math = sampling.inference_memory(1, 2048, 2048, 1152, torch.bfloat16, True, fused_attention=False)
-    fused = sampling.inference_memory(1, 2048, 2048, 1152, torch.bfloat16, True, fused_attention=True)
+    devices = pack("nodes.comfy.devices")
+    math = dit_memory.inference_memory(1, 2048, 2048, 1152, torch.bfloat16, True, fused_attention=False)
+    fused = dit_memory.inference_memory(1, 2048, 2048, 1152, torch.bfloat16, True, fused_attention=True)
     scores = 2 * 16 * 16384 ** 2 * 2
     mlp = 2 * 16384 * 1152 * 12 * 2
     assert math == scores + mlp + (64 << 20)
@@ -143,12 +144,12 @@ def test_attention_memory_is_counted_whole_on_the_math_kernel(comfy, monkeypatch
     capability = {"major": 7}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (capability["major"], 5))
     cuda = torch.device("cuda", 0)
-    assert not management.fused_attention(cuda, torch.bfloat16)  # Turing: no bf16 kernel
-    assert management.fused_attention(cuda, torch.float16)
+    assert not devices.fused_attention(cuda, torch.bfloat16)  # Turing: no bf16 kernel
+    assert devices.fused_attention(cuda, torch.float16)
     capability["major"] = 8
-    assert management.fused_attention(cuda, torch.bfloat16)
-    assert management.fused_attention(CPU, torch.bfloat16)
-    assert not management.fused_attention(torch.device("mps"), torch.float16)
+    assert devices.fused_attention(cuda, torch.bfloat16)
+    assert devices.fused_attention(CPU, torch.bfloat16)
+    assert not devices.fused_attention(torch.device("mps"), torch.float16)
 
 
 # ---- dtype policy ------------------------------------------------------------------------------------------------
@@ -177,7 +178,7 @@ def device_kind(monkeypatch, kind, name, version, native):
     """ComfyUI's and torch's capability queries answering as the device `kind` would."""
     import comfy.model_management as mm
 
-    management = pack("nodes.management")
+    devices = pack("nodes.comfy.devices")
     if kind == "cuda":
         props = types.SimpleNamespace(major=version[0], minor=version[1], name=name, total_memory=24 * GiB)
         monkeypatch.setattr(mm, "cpu_state", mm.CPUState.GPU)
@@ -191,7 +192,7 @@ def device_kind(monkeypatch, kind, name, version, native):
         monkeypatch.setattr(mm, "mac_version", lambda: version)
         yield torch.device("mps")
     else:
-        dtypes = sys.modules[management.dtypes.__name__]
+        dtypes = sys.modules[devices.dtypes.__name__]
         monkeypatch.setattr(dtypes, "_cpu_flags", lambda *a: {"avx512f", "avx512bw"} | ({"avx512_bf16"} if native else set()))
         monkeypatch.setattr(dtypes.sys, "platform", "linux")
         dtypes.cpu_native_bf16.cache_clear()
@@ -205,9 +206,9 @@ def device_kind(monkeypatch, kind, name, version, native):
 def test_auto_dtype_follows_comfyui_per_device(comfy, monkeypatch, case):
     """The dtype policy: `auto` for each (device kind, capability) pair."""
     kind, name, version, native, (dit, t5, vae) = DTYPE_CASES[case]
-    management = pack("nodes.management")
+    devices = pack("nodes.comfy.devices")
     with device_kind(monkeypatch, kind, name, version, native) as device:
-        got = tuple(management.auto_dtype(k, device) for k in ("dit", "t5", "vae"))
+        got = tuple(devices.auto_dtype(k, device) for k in ("dit", "t5", "vae"))
     assert got == (dit, t5, vae), f"{case}: DiT/T5/VAE {got}"
     assert t5 != torch.float16 and vae != torch.float16  # T5-XXL and the SDXL VAE overflow in fp16
 
@@ -216,14 +217,14 @@ def test_auto_dtype_respects_comfyui_flags(comfy, monkeypatch):
     """ComfyUI's own precision flags win over the native-bf16 CPU rule (a user who asked for fp32 gets fp32)."""
     from comfy.cli_args import args
 
-    management = pack("nodes.management")
+    devices = pack("nodes.comfy.devices")
     with device_kind(monkeypatch, "cpu", None, None, True) as device:
         monkeypatch.setattr(args, "fp32_unet", True)
         monkeypatch.setattr(args, "fp32_vae", True)
-        assert management.auto_dtype("dit", device) == torch.float32
-        assert management.auto_dtype("vae", device) == torch.float32
+        assert devices.auto_dtype("dit", device) == torch.float32
+        assert devices.auto_dtype("vae", device) == torch.float32
         monkeypatch.setattr(args, "bf16_text_enc", True)
-        assert management.auto_dtype("t5", device) == torch.bfloat16
+        assert devices.auto_dtype("t5", device) == torch.bfloat16
 
 
 # ---- VAE: whole job first, tiles when it still does not fit ------------------------------------------------------
@@ -236,7 +237,7 @@ def test_vae_asks_for_the_whole_job_before_deciding_to_tile(comfy):
 
     from pixart_core import vae as cvae
 
-    management, vae_nodes, types_ = pack("nodes.management"), pack("nodes.vae"), pack("nodes.types")
+    management, vae_nodes, types_ = pack("nodes.comfy.loading"), pack("nodes.vae_jobs"), pack("nodes.types")
     vae = tiny.make_vae()
     need = cvae.decode_memory((1, 4, 128, 128), torch.float32, vae.config.block_out_channels[0])
     for total, want_tiles in ((need + GiB // 2, False), (need // 4 + GiB, True)):
@@ -301,7 +302,7 @@ def test_partial_load_gives_the_same_output_as_a_whole_load(comfy, kind):
     """ComfyUI's partial load (ModelPatcher.load with a budget of half the model, the lowvram path)
     streams the layers that do not fit through ComfyUI's cast-weights forward; the output is bit-identical to the
     whole model's."""
-    management = pack("nodes.management")
+    management = pack("nodes.comfy.loading")
     make = {"dit": tiny.make_dit, "t5": tiny.make_t5, "vae": tiny.make_vae}[kind]
     torch.manual_seed(0)
     if kind == "dit":

@@ -30,10 +30,10 @@ def test_hires_upscale_through_the_vae_is_decode_resize_encode(comfy, tiny_model
     (posterior mean), written out here with diffusers' and torch's calls."""
     from harness.comfyui import pack
 
-    management, VAEHandle = pack("nodes.management"), pack("nodes.types").VAEHandle
+    loading, devices, VAEHandle = pack("nodes.comfy.loading"), pack("nodes.comfy.devices"), pack("nodes.types").VAEHandle
     node = comfy.NODE_CLASS_MAPPINGS["PixArtSigmaHiresUpscale"]
     vae = tiny_models["vae"]
-    handle = VAEHandle(management.wrap(tiny.make_vae(), *management.vae_devices()), "tiny_sdxl_vae", "sdxl")
+    handle = VAEHandle(loading.wrap(tiny.make_vae(), *devices.vae_devices()), "tiny_sdxl_vae", "sdxl")
     z = torch.randn(1, 4, 8, 6, generator=torch.Generator().manual_seed(2))
     out, w, h = node.execute(samples={"samples": z}, family="2048", method="vae (decode, upscale, encode)",
                              upscale_mode="bicubic", width=96, height=96, vae=handle).result

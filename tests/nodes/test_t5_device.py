@@ -94,7 +94,7 @@ def test_cpu_t5_encodes_without_evicting_the_gpu_dit(comfy, gpu_text_encoder, un
     leaves the DiT loaded on the GPU (ComfyUI's current_loaded_models); the embeddings come back on the CPU. The
     default-device T5 in the same state makes ComfyUI unload the DiT (so the check can fail)."""
     mm = gpu_text_encoder
-    management, text = pack("nodes.management"), pack("nodes.text")
+    management, text = pack("nodes.comfy.loading"), pack("nodes.text")
     text.EMBEDDINGS.clear()
     cpu_t5 = _t5("cpu", quantization)
     gpu_t5 = _t5("default", dtype="fp32")
@@ -122,7 +122,7 @@ def test_sampler_moves_cpu_embeddings_to_its_device(comfy, gpu_text_encoder):
     """Conditioning from the cpu T5 reaches the DiT on the sampler's device (the fake GPU): a forward pre-hook
     records the device of encoder_hidden_states and the mask at the first DiT call."""
     mm = gpu_text_encoder
-    management, text, sampler, types = (pack("nodes.management"), pack("nodes.text"), pack("nodes.sampler"),
+    management, text, sampler, types = (pack("nodes.comfy.loading"), pack("nodes.text"), pack("nodes.sampler"),
                                         pack("nodes.types"))
     text.EMBEDDINGS.clear()
     cpu_t5 = _t5("cpu")

@@ -1,0 +1,46 @@
+"""A VAE job (decode or encode) under ComfyUI's model management: load the VAE for the whole job's memory, tile
+when it still does not fit, and retry in tiles after an out-of-memory error. Shared by the VAE and hires nodes."""
+from __future__ import annotations
+
+import logging
+
+from .comfy import devices, loading
+from .types import VAEHandle
+
+log = logging.getLogger(__name__)
+
+
+def load_for(vae: VAEHandle, need: int, tiling: str) -> tuple[loading.Loaded, bool]:
+    """Load the VAE asking ComfyUI for the whole job's memory first (it evicts other models for it, as its own VAE
+    nodes do), then decide: tile only when the job still does not fit (or when told to)."""
+    ready = loading.use(vae.patcher, memory_required=need)
+    return ready, tiling == "always" or (tiling == "auto" and need > devices.free_memory(ready.device))
+
+
+def run_tiled(job, tiled: bool, tiling: str, what: str, size: str):
+    """`job(tiled)`; on an out-of-memory error without tiles, again in tiles (unless tiling is 'never')."""
+    result = None
+    try:
+        result = job(tiled)
+    except Exception as e:
+        if not loading.is_oom(e):
+            raise
+        if tiled:
+            raise _oom(e, f"PixArt VAE {what} ran out of memory at {size} even in tiles. Free memory (close other "
+                          f"programs, or unload models from ComfyUI's menu) or {what} a smaller image.") from e
+        if tiling == "never":
+            raise _oom(e, f"PixArt VAE {what} ran out of memory at {size}. Set tiling to 'auto' ({what}s in "
+                          "tiles when memory runs short) or 'always'.") from e
+        log.warning("PixArt VAE %s ran out of memory at %s; retrying in tiles.", what, size)
+    if result is None:  # retried outside the except block, so the failed attempt's tensors are freed first
+        devices.soft_empty_cache()
+        result = job(True)
+    return result
+
+
+def _oom(error: Exception, message: str) -> Exception:
+    """The same kind of out-of-memory error (ComfyUI's executor treats OOM specially), with our message."""
+    try:
+        return type(error)(message)
+    except Exception:
+        return RuntimeError(message)
