@@ -1,6 +1,7 @@
 """The code's shape, read from the source: pixart_core never imports ComfyUI, the pack imports outside ComfyUI, no
-import circle among pixart_core's modules (function-level imports included), no file in pixart_core/ or nodes/ over
-400 lines and no function there over 80, and the tests filed by tier without importing each other."""
+import circle among pixart_core's modules (function-level imports included), what the T5 loaders share in a leaf, no
+file in pixart_core/ or nodes/ over 400 lines and no function there over 80, and the tests filed by tier without
+importing each other."""
 from __future__ import annotations
 
 import ast
@@ -9,12 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO, TESTS, TIERS
+from conftest import COMFY, REPO, TESTS, TIERS
+from harness import location
 
 MAX_FILE_LINES = 400
 MAX_FUNCTION_LINES = 80
-COMFYUI_NAMES = {"comfy", "comfy_api", "comfy_execution", "comfy_extras", "folder_paths", "nodes", "execution",
-                 "server", "latent_preview", "node_helpers"}  # ComfyUI's top-level modules and packages
+COMFYUI_NAMES = location.comfyui_modules(COMFY)  # ComfyUI's top-level modules and packages, from its folder
 
 # A child Python that finds only the current directory (not ComfyUI, not this checkout through PYTHONPATH).
 CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
@@ -119,14 +120,15 @@ def test_the_cycle_finder_finds_circles_by_hand():
 
 
 def test_pixart_core_never_imports_comfy():
-    code = ("import sys, pixart_core.t5, pixart_core.transformer, pixart_core.vae, pixart_core.sampling, "
-            "pixart_core.files; bad=[m for m in sys.modules if m.split('.')[0] in "
-            "('comfy','folder_paths','nodes','comfy_api')]; assert not bad, bad")
+    """Every module of pixart_core imported in a Python that cannot find ComfyUI: none imports it (and none needs it)."""
+    code = (f"import sys, {', '.join(modules('pixart_core'))}; bad=[m for m in sys.modules if m.split('.')[0] in "
+            f"{sorted(COMFYUI_NAMES)}]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=CLEAN_ENV)  # `-c` imports from cwd
 
 
 def test_no_import_of_comfyui_anywhere_in_pixart_core():
     """Also the imports inside functions, which importing the modules does not run."""
+    assert {"comfy", "comfy_api", "comfy_extras", "folder_paths", "nodes", "latent_preview", "utils"} <= COMFYUI_NAMES
     mods = modules("pixart_core")
     bad = [f"{p.relative_to(REPO)}:{line} imports {target}" for m, p in mods.items()
            for target, line in imports(m, p, set(mods))
@@ -144,6 +146,15 @@ def test_no_import_circle_in_pixart_core():
     found = cycles(import_graph("pixart_core"))
     assert not found, "import circles in pixart_core (function-level imports included):\n" + "\n".join(
         " -> ".join(c) for c in found)
+
+
+def test_what_the_t5_loaders_share_is_a_leaf():
+    """t5_spec (what the loaders share) imports none of the T5 loaders, and none of them imports the loader t5."""
+    graph = import_graph("pixart_core")
+    loaders = {f"pixart_core.{m}" for m in ("t5", "t5_cache", "t5_quantize", "gguf_t5", "t5_formats")}
+    assert loaders <= set(graph), sorted(loaders - set(graph))
+    assert not graph["pixart_core.t5_spec"] & loaders, graph["pixart_core.t5_spec"]
+    assert all("pixart_core.t5" not in graph[m] for m in loaders - {"pixart_core.t5"}), {m: graph[m] for m in loaders}
 
 
 def test_no_file_over_400_lines_in_pixart_core_and_nodes():

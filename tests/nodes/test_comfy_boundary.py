@@ -1,6 +1,7 @@
 """One place for ComfyUI's internals: only nodes/comfy/ imports ComfyUI's modules (the node modules import ComfyUI's
-versioned node API, comfy_api, and nothing else of ComfyUI; pixart_core imports nothing of it), and the header of
-nodes/comfy/__init__.py lists exactly the ComfyUI names that package reaches, each one present in this ComfyUI.
+versioned node API, comfy_api, and nothing else of ComfyUI; pixart_core nothing of it, which core/test_structure.py
+checks), and the header of nodes/comfy/__init__.py lists exactly the ComfyUI names that package reaches, each one
+present in this ComfyUI.
 
 ComfyUI's module names come from its own folder (COMFY), never from the pack."""
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import COMFY, REPO
+from harness import location
 
 NODES = REPO / "nodes"
 PACKAGE = NODES / "comfy"
@@ -26,8 +28,7 @@ ENTRY = re.compile(r"^    (\S+)\s+(public|private)\s")  # one of its attributes
 def comfyui_modules() -> set[str]:
     """The top-level modules ComfyUI's folder provides (its nodes.py, folder_paths.py, comfy/, ...), except its
     versioned node API comfy_api."""
-    names = {p.stem if p.suffix == ".py" else p.name for p in COMFY.iterdir()
-             if not p.name.startswith(".") and (p.suffix == ".py" or p.is_dir())}
+    names = location.comfyui_modules(COMFY)
     assert {"comfy", "folder_paths", "latent_preview", "nodes", "comfy_api"} <= names, f"not a ComfyUI: {COMFY}"
     return names - {"comfy_api"}
 
@@ -52,8 +53,7 @@ def comfyui_imports(paths: list[Path], allowed: tuple[str, ...] = ()) -> list[st
 def test_only_nodes_comfy_imports_comfyui_internals():
     outside = [p for p in sorted(NODES.rglob("*.py")) if PACKAGE not in p.parents]
     assert len(outside) > 5 and NODES / "sampler.py" in outside
-    assert comfyui_imports(outside, allowed=("comfy_api",)) == []
-    assert comfyui_imports(sorted((REPO / "pixart_core").rglob("*.py"))) == []
+    assert comfyui_imports(outside, allowed=("comfy_api",)) == []  # pixart_core: core/test_structure.py
 
 
 def header() -> tuple[dict[str, str], dict[str, str]]:
