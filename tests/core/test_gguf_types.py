@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from cases import cosine
 from harness import gguf_files
 from harness import models as tiny
 from pixart_core import files, gguf_quants, gguf_t5
@@ -98,7 +99,7 @@ def test_test_quantizers_are_sane(name):
 # ----------------------------------------------------------------------------------------- llama.cpp's mixes
 
 # A T5 whose rows are whole K-quant blocks (256 values), with the first four blocks of a 24-block file's mix.
-MIX_CONFIG = dict(tiny.T5_CONFIG, d_model=256, d_ff=512, num_heads=4, d_kv=64, num_layers=4)
+MIX_CONFIG = dict(gguf_files.GGUF_WIDTH_CONFIG, num_layers=4)
 IDS = torch.tensor([[71, 1712, 3, 9, 1263, 16, 8, 4033, 6, 2054, 3, 1]])
 
 # llama-quantize's choice for a T5 encoder of 24 blocks, blocks 0-3 (src/llama-quant.cpp llama_tensor_get_type_impl,
@@ -136,10 +137,6 @@ MIX_FLOORS = {"Q8_0": 0.9995, "Q6_K": 0.996, "Q5_K_M": 0.992, "Q5_K_S": 0.99, "Q
               "Q3_K_S": 0.86, "Q2_K": 0.6}
 
 
-def _cos(a, b) -> float:
-    return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
-
-
 @torch.no_grad()
 def _hidden(model) -> torch.Tensor:
     return model(input_ids=IDS).last_hidden_state.float()
@@ -147,10 +144,7 @@ def _hidden(model) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def mix_model():
-    from transformers import T5Config, T5EncoderModel
-
-    torch.manual_seed(0)
-    model = T5EncoderModel(T5Config(**MIX_CONFIG)).eval()
+    model = tiny.make_t5_from_config(MIX_CONFIG, seed=0)
     return model, _hidden(model)
 
 
@@ -176,7 +170,7 @@ def test_mixed_gguf_t5_matches_the_unquantized_t5(tmp_path, mix_model, file_type
     tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
     assert {name: t.tensor_type.name for name, t in tensors.items()} == _expected_types(file_type)
     loaded = ct5.load_t5(path, "none", torch.float32).model
-    assert _cos(_hidden(loaded), reference) >= MIX_FLOORS[file_type]
+    assert cosine(_hidden(loaded), reference) >= MIX_FLOORS[file_type]
     linears = {name: m for name, m in loaded.named_modules() if isinstance(m, gguf_t5.GGUFLinear)}
     assert len(linears) == 7 * MIX_CONFIG["num_layers"]
     by_key = {gguf_t5.hf_key(name): t for name, t in tensors.items()}

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import COMFY
 from harness import models as tiny
 from pixart_core import t5 as ct5
 from pixart_core import t5_spec
@@ -79,8 +78,8 @@ def _key(source: Path, fmt: int, mode: str) -> dict:
 
 
 @pytest.mark.parametrize("mode,label,folder_mode", MODES, ids=["8bit", "nf4"])
-def test_an_entry_of_the_previous_format_is_rebuilt_never_read(tmp_path, mode, label, folder_mode):
-    tok = ct5.load_tokenizer([COMFY / "comfy" / "text_encoders" / "t5_tokenizer"])
+def test_an_entry_of_the_previous_format_is_rebuilt_never_read(tmp_path, tokenizer, mode, label, folder_mode):
+    tok = tokenizer
     source, other = tmp_path / "t5", tmp_path / "other"
     tiny.make_t5(seed=0).half().save_pretrained(source, safe_serialization=True)
     tiny.make_t5(seed=1).half().save_pretrained(other, safe_serialization=True)
