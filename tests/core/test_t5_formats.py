@@ -100,7 +100,7 @@ def test_scaled_fp8_with_a_prefix_and_input_scales(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- GGUF files
-# (each type's dequantization against gguf-py, and llama.cpp's per-tensor mixes: tests/test_gguf_types.py)
+# (each type's dequantization against gguf-py, and llama.cpp's per-tensor mixes: tests/core/test_gguf_types.py)
 
 # Cosine floors of the last hidden state vs the unquantized T5 (measured on this random T5: F32 1.0, F16 1.0,
 # BF16 0.99999, Q8_0 0.99993, Q6_K 0.9991, Q5_K_M 0.9978, Q5_0 0.9969, Q4_K_M 0.9911, Q4_0 0.9887)
@@ -254,7 +254,7 @@ def test_bitsandbytes_quantization_of_a_gguf_is_refused(tmp_path):
 @pytest.mark.parametrize("marker", ["encoder.block.1.layer.0.SelfAttention.q.scale_weight", "scaled_fp8"])
 def test_each_scaled_fp8_marker_makes_fp8_weights_need_scales(tmp_path, marker):
     """Either sign of ComfyUI's scaled fp8 layout (a scale, or the marker) on fp8 weights: the missing scales are
-    named (a plain fp8 file, with neither, loads: test_low_vram)."""
+    named (a plain fp8 file, with neither, loads: test_t5_precision)."""
     from safetensors.torch import save_file
 
     from pixart_core import files

@@ -58,7 +58,7 @@ def test_full_graph_makes_an_image_and_matches_diffusers(executor, comfy, comfy_
                use_resolution_binning=False, clean_caption=True).images  # diffusers' default: caption cleaning
     # The pipeline pads prompts to 300 tokens; we encode only the real ones (exact under the mask), so the
     # two differ by fp32 summation order only: 1e-4 relative to the latents' scale (random tiny weights make
-    # them large here; tests/test_parity.py checks 1e-4 absolute on identical embeddings).
+    # them large here; core/test_sampling_parity.py checks 1e-4 absolute on identical embeddings).
     assert (ours - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
 
 
