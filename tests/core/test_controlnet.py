@@ -16,7 +16,7 @@ from harness import controlnet_files as cfiles
 from harness import models as tiny
 from pixart_core import controlnet as cn
 from pixart_core import controlnet_files as cnf
-from pixart_core import sampling
+from pixart_core import guidance
 
 LAYERS = 4  # the tiny DiT with room for 3 control blocks (they act before blocks 1..3)
 
@@ -165,7 +165,7 @@ def test_pag_perturbs_only_the_dit_and_the_controls_still_act(tmp_path):
     ref = _Reference(dit, sd, 3, 1.0)  # copied before any processor is swapped: the control blocks keep theirs
     hint = torch.randn(1, 4, 8, 12)
     controlled = cn.ControlledDiT(dit, [cn.Control(adapter, hint)])
-    targets = sampling.pag_targets(controlled, ["blocks.1"])  # the sampler's own lookup
+    targets = guidance.pag_targets(controlled, ["blocks.1"])  # the sampler's own lookup
     assert targets == [dit.transformer_blocks[1].attn1]  # not controlnet_blocks.1's self-attention
     x, kwargs = _inputs(dit, 3)  # [uncond, cond, perturbed]
     old = targets[0].processor
