@@ -42,6 +42,15 @@ class DiTToModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, dit: DiTHandle) -> io.NodeOutput:
+        if dit.controls:
+            # ComfyUI's PixArt forward drops transformer_options and the `control` input its samplers pass: a MODEL
+            # made from this DiT would silently sample without the ControlNets.
+            names = ", ".join(c.controlnet.name for c in dit.controls)
+            raise ValueError(
+                f"PixArt-Σ DiT → MODEL: this DiT has ControlNets applied ({names}), which ComfyUI's samplers cannot "
+                "run: ComfyUI's PixArt model has no ControlNet hook. Sample the controlled DiT with PixArt-Σ Sampler "
+                "or PixArt-Σ Sampler (Advanced) (Tiled Refine for tiles), or connect DiT → MODEL to the DiT before "
+                "PixArt-Σ ControlNet Apply.")
         return io.NodeOutput(to_model(dit))
 
 
