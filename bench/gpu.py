@@ -187,7 +187,7 @@ def worker_diffusers(a) -> dict:
     device = torch.device("cpu" if a.smoke else "cuda")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
     tokenizer = AutoTokenizer.from_pretrained(str(comfyui_path() / "comfy" / "text_encoders" / "t5_tokenizer"))
-    text_encoder = ct5.load_t5(models_dir / "text_encoders" / T5, ct5.QUANTIZATIONS[0], torch.float32).model.to(device)
+    text_encoder = ct5.load_t5(models_dir / "text_encoders" / T5, "none", torch.float32).model.to(device)
     pipe = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=None, vae=None,
                                scheduler=schedulers.make("dpmpp_2m"))
     with torch.no_grad():

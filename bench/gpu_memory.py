@@ -109,12 +109,11 @@ def worker_diffusers(a) -> dict:
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, BitsAndBytesConfig, T5EncoderModel
 
-    from pixart_core import files, schedulers
-    from pixart_core import t5 as ct5
+    from pixart_core import files, schedulers, t5_spec
 
     models_dir = Path(a.models)
     tmp = Path(tempfile.mkdtemp())
-    cfg = ct5.config_from_shapes(files.read_shapes(models_dir / T5_FILE), "t5")
+    cfg = t5_spec.config_from_shapes(files.read_shapes(models_dir / T5_FILE), "t5")
     cfg.save_pretrained(tmp)
     os.symlink(models_dir / T5_FILE, tmp / "model.safetensors")
     tok = AutoTokenizer.from_pretrained(str(comfyui_path() / "comfy" / "text_encoders" / "t5_tokenizer"))

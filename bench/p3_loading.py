@@ -69,7 +69,7 @@ def worker(a) -> None:
         if a.worker == "comfy":
             return comfy.sd.load_diffusion_model(str(path)).model
         if a.worker == "ours-t5":
-            return core_t5.load_t5(path, core_t5.QUANTIZATIONS[0], torch.float32).model
+            return core_t5.load_t5(path, "none", torch.float32).model
         return T5EncoderModel.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
 
     measure.reset_peak_rss()

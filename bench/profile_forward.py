@@ -73,7 +73,7 @@ def main() -> None:
 
     # ---- real conditioning from our T5 path (tokenizer shipped by ComfyUI)
     tok = core_t5.load_tokenizer([comfyui_path() / "comfy" / "text_encoders" / "t5_tokenizer"])
-    t5 = core_t5.load_t5(models / "text_encoders" / weights.t5_file(a.t5_layers), core_t5.QUANTIZATIONS[0], torch.float32)
+    t5 = core_t5.load_t5(models / "text_encoders" / weights.t5_file(a.t5_layers), "none", torch.float32)
     import inspect
 
     # diffusers' padded [1, 300] tensors (our encode pads only when asked since 157fd2b; before, it always padded)

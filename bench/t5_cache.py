@@ -122,14 +122,14 @@ def main() -> None:
     if a.worker:
         print(json.dumps(worker(*a.worker)))
         return
-    from pixart_core import t5 as ct5
+    from pixart_core import t5_spec
 
     path = OUT / f"t5xxl_random_{a.layers}l_fp16.safetensors"
     if not path.exists():
         t = time.perf_counter()
         models.write_t5_file(path, "full", layers=a.layers)
         print(f"wrote {path} ({path.stat().st_size / GiB:.2f} GiB) in {time.perf_counter() - t:.0f} s")
-    names = {"8bit": ct5.QUANTIZATIONS[1], "nf4": ct5.QUANTIZATIONS[2]}
+    names = {"8bit": t5_spec.QUANT_8BIT, "nf4": t5_spec.QUANT_NF4}
     previous = json.loads(Path(a.out).read_text())["rows"] if a.reuse and Path(a.out).is_file() else []
     rows = []
     for mode in a.modes.split(","):

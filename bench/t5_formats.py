@@ -1,13 +1,15 @@
-"""A GGUF Q8_0 T5 next to the fp16 safetensors file it was made from: load time, memory, one encode.
+"""GGUF T5 files next to the fp16 safetensors file they were made from: load time, memory, one encode.
 
 Writes a random-weight T5-v1.1-XXL of full width (4096, d_ff 10240, 64 heads) with `--layers` blocks (default 4;
-24 is the whole 9.5 GB model) as fp16 safetensors, then the same weights as a GGUF Q8_0 file (llama.cpp's tensor
-names, gguf-py's Q8_0 quantizer), both kept in bench/out/. Each is loaded in a fresh subprocess through
-pixart_core.t5.load_t5 (quantization none, compute dtype --dtype) while a thread samples VmRSS and RssAnon every
-20 ms; then one prompt of --tokens tokens is encoded (twice; the second is timed). Reports both side by side and the
-GGUF/fp16 ratios.
+24 is the whole 9.5 GB model) as fp16 safetensors, then the same weights as a GGUF of each `--types` file type
+(default Q8_0; llama.cpp's tensor names, each tensor in the type llama-quantize gives it in a 24-block file:
+harness.gguf_files), all kept in bench/out/. Each is loaded in a fresh subprocess through pixart_core.t5.load_t5
+(quantization none, compute dtype --dtype) while a thread samples VmRSS and RssAnon every 20 ms; then one prompt of
+--tokens tokens is encoded (twice; the second is timed). Reports them side by side with the GGUF/fp16 ratios, and
+the model size in memory extrapolated to 24 blocks: from the file layout (linear weights in their file types, the
+rest in the compute dtype), which must match the measured size at --layers blocks.
 
-    ./scripts/harness bench.t5_formats [--layers 4] [--dtype bfloat16] [--tokens 32]
+    ./scripts/harness bench.t5_formats [--layers 4] [--dtype bfloat16] [--tokens 32] [--types Q8_0 Q3_K_M ...]
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import time
 from pathlib import Path
 
 from harness import models
+from harness.gguf_files import layout_bytes
 from harness.location import child_env
 
 from .measure import MemoryPeak
@@ -26,8 +29,12 @@ from .report import print_table
 from .weights import OUT
 
 
-def write_gguf_from(fp16: Path, dest: Path) -> None:
-    """The fp16 file's tensors as a GGUF Q8_0 T5 (norms F32, relative attention bias F16), one tensor at a time."""
+FULL_LAYERS = 24  # T5-v1.1-XXL's encoder blocks
+
+
+def write_gguf_from(fp16: Path, dest: Path, file_type: str = "Q8_0") -> None:
+    """The fp16 file's tensors as a GGUF T5 of `file_type` (each tensor typed as in a 24-block file of that type),
+    one tensor at a time."""
     import gguf
     from safetensors import safe_open
 
@@ -41,7 +48,7 @@ def write_gguf_from(fp16: Path, dest: Path) -> None:
         w = gguf.GGUFWriter(str(tmp), "t5encoder")
         for k in keys:
             values = f.get_tensor(k).float().numpy()
-            data, qtype = quantize(values, tensor_type(k, values.shape, "Q8_0"))
+            data, qtype = quantize(values, tensor_type(k, values.shape, file_type, FULL_LAYERS))
             w.add_tensor(names.get_name(k, try_suffixes=(".weight",)), data, raw_dtype=qtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
@@ -72,11 +79,28 @@ def worker(path: str, dtype: str, tokens: int) -> dict:
     return {"seconds": seconds, "model_bytes": size, "base": base, "peak": peak, "encode_s": encode}
 
 
+def _run(kind: str, path: Path, dtype: str, tokens: int) -> dict:
+    out = subprocess.run([sys.executable, "-m", __spec__.name, "--worker", str(path), dtype, str(tokens)],
+                         capture_output=True, text=True, env=child_env())
+    if out.returncode:
+        print(out.stderr[-2000:])
+        raise SystemExit(f"{kind}: load failed")
+    gib = 2**30
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r.update(kind=kind, file_gib=path.stat().st_size / gib, model_gib=r["model_bytes"] / gib,
+             anon_gib=(r["peak"]["RssAnon"] - r["base"]["RssAnon"]) / gib,
+             rss_gib=(r["peak"]["VmRSS"] - r["base"]["VmRSS"]) / gib)
+    return r
+
+
 def main() -> None:
+    import torch
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--dtype", default="bfloat16", help="compute dtype")
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--types", nargs="+", default=["Q8_0"], help="GGUF file types (harness.gguf_files.TYPES)")
     ap.add_argument("--out", default=str(OUT / "t5_formats.json"))
     ap.add_argument("--worker", nargs=3, metavar=("PATH", "DTYPE", "TOKENS"), help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -84,36 +108,39 @@ def main() -> None:
         print(json.dumps(worker(a.worker[0], a.worker[1], int(a.worker[2]))))
         return
     fp16 = OUT / f"t5xxl_random_{a.layers}l_fp16.safetensors"
-    q8 = OUT / f"t5xxl_random_{a.layers}l-Q8_0.gguf"
     if not fp16.exists():
         models.write_t5_file(fp16, "full", layers=a.layers)
-    if not q8.exists():
-        t = time.perf_counter()
-        write_gguf_from(fp16, q8)
-        print(f"wrote {q8} in {time.perf_counter() - t:.0f} s")
-    rows = []
-    gib = 2**30
-    for kind, path in (("fp16 safetensors", fp16), ("GGUF Q8_0", q8)):
-        out = subprocess.run([sys.executable, "-m", __spec__.name, "--worker", str(path), a.dtype, str(a.tokens)],
-                             capture_output=True, text=True, env=child_env())
-        if out.returncode:
-            print(out.stderr[-2000:])
-            raise SystemExit(f"{kind}: load failed")
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        r.update(kind=kind, file_gib=path.stat().st_size / gib, model_gib=r["model_bytes"] / gib,
-                 anon_gib=(r["peak"]["RssAnon"] - r["base"]["RssAnon"]) / gib,
-                 rss_gib=(r["peak"]["VmRSS"] - r["base"]["VmRSS"]) / gib)
+    f16 = _run("fp16 safetensors", fp16, a.dtype, a.tokens)
+    dtype_bytes = torch.empty((), dtype=getattr(torch, a.dtype)).element_size()
+    gib, rows, ratios = 2**30, [f16], []
+    f16["full_gib"] = f16["full_file_gb"] = float("nan")  # the extrapolation is the GGUF layout's
+    for file_type in a.types:
+        path = OUT / f"t5xxl_random_{a.layers}l-{file_type}.gguf"
+        if not path.exists():
+            t = time.perf_counter()
+            write_gguf_from(fp16, path, file_type)
+            print(f"wrote {path} in {time.perf_counter() - t:.0f} s")
+        r = _run(f"GGUF {file_type}", path, a.dtype, a.tokens)
+        few = layout_bytes(models.t5_config("full", a.layers), file_type, FULL_LAYERS, dtype_bytes)
+        full = layout_bytes(models.t5_config("full"), file_type, FULL_LAYERS, dtype_bytes)
+        if few[1] != r["model_bytes"]:
+            raise SystemExit(f"{file_type}: measured {r['model_bytes']} bytes in memory, the layout says {few[1]}: "
+                             "the 24-block extrapolation would be wrong")
+        r.update(full_file_gb=full[0] / 1e9, full_gib=full[1] / gib)
         rows.append(r)
-    f16, q = rows
-    ratio = {"kind": "GGUF / fp16", "file_gib": q["file_gib"] / f16["file_gib"], "seconds": q["seconds"] / f16["seconds"],
-             "model_gib": q["model_gib"] / f16["model_gib"], "anon_gib": q["anon_gib"] / f16["anon_gib"],
-             "rss_gib": q["rss_gib"] / f16["rss_gib"], "encode_s": q["encode_s"] / f16["encode_s"]}
-    print_table(f"T5-XXL width, {a.layers} blocks, compute {a.dtype}, encode of {a.tokens} tokens",
+        ratios.append({"kind": f"{file_type} / fp16", **{k: r[k] / f16[k] for k in
+                       ("file_gib", "seconds", "model_gib", "anon_gib", "rss_gib", "encode_s", "full_gib")},
+                       "full_file_gb": float("nan")})
+    print_table(f"T5-XXL width, {a.layers} blocks, compute {a.dtype}, encode of {a.tokens} tokens "
+                f"(24 blocks: file tensors in GB from the layout, model in memory in GiB extrapolated)",
                 [("file", 18, "{kind}"), ("file GiB", 9, "{file_gib:.2f}"), ("load s", 8, "{seconds:.2f}"),
-                 ("model GiB", 10, "{model_gib:.2f}"), ("peak anon GiB", 14, "{anon_gib:.2f}"),
-                 ("peak RSS GiB", 13, "{rss_gib:.2f}"), ("encode s", 9, "{encode_s:.3f}")], [*rows, ratio])
+                 ("model GiB", 10, "{model_gib:.3f}"), ("peak anon GiB", 14, "{anon_gib:.2f}"),
+                 ("peak RSS GiB", 13, "{rss_gib:.2f}"), ("encode s", 9, "{encode_s:.3f}"),
+                 ("24: file GB", 12, "{full_file_gb:.3f}"), ("24: model GiB", 14, "{full_gib:.3f}")],
+                [*rows, *ratios])
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"layers": a.layers, "dtype": a.dtype, "rows": rows, "ratio": ratio}, indent=2))
+    Path(a.out).write_text(json.dumps({"layers": a.layers, "dtype": a.dtype, "rows": rows, "ratios": ratios},
+                                      indent=2))
 
 
 if __name__ == "__main__":

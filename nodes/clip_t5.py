@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from ..pixart_core import t5 as core_t5
+from ..pixart_core import t5_spec
 from .comfy import clip as comfy_clip
 from .comfy import paths
 from .comfy.clip import ComfyT5
@@ -38,13 +39,13 @@ def find_t5(clip) -> torch.nn.Module:
         raise ValueError(f"PixArt-Σ Text Encode: this CLIP holds a umT5 encoder ({comfy_clip.describe(model)}; a "
                          f"relative position bias in every layer), not T5-v1.1-XXL. {hint}")
     vocab, width = comfy_clip.vocab_and_width(transformer)
-    if vocab != core_t5.REAL_VOCAB:
+    if vocab != t5_spec.REAL_VOCAB:
         what = "a umT5 encoder" if vocab == 256384 else f"a T5 with a {vocab}-token vocabulary"
         raise ValueError(f"PixArt-Σ Text Encode: this CLIP holds {what} ({name}); PixArt needs T5-v1.1-XXL's "
-                         f"{core_t5.REAL_VOCAB} tokens. {hint}")
-    if width != core_t5.REAL_WIDTH:
+                         f"{t5_spec.REAL_VOCAB} tokens. {hint}")
+    if width != t5_spec.REAL_WIDTH:
         log.warning("PixArt-Σ Text Encode: the CLIP's T5 is %d wide, not T5-v1.1-XXL's %d: the DiT's caption "
-                    "projection must match it.", width, core_t5.REAL_WIDTH)
+                    "projection must match it.", width, t5_spec.REAL_WIDTH)
     return transformer
 
 

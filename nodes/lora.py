@@ -7,9 +7,8 @@ import logging
 
 from comfy_api.v0_0_2 import io, ui
 
-from ..pixart_core import files
+from ..pixart_core import files, t5_spec
 from ..pixart_core import lora as core_lora
-from ..pixart_core import t5 as core_t5
 from .comfy import patches, paths
 from .types import CATEGORY, T5, DiT, DiTHandle, T5Handle
 
@@ -79,7 +78,7 @@ class LoraLoader(io.ComfyNode):
                         "LoRA loader. Connect the T5 loader to its t5 input and use its t5 output.", path.name,
                         len(plan.t5_keys))
             return None, f"T5: {len(plan.t5_keys)} keys not applied (no T5 connected)"
-        if t5.quantization != core_t5.QUANTIZATIONS[0]:
+        if t5.quantization != t5_spec.QUANT_NONE:
             log.warning("PixArt LoRA %s: its %d T5 (text encoder) keys were NOT applied: the T5 is quantized (%s), and "
                         "a LoRA cannot be merged into bitsandbytes weights. Load the T5 with quantization 'none' to "
                         "use the LoRA's T5 part (the DiT part is applied).", path.name, len(plan.t5_keys),

@@ -5,7 +5,7 @@ import logging
 
 from comfy_api.v0_0_2 import io
 
-from ..pixart_core import captions
+from ..pixart_core import captions, t5_spec
 from ..pixart_core import t5 as core_t5
 from ..pixart_core.cache import LRUCache
 from ..pixart_core.conditioning import Conditioning
@@ -19,6 +19,17 @@ T5_EXT = (*paths.WEIGHT_EXT[:2], *paths.GGUF_EXT)
 # Recent prompt embeddings (~5 MB each at 300 x 4096 fp32): re-encoding a prompt seen lately never loads the T5.
 EMBEDDINGS = LRUCache(max_items=16)
 DEVICES = ("default", "cpu")  # as ComfyUI's CLIPLoader
+# Widget labels -> the core's ids. Saved workflows hold the labels: keep every label (and its order) as it is.
+QUANTIZATION_LABELS = {"none": t5_spec.QUANT_NONE, "8-bit (bitsandbytes)": t5_spec.QUANT_8BIT,
+                       "4-bit nf4 (bitsandbytes)": t5_spec.QUANT_NF4}
+CLEANING_LABELS = {"diffusers": captions.DIFFUSERS, "lowercase": captions.LOWERCASE, "none": captions.NONE}
+DEFAULT_QUANTIZATION, DEFAULT_CLEANING = "none", "diffusers"
+
+
+def _id(labels: dict[str, str], label: str, widget: str) -> str:
+    if label not in labels:
+        raise ValueError(f"PixArt: {widget} {label!r} is not one of {list(labels)}.")
+    return labels[label]
 
 
 class T5Loader(io.ComfyNode):
@@ -35,7 +46,7 @@ class T5Loader(io.ComfyNode):
                                        "(t5xxl_fp16.safetensors, t5xxl_fp8_e4m3fn[_scaled].safetensors, or a GGUF such "
                                        "as t5-v1_1-xxl-encoder-Q8_0.gguf) or a diffusers/transformers folder in "
                                        "models/diffusers."),
-                io.Combo.Input("quantization", options=list(core_t5.QUANTIZATIONS), default=core_t5.QUANTIZATIONS[0],
+                io.Combo.Input("quantization", options=list(QUANTIZATION_LABELS), default=DEFAULT_QUANTIZATION,
                                tooltip="bitsandbytes 8-bit (T5-XXL: 5.5 GiB) or 4-bit nf4 (4.0 GiB) instead of 8.9 GiB in bf16. "
                                        "Quantized once (on the GPU when T5 runs there) and kept in models/pixart_t5_cache "
                                        "for later loads. GGUF files are already quantized: use 'none' with them."),
@@ -52,17 +63,18 @@ class T5Loader(io.ComfyNode):
 
     @classmethod
     def execute(cls, t5_name: str, quantization: str, dtype: str, device: str = DEVICES[0]) -> io.NodeOutput:
+        mode = _id(QUANTIZATION_LABELS, quantization, "quantization")
         path = paths.resolve(t5_name, T5_FOLDERS)
         load_device, offload_device = devices.t5_devices(cpu=device == "cpu")
         compute = core_t5.compute_dtype(dtype, devices.auto_dtype("t5", load_device))
         tokenizer = core_t5.load_tokenizer(core_t5.tokenizer_candidates(path) + [paths.COMFY_TOKENIZER])
-        loaded = core_t5.load_t5(path, quantization, compute, cache_dir=paths.t5_cache_dir(),
+        loaded = core_t5.load_t5(path, mode, compute, cache_dir=paths.t5_cache_dir(),
                                  quantize_device=load_device if load_device.type == "cuda" else None)
         patcher = loading.wrap(loaded.model, load_device, offload_device)
         log.info("PixArt T5 %s loaded (%s, %s, runs on %s)", t5_name, quantization, compute, load_device)
         stat = path.stat()
-        identity = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, quantization, str(compute), str(load_device))
-        return io.NodeOutput(T5Handle(patcher, tokenizer, compute, t5_name, quantization, identity))
+        identity = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, mode, str(compute), str(load_device))
+        return io.NodeOutput(T5Handle(patcher, tokenizer, compute, t5_name, mode, identity))
 
 
 class TextEncode(io.ComfyNode):
@@ -85,7 +97,7 @@ class TextEncode(io.ComfyNode):
                 io.Int.Input("max_tokens", default=core_t5.AUTO_TOKENS, min=0, max=1024,
                              tooltip="T5 token limit. 0 = from the DiT: 300 for PixArt-Σ, 120 for PixArt-α (the sampler "
                                      "picks it). Longer prompts are cut with a warning."),
-                io.Combo.Input("caption_cleaning", options=list(captions.MODES), default=captions.DEFAULT_MODE,
+                io.Combo.Input("caption_cleaning", options=list(CLEANING_LABELS), default=DEFAULT_CLEANING,
                                optional=True,
                                tooltip="diffusers: diffusers' caption cleaning (drops URLs, HTML, @names, CJK, odd "
                                        "punctuation; lowercases), as PixArtSigmaPipeline does by default. lowercase: "
@@ -97,10 +109,12 @@ class TextEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, t5, positive: str, negative: str, max_tokens: int,
-                caption_cleaning: str = captions.DEFAULT_MODE) -> io.NodeOutput:
+                caption_cleaning: str = DEFAULT_CLEANING) -> io.NodeOutput:
         src = _source(t5)
+        cleaning = _id(CLEANING_LABELS, caption_cleaning, "caption_cleaning")
         limits = core_t5.token_limits(max_tokens)
-        keys = [core_t5.cache_key(src.identity, text, caption_cleaning, max_tokens) for text in (positive, negative)]
+        texts = [core_t5.preprocess(prompt, cleaning) for prompt in (positive, negative)]  # cleaned once, used twice
+        keys = [core_t5.cache_key(src.identity, text, cleaning, max_tokens) for text in texts]
         out = [EMBEDDINGS.get(k) for k in keys]
         if any(c is None for c in out):
             loaded, device = src.load()
@@ -108,11 +122,10 @@ class TextEncode(io.ComfyNode):
 
             def encode(text: str, limit: int, warn: bool) -> Conditioning:
                 progress.check_interrupt()
-                embeds, mask = core_t5.encode(loaded, src.tokenizer, text, limit, device, cleaning=caption_cleaning,
-                                              warn=warn)
+                embeds, mask = core_t5.encode_text(loaded, src.tokenizer, text, limit, device, warn=warn)
                 return Conditioning(embeds.to(keep), mask.to(keep))
 
-            for i, (key, text) in enumerate(zip(keys, (positive, negative))):
+            for i, (key, text) in enumerate(zip(keys, texts)):
                 if out[i] is None:
                     cond = encode(text, limits[0], True)
                     for limit in limits[1:]:  # max_tokens 0: the shorter limits too, where the prompt is longer

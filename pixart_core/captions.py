@@ -9,8 +9,12 @@ import html
 import re
 import urllib.parse as ul
 
-MODES = ("diffusers", "lowercase", "none")
-DEFAULT_MODE = "diffusers"
+# Cleaning modes (ids; Text Encode shows its own labels for them)
+DIFFUSERS = "diffusers"  # diffusers' caption cleaning, twice, as PixArtSigmaPipeline(clean_caption=True)
+LOWERCASE = "lowercase"  # lowercase and strip: diffusers with clean_caption=False
+NONE = "none"  # strip only: the original PixArt-Σ inference script
+MODES = (DIFFUSERS, LOWERCASE, NONE)
+DEFAULT_MODE = DIFFUSERS
 INSTALL_HINT = (
     "caption_cleaning 'diffusers' needs beautifulsoup4 and ftfy. Install them into ComfyUI's Python with "
     "`python -m pip install beautifulsoup4 ftfy`, restart ComfyUI, or choose caption_cleaning 'lowercase'."
@@ -99,10 +103,10 @@ def clean_caption(caption: str) -> str:
 def preprocess(prompt: str, mode: str = DEFAULT_MODE) -> str:
     """The text T5 tokenizes: `diffusers` cleans twice (as diffusers does), `lowercase` lowercases and strips
     (diffusers without cleaning), `none` only strips (the original PixArt-Σ inference script)."""
-    if mode == "diffusers":
+    if mode == DIFFUSERS:
         return clean_caption(clean_caption(prompt))
-    if mode == "lowercase":
+    if mode == LOWERCASE:
         return prompt.lower().strip()
-    if mode == "none":
+    if mode == NONE:
         return prompt.strip()
     raise ValueError(f"caption_cleaning {mode!r} is not one of {MODES}.")

@@ -1,9 +1,9 @@
-"""GGUF T5-v1.1 encoder files (city96/t5-v1_1-xxl-encoder-gguf: Q8_0 ... Q4_K_M, F16, BF16), as ComfyUI-GGUF's
-CLIPLoaderGGUF reads them, kept quantized in memory.
+"""GGUF T5-v1.1 encoder files (city96/t5-v1_1-xxl-encoder-gguf: F16 ... Q3_K_S, of every type ComfyUI-GGUF
+reads), as ComfyUI-GGUF's CLIPLoaderGGUF reads them, kept quantized in memory.
 
 The file is read with the `gguf` package. Linear weights stay in the file's quantized blocks (a Q8_0 T5-XXL holds
 ~5 GB instead of 9.5 GB in bf16) inside `GGUFLinear` layers, which dequantize their weight to the input's dtype at
-each forward, on the input's device (torch code below; `gguf.quants.dequantize` is the numpy reference the tests
+each forward, on the input's device (gguf_quants; `gguf.quants.dequantize` is the numpy reference the tests
 compare it with). The token embedding, norms and relative attention bias are dequantized at load to the compute
 dtype (the embedding is looked up, not multiplied; ComfyUI-GGUF dequantizes large T5 embeddings at load too).
 
@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import files
+from . import files, t5_spec
+from .gguf_quants import dequantize, is_readable, supported_types
 from .meta import empty_weights
 
 log = logging.getLogger(__name__)
@@ -48,122 +49,6 @@ def hf_key(name: str) -> str:
     for a, b in KEY_MAP:
         name = name.replace(a, b)
     return name
-
-
-# ------------------------------------------------------------------------------------------------ dequantization
-# Each function takes blocks [n, type_size] (uint8) and returns values [n, block_size] in float32. The layouts are
-# ggml's (ggml-quants.c), as gguf-py's quants.py dequantizes them in numpy.
-
-QK_K = 256
-
-
-def _f16(b: torch.Tensor) -> torch.Tensor:
-    return b.contiguous().view(torch.float16).to(torch.float32)
-
-
-def _nibbles(qs: torch.Tensor, n: int, group: int) -> torch.Tensor:
-    """Low then high 4 bits of each byte of `qs` [n, k*group], as [n, k, 2, group] -> [n, 2k*group]."""
-    q = qs.reshape(n, -1, 1, group) >> torch.tensor([0, 4], dtype=torch.uint8, device=qs.device).reshape(1, 1, 2, 1)
-    return (q & 0x0F).reshape(n, -1)
-
-
-def _q8_0(b: torch.Tensor) -> torch.Tensor:
-    return _f16(b[:, :2]) * b[:, 2:].contiguous().view(torch.int8).to(torch.float32)
-
-
-def _q4_0(b: torch.Tensor) -> torch.Tensor:
-    n = b.shape[0]
-    return _f16(b[:, :2]) * (_nibbles(b[:, 2:], n, 16).to(torch.float32) - 8)
-
-
-def _q5_0(b: torch.Tensor) -> torch.Tensor:
-    n = b.shape[0]
-    qh = b[:, 2:6].to(torch.int32)
-    qh = qh[:, 0] | qh[:, 1] << 8 | qh[:, 2] << 16 | qh[:, 3] << 24  # bit i: the high bit of value i
-    high = (qh.reshape(n, 1) >> torch.arange(32, dtype=torch.int32, device=b.device).reshape(1, 32)) & 1
-    q = _nibbles(b[:, 6:], n, 16).to(torch.int32) | (high << 4)
-    return _f16(b[:, :2]) * (q.to(torch.float32) - 16)
-
-
-def _scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q4_K/Q5_K's eight 6-bit scales and mins packed in 12 bytes."""
-    n = scales.shape[0]
-    s = scales.reshape(n, 3, 4)
-    d, m, md = s[:, 0], s[:, 1], s[:, 2]
-    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
-    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=-1)
-    return sc.to(torch.float32), mn.to(torch.float32)
-
-
-def _q4_k(b: torch.Tensor) -> torch.Tensor:
-    n = b.shape[0]
-    sc, mn = _scale_min_k4(b[:, 4:16])
-    d = (_f16(b[:, :2]) * sc).reshape(n, 8, 1)
-    dm = (_f16(b[:, 2:4]) * mn).reshape(n, 8, 1)
-    q = _nibbles(b[:, 16:], n, 32).reshape(n, 8, 32).to(torch.float32)
-    return (d * q - dm).reshape(n, QK_K)
-
-
-def _q5_k(b: torch.Tensor) -> torch.Tensor:
-    n = b.shape[0]
-    sc, mn = _scale_min_k4(b[:, 4:16])
-    d = (_f16(b[:, :2]) * sc).reshape(n, 8, 1)
-    dm = (_f16(b[:, 2:4]) * mn).reshape(n, 8, 1)
-    qh = b[:, 16:48].reshape(n, 1, 32) >> torch.arange(8, dtype=torch.uint8, device=b.device).reshape(1, 8, 1)
-    q = _nibbles(b[:, 48:], n, 32).reshape(n, 8, 32) | ((qh & 1) << 4)
-    return (d * q.to(torch.float32) - dm).reshape(n, QK_K)
-
-
-def _q6_k(b: torch.Tensor) -> torch.Tensor:
-    n = b.shape[0]
-    ql, qh, scales, d = b[:, :128], b[:, 128:192], b[:, 192:208], b[:, 208:210]
-    d = (_f16(d) * scales.contiguous().view(torch.int8).to(torch.float32)).reshape(n, 16, 1)
-    low = _nibbles(ql, n, 64).reshape(n, 8, 32)
-    high = qh.reshape(n, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device).reshape(1, 1, 4, 1)
-    q = (low | ((high & 0x03).reshape(n, 8, 32) << 4)).to(torch.float32) - 32
-    return (d * q.reshape(n, 16, 16)).reshape(n, QK_K)
-
-
-def _bf16(b: torch.Tensor) -> torch.Tensor:
-    return b.contiguous().view(torch.bfloat16).to(torch.float32)
-
-
-def _qtypes() -> dict:
-    from gguf import GGMLQuantizationType as T
-
-    return {T.Q8_0: _q8_0, T.Q4_0: _q4_0, T.Q5_0: _q5_0, T.Q4_K: _q4_k, T.Q5_K: _q5_k, T.Q6_K: _q6_k, T.BF16: _bf16}
-
-
-CHUNK_VALUES = 1 << 21  # with `chunked`, dequantize this many values at a time (8 MB of float32 temporaries)
-
-
-def dequantize(raw: torch.Tensor, qtype: int, shape: tuple[int, ...], dtype: torch.dtype,
-               chunked: bool = False) -> torch.Tensor:
-    """A GGUF tensor's values: `raw` holds its bytes (uint8) or, for F32/F16, its values; on raw's device.
-
-    The block formulas compute in float32 (as gguf-py's reference does), then cast to `dtype`. `chunked` runs them
-    a chunk at a time into the `dtype` result, so the float32 temporaries stay small (for the load-time embedding:
-    ~2x slower on a CPU, so the per-forward dequantization takes the whole weight at once)."""
-    import gguf
-
-    if raw.dtype != torch.uint8:  # F32 / F16 are kept as torch tensors of their own dtype
-        return raw.to(dtype).reshape(shape)
-    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
-    blocks = raw.reshape(-1, size)
-    fn = _qtypes()[qtype]
-    step = max(1, CHUNK_VALUES // block)
-    if not chunked or blocks.shape[0] <= step:
-        return fn(blocks).reshape(shape).to(dtype)
-    out = torch.empty((blocks.shape[0], block), dtype=dtype, device=raw.device)
-    for i in range(0, blocks.shape[0], step):
-        out[i:i + step] = fn(blocks[i:i + step])
-    return out.reshape(shape)
-
-
-def supported_types() -> list[str]:
-    import gguf
-
-    return sorted(["F32", "F16", *(gguf.GGMLQuantizationType(t).name for t in _qtypes())])
 
 
 class GGUFLinear(torch.nn.Module):
@@ -247,17 +132,17 @@ def read_t5(path: str | os.PathLike) -> tuple[dict[str, tuple[int, int, torch.Te
             "not a T5 encoder. Choose a T5-v1.1-XXL GGUF (e.g. t5-v1_1-xxl-encoder-Q8_0.gguf from "
             "city96/t5-v1_1-xxl-encoder-gguf) or a T5 safetensors file."
         )
-    supported = {int(t) for t in _qtypes()} | {int(gguf.GGMLQuantizationType.F32), int(gguf.GGMLQuantizationType.F16)}
     out: dict[str, tuple[int, tuple[int, ...], torch.Tensor]] = {}
     for t in reader.tensors:
         if t.name.startswith("dec."):
             continue  # a full encoder-decoder T5: only the encoder is used
         shape = tuple(int(v) for v in reversed([int(x) for x in t.shape]))
         qtype = int(t.tensor_type)
-        if qtype not in supported:
+        if not is_readable(qtype):
             raise files.WeightFileError(
                 f"{path.name}: tensor {t.name} has GGUF type {t.tensor_type.name}, which this loader does not read "
-                f"(it reads {', '.join(supported_types())}). Choose one of those files."
+                f"(it reads {', '.join(supported_types())}). Choose a file of one of those "
+                "types, e.g. t5-v1_1-xxl-encoder-Q3_K_M.gguf (city96/t5-v1_1-xxl-encoder-gguf)."
             )
         block, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
         expected_bytes = int(np.prod(shape)) // block * size
@@ -278,17 +163,17 @@ def read_t5(path: str | os.PathLike) -> tuple[dict[str, tuple[int, int, torch.Te
     return out, {k: v[1] for k, v in out.items()}
 
 
-def load(path: str | os.PathLike, dtype: torch.dtype, config_from_shapes) -> torch.nn.Module:
+def load(path: str | os.PathLike, dtype: torch.dtype) -> torch.nn.Module:
     """A transformers T5EncoderModel from a GGUF T5 file, with GGUFLinear layers (quantized weights kept) and the
-    other weights in `dtype`, on the CPU. `config_from_shapes` is pixart_core.t5's (it names wrong models)."""
+    other weights in `dtype`, on the CPU."""
     from transformers import T5EncoderModel
 
     path = Path(path)
     tensors, shapes = read_t5(path)
-    config = config_from_shapes(shapes, path.name)
+    config = t5_spec.config_from_shapes(shapes, path.name)
     with empty_weights():
         model = T5EncoderModel(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != t5_spec.EMBEDDING_ALIAS}
     files.check_keys(path.name, shapes, expected, "a T5-v1.1 encoder")
     files.check_shapes(path.name, shapes, expected, "a T5-v1.1 encoder")
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -300,7 +185,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype, config_from_shapes) -> tor
             setattr(model.get_submodule(parent), child, GGUFLinear(raw, qtype, shape))
         else:
             plain[key] = dequantize(raw, qtype, shape, dtype, chunked=True)
-    plain["encoder.embed_tokens.weight"] = plain["shared.weight"]
+    plain[t5_spec.EMBEDDING_ALIAS] = plain[t5_spec.EMBEDDING]
     result = model.load_state_dict(plain, strict=False, assign=True)
     assert not result.unexpected_keys and all(k.endswith(".qweight") for k in result.missing_keys), result
     model.encoder.embed_tokens.weight = model.shared.weight  # one tensor, as from_pretrained ties them

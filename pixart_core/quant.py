@@ -8,23 +8,32 @@ wrong: `nn.Module.to()` on a parent module moves only the parameters, so `state.
 `single_int8_copy` prevents the second by putting every layer back in its before-the-first-forward form after
 each forward (the int8 matrix and scales on the weight, which bitsandbytes moves as one); `move_quantized_state`
 handles the first. 4-bit layers keep their quantization state on the parameter, which moves with it.
+
+Nothing here imports bitsandbytes: a model can only hold its layers once something imported it, so the checks look
+at what is already imported (importing bitsandbytes logs a kernels warning on CPU machines, at every ComfyUI start
+that imports it).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import warnings
 from typing import Iterator
 
 import torch
 
 
+def has_bnb_layers(model: torch.nn.Module) -> bool:
+    """Whether the model holds bitsandbytes layers (8-bit or 4-bit; told by the layer's module, no import)."""
+    return any(type(m).__module__.split(".")[0] == "bitsandbytes" for m in model.modules())
+
+
 def _int8_layers(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    try:
-        from bitsandbytes.nn import Linear8bitLt
-    except ImportError:
+    bnb_nn = sys.modules.get("bitsandbytes.nn")  # not imported: no model can hold its layers
+    if bnb_nn is None:
         return
-    yield from (m for m in module.modules() if isinstance(m, Linear8bitLt))
+    yield from (m for m in module.modules() if isinstance(m, bnb_nn.Linear8bitLt))
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -1,24 +1,25 @@
-"""Quantize once: a disk cache of bitsandbytes-quantized T5 encoders, and quantization on a GPU tensor by tensor.
+"""Quantize once: the on-disk store of bitsandbytes-quantized T5 encoders (entries, their keys, writing, checking).
 
 Re-quantizing T5-XXL from its 9.5 GB file takes minutes on a CPU at every load. The first 8-bit/nf4 load writes
 the quantized weights in bitsandbytes' own serialization (the state dict transformers saves and loads for a
 pre-quantized model: int8 matrix + `SCB` scales for 8-bit, packed nf4 + `absmax`/`quant_map`/quant state for 4-bit)
 as one safetensors file with the model's config.json (its `quantization_config` included); later loads are
-transformers' pre-quantized load of that folder, which memory-maps the file.
+transformers' pre-quantized load of that folder, which memory-maps the file. When to read, quantize and write an
+entry is pixart_core.t5's decision (load_t5); this module only keeps the entries.
 
 One entry (a folder) per source x mode x compute dtype; `manifest.json` holds the key the entry was made for
 (source path, size and mtime of every source file, mode, dtype, bitsandbytes / transformers / format versions)
 and each cache file's size, mtime and sha256. The manifest is written last and the entry is built in a temporary
 folder renamed into place, so a crash leaves no entry that looks complete. An entry whose manifest is missing,
-unreadable or made for another key (stale source, another file, another mode or version), or whose files differ
-in size or mtime from the manifest or do not parse as complete safetensors files, is rebuilt, never loaded.
-(`verify="full"` also re-hashes every byte; the default checks sizes, mtimes and headers, which costs nothing.)
+unreadable or made for another key (stale source, another file, another mode or version, an older format), or
+whose files differ in size or mtime from the manifest or do not parse as complete safetensors files, is rebuilt,
+never loaded. (`verify="full"` also re-hashes every byte; the default checks sizes, mtimes and headers, which costs
+nothing.)
 
 This module never imports ComfyUI: the caller passes the cache folder.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -29,18 +30,18 @@ import struct
 import time
 import uuid
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from . import files
+from . import files, t5_spec
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # bump when what an entry holds changes
+# Bump when what an entry holds or how its key reads changes. 2: the key names the mode by its id ("8bit", "nf4");
+# format 1 keys held the loader's label ("8-bit (bitsandbytes)").
+FORMAT = 2
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
-_MODES = {"8-bit (bitsandbytes)": "8bit", "4-bit nf4 (bitsandbytes)": "nf4"}
 _ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
              torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
@@ -61,15 +62,15 @@ def source_files(path: Path) -> list[Path]:
     """The files a T5 is read from: the file itself, or a folder's config and weight files."""
     if path.is_file():
         return [path]
-    from .t5 import folder_weights_dir
-
-    return sorted(f for f in folder_weights_dir(path).iterdir()
+    return sorted(f for f in t5_spec.weights_folder(path).iterdir()
                   if f.is_file() and f.suffix.lower() in (".json", *files.SAFETENSORS_EXT, *files.PICKLE_EXT))
 
 
 def cache_key(path: str | os.PathLike, quantization: str, dtype: torch.dtype) -> dict:
     """What a cache entry must have been made from: the source (resolved path, and every file's name, size and
-    mtime), the mode, the compute dtype and the versions of the libraries whose format the entry is in."""
+    mtime), the mode (t5_spec.QUANT_8BIT / QUANT_NF4), the compute dtype and the versions of the libraries whose
+    format the entry is in."""
+    _check_mode(quantization)
     path = Path(path).resolve()
     stats = [{"name": f.name, "size": (s := f.stat()).st_size, "mtime_ns": s.st_mtime_ns} for f in source_files(path)]
     return {"format": FORMAT, "source": str(path), "files": stats, "quantization": quantization,
@@ -78,16 +79,23 @@ def cache_key(path: str | os.PathLike, quantization: str, dtype: torch.dtype) ->
 
 def entry_dir(cache_dir: str | os.PathLike, path: str | os.PathLike, quantization: str, dtype: torch.dtype) -> Path:
     """The entry folder of a source x mode x dtype. A changed source rebuilds the same folder (no stale copies)."""
+    _check_mode(quantization)
     resolved = str(Path(path).resolve())
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(resolved).name)[:60] or "t5"
     digest = hashlib.sha256(resolved.encode()).hexdigest()[:12]
-    return Path(cache_dir) / f"{stem}-{_MODES[quantization]}-{str(dtype).removeprefix('torch.')}-{digest}"
+    return Path(cache_dir) / f"{stem}-{quantization}-{str(dtype).removeprefix('torch.')}-{digest}"
+
+
+def _check_mode(quantization: str) -> None:
+    if quantization not in (t5_spec.QUANT_8BIT, t5_spec.QUANT_NF4):
+        raise ValueError(f"the T5 cache holds quantized modes only ({t5_spec.QUANT_8BIT}, {t5_spec.QUANT_NF4}), "
+                         f"not {quantization!r}.")
 
 
 # -------------------------------------------------------------------------------------------------- writing
 
 
-def _tensors_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def tensors_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The quantized model's state dict (bitsandbytes' serialization), each storage once (the tied embedding)."""
     seen, out = set(), {}
     for name, t in model.state_dict().items():
@@ -247,190 +255,20 @@ def check(entry: Path, key: dict, verify: str = "quick") -> str | None:
     return problem and f"{WEIGHTS} is not a complete safetensors file: {problem}"
 
 
-# -------------------------------------------------------------------------------------------------- loading
-
-
-@dataclasses.dataclass
-class Outcome:
-    """How a cached load went, for the log and the bench."""
-
-    entry: Path
-    hit: bool
-    reason: str | None  # why the entry was (re)built
-    written: bool
-    quantized_on: str | None
-
-
-def load(path: Path, quantization: str, dtype: torch.dtype, cache_dir: Path, fresh: Callable[[], object],
-         from_folder: Callable[[Path], torch.nn.Module], quantize_device: torch.device | None = None,
-         verify: str = "quick"):
-    """(model, Outcome): the quantized T5 from its cache entry, or quantized now (on `quantize_device` tensor by
-    tensor where that is a CUDA GPU, else by `fresh()`, which returns a LoadedT5) and written to the cache first.
-
-    A cache that cannot be written (read-only folder, full disk) only costs the next load its time: the model
-    quantized now is returned and the log says why nothing was cached.
-    """
-    key = cache_key(path, quantization, dtype)
-    entry = entry_dir(cache_dir, path, quantization, dtype)
-    reason = check(entry, key, verify)
-    if reason is None:
-        try:
-            _prefetch(entry / WEIGHTS)
-            model = from_folder(entry)
-            log.info("PixArt T5 cache: read %s (quantized before; delete the folder to quantize again).", entry)
-            return model, Outcome(entry, True, None, False, _quantized_on(entry))
-        except Exception as e:  # noqa: BLE001 - any failure to read an entry means: rebuild it
-            reason = f"transformers could not load it ({e})"
-            log.warning("PixArt T5 cache: %s: %s; rebuilding it.", entry.name, reason)
-    elif reason != "no entry yet":
-        log.warning("PixArt T5 cache: %s: %s; rebuilding it.", entry.name, reason)
-    if quantize_device is not None and quantize_device.type == "cuda":
-        try:
-            tensors, config = quantize_per_tensor(path, quantization, dtype, quantize_device)
-        except UnsupportedSource as e:
-            log.info("PixArt T5: quantizing on the CPU (%s).", e)
-        else:
-            try:
-                write(entry, key, config, tensors, str(quantize_device))
-            except (OSError, CacheError) as e:
-                log.warning("PixArt T5 cache: cannot write %s (%s); quantizing on the CPU instead.", entry, e)
-            else:
-                del tensors
-                log.info("PixArt T5 cache: quantized on %s into %s.", quantize_device, entry)
-                return from_folder(entry), Outcome(entry, False, reason, True, str(quantize_device))
-    loaded = fresh()
-    written = False
-    if _bnb_layers(loaded.model):
-        try:
-            write(entry, key, loaded.model.config, _tensors_of(loaded.model), "cpu")
-            written = True
-            log.info("PixArt T5 cache: quantized on the CPU into %s; later loads read it.", entry)
-        except (OSError, CacheError) as e:
-            log.warning("PixArt T5 cache: cannot write %s (%s); the next load quantizes again.", entry, e)
-    return loaded.model, Outcome(entry, False, reason, written, "cpu")
-
-
-def _prefetch(path: Path) -> None:
-    """Ask the OS to read the whole file ahead (the load maps it, and pages of a mapping are otherwise read a few
-    at a time as they are first touched: measured 1.8x the time of reading the file from a cold disk)."""
-    if hasattr(os, "posix_fadvise"):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        finally:
-            os.close(fd)
-
-
-def _quantized_on(entry: Path) -> str | None:
+def quantized_on(entry: Path) -> str | None:
+    """The device a complete entry was quantized on (its manifest says), or None."""
     try:
         return json.loads((entry / MANIFEST).read_text()).get("quantized_on")
     except (OSError, ValueError):
         return None
 
 
-def _bnb_layers(model: torch.nn.Module) -> bool:
-    return any(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
-
-
-# -------------------------------------------------------------------------------------------------- per tensor
-
-
-class UnsupportedSource(ValueError):
-    """A source the per-tensor quantizer does not read (then the model is quantized by transformers' loader)."""
-
-
-def _source_tensors(path: Path) -> tuple[dict[str, tuple[Path, str]], dict[str, tuple[int, ...]]]:
-    """Where each tensor of a plain safetensors T5 lives: {model key: (file, key in file)} and the shapes."""
-    from .t5 import _ANCHOR, folder_weights_dir
-
-    wfiles = [path] if path.is_file() else sorted(f for f in folder_weights_dir(path).iterdir()
-                                                   if f.suffix.lower() in files.SAFETENSORS_EXT)
-    if not wfiles or any(f.suffix.lower() not in files.SAFETENSORS_EXT for f in wfiles):
-        raise UnsupportedSource(f"{path.name} is not a safetensors T5")
-    where, shapes = {}, {}
-    for f in wfiles:
-        for k, s in files.read_shapes(f).items():
-            where[k], shapes[k] = (f, k), s
-    if any(k.endswith((".scale_weight", "scaled_fp8")) for k in where):
-        raise UnsupportedSource(f"{path.name} holds scaled fp8 weights")
-    anchor = next((k for k in where if k.endswith(_ANCHOR)), None)
-    if anchor is None:
-        raise UnsupportedSource(f"{path.name}: no T5 encoder keys")
-    prefix = anchor[: len(anchor) - len(_ANCHOR) - len("encoder.")]
-    where = {k[len(prefix):]: v for k, v in where.items() if k.startswith(prefix)}
-    shapes = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
-    if "shared.weight" not in where and "encoder.embed_tokens.weight" in where:
-        where["shared.weight"], shapes["shared.weight"] = where["encoder.embed_tokens.weight"], shapes["encoder.embed_tokens.weight"]
-    where.pop("encoder.embed_tokens.weight", None)
-    return where, shapes
-
-
-def quantize_weight(key: str, w: torch.Tensor, kind: str, device: torch.device) -> dict[str, torch.Tensor]:
-    """One Linear weight quantized on `device` as bitsandbytes' parameter classes do when transformers loads them
-    (Int8Params._quantize: int8 rows + SCB scales; Params4bit._quantize: nf4, block 64, no double quantization),
-    returned on the CPU under the state-dict names bitsandbytes serializes them with."""
-    import bitsandbytes.functional as bnbf
-
-    base = key[: -len(".weight")]
-    if kind == "8bit":
-        cb, scb, _ = bnbf.int8_vectorwise_quant(w.to(device=device, dtype=torch.float16))
-        return {key: cb.cpu(), base + ".SCB": scb.cpu(), base + ".weight_format": torch.tensor(0, dtype=torch.uint8)}
-    q, state = bnbf.quantize_4bit(w.to(device).contiguous(), blocksize=64, compress_statistics=False, quant_type="nf4",
-                                  quant_storage=torch.uint8)
-    out = {key: q.cpu()}
-    state.to("cpu")
-    out.update({f"{key}.{name}": t.cpu() for name, t in state.as_dict(packed=True).items()})
-    return out
-
-
-def quantize_per_tensor(path: str | os.PathLike, quantization: str, dtype: torch.dtype, device: torch.device):
-    """(state dict, config) of the quantized T5, made one tensor at a time: each weight that transformers would
-    quantize goes to `device`, is quantized there by the bitsandbytes function transformers' loader calls, and
-    comes back to the CPU at once; the rest is converted to `dtype`. Device memory holds one tensor at a time
-    (never the whole model); host memory holds the quantized result and one source tensor.
-
-    The tensors are bitsandbytes' serialization of the model transformers builds (the same keys and bytes as
-    `load_t5(...).model.state_dict()`, for device=cpu), so the cache loads them as a pre-quantized model.
-    """
-    from bitsandbytes.nn import Linear4bit, Linear8bitLt
-    from safetensors import safe_open
-    from transformers import T5EncoderModel
-    from transformers.quantizers import AutoHfQuantizer
-
-    from .meta import empty_weights
-    from .t5 import _bnb_config, config_from_shapes
-
-    path = Path(path)
-    where, shapes = _source_tensors(path)
-    config = config_from_shapes(shapes, path.name)
-    qconfig = _bnb_config(quantization, dtype)
-    with empty_weights():
-        skeleton = T5EncoderModel(config)
-    quantizer = AutoHfQuantizer.from_config(qconfig, pre_quantized=False)
-    quantizer.preprocess_model(skeleton, device_map={"": "cpu"})
-    expected = {k for k in skeleton.state_dict() if k != "encoder.embed_tokens.weight"}
-    files.check_keys(path.name, where, expected, "a T5-v1.1 encoder")
-    kinds = {name + ".weight": type(m) for name, m in skeleton.named_modules() if isinstance(m, (Linear8bitLt, Linear4bit))}
-    out: dict[str, torch.Tensor] = {}
-    handles: dict[Path, object] = {}
-    try:
-        for key in sorted(where):
-            f, k = where[key]
-            if f not in handles:
-                handles[f] = safe_open(str(f), framework="pt", device="cpu").__enter__()
-            src = handles[f].get_tensor(k)
-            if tuple(src.shape) != tuple(skeleton.state_dict()[key].shape):
-                raise files.WeightFileError(f"{path.name}: {key} is {list(src.shape)}, expected "
-                                            f"{list(skeleton.state_dict()[key].shape)}.")
-            w = src.to(dtype)  # transformers' loader converts to the model's dtype before quantizing
-            kind = kinds.get(key)
-            if kind is not None:
-                out.update(quantize_weight(key, w, "8bit" if kind is Linear8bitLt else "nf4", device))
-            else:
-                out[key] = w if w.data_ptr() != src.data_ptr() else w.clone()
-            del src, w
-    finally:
-        for h in handles.values():
-            h.__exit__(None, None, None)
-    config.quantization_config = qconfig
-    return out, config
+def prefetch(entry: Path) -> None:
+    """Ask the OS to read the entry's weights ahead (the load maps the file, and pages of a mapping are otherwise
+    read a few at a time as they are first touched: measured 1.8x the time of reading the file from a cold disk)."""
+    if hasattr(os, "posix_fadvise"):
+        fd = os.open(entry / WEIGHTS, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)

@@ -38,7 +38,7 @@ RULES = [
     ("load_vae", "check_keys", "M"), ("load_vae", "check_shapes", "M"), ("load_vae", "this is not a VAE", "M"),
     ("load_vae", "Choose sdxl_vae", "M"),
     ("_dpmpp_2m", "", "D"), ("_sa_solver", "", "D"), ("_ddim", "", "D"), ("_ddpm", "", "D"), ("_dmd", "", "D"),
-    ("initial_noise", "", "D"), ("_decode_one", "return_dict", "D"), ("_bnb_config", "", "D"),
+    ("initial_noise", "", "D"), ("_decode_one", "return_dict", "D"), ("bnb_config", "", "D"),
     ("compute_dtype", "fp16_ok", "D"), ("config_from_shapes", "", "D"), ("load_tokenizer", "local_files_only", "O"),
     ("_from_pretrained", "local_files_only", "O"), ("_from_pretrained", "device_map", "C"), ("_x0", "", "C"),
     ("_from_pretrained", "missing", "T"), ("config_from_state_dict", "sample_size", "N"),

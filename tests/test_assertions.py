@@ -132,7 +132,7 @@ def test_cache_key_changes_with_every_input_that_changes_the_encoding(tokenizer)
         return ct5.encode(t5, tokenizer, s["prompt"], s["max_tokens"], CPU, cleaning=s["cleaning"])[0]
 
     def key(s):
-        return ct5.cache_key(s["identity"], s["prompt"], s["cleaning"], s["max_tokens"])
+        return ct5.cache_key(s["identity"], ct5.preprocess(s["prompt"], s["cleaning"]), s["cleaning"], s["max_tokens"])
 
     for field, value in changes.items():
         changed = {**base, field: value}

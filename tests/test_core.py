@@ -16,6 +16,7 @@ from conftest import COMFY, REPO
 from pixart_core import files, sampling
 from pixart_core.conditioning import Conditioning
 from pixart_core import t5 as ct5
+from pixart_core import t5_spec
 from pixart_core import transformer as cdit
 from pixart_core import vae as cvae
 
@@ -108,7 +109,7 @@ def test_t5_truncates_long_prompt_with_warning(ref, tokenizer, caplog):
     assert "cut off" in caplog.text
 
 
-@pytest.mark.parametrize("quant,min_cos", [(ct5.QUANTIZATIONS[1], 0.99), (ct5.QUANTIZATIONS[2], 0.97)])
+@pytest.mark.parametrize("quant,min_cos", [(t5_spec.QUANT_8BIT, 0.99), (t5_spec.QUANT_NF4, 0.97)])
 @pytest.mark.parametrize("layout", ["single", "folder"])
 def test_t5_bitsandbytes_quantized_from_file_and_folder(tmp_path, ref, tokenizer, quant, min_cos, layout):
     import bitsandbytes as bnb

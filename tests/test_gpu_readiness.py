@@ -115,11 +115,12 @@ def test_quantized_t5_under_novram_runs_on_the_cpu_and_says_so(comfy, tmp_path, 
     import comfy.model_management as mm
 
     from pixart_core import t5 as ct5
+    from pixart_core import t5_spec
 
     management = pack("nodes.comfy.loading")
     path = tmp_path / "t5.safetensors"
     save_file(tiny.t5_single_file_sd(tiny.make_t5()), str(path))
-    loaded = ct5.load_t5(path, ct5.QUANTIZATIONS[1], torch.float32)
+    loaded = ct5.load_t5(path, t5_spec.QUANT_8BIT, torch.float32)
     patcher = management.wrap(loaded.model, META, CPU)
     with fake_gpu(mm.VRAMState.NO_VRAM, 24 * GiB), caplog.at_level(logging.WARNING):
         ready = management.use(patcher)
@@ -131,11 +132,12 @@ def test_quantized_t5_under_novram_runs_on_the_cpu_and_says_so(comfy, tmp_path, 
 @pytest.fixture
 def int8_t5(tmp_path):
     from pixart_core import t5 as ct5
+    from pixart_core import t5_spec
 
     path = tmp_path / "t5.safetensors"
     save_file(tiny.t5_single_file_sd(tiny.make_t5()), str(path))
     tok = ct5.load_tokenizer([COMFY / "comfy" / "text_encoders" / "t5_tokenizer"])
-    return ct5.load_t5(path, ct5.QUANTIZATIONS[1], torch.float32), tok
+    return ct5.load_t5(path, t5_spec.QUANT_8BIT, torch.float32), tok
 
 
 def test_int8_t5_reload_keeps_one_int8_copy(comfy, int8_t5):

@@ -156,6 +156,7 @@ from safetensors.torch import save_file
 from transformers import T5Config, T5EncoderModel
 
 from pixart_core import t5 as ct5
+from pixart_core import t5_spec
 
 config = T5Config(vocab_size=32128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
                   feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)
@@ -163,7 +164,7 @@ torch.manual_seed(0)
 model = T5EncoderModel(config).eval()
 path = Path(sys.argv[1]) / "t5xxl_fp16.safetensors"
 save_file({k: v.half().contiguous() for k, v in model.state_dict().items() if k != "encoder.embed_tokens.weight"}, str(path))
-loaded = ct5.load_t5(path, ct5.QUANTIZATIONS[1], torch.float32)
+loaded = ct5.load_t5(path, t5_spec.QUANT_8BIT, torch.float32)
 tok = ct5.load_tokenizer([Path(sys.argv[2])])
 emb, mask = ct5.encode(loaded, tok, "a red fox in the snow", 300, torch.device("cpu"))
 ids = tok(["a red fox in the snow"], return_tensors="pt")

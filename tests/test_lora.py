@@ -424,7 +424,7 @@ def test_quantized_t5_warns_and_the_dit_part_still_applies(comfy, comfy_base, ti
     t5_sd, _ = _t5_lora(tiny_models["t5"])
     sd, _, deltas = kohya_diffusers(tiny_models["dit"])
     name = write_lora(comfy_base, "lora_quant_t5", {**sd, **t5_sd})
-    t5 = _node(comfy, "PixArtSigmaT5Loader").execute(t5_name=T5_FILE, quantization=ct5.QUANTIZATIONS[1],
+    t5 = _node(comfy, "PixArtSigmaT5Loader").execute(t5_name=T5_FILE, quantization="8-bit (bitsandbytes)",
                                                      dtype="auto").result[0]
     with caplog.at_level(logging.WARNING):
         dit, same_t5 = apply(comfy, load_dit(comfy), name, t5=t5)

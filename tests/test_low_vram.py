@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from harness import models as tiny
 from conftest import COMFY
 from pixart_core import t5 as ct5
+from pixart_core import t5_spec
 from test_nodes import graph
 
 LONG = "a lighthouse on a cliff above a stormy sea, waves crashing, dramatic clouds, " * 20  # > 300 tokens
@@ -54,7 +55,7 @@ def overflow_setup(tmp_path_factory):
 
 
 MODES = [("none", torch.float32, 0.99), ("none", torch.bfloat16, 0.99),
-         (ct5.QUANTIZATIONS[1], torch.float32, 0.99), (ct5.QUANTIZATIONS[2], torch.float32, 0.97)]
+         (t5_spec.QUANT_8BIT, torch.float32, 0.99), (t5_spec.QUANT_NF4, torch.float32, 0.97)]
 
 
 @pytest.mark.parametrize("storage", ["fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_scaled"])
@@ -78,7 +79,7 @@ def test_int8_side_tensors_follow_the_module(tmp_path):
 
     path = tmp_path / "t5.safetensors"
     save_file(tiny.t5_single_file_sd(tiny.make_t5()), str(path))
-    loaded = ct5.load_t5(path, ct5.QUANTIZATIONS[1], torch.float32)
+    loaded = ct5.load_t5(path, t5_spec.QUANT_8BIT, torch.float32)
     tok = ct5.load_tokenizer([COMFY / "comfy" / "text_encoders" / "t5_tokenizer"])
     before, _ = ct5.encode(loaded, tok, "a red fox", 300, CPU)
     layers = [m for m in loaded.model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
@@ -118,7 +119,7 @@ def test_embedding_cache_avoids_loading_t5_again(executor, comfy):
     assert _t5_loaded(comfy) == 0
 
 
-@pytest.mark.parametrize("quant", [ct5.QUANTIZATIONS[1], ct5.QUANTIZATIONS[2]])
+@pytest.mark.parametrize("quant", ["8-bit (bitsandbytes)", "4-bit nf4 (bitsandbytes)"])  # the loader's labels
 def test_quantized_t5_survives_offload_cycles_in_model_management(executor, comfy, quant):
     import comfy.model_management as mm
 

@@ -19,10 +19,10 @@ from safetensors.torch import save_file
 from harness import models as tiny
 from conftest import COMFY
 from pixart_core import t5 as ct5
-from pixart_core import t5_cache
+from pixart_core import t5_cache, t5_quantize, t5_spec
 
 CPU = torch.device("cpu")
-Q8, NF4 = ct5.QUANTIZATIONS[1], ct5.QUANTIZATIONS[2]
+Q8, NF4 = t5_spec.QUANT_8BIT, t5_spec.QUANT_NF4
 PROMPT = "a lighthouse on a cliff above a stormy sea"
 
 
@@ -46,7 +46,7 @@ def reference(path, quant, dtype, tok):
 
 
 def state(model):
-    return t5_cache._tensors_of(model)
+    return t5_cache.tensors_of(model)
 
 
 def assert_same_tensors(a: dict, b: dict):
@@ -261,7 +261,7 @@ def test_leftovers_of_a_crashed_writer_are_not_entries_and_are_cleaned(tmp_path)
 
 def test_unquantized_loads_do_not_use_the_cache(tmp_path):
     src, cache = write_t5(tmp_path / "t5.safetensors"), tmp_path / "cache"
-    loaded = ct5.load_t5(src, ct5.QUANTIZATIONS[0], torch.float32, cache_dir=cache)
+    loaded = ct5.load_t5(src, t5_spec.QUANT_NONE, torch.float32, cache_dir=cache)
     assert loaded.cache is None and not cache.exists()
 
 
@@ -282,9 +282,9 @@ def test_per_tensor_quantization_gives_transformers_bytes(tmp_path, quant, dtype
         src = tmp_path / "t5.safetensors"
         prefix = "text_encoders.t5xxl.transformer." if layout == "prefixed file" else ""
         save_file(tiny.t5_single_file_sd(model, prefix=prefix), str(src))
-    tensors, config = t5_cache.quantize_per_tensor(src, quant, dtype, CPU)
+    tensors, config = t5_quantize.quantize_per_tensor(src, quant, dtype, CPU)
     assert_same_tensors(tensors, state(ct5.load_t5(src, quant, dtype).model))
-    assert config.quantization_config.to_dict() == ct5._bnb_config(quant, dtype).to_dict()
+    assert config.quantization_config.to_dict() == t5_spec.bnb_config(quant, dtype).to_dict()
 
 
 def test_per_tensor_quantization_refuses_what_it_does_not_read(tmp_path):
@@ -292,13 +292,13 @@ def test_per_tensor_quantization_refuses_what_it_does_not_read(tmp_path):
     sd = tiny.t5_single_file_sd(tiny.make_t5())
     sd["encoder.block.0.layer.0.SelfAttention.q.scale_weight"] = torch.ones(())
     save_file(sd, str(tmp_path / "scaled.safetensors"))
-    with pytest.raises(t5_cache.UnsupportedSource):
-        t5_cache.quantize_per_tensor(tmp_path / "scaled.safetensors", Q8, torch.float32, CPU)
+    with pytest.raises(t5_quantize.UnsupportedSource):
+        t5_quantize.quantize_per_tensor(tmp_path / "scaled.safetensors", Q8, torch.float32, CPU)
     model = tiny.make_t5()
     model.config.save_pretrained(tmp_path / "bin")
     torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
-    with pytest.raises(t5_cache.UnsupportedSource):
-        t5_cache.quantize_per_tensor(tmp_path / "bin", Q8, torch.float32, CPU)
+    with pytest.raises(t5_quantize.UnsupportedSource):
+        t5_quantize.quantize_per_tensor(tmp_path / "bin", Q8, torch.float32, CPU)
 
 
 def test_gpu_path_writes_the_per_tensor_result_and_loads_it_from_the_cache(tmp_path, tok, monkeypatch):
@@ -308,13 +308,13 @@ def test_gpu_path_writes_the_per_tensor_result_and_loads_it_from_the_cache(tmp_p
     the cache write of its result and the pre-quantized load. bench/gpu_check.py runs it on a GPU."""
     src, cache = write_t5(tmp_path / "t5.safetensors"), tmp_path / "cache"
     seen = []
-    real = t5_cache.quantize_per_tensor
+    real = t5_quantize.quantize_per_tensor
 
     def on_cpu(path, quant, dtype, device):
         seen.append(device)
         return real(path, quant, dtype, CPU)
 
-    monkeypatch.setattr(t5_cache, "quantize_per_tensor", on_cpu)
+    monkeypatch.setattr(t5_quantize, "quantize_per_tensor", on_cpu)
     loaded = ct5.load_t5(src, NF4, torch.float32, cache_dir=cache, quantize_device=torch.device("cuda", 0))
     assert seen == [torch.device("cuda", 0)]
     assert loaded.cache.written and loaded.cache.quantized_on == "cuda:0"
@@ -344,8 +344,9 @@ def test_scaled_fp8_source_is_cached_like_the_others(tmp_path, tok, quant):
 def test_gguf_with_quantization_is_still_refused_with_a_cache(tmp_path):
     """GGUF files are already quantized: 8-bit on one is refused with the loader's message, cache or not, and no
     cache entry is made."""
-    from pixart_core import gguf_t5
     from test_t5_formats import GGUF_WIDTH_CONFIG, _t5, gguf_files
+
+    from pixart_core import gguf_t5
 
     path = gguf_files.write_t5_gguf(_t5(GGUF_WIDTH_CONFIG), tmp_path / "t5-v1_1-xxl-encoder-Q8_0.gguf", "Q8_0")
     with pytest.raises(ValueError, match="GGUF") as e:

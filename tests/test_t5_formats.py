@@ -16,6 +16,7 @@ from harness import models as tiny
 from pixart_core import files
 from pixart_core import gguf_t5
 from pixart_core import t5 as ct5
+from pixart_core import t5_spec
 
 # A T5 whose every linear row is a multiple of 256 values, so every GGUF type (K-quants: 256-value blocks) applies.
 GGUF_WIDTH_CONFIG = dict(tiny.T5_CONFIG, d_model=256, d_ff=512, num_heads=4, d_kv=64)
@@ -51,7 +52,7 @@ def scaled_setup(tmp_path_factory):
 
 # nf4's own error on this tiny T5 is ~0.01 (test_low_vram's nf4 floor is 0.97 for the same reason)
 SCALED_MODES = [("none", torch.float32, 0.99), ("none", torch.bfloat16, 0.99),
-                (ct5.QUANTIZATIONS[1], torch.float32, 0.99), (ct5.QUANTIZATIONS[2], torch.float32, 0.97)]
+                (t5_spec.QUANT_8BIT, torch.float32, 0.99), (t5_spec.QUANT_NF4, torch.float32, 0.97)]
 
 
 @pytest.mark.parametrize("quant,dtype,floor", SCALED_MODES, ids=["fp32", "bf16", "8bit", "nf4"])
@@ -60,7 +61,7 @@ def test_scaled_fp8_t5_matches_the_fp32_original(scaled_setup, quant, dtype, flo
     loaded = ct5.load_t5(tmp / "t5xxl_fp8_e4m3fn_scaled.safetensors", quant, dtype)
     assert _cos(_hidden(loaded.model), reference) >= floor
     bnb = {type(m).__name__ for m in loaded.model.modules() if type(m).__module__.startswith("bitsandbytes")}
-    assert bnb == {"none": set(), ct5.QUANTIZATIONS[1]: {"Linear8bitLt"}, ct5.QUANTIZATIONS[2]: {"Linear4bit"}}[quant]
+    assert bnb == {"none": set(), t5_spec.QUANT_8BIT: {"Linear8bitLt"}, t5_spec.QUANT_NF4: {"Linear4bit"}}[quant]
     if quant == "none":
         assert all(p.dtype == dtype for p in loaded.model.parameters())
 
@@ -108,44 +109,11 @@ def test_scaled_fp8_with_a_prefix_and_input_scales(tmp_path):
     assert _cos(_hidden(ct5.load_t5(tmp_path / "t5.safetensors", "none", torch.float32).model), _hidden(model)) >= 0.99
 
 
-# ------------------------------------------------------------------------------------------------- GGUF dequant
-
-K_TYPES = {"Q4_K", "Q5_K", "Q6_K"}
-D_BYTES = {"Q8_0": [0], "Q4_0": [0], "Q5_0": [0], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}  # fp16 scales
-
-
-@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q4_K", "Q4_0", "BF16"])
-def test_torch_dequantization_equals_gguf_reference(qtype, chunked, monkeypatch):
-    """Our torch dequantizer gives exactly gguf-py's numpy values, on quantized weights and on random blocks (every
-    bit pattern, e.g. the 6-bit K scales' high bits), with the blocks' fp16 scales made finite; in one go and a
-    chunk at a time (as the load dequantizes the embedding)."""
-    import gguf
-
-    monkeypatch.setattr(gguf_t5, "CHUNK_VALUES", 256)  # several chunks in this small tensor
-
-    T = gguf.GGMLQuantizationType[qtype]
-    block, size = gguf.GGML_QUANT_SIZES[T]
-    rng = np.random.default_rng(0)
-    values = (rng.standard_normal((8, 512)) * 0.05).astype(np.float32)
-    values[0, :256] = 0  # all-zero blocks
-    values[1, :256] = -np.abs(values[1, :256])  # negative-only blocks
-    data, _ = gguf_files.quantize(values, qtype)
-    raw = np.frombuffer(np.ascontiguousarray(data).tobytes(), dtype=np.uint8).copy()
-    if qtype != "BF16":
-        noise = rng.integers(0, 256, size=(64, size), dtype=np.uint8)
-        for off in D_BYTES[qtype]:
-            noise[:, off:off + 2] = (rng.standard_normal((64, 1)) * 0.01).astype(np.float16).view(np.uint8)
-        raw = np.concatenate([raw, noise.reshape(-1)])
-    n = raw.size // size * block
-    want = gguf.quants.dequantize(raw.reshape(-1, size), T).reshape(-1)
-    got = gguf_t5.dequantize(torch.from_numpy(raw), int(T), (n,), torch.float32, chunked=chunked).numpy()
-    np.testing.assert_array_equal(got, want)
-    assert np.abs(got[: values.size] - values.reshape(-1)).max() < 0.05  # our test quantizers are sane too
-
+# ------------------------------------------------------------------------------------------------- GGUF files
+# (each type's dequantization against gguf-py, and llama.cpp's per-tensor mixes: tests/test_gguf_types.py)
 
 # Cosine floors of the last hidden state vs the unquantized T5 (measured on this random T5: F32 1.0, F16 1.0,
-# BF16 0.99999, Q8_0 0.99993, Q6_K 0.9990, Q5_K_M 0.9968, Q5_0 0.9954, Q4_K_M 0.9872, Q4_0 0.9823)
+# BF16 0.99999, Q8_0 0.99993, Q6_K 0.9991, Q5_K_M 0.9978, Q5_0 0.9969, Q4_K_M 0.9911, Q4_0 0.9887)
 GGUF_FLOORS = {"F32": 0.99999, "F16": 0.9999, "BF16": 0.9999, "Q8_0": 0.999, "Q6_K": 0.997, "Q5_K_M": 0.99,
                "Q5_0": 0.99, "Q4_K_M": 0.975, "Q4_0": 0.97}
 
@@ -278,17 +246,17 @@ def test_gguf_with_wrong_tensor_shapes_is_named(tmp_path):
 def test_gguf_of_an_unread_type_is_named(tmp_path):
     import gguf
 
-    path = tmp_path / "t5-Q2_K.gguf"
+    path = tmp_path / "t5-Q8_1.gguf"
     w = gguf.GGUFWriter(str(path), "t5encoder")
-    w.add_tensor("token_embd.weight", np.zeros((4, 84), dtype=np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q2_K)
+    w.add_tensor("token_embd.weight", np.zeros((4, 40), dtype=np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q8_1)
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
-    with pytest.raises(files.WeightFileError, match="token_embd.weight has GGUF type Q2_K, which this loader does not read"):
+    with pytest.raises(files.WeightFileError, match="token_embd.weight has GGUF type Q8_1, which this loader does not read"):
         ct5.load_t5(path, "none", torch.float32)
 
 
 def test_bitsandbytes_quantization_of_a_gguf_is_refused(tmp_path):
     path = gguf_files.write_t5_gguf(tiny.make_t5(), tmp_path / "t5-Q8_0.gguf", "Q8_0")
-    for q in ct5.QUANTIZATIONS[1:]:
+    for q in (t5_spec.QUANT_8BIT, t5_spec.QUANT_NF4):
         with pytest.raises(ValueError, match="already quantized.*set quantization to 'none'"):
             ct5.load_t5(path, q, torch.float32)
 

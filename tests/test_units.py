@@ -10,6 +10,7 @@ from harness import models as tiny
 from pixart_core import dit_memory, resolution, sampling, schedulers
 from pixart_core.conditioning import Conditioning
 from pixart_core import t5 as ct5
+from pixart_core import t5_spec
 from pixart_core import transformer as cdit
 from pixart_core import vae as cvae
 from pixart_core.variants import variant_from_config, variant_from_name
@@ -243,7 +244,7 @@ def _t5_shapes(c: dict) -> dict[str, tuple[int, ...]]:
 def test_t5_config_from_shapes_is_the_released_config(which):
     """The config the single-file loader builds from tensor shapes equals the release's config, field by field."""
     want = reference.T5_XXL if which == "xxl" else {**reference.T5_XXL, **tiny.T5_CONFIG}
-    cfg = ct5.config_from_shapes(_t5_shapes(want), "t5xxl_fp16.safetensors")
+    cfg = t5_spec.config_from_shapes(_t5_shapes(want), "t5xxl_fp16.safetensors")
     # transformers 5 keeps tie_word_embeddings always True and reads a saved False as scale_decoder_outputs=False
     fields = [k for k in reference.T5_XXL if k != "tie_word_embeddings"]
     assert {k: getattr(cfg, k) for k in fields} == {k: want[k] for k in fields}
@@ -418,7 +419,7 @@ def test_vae_folder_errors_name_the_folder(tmp_path):
         cvae.load_vae(tmp_path / "noweights")
     (tmp_path / "t5").mkdir()
     with pytest.raises(files.WeightFileError, match=r"t5: no config.json here or in text_encoder/; not a transformers/diffusers T5 folder"):
-        ct5.folder_weights_dir(tmp_path / "t5")
+        t5_spec.weights_folder(tmp_path / "t5")
 
 
 def test_tokenizer_not_found_says_where_it_looked(tmp_path):
@@ -433,14 +434,14 @@ def test_tokenizer_not_found_says_where_it_looked(tmp_path):
 
 def test_bitsandbytes_configs():
     """8-bit: LLM.int8; 4-bit: nf4 (the quantization named in the loader) computing in the chosen dtype."""
-    q8 = ct5._bnb_config(ct5.QUANTIZATIONS[1], torch.float32)
+    q8 = t5_spec.bnb_config(t5_spec.QUANT_8BIT, torch.float32)
     assert q8.load_in_8bit and not q8.load_in_4bit
-    q4 = ct5._bnb_config(ct5.QUANTIZATIONS[2], torch.bfloat16)
+    q4 = t5_spec.bnb_config(t5_spec.QUANT_NF4, torch.bfloat16)
     assert q4.load_in_4bit and not q4.load_in_8bit
     assert (q4.bnb_4bit_quant_type, q4.bnb_4bit_compute_dtype, q4.bnb_4bit_use_double_quant) == (
         "nf4", torch.bfloat16, False)
     with pytest.raises(ValueError, match=r"^T5 quantization 'int4' is not one of \('none', "):
-        ct5._bnb_config("int4", torch.float32)
+        t5_spec.bnb_config("int4", torch.float32)
 
 
 def test_quantized_t5_without_bitsandbytes_says_how_to_install(monkeypatch):
@@ -448,14 +449,17 @@ def test_quantized_t5_without_bitsandbytes_says_how_to_install(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` raises ImportError
     with pytest.raises(RuntimeError) as e:
-        ct5._bnb_config(ct5.QUANTIZATIONS[1], torch.float32)
-    assert str(e.value) == ct5.BNB_INSTALL_HINT and "pip install" in str(e.value)
+        t5_spec.bnb_config(t5_spec.QUANT_8BIT, torch.float32)
+    assert str(e.value) == t5_spec.BNB_INSTALL_HINT and "pip install" in str(e.value)
 
 
 def test_cache_key_of_strip_only_prompts_keeps_case():
     """Under caption_cleaning 'none' the case reaches T5, so prompts differing in case are different encodings."""
-    assert ct5.cache_key(("t5",), "A Cat", "none", 300) != ct5.cache_key(("t5",), "a cat", "none", 300)
-    assert ct5.cache_key(("t5",), "A Cat", "lowercase", 300) == ct5.cache_key(("t5",), "a cat", "lowercase", 300)
+    def key(prompt, cleaning):  # as Text Encode keys an encoding: by the cleaned text
+        return ct5.cache_key(("t5",), ct5.preprocess(prompt, cleaning), cleaning, 300)
+
+    assert key("A Cat", "none") != key("a cat", "none")
+    assert key("A Cat", "lowercase") == key("a cat", "lowercase")
 
 
 # google/t5-v1_1-small config.json: d_model 512, d_ff 1024, d_kv 64, num_heads 6, num_layers 8 (heads x d_kv != d_model)
@@ -463,11 +467,11 @@ T5_SMALL = {**reference.T5_XXL, "d_model": 512, "d_ff": 1024, "d_kv": 64, "num_h
 
 
 def test_t5_config_from_shapes_when_heads_times_d_kv_is_not_the_width(caplog):
-    cfg = ct5.config_from_shapes(_t5_shapes(T5_SMALL), "t5_small.safetensors")
+    cfg = t5_spec.config_from_shapes(_t5_shapes(T5_SMALL), "t5_small.safetensors")
     assert (cfg.d_model, cfg.d_kv, cfg.num_heads, cfg.d_ff, cfg.num_layers) == (512, 64, 6, 1024, 8)
     assert "t5_small.safetensors: T5 width 512, not T5-v1.1-XXL's 4096" in caplog.text
     caplog.clear()
-    ct5.config_from_shapes(_t5_shapes(reference.T5_XXL), "t5xxl.safetensors")
+    t5_spec.config_from_shapes(_t5_shapes(reference.T5_XXL), "t5xxl.safetensors")
     assert "T5 width" not in caplog.text
 
 
@@ -479,9 +483,9 @@ def test_t5_shapes_missing_one_anchor_are_not_a_t5():
                 "encoder.block.0.layer.0.SelfAttention.q.weight"):
         partial = {k: v for k, v in shapes.items() if k != key and not (key == "shared.weight" and "embed" in k)}
         with pytest.raises(files.WeightFileError, match="this is not a T5 encoder"):
-            ct5.config_from_shapes(partial, "odd.safetensors")
+            t5_spec.config_from_shapes(partial, "odd.safetensors")
     only_embed = {("encoder.embed_tokens.weight" if k == "shared.weight" else k): v for k, v in shapes.items()}
-    assert ct5.config_from_shapes(only_embed, "t5.safetensors").vocab_size == 32128
+    assert t5_spec.config_from_shapes(only_embed, "t5.safetensors").vocab_size == 32128
 
 
 @pytest.mark.parametrize("marker", ["encoder.block.1.layer.0.SelfAttention.q.scale_weight", "scaled_fp8"])
@@ -510,8 +514,8 @@ def test_loaded_t5_records_how_it_was_loaded(tmp_path):
     assert folder.model.dtype == torch.bfloat16
     path = tmp_path / "t5xxl_fp16.safetensors"
     save_file(tiny.t5_single_file_sd(t5), str(path))
-    nf4 = ct5.load_t5(path, ct5.QUANTIZATIONS[2], torch.bfloat16)
-    assert (nf4.compute_dtype, nf4.quantization, nf4.source) == (torch.bfloat16, ct5.QUANTIZATIONS[2], str(path))
+    nf4 = ct5.load_t5(path, t5_spec.QUANT_NF4, torch.bfloat16)
+    assert (nf4.compute_dtype, nf4.quantization, nf4.source) == (torch.bfloat16, t5_spec.QUANT_NF4, str(path))
     assert nf4.model.encoder.block[0].layer[1].DenseReluDense.wi_0.compute_dtype == torch.bfloat16
 
 

@@ -11,7 +11,7 @@ import comfy.model_patcher
 import comfy.ops
 
 from ...pixart_core.gguf_t5 import has_gguf_layers
-from ...pixart_core.quant import move_quantized_state, unique_bytes
+from ...pixart_core.quant import has_bnb_layers, move_quantized_state, unique_bytes
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class Holder(torch.nn.Module):
 
 def _quantized(model: torch.nn.Module) -> bool:
     """bitsandbytes layers, or a GGUF T5's layers (quantized blocks dequantized per forward): loaded whole."""
-    return any(type(m).__module__.startswith("bitsandbytes") for m in model.modules()) or has_gguf_layers(model)
+    return has_bnb_layers(model) or has_gguf_layers(model)
 
 
 def castable(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,0 +1,63 @@
+"""bitsandbytes is imported only when a quantized T5 is asked for (importing it logs a kernels warning on CPU
+machines): not when ComfyUI starts with the pack, nor for an unquantized T5 load and encode (a single file and a
+diffusers folder); an 8-bit load imports it. Run in a fresh ComfyUI process, whose sys.modules says what was
+imported."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = r"""
+import json, sys
+from pathlib import Path
+
+from harness.comfyui import Executor, init_comfy
+
+def encode(t5_name, quantization):
+    return {"1": {"class_type": "PixArtSigmaT5Loader",
+                  "inputs": {"t5_name": t5_name, "quantization": quantization, "dtype": "auto"}},
+            "2": {"class_type": "PixArtSigmaTextEncode",
+                  "inputs": {"t5": ["1", 0], "positive": "a red fox in the snow", "negative": "", "max_tokens": 0}},
+            "3": {"class_type": "PixArtSigmaConditioningToComfy", "inputs": {"conditioning": ["2", 0]}},
+            "4": {"class_type": "PreviewAny", "inputs": {"source": ["3", 0]}}}
+
+seen = {"before": "bitsandbytes" in sys.modules}
+init_comfy(Path(sys.argv[1]), quiet=True)
+seen["start"] = "bitsandbytes" in sys.modules
+ex = Executor()
+for name, t5, quantization in (("file", "tiny_t5xxl_fp16.safetensors", "none"),
+                               ("folder", "tiny-PixArt-Sigma-XL-2-1024-MS", "none"),
+                               ("8-bit", "tiny_t5xxl_fp16.safetensors", "8-bit (bitsandbytes)")):
+    result = ex.run(encode(t5, quantization))
+    assert result["ok"], (name, result["error"])
+    seen[name] = "bitsandbytes" in sys.modules
+print("RESULT " + json.dumps(seen))
+"""
+
+
+def test_bitsandbytes_is_imported_only_for_a_quantized_t5(comfy_base):
+    from harness.location import child_env
+
+    r = subprocess.run([sys.executable, "-c", SCRIPT, str(comfy_base)], env=child_env(Path(__file__).parent),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    seen = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("RESULT "))[len("RESULT "):])
+    assert seen == {"before": False, "start": False, "file": False, "folder": False, "8-bit": True}, seen
+
+
+def test_has_bnb_layers_tells_bitsandbytes_models_apart(tmp_path):
+    """True for what transformers' bitsandbytes loader makes (8-bit and nf4), False for the same T5 unquantized."""
+    import torch
+    from transformers import BitsAndBytesConfig, T5EncoderModel
+
+    from harness import models as tiny
+    from pixart_core.quant import has_bnb_layers
+
+    tiny.make_t5().save_pretrained(tmp_path / "t5")
+    assert not has_bnb_layers(T5EncoderModel.from_pretrained(tmp_path / "t5"))
+    for config in (BitsAndBytesConfig(load_in_8bit=True), BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")):
+        model = T5EncoderModel.from_pretrained(tmp_path / "t5", quantization_config=config, device_map={"": "cpu"},
+                                               dtype=torch.float32)
+        assert has_bnb_layers(model), config
