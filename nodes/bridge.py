@@ -35,7 +35,8 @@ class DiTToModel(io.ComfyNode):
             display_name="PixArt-Σ DiT → MODEL",
             category=f"{CATEGORY}/bridge",
             description="Makes the PixArt DiT a ComfyUI MODEL (ComfyUI's own PixArt class, with this DiT's weights and "
-                        "variant) for KSampler, SamplerCustomAdvanced and the LoRA loaders.",
+                        "variant) for KSampler, SamplerCustomAdvanced and the LoRA loaders. A DiT with ControlNets "
+                        "applied is refused: ComfyUI's PixArt has no ControlNet hook (use the PixArt-Σ samplers).",
             inputs=[DiT.Input("dit", tooltip="The transformer from PixArt-Σ DiT Loader (any variant, incl. Σ-256 and 2K).")],
             outputs=[io.Model.Output(display_name="MODEL")],
         )
