@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import reference_settings as reference
 import torch
 from PIL import Image
+from test_nodes import graph
 
-import reference_settings as reference
 from harness import controlnet_files as cfiles
 from harness import models as tiny
 from harness.controlnet_reference import ReferenceAdapter, controlled
-from test_nodes import graph
 
 SCALE = reference.VAE_SCALING["sdxl"]  # the tiny graph's Σ DiT works in the SDXL latent space
 ADAPTER, OTHER, ZERO = "tiny-sigma-controlnet.safetensors", "tiny-sigma-controlnet-b.safetensors", "tiny-zero.safetensors"
@@ -226,7 +226,7 @@ ADVANCED = dict(add_noise="enable", seed=37, steps=4, cfg=4.5, scheduler="dpm++ 
 def _advanced(dit, latent, **inputs):
     return {"class_type": "PixArtSigmaSamplerAdvanced",
             "inputs": {"dit": dit, "positive": ["2", 0], "negative": ["2", 1], "latent": latent,
-                       **{**ADVANCED, **inputs}}}
+                       **ADVANCED, **inputs}}
 
 
 def test_two_advanced_stages_with_control_equal_one_run(executor, comfy_base, files):
@@ -423,10 +423,10 @@ def test_adapter_is_loaded_partially_and_offloaded_by_comfyui(comfy, tmp_path):
     them streams per forward (cast-weights layers), the controlled forward runs on the device; when another model
     needs the GPU, ComfyUI unloads the ControlNet too."""
     import comfy.model_management as mm
+    from test_gpu_readiness import META, budget_for_partial, dit_inputs, fake_gpu, pack, placement
 
     from pixart_core import controlnet as cn
     from pixart_core import controlnet_files as cnf
-    from test_gpu_readiness import META, budget_for_partial, dit_inputs, fake_gpu, pack, placement
 
     management = pack("nodes.comfy.loading")
     dit = tiny.make_dit()
@@ -459,9 +459,10 @@ def _held(mm, patcher) -> bool:
 @torch.no_grad()
 def test_partially_loaded_adapter_gives_the_whole_adapters_output(comfy, tmp_path):
     """ComfyUI's partial (lowvram) load of the ControlNet streams its layers per forward: the same output."""
+    from test_gpu_readiness import CPU, dit_inputs, pack
+
     from pixart_core import controlnet as cn
     from pixart_core import controlnet_files as cnf
-    from test_gpu_readiness import CPU, dit_inputs, pack
 
     management = pack("nodes.comfy.loading")
     dit = tiny.make_dit()
