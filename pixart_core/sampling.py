@@ -10,8 +10,9 @@ import re
 from typing import Callable
 
 import torch
+from .logs import logger_name
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(logger_name(__name__))
 
 # The released training schedule: 1000 steps, linear betas 1e-4 -> 0.02, epsilon prediction.
 _SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",

@@ -13,8 +13,9 @@ import torch
 
 from . import captions, dtypes, files, gguf_t5, quant, t5_formats
 from .meta import empty_weights
+from .logs import logger_name
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(logger_name(__name__))
 
 QUANTIZATIONS = ("none", "8-bit (bitsandbytes)", "4-bit nf4 (bitsandbytes)")
 DTYPES = ("auto", "bf16", "fp32")

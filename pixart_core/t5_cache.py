@@ -34,8 +34,9 @@ from typing import Callable
 import torch
 
 from . import files
+from .logs import logger_name
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(logger_name(__name__))
 
 FORMAT = 1  # bump when what an entry holds changes
 MANIFEST = "manifest.json"

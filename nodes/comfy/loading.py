@@ -12,8 +12,9 @@ import comfy.ops
 
 from ...pixart_core.gguf_t5 import has_gguf_layers
 from ...pixart_core.quant import move_quantized_state, unique_bytes
+from ...pixart_core.logs import logger_name
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(logger_name(__name__))
 
 # Plain torch layers -> ComfyUI's cast-weights classes (the same layers plus a forward that can take its weights
 # from another device): with them ComfyUI's partial (lowvram/novram) load keeps part of a model in system memory
