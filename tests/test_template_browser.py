@@ -18,7 +18,7 @@ from harness.location import PACK
 from harness.server import serve
 
 ARTIFACTS = REPO / ".cache" / "test-artifacts" / "frontend"
-VERSIONS = [None, frontend.NEWEST]
+VERSIONS = [None, frontend.NEWEST]  # None: the frontend ComfyUI 0.3.75 ships (the pinned package)
 
 # For each template name, the natural sizes of the loaded <img>s with that alt text (none while loading or broken).
 _THUMBNAILS = """(names) => Object.fromEntries(names.map(n => [n,
