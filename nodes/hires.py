@@ -18,7 +18,7 @@ from ..pixart_core.logs import logger_name
 log = logging.getLogger(logger_name(__name__))
 VIA_VAE = "vae (decode, upscale, encode)"
 VIA_LATENT = "latent"
-HIRES_DENOISE = 0.5  # the hires img2img pass (Sampler's denoise); see README "From 1024 to 4K"
+HIRES_DENOISE = 0.5  # the hires img2img pass (Sampler's denoise); see docs/4k.md
 TILED_DENOISE = 0.35
 
 
