@@ -1,4 +1,4 @@
-"""The pack's logger names: `pixart_sigma` and its children, whatever folder or module path the pack is loaded from."""
+"""The pack's logger names: `pixart_sigma` and its children, whatever path ComfyUI loads the pack from."""
 from __future__ import annotations
 
 ROOT = "pixart_sigma"
