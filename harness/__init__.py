@@ -3,7 +3,8 @@
     location    where ComfyUI is (COMFYUI_PATH, else the fetched 0.3.75 copy), fetching it, the import path
     comfyui     ComfyUI in this process: init_comfy, linking the pack into custom_nodes, one Executor
     server      ComfyUI's main.py on 127.0.0.1 as a child process, queue_prompt over HTTP
-    frontend    the real ComfyUI frontend in headless chromium (Playwright)
+    frontend    the real ComfyUI frontend in headless chromium (Playwright); the newest frontend package, fetched
+                once for --front-end-root
     models      the model factory: T5 / DiT / VAE with random weights at size presets tiny, bench, full
     standins    tiny stand-ins under the names a workflow uses (runner, example servers)
     workflow    the workflow format: UI -> API (as the frontend's graphToPrompt), overrides, model references

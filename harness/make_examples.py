@@ -2,7 +2,7 @@
 order and defaults from the node definitions ComfyUI loads (so the files follow the nodes when inputs change).
 
     ./scripts/harness make_examples             # rewrite every example
-    ./scripts/harness make_thumbnails           # then their .png thumbnails (real frontend, chromium)
+    ./scripts/harness make_thumbnails           # then their .jpg thumbnails (real frontend, chromium)
 
 A spec node of type "Note" is the frontend's own text note (not a server node): {"text": ...}.
 """

@@ -10,11 +10,12 @@ import torch
 from ..pixart_core import controlnet as cn
 from ..pixart_core import dit_memory
 from ..pixart_core import vae as core_vae
+from ..pixart_core.logs import logger_name
 from .comfy import loading
 from .types import AppliedControl, DiTHandle
 from .vae_jobs import load_for, run_tiled
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(logger_name(__name__))
 HINT_SIZES = 2  # hint sizes kept per Apply (e.g. a first pass and a hires pass): the oldest goes first
 
 

@@ -11,11 +11,13 @@ from comfy_api.v0_0_2 import io, ui
 
 from ..pixart_core import controlnet_files as core_cn
 from ..pixart_core import transformer as core_dit
+from ..pixart_core.logs import logger_name
 from ..pixart_core.vae import FAMILY_NAMES
 from .comfy import devices, loading, paths
+from .search_aliases import search_aliases
 from .types import CATEGORY, VAE, AppliedControl, ControlNet, ControlNetHandle, DiT, DiTHandle, VAEHandle
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(logger_name(__name__))
 CONTROLNET_FOLDERS = ("controlnet",)
 
 
@@ -29,6 +31,7 @@ class ControlNetLoader(io.ComfyNode):
             description="Loads a PixArt ControlNet: the authors' PixArt-XL-2-1024-ControlNet.pth (only its control "
                         "blocks; the DiT comes from PixArt-Σ DiT Loader), or an adapter file or folder "
                         "(controlnet_blocks.*, diffusers research project / SimpleTuner).",
+            **search_aliases("pixart sigma controlnet loader", "pixart alpha controlnet", "controlnet", "pixart-delta"),
             inputs=[
                 io.Combo.Input("controlnet_name",
                                options=paths.files(*CONTROLNET_FOLDERS)
@@ -38,7 +41,9 @@ class ControlNetLoader(io.ComfyNode):
                 io.Combo.Input("dtype", options=list(core_dit.DTYPES), default="auto",
                                tooltip="auto: what the DiT Loader's auto picks on this device; use the DiT's dtype."),
             ],
-            outputs=[ControlNet.Output(display_name="controlnet")],
+            outputs=[ControlNet.Output(display_name="controlnet",
+                                       tooltip="The ControlNet, for PixArt-Σ ControlNet Apply (loaded with the DiT "
+                                               "when a sampler runs).")],
         )
 
     @classmethod
@@ -65,6 +70,8 @@ class ControlNetApply(io.ComfyNode):
                         "and without the prompt, PAG) gets the same control, as the reference does. Chain Apply "
                         "nodes for several ControlNets. For PixArt-Σ Sampler, Sampler (Advanced) and Tiled Refine; "
                         "DiT → MODEL refuses a controlled DiT (ComfyUI's PixArt has no ControlNet hook).",
+            **search_aliases("pixart sigma controlnet apply", "apply controlnet", "controlnet", "edge", "hed",
+                             "canny"),
             inputs=[
                 DiT.Input("dit", tooltip="The transformer (from PixArt-Σ DiT Loader, a LoRA loader or another Apply)."),
                 ControlNet.Input("controlnet", tooltip="The ControlNet from PixArt-Σ ControlNet Loader."),
@@ -81,7 +88,8 @@ class ControlNetApply(io.ComfyNode):
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
                                tooltip="...up to (not including) this one. 10 steps, 0.2 to 0.5: steps 2, 3, 4."),
             ],
-            outputs=[DiT.Output(display_name="dit")],
+            outputs=[DiT.Output(display_name="dit", tooltip="The DiT with this ControlNet (and any applied before it), "
+                                                            "for the PixArt-Σ samplers; the input DiT is unchanged.")],
         )
 
     @classmethod

@@ -4,16 +4,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-import torch
-
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.ops
+import torch
 
 from ...pixart_core.gguf_t5 import has_gguf_layers
+from ...pixart_core.logs import logger_name
 from ...pixart_core.quant import has_bnb_layers, move_quantized_state, unique_bytes
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(logger_name(__name__))
 
 # Plain torch layers -> ComfyUI's cast-weights classes (the same layers plus a forward that can take its weights
 # from another device): with them ComfyUI's partial (lowvram/novram) load keeps part of a model in system memory
