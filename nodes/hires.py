@@ -11,8 +11,8 @@ from ..pixart_core import tiles as core_tiles
 from ..pixart_core import vae as core_vae
 from ..pixart_core.guidance import Guidance
 from ..pixart_core.request import Request, check_inputs
-from . import scheduler_labels
-from .comfy import devices, loading, progress
+from . import control_jobs, scheduler_labels
+from .comfy import devices, progress
 from .search_aliases import search_aliases
 from .types import CATEGORY, LATENT_SPACE_KEY, VAE, ConditioningType, DiT, DiTHandle, VAEHandle
 from .vae_jobs import load_for, run_tiled
@@ -148,7 +148,8 @@ class TiledRefine(io.ComfyNode):
         noise, generator = sampling.initial_noise(seed, batch, 4, height, width)
         need = dit_memory.inference_memory(batch, th, tw, inner.inner_dim, inner.dtype, cfg > 1.0,  # one tile's
                                            fused_attention=devices.fused_attention(p.load_device, inner.dtype))
-        ready = loading.use(p, memory_required=need)
+        passes = 2 if cfg > 1.0 else 1
+        ready = control_jobs.load(dit, (height // 8, width // 8), batch, (batch * passes, th, tw), need)
         on_step, on_tile = progress.tiled_step_callbacks(min(int(steps * denoise), steps), len(layout),
                                                            dit.variant.vae, ready.device)
         model = core_tiles.TiledDiT(ready.model, layout, (height // 8, width // 8), on_tile)

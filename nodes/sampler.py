@@ -13,8 +13,8 @@ from ..pixart_core import vae as core_vae
 from ..pixart_core.guidance import Guidance
 from ..pixart_core.request import Request, check_inputs
 from ..pixart_core.schedulers import DMD_TIMESTEP
-from . import scheduler_labels
-from .comfy import devices, loading, progress
+from . import control_jobs, scheduler_labels
+from .comfy import devices, progress
 from .search_aliases import search_aliases
 from .types import CATEGORY, LATENT_SPACE_KEY, ConditioningType, DiT, DiTHandle
 from ..pixart_core.logs import logger_name
@@ -78,7 +78,7 @@ def _run(dit: DiTHandle, positive, negative, seed: int, batch_size: int, size: t
     passes = (2 if guidance.cfg > 1.0 else 1) + (1 if guidance.pag_scale > 0 else 0)
     need = dit_memory.inference_memory(batch_size * passes, height, width, inner.inner_dim, inner.dtype, False,
                                        fused_attention=devices.fused_attention(p.load_device, inner.dtype))
-    ready = loading.use(p, memory_required=need)
+    ready = control_jobs.load(dit, (height // 8, width // 8), batch_size, (batch_size * passes, height, width), need)
     on_step = progress.step_callback(request.steps, dit.variant.vae, ready.device)
     return sampling.run(ready.model, request, noise, generator, ready.device, on_step), scale
 

@@ -144,6 +144,20 @@ def use(patcher: comfy.model_patcher.ModelPatcher, memory_required: int = 0) -> 
     return Loaded(holder.inner, device)
 
 
+def use_together(patchers: list[comfy.model_patcher.ModelPatcher], memory_required: int = 0) -> list[Loaded]:
+    """Have ComfyUI load several models for one job in one call, as its samplers load a model with its ControlNets
+    (load_models_gpu([model, *controlnets], memory_required=...)): it frees memory for all of them at once, then
+    loads each whole or in part (the rest streams per forward). Returns them ready, in the order given."""
+    for p in patchers:
+        assert p.model.streamable, "use_together takes models with cast-weights layers (never quantized ones)"
+    mm.load_models_gpu(list(patchers), memory_required=memory_required)
+    out = []
+    for p in patchers:
+        _place_rest(p.model.inner, p.load_device)
+        out.append(Loaded(p.model.inner, p.load_device))
+    return out
+
+
 def use_clip(patcher: comfy.model_patcher.ModelPatcher) -> None:
     """Load a ComfyUI CLIP's patcher as ComfyUI's own text encode does (`CLIP.load_model`): ComfyUI decides what
     is evicted and what part is loaded, and applies the CLIP's patches (LoRA)."""
