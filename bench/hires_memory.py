@@ -118,7 +118,7 @@ def main() -> None:
                 continue
             rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"machine": "see README", "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2))
+    a.out.write_text(json.dumps({"machine": "see bench/RESULTS.md", "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2))
     print("| model | stage | tokens / forward | forwards / step | activation peak MiB | s / forward | DiT weights fp32 MiB |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in rows:

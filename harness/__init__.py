@@ -4,7 +4,8 @@
     comfyui     ComfyUI in this process: init_comfy, linking the pack into custom_nodes, one Executor, the
                 pack's modules as ComfyUI loaded them, runs under a memory cap
     server      ComfyUI's main.py on 127.0.0.1 as a child process, queue_prompt over HTTP
-    frontend    the real ComfyUI frontend in headless chromium (Playwright)
+    frontend    the real ComfyUI frontend in headless chromium (Playwright); the newest frontend package, fetched
+                once for --front-end-root
     models      the model factory: T5 / DiT / VAE with random weights at size presets tiny, bench, full
     lora_files  LoRA files in the layouts trainers write (kohya, PEFT, diffusers, LoHa, LoKr), with their changes
     gguf_files  GGUF T5 encoder files as llama.cpp's converter writes them

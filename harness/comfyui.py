@@ -21,7 +21,8 @@ NODE_IDS = ["PixArtSigmaT5Loader", "PixArtSigmaTextEncode", "PixArtSigmaDiTLoade
             "PixArtSigmaSamplerAdvanced",
             "PixArtSigmaResolution", "PixArtSigmaVAELoader", "PixArtSigmaVAEDecode", "PixArtSigmaVAEEncode",
             "PixArtSigmaDiTToModel", "PixArtSigmaConditioningToComfy",
-            "PixArtSigmaHiresUpscale", "PixArtSigmaTiledRefine", "PixArtSigmaLoraLoader"]
+            "PixArtSigmaHiresUpscale", "PixArtSigmaTiledRefine", "PixArtSigmaLoraLoader",
+            "PixArtSigmaControlNetLoader", "PixArtSigmaControlNetApply"]
 RUN_DIR = location.REPO / ".cache" / "run"  # the runner's private custom_nodes/, temp/ and user/
 
 

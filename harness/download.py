@@ -69,6 +69,13 @@ CATALOG: dict[str, Entry] = {e.name: e for e in [
     Entry("vae-ft-mse-840000-ema-pruned.safetensors", "stabilityai/sd-vae-ft-mse-original",
           (("vae-ft-mse-840000-ema-pruned.safetensors", "vae/vae-ft-mse-840000-ema-pruned.safetensors"),),
           "SD VAE (ft-MSE), for PixArt-α (~335 MB)"),
+    Entry("PixArt-XL-2-1024-MS.pth", "PixArt-alpha/PixArt-alpha",
+          (("PixArt-XL-2-1024-MS.pth", "checkpoints/PixArt-XL-2-1024-MS.pth"),),
+          "PixArt-α XL/2 1024 transformer, original release file (~2.4 GB)"),
+    Entry("PixArt-XL-2-1024-ControlNet.pth", "PixArt-alpha/PixArt-ControlNet",
+          (("PixArt-XL-2-1024-ControlNet.pth", "controlnet/PixArt-XL-2-1024-ControlNet.pth"),),
+          "PixArt-δ ControlNet for PixArt-α 1024 (trained on HED edges): the authors' whole checkpoint, 0.9B "
+          "parameters with its base DiT (the ControlNet Loader reads only its control blocks)"),
 ]}
 DEFAULT_SET = ("PixArt-Sigma-XL-2-1024-MS", "t5xxl_fp16.safetensors", "sdxl_vae.safetensors")
 

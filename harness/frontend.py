@@ -3,14 +3,25 @@ load a workflow the way a user opens one, report what the frontend could not res
 frontend's own graphToPrompt(), take a screenshot. Used by tests/e2e/test_examples.py and harness/make_thumbnails.py.
 
 Chromium comes from Debian (`apt-get install chromium`, done by scripts/test); `playwright install` is never run.
+Besides the frontend ComfyUI 0.3.75 ships (the pinned comfyui-frontend-package), `static_root(NEWEST)` fetches the
+newest one from PyPI once into .cache/ for `--front-end-root`.
 """
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
 from pathlib import Path
+
+from .location import REPO
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+NEWEST = "1.58.1"  # the newest comfyui-frontend-package on PyPI when last checked (2026-12); runs on 0.3.75
+FRONTENDS = REPO / ".cache" / "frontend"  # static_root's downloads, one folder per version
 # Server-side user settings: no first-run templates dialog over the canvas, a clean canvas for screenshots, and
 # full-detail node drawing at the zoom that fits a whole workflow.
 SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False,
@@ -45,6 +56,33 @@ async (wf) => {
   return {nodes: nodes.length, links: Object.keys(app.graph.links ?? {}).length, missing, invalid, roundtrip};
 }
 """
+
+
+def static_root(version: str) -> Path:
+    """The static folder of comfyui-frontend-package==version (for ComfyUI's --front-end-root), fetched from PyPI
+    with pip into .cache/frontend/<version>/ the first time."""
+    root = FRONTENDS / version
+    static = root / "comfyui_frontend_package" / "static"
+    if (static / "index.html").is_file():
+        return static
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                        f"comfyui-frontend-package=={version}", "-d", tmp], check=True)
+        wheel = next(Path(tmp).glob("comfyui_frontend_package-*.whl"))
+        unpacked = Path(tmp) / "unpacked"
+        with zipfile.ZipFile(wheel) as z:
+            z.extractall(unpacked)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(root, ignore_errors=True)  # a half-written earlier try
+        shutil.move(unpacked, root)
+    if not (static / "index.html").is_file():
+        raise RuntimeError(f"comfyui-frontend-package=={version} has no comfyui_frontend_package/static/index.html")
+    return static
+
+
+def server_args(version: str | None) -> tuple[str, ...]:
+    """ComfyUI arguments that serve frontend `version` (None: the pinned package ComfyUI 0.3.75 ships)."""
+    return () if version is None else ("--front-end-root", str(static_root(version)))
 
 
 def apply_settings(url: str) -> None:
@@ -85,7 +123,8 @@ class Frontend:
         return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in out.items()}
 
     def screenshot(self, path: Path, max_width: int | None = None) -> Path:
-        """The whole workflow fitted to the page (focus mode: canvas only), cropped to the nodes."""
+        """The whole workflow fitted to the page (focus mode: canvas only), cropped to the nodes; PNG or JPEG by the
+        path's suffix."""
         from PIL import Image
 
         box = self.page.evaluate("""async () => {
@@ -109,7 +148,8 @@ class Frontend:
                         min(int(box[2]) + m, img.width), min(int(box[3]) + m, img.height)))
         if max_width and img.width > max_width:
             img = img.resize((max_width, round(img.height * max_width / img.width)), Image.LANCZOS)
-        img.save(path, optimize=True)
+        jpeg = path.suffix.lower() in (".jpg", ".jpeg")
+        img.save(path, optimize=True, **({"quality": 85, "progressive": True} if jpeg else {}))
         return path
 
     def close(self) -> None:

@@ -2,7 +2,9 @@
 order and defaults from the node definitions ComfyUI loads (so the files follow the nodes when inputs change).
 
     ./scripts/harness make_examples             # rewrite every example
-    ./scripts/harness make_thumbnails           # then their .png thumbnails (real frontend, chromium)
+    ./scripts/harness make_thumbnails           # then their .jpg thumbnails (real frontend, chromium)
+
+A spec node of type "Note" is the frontend's own text note (not a server node): {"text": ...}.
 """
 from __future__ import annotations
 
@@ -234,6 +236,50 @@ def ksampler() -> dict:
     }
 
 
+CONTROLNET_PROMPT = ("A girl with long blonde hair in a pink dress standing on a green hill under a blue sky with "
+                     "white clouds, storybook illustration")
+
+CONTROLNET_NOTE = (
+    "PixArt-δ ControlNet (PixArt-alpha/PixArt-ControlNet) was trained on HED edge maps. ComfyUI's core Canny node "
+    "(here) works, but HED edges fit it best: a HED node comes from a preprocessor pack, e.g. comfyui_controlnet_aux's "
+    "HED Soft-Edge Lines (HEDPreprocessor); put it in place of Canny.\n\n"
+    "The control image is scaled to cover the generation's size and centre-cropped, then encoded with the VAE (the "
+    "SD VAE for PixArt-α). strength scales the ControlNet's output; start/end_percent choose the part of the schedule "
+    "it acts on. The ControlNet Loader reads only the control blocks of the .pth; the DiT comes from the DiT Loader.")
+
+
+def alpha_controlnet() -> dict:
+    """The authors' PixArt-δ ControlNet on the α-1024 DiT at 1024x1024: Load Image -> Image Scale -> Canny ->
+    PixArt-Σ ControlNet Apply (with the SD VAE) -> the sampler's DiT; a Note names the HED alternative."""
+    wf = sigma("8-bit (bitsandbytes)", "PixArt-XL-2-1024-MS.pth", "auto", 1024, "PixArt-alpha-ControlNet")
+    for i, n in enumerate(wf["nodes"]):
+        if n[1] == "PixArtSigmaTextEncode":
+            wf["nodes"][i] = (*n[:4], {**n[4], "positive": CONTROLNET_PROMPT})
+        if n[1] == "PixArtSigmaSampler":
+            wf["nodes"][i] = (*SAMPLER[:2], [1240, 440], SAMPLER[3], n[4])
+        if n[1] == "PixArtSigmaVAELoader":
+            wf["nodes"][i] = (*VAE[:2], [40, 420], VAE[3], {"vae_name": "vae-ft-mse-840000-ema-pruned.safetensors"})
+        if n[1] == "PixArtSigmaVAEDecode":
+            wf["nodes"][i] = (*DECODE[:2], [1600, 80], DECODE[3], n[4])
+        if n[1] == "SaveImage":
+            wf["nodes"][i] = (*SAVE[:2], [1920, 80], SAVE[3], n[4])
+    wf["nodes"] += [
+        (8, "LoadImage", [40, 560], [320, 360], {"image": "example.png"}),
+        (9, "ImageScale", [400, 560], [300, 130], {"upscale_method": "lanczos", "width": 1024, "height": 1024,
+                                                   "crop": "center"}),
+        (10, "Canny", [400, 740], [300, 90], {"low_threshold": 0.4, "high_threshold": 0.8}),
+        (11, "PixArtSigmaControlNetLoader", [400, 420], [340, 90],
+         {"controlnet_name": "PixArt-XL-2-1024-ControlNet.pth"}),
+        (12, "PixArtSigmaControlNetApply", [880, 440], [320, 200],
+         {"strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}),
+        (13, "Note", [740, 720], [460, 230], {"text": CONTROLNET_NOTE}),
+    ]
+    wf["links"] = [link for link in BASE_LINKS if link[2:] != (4, "dit")] + [
+        (8, 0, 9, "image"), (9, 0, 10, "image"), (3, 0, 12, "dit"), (11, 0, 12, "controlnet"), (10, 0, 12, "image"),
+        (5, 0, 12, "vae"), (12, 0, 4, "dit")]
+    return wf
+
+
 SPECS = {
     "pixart_sigma_1024_t5_8bit": sigma("8-bit (bitsandbytes)", "PixArt-Sigma-XL-2-1024-MS", "auto", 1024,
                                        "PixArt-Sigma"),
@@ -250,6 +296,7 @@ SPECS = {
     "pixart_sigma_two_stage": two_stage(),
     "pixart_sigma_4k": sigma_4k(),
     "pixart_sigma_ksampler": ksampler(),
+    "pixart_alpha_controlnet": alpha_controlnet(),
 }
 
 
@@ -266,6 +313,9 @@ def build(name: str, spec: dict, info: dict) -> dict:
         link_rows.append([i, src, slot, dst, None, out_type])  # the target slot is filled in below
     nodes = []
     for order, (nid, ntype, pos, size, values) in enumerate(spec["nodes"]):
+        if ntype == "Note":
+            nodes.append(_note(nid, pos, size, order, values["text"]))
+            continue
         node_info = info[ntype]
         specs = {**node_info["input"].get("required", {}), **node_info["input"].get("optional", {})}
         optional = set(node_info["input"].get("optional", {}))
@@ -307,6 +357,13 @@ def build(name: str, spec: dict, info: dict) -> dict:
             "last_node_id": max(n["id"] for n in nodes), "last_link_id": len(link_rows),
             "nodes": nodes, "links": link_rows, "groups": [], "config": {},
             "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+
+
+def _note(nid: int, pos: list, size: list, order: int, text: str) -> dict:
+    """The frontend's Note node as it saves one (a virtual node: never sent to the server)."""
+    return {"id": nid, "type": "Note", "pos": pos, "size": size, "flags": {}, "order": order, "mode": 0,
+            "inputs": [], "outputs": [], "properties": {"text": ""}, "widgets_values": [text], "color": "#432",
+            "bgcolor": "#653"}
 
 
 def main(argv=None) -> int:

@@ -1,5 +1,6 @@
-"""Writes example_workflows/<name>.png: each example workflow as the real ComfyUI frontend shows it (a ComfyUI
-server with this pack and tiny stand-in models under the official names, headless Debian chromium).
+"""Writes example_workflows/<name>.jpg: each example workflow as the real ComfyUI frontend shows it (a ComfyUI
+server with this pack and tiny stand-in models under the official names, headless Debian chromium). JPEG because
+the frontend's template browser asks for `/api/workflow_templates/<pack>/<name>.jpg` (frontends 1.32.9 to 1.58.1).
 
     ./scripts/harness make_thumbnails [name ...]
 """
@@ -31,7 +32,7 @@ def main(argv=None) -> int:
                 if report["missing"] or report["invalid"]:
                     print(f"{path.name}: the frontend reports {report}", file=sys.stderr)
                     return 1
-                out = fe.screenshot(path.with_suffix(".png"), max_width=opts.width)
+                out = fe.screenshot(path.with_suffix(".jpg"), max_width=opts.width)
                 print(f"wrote {out}")
     return 0
 

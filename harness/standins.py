@@ -20,12 +20,15 @@ from .location import REPO, comfyui_path
 log = logging.getLogger(__name__)
 TINY_DIR = REPO / ".cache" / "tiny-models" / "v2"  # bump when what write_tiny writes changes
 TINY_PREFIX = "tiny-random-"
-KINDS = ("t5", "dit", "vae", "lora")
+KINDS = ("t5", "dit", "vae", "lora", "controlnet")
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 FILE_SUFFIXES = (".safetensors", ".sft", *PICKLE_SUFFIXES, ".gguf")
-COMPONENTS = {"t5": "text_encoder", "dit": "transformer", "vae": "vae"}  # a diffusers pipeline folder's parts
-FOLDERS = {"t5": "text_encoders", "dit": "checkpoints", "vae": "vae", "lora": "loras"}  # where a single file of each kind goes
-KIND_BY_FOLDER = {"text_encoders": "t5", "checkpoints": "dit", "diffusion_models": "dit", "vae": "vae", "loras": "lora"}
+COMPONENTS = {"t5": "text_encoder", "dit": "transformer", "vae": "vae",  # a diffusers pipeline folder's parts
+              "controlnet": "controlnet"}  # (a ControlNet adapter folder: in models/controlnet, its own subfolder)
+FOLDERS = {"t5": "text_encoders", "dit": "checkpoints", "vae": "vae", "lora": "loras",  # where a single file of each kind goes
+           "controlnet": "controlnet"}
+KIND_BY_FOLDER = {"text_encoders": "t5", "checkpoints": "dit", "diffusion_models": "dit", "vae": "vae", "loras": "lora",
+                  "controlnet": "controlnet"}
 COMFY_VAES = {"sdxl_vae.safetensors"}  # also loaded by ComfyUI's own VAELoader in the img2img example
 # The LoRA files the example workflows name (no official PixArt LoRA to download: the user picks their own).
 EXAMPLE_LORAS = ("pixart-sigma-style-lora.safetensors", "pixart-sigma-detail-lora.safetensors")
@@ -47,8 +50,9 @@ def is_file_name(name: str) -> bool:
 def write_tiny(kind: str, dest: Path, comfy_path: Path | None = None, comfy_vae: bool = False) -> Path:
     """One tiny random model of `kind` at `dest`, in the layout the name implies: a diffusers folder when `dest`
     has no weight-file suffix, the original key layout for .pth/.pt/.ckpt DiTs, LDM keys for single-file VAEs,
-    a GGUF T5 (of the type in the name) for .gguf;
-    the variant (DiT) and VAE family from the name, by pixart_core's rules.
+    a GGUF T5 (of the type in the name) for .gguf; a ControlNet as the authors' whole checkpoint for .pth files
+    (an adapter file or folder otherwise) with one control block for the tiny DiT of the variant its name says;
+    the variant (DiT, ControlNet) and VAE family from the name, by pixart_core's rules.
 
     `comfy_vae` gives the VAE ComfyUI's fixed architecture, for workflows that also load it with ComfyUI's
     VAELoader. Deterministic (seed 0): the same name always gives the same weights.
@@ -79,6 +83,8 @@ def write_tiny(kind: str, dest: Path, comfy_path: Path | None = None, comfy_vae:
         if suffix != ".safetensors":
             raise ValueError(f"{dest.name}: tiny LoRA stand-ins are .safetensors files")
         save_file(lora_files.standin_lora(seed=zlib.crc32(dest.name.encode())), str(tmp))
+    elif kind == "controlnet":
+        _write_controlnet(dest.name, suffix, tmp)
     elif kind == "dit":
         dit = models.make_dit(variant=models.variant_for(dest.name))
         if not suffix:
@@ -109,6 +115,24 @@ def write_tiny(kind: str, dest: Path, comfy_path: Path | None = None, comfy_vae:
     return dest
 
 
+def _write_controlnet(name: str, suffix: str, tmp: Path) -> None:
+    """A ControlNet for the tiny DiT stand-in of the variant `name` says (the same weights: seed 0), one control
+    block (the tiny DiT's two blocks leave room for one); its own weights from the name."""
+    from safetensors.torch import save_file
+
+    from .controlnet_files import adapter_state_dict, authors_checkpoint, write_adapter_folder
+
+    variant = models.variant_for(name)
+    dit = models.make_dit(variant=variant)
+    sd = adapter_state_dict(dit, models.TINY.dit_layers - 1, seed=zlib.crc32(name.encode()), noise=0.2)
+    if suffix in PICKLE_SUFFIXES:  # the authors' release format
+        torch.save(authors_checkpoint(dit, sd, caption_tokens=variant.max_tokens), str(tmp))
+    elif suffix:
+        save_file(sd, str(tmp))
+    else:
+        write_adapter_folder(tmp / COMPONENTS["controlnet"], sd)
+
+
 def has_tiny(kind: str, dest: Path) -> bool:
     """Whether `dest` already holds a tiny `kind` (for a pipeline folder: that kind's part)."""
     dest = Path(dest)
@@ -122,7 +146,7 @@ def provide(prompt: dict, missing: list[tuple[str, str, str, str]], comfy_vae_na
 
     replaced = []
     for nid, name, kind, value in missing:
-        folder = FOLDERS[kind] if is_file_name(value) else "diffusers"
+        folder = FOLDERS[kind] if is_file_name(value) or kind == "controlnet" else "diffusers"
         comfy_vae = kind == "vae" and value in comfy_vae_names
         dest = TINY_DIR / folder / tiny_name(value, comfy_vae)
         if not has_tiny(kind, dest):  # write_tiny is atomic: what exists is whole

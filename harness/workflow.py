@@ -14,6 +14,7 @@ MODEL_INPUTS = {  # (class_type, input) -> model kind
     ("PixArtSigmaVAELoader", "vae_name"): "vae",
     ("VAELoader", "vae_name"): "vae",
     ("PixArtSigmaLoraLoader", "lora_name"): "lora",
+    ("PixArtSigmaControlNetLoader", "controlnet_name"): "controlnet",
 }
 OVERRIDABLE = ("positive", "negative", "seed", "steps", "width", "height")
 

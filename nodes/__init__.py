@@ -4,6 +4,7 @@ from __future__ import annotations
 from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .bridge import ConditioningToComfy, DiTToModel
+from .controlnet import ControlNetApply, ControlNetLoader
 from .dit import DiTLoader
 from .hires import HiresUpscale, TiledRefine
 from .lora import LoraLoader
@@ -14,7 +15,7 @@ from .vae import VAEDecode, VAEEncode, VAELoader
 
 NODES: list[type[io.ComfyNode]] = [T5Loader, TextEncode, DiTLoader, Sampler, SamplerAdvanced, Resolution, VAELoader,
                                   VAEDecode, VAEEncode, DiTToModel, ConditioningToComfy, HiresUpscale, TiledRefine,
-                                  LoraLoader]
+                                  LoraLoader, ControlNetLoader, ControlNetApply]
 
 
 class PixArtExtension(ComfyExtension):

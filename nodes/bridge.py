@@ -8,6 +8,7 @@ from comfy_api.v0_0_2 import io
 
 from ..pixart_core.conditioning import Conditioning
 from .comfy.native_pixart import AT_LIMIT_KEY, to_model
+from .search_aliases import search_aliases
 from .types import CATEGORY, ConditioningType, DiT, DiTHandle
 
 
@@ -35,13 +36,25 @@ class DiTToModel(io.ComfyNode):
             display_name="PixArt-Σ DiT → MODEL",
             category=f"{CATEGORY}/bridge",
             description="Makes the PixArt DiT a ComfyUI MODEL (ComfyUI's own PixArt class, with this DiT's weights and "
-                        "variant) for KSampler, SamplerCustomAdvanced and the LoRA loaders.",
+                        "variant) for KSampler, SamplerCustomAdvanced and the LoRA loaders. A DiT with ControlNets "
+                        "applied is refused: ComfyUI's PixArt has no ControlNet hook (use the PixArt-Σ samplers).",
+            **search_aliases("pixart sigma dit to model", "ksampler", "model bridge"),
             inputs=[DiT.Input("dit", tooltip="The transformer from PixArt-Σ DiT Loader (any variant, incl. Σ-256 and 2K).")],
-            outputs=[io.Model.Output(display_name="MODEL")],
+            outputs=[io.Model.Output(display_name="MODEL", tooltip="A ComfyUI MODEL for KSampler, "
+                                                                  "SamplerCustomAdvanced and LoraLoaderModelOnly.")],
         )
 
     @classmethod
     def execute(cls, dit: DiTHandle) -> io.NodeOutput:
+        if dit.controls:
+            # ComfyUI's PixArt forward drops transformer_options and the `control` input its samplers pass: a MODEL
+            # made from this DiT would silently sample without the ControlNets.
+            names = ", ".join(c.controlnet.name for c in dit.controls)
+            raise ValueError(
+                f"PixArt-Σ DiT → MODEL: this DiT has ControlNets applied ({names}), which ComfyUI's samplers cannot "
+                "run: ComfyUI's PixArt model has no ControlNet hook. Sample the controlled DiT with PixArt-Σ Sampler "
+                "or PixArt-Σ Sampler (Advanced) (Tiled Refine for tiles), or connect DiT → MODEL to the DiT before "
+                "PixArt-Σ ControlNet Apply.")
         return io.NodeOutput(to_model(dit))
 
 
@@ -54,8 +67,11 @@ class ConditioningToComfy(io.ComfyNode):
             category=f"{CATEGORY}/bridge",
             description="Makes PixArt-Σ Text Encode's conditioning a ComfyUI CONDITIONING (the real T5 tokens) for "
                         "KSampler with PixArt-Σ DiT → MODEL or ComfyUI's own PixArt model.",
+            **search_aliases("pixart sigma conditioning to conditioning", "ksampler", "conditioning bridge"),
             inputs=[ConditioningType.Input("conditioning", tooltip="positive or negative from PixArt-Σ Text Encode.")],
-            outputs=[io.Conditioning.Output(display_name="CONDITIONING")],
+            outputs=[io.Conditioning.Output(display_name="CONDITIONING",
+                                            tooltip="A ComfyUI CONDITIONING (the prompt's real T5 tokens) for "
+                                                    "KSampler's positive or negative.")],
         )
 
     @classmethod

@@ -20,8 +20,9 @@ from ..pixart_core import t5_spec
 from .comfy import clip as comfy_clip
 from .comfy import paths
 from .comfy.clip import ComfyT5
+from ..pixart_core.logs import logger_name
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(logger_name(__name__))
 
 def find_t5(clip) -> torch.nn.Module:
     """The T5-v1.1-XXL module inside a ComfyUI CLIP, or a clear error saying what the CLIP holds instead."""

@@ -8,9 +8,11 @@ from comfy_api.v0_0_2 import io, ui
 from ..pixart_core import transformer as core_dit
 from ..pixart_core.variants import PRESETS
 from .comfy import devices, loading, paths
+from .search_aliases import search_aliases
 from .types import CATEGORY, DiT, DiTHandle
+from ..pixart_core.logs import logger_name
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(logger_name(__name__))
 DIT_FOLDERS = ("checkpoints", "diffusion_models")
 
 
@@ -22,6 +24,8 @@ class DiTLoader(io.ComfyNode):
             display_name="PixArt-Σ DiT Loader",
             category=f"{CATEGORY}/loaders",
             description="Loads a PixArt transformer (diffusers layout file or diffusers folder) and tells which variant it is.",
+            **search_aliases("pixart sigma dit loader", "load checkpoint", "unet loader", "diffusion model",
+                             "pixart alpha"),
             inputs=[
                 io.Combo.Input("dit_name", options=paths.choices(DIT_FOLDERS, "transformer"),
                                tooltip="A PixArt transformer in models/checkpoints or models/diffusion_models, "
@@ -34,7 +38,8 @@ class DiTLoader(io.ComfyNode):
                                        "GPUs and Macs, fp32 where neither fp16 nor bf16 is fast); on CPUs bf16 where "
                                        "bf16 is native (AVX512-BF16, AMX), else fp32."),
             ],
-            outputs=[DiT.Output(display_name="dit")],
+            outputs=[DiT.Output(display_name="dit", tooltip="The PixArt transformer with its variant (resolution "
+                                                            "family, token limit, VAE), for the samplers.")],
         )
 
     @classmethod

@@ -11,15 +11,17 @@ from ..pixart_core import tiles as core_tiles
 from ..pixart_core import vae as core_vae
 from ..pixart_core.guidance import Guidance
 from ..pixart_core.request import Request, check_inputs
-from . import scheduler_labels
-from .comfy import devices, loading, progress
+from . import control_jobs, scheduler_labels
+from .comfy import devices, progress
+from .search_aliases import search_aliases
 from .types import CATEGORY, LATENT_SPACE_KEY, VAE, ConditioningType, DiT, DiTHandle, VAEHandle
 from .vae_jobs import load_for, run_tiled
+from ..pixart_core.logs import logger_name
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(logger_name(__name__))
 VIA_VAE = "vae (decode, upscale, encode)"
 VIA_LATENT = "latent"
-HIRES_DENOISE = 0.5  # the hires img2img pass (Sampler's denoise); see README "From 1024 to 4K"
+HIRES_DENOISE = 0.5  # the hires img2img pass (Sampler's denoise); see docs/4k.md
 TILED_DENOISE = 0.35
 
 
@@ -33,6 +35,7 @@ class HiresUpscale(io.ComfyNode):
             description="Upscales a LATENT to the nearest trained bin of a larger family (e.g. a 1024 result to a 2K "
                         f"bin) or to any size for PixArt-Σ Tiled Refine. Feed it to the Sampler's latent with the "
                         f"larger model and denoise ~{HIRES_DENOISE}.",
+            **search_aliases("pixart sigma hires upscale", "hires fix", "upscale latent", "2k", "4k"),
             inputs=[
                 io.Latent.Input("samples", tooltip="The first result (e.g. from PixArt-Σ Sampler at 1024)."),
                 io.Combo.Input("family", options=[str(f) for f in reversed(resolution.FAMILIES)], default="2048",
@@ -51,7 +54,8 @@ class HiresUpscale(io.ComfyNode):
                              tooltip="0: the family's bin. Else an explicit height (multiple of 16), e.g. 2160."),
                 VAE.Input("vae", optional=True, tooltip="The VAE from PixArt-Σ VAE Loader (for method 'vae')."),
             ],
-            outputs=[io.Latent.Output(display_name="LATENT"),
+            outputs=[io.Latent.Output(display_name="LATENT", tooltip="The upscaled latent, for the Sampler's latent "
+                                                                    "(img2img) or Tiled Refine."),
                      io.Int.Output("WIDTH", display_name="width", tooltip="The upscaled width in pixels."),
                      io.Int.Output("HEIGHT", display_name="height", tooltip="The upscaled height in pixels.")],
         )
@@ -97,6 +101,7 @@ class TiledRefine(io.ComfyNode):
             description="img2img on a latent larger than the model's trained sizes (e.g. 3840x2160 with the 2K model): "
                         "each step denoises overlapping tiles of a trained bin and blends them (MultiDiffusion); "
                         "memory is one tile's.",
+            **search_aliases("pixart sigma tiled refine", "tiled diffusion", "multidiffusion", "4k", "upscale"),
             inputs=[
                 DiT.Input("dit", tooltip="The transformer (the 2K model for 4K)."),
                 ConditioningType.Input("positive", tooltip="Positive conditioning from PixArt-Σ Text Encode."),
@@ -121,7 +126,8 @@ class TiledRefine(io.ComfyNode):
                 io.Int.Input("overlap", default=256, min=0, max=2048, step=16,
                              tooltip="Least overlap of neighbouring tiles in pixels, blended with linear ramps."),
             ],
-            outputs=[io.Latent.Output(display_name="LATENT")],
+            outputs=[io.Latent.Output(display_name="LATENT", tooltip="The refined latent, for VAE Decode "
+                                                                    "(tiling always at 4K).")],
         )
 
     @classmethod
@@ -142,7 +148,8 @@ class TiledRefine(io.ComfyNode):
         noise, generator = sampling.initial_noise(seed, batch, 4, height, width)
         need = dit_memory.inference_memory(batch, th, tw, inner.inner_dim, inner.dtype, cfg > 1.0,  # one tile's
                                            fused_attention=devices.fused_attention(p.load_device, inner.dtype))
-        ready = loading.use(p, memory_required=need)
+        passes = 2 if cfg > 1.0 else 1
+        ready = control_jobs.load(dit, (height // 8, width // 8), batch, (batch * passes, th, tw), need)
         on_step, on_tile = progress.tiled_step_callbacks(min(int(steps * denoise), steps), len(layout),
                                                            dit.variant.vae, ready.device)
         model = core_tiles.TiledDiT(ready.model, layout, (height // 8, width // 8), on_tile)

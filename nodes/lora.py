@@ -10,9 +10,11 @@ from comfy_api.v0_0_2 import io, ui
 from ..pixart_core import files, t5_spec
 from ..pixart_core import lora as core_lora
 from .comfy import patches, paths
+from .search_aliases import search_aliases
 from .types import CATEGORY, T5, DiT, DiTHandle, T5Handle
+from ..pixart_core.logs import logger_name
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(logger_name(__name__))
 LORA_FOLDERS = ("loras",)
 
 
@@ -25,6 +27,7 @@ class LoraLoader(io.ComfyNode):
             category=f"{CATEGORY}/loaders",
             description="Applies a PixArt LoRA (PEFT/diffusers, kohya, original PixArt layout, LoHa, LoKr) to the DiT, "
                         "and its T5 part to the T5, through ComfyUI's weight patches. Chain loaders to stack LoRAs.",
+            **search_aliases("pixart sigma lora loader", "lora", "lycoris", "loha", "lokr"),
             inputs=[
                 DiT.Input("dit", tooltip="The transformer from PixArt-Σ DiT Loader (or another LoRA loader)."),
                 io.Combo.Input("lora_name", options=paths.files(*LORA_FOLDERS),
@@ -37,7 +40,8 @@ class LoraLoader(io.ComfyNode):
                 io.Float.Input("t5_strength", default=1.0, min=-100.0, max=100.0, step=0.01, optional=True,
                                tooltip="How strongly to change the T5, when one is connected and the LoRA has T5 keys."),
             ],
-            outputs=[DiT.Output(display_name="dit"),
+            outputs=[DiT.Output(display_name="dit", tooltip="The DiT with the LoRA (a patched copy; the input DiT "
+                                                            "is unchanged)."),
                      T5.Output(display_name="t5", tooltip="The T5 with the LoRA's T5 part (only when a T5 is connected).")],
         )
 

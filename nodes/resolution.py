@@ -4,6 +4,7 @@ from __future__ import annotations
 from comfy_api.v0_0_2 import io
 
 from ..pixart_core import resolution
+from .search_aliases import search_aliases
 from .types import CATEGORY, DiT, DiTHandle
 
 FROM_DIT = "from dit"
@@ -18,6 +19,7 @@ class Resolution(io.ComfyNode):
             category=f"{CATEGORY}/sampling",
             description="Snaps a requested width x height to the nearest trained aspect-ratio bin of the model family "
                         "(as diffusers' use_resolution_binning); decode can resize back to the requested size.",
+            **search_aliases("pixart sigma resolution", "aspect ratio", "image size", "resolution bins"),
             inputs=[
                 io.Int.Input("width", default=1024, min=16, max=16384, tooltip="Requested image width in pixels."),
                 io.Int.Input("height", default=1024, min=16, max=16384, tooltip="Requested image height in pixels."),

@@ -13,11 +13,13 @@ from ..pixart_core import vae as core_vae
 from ..pixart_core.guidance import Guidance
 from ..pixart_core.request import Request, check_inputs
 from ..pixart_core.schedulers import DMD_TIMESTEP
-from . import scheduler_labels
-from .comfy import devices, loading, progress
+from . import control_jobs, scheduler_labels
+from .comfy import devices, progress
+from .search_aliases import search_aliases
 from .types import CATEGORY, LATENT_SPACE_KEY, ConditioningType, DiT, DiTHandle
+from ..pixart_core.logs import logger_name
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(logger_name(__name__))
 
 MASK_TOOLTIP = ("Optional inpainting mask (1 = repaint), e.g. Load Image's MASK; resized to the latent as ComfyUI's "
                 "KSampler does. Replaces the latent's own noise_mask (Set Latent Noise Mask). Needs 'latent'.")
@@ -76,7 +78,7 @@ def _run(dit: DiTHandle, positive, negative, seed: int, batch_size: int, size: t
     passes = (2 if guidance.cfg > 1.0 else 1) + (1 if guidance.pag_scale > 0 else 0)
     need = dit_memory.inference_memory(batch_size * passes, height, width, inner.inner_dim, inner.dtype, False,
                                        fused_attention=devices.fused_attention(p.load_device, inner.dtype))
-    ready = loading.use(p, memory_required=need)
+    ready = control_jobs.load(dit, (height // 8, width // 8), batch_size, (batch_size * passes, height, width), need)
     on_step = progress.step_callback(request.steps, dit.variant.vae, ready.device)
     return sampling.run(ready.model, request, noise, generator, ready.device, on_step), scale
 
@@ -99,6 +101,7 @@ class Sampler(io.ComfyNode):
             display_name="PixArt-Σ Sampler",
             category=f"{CATEGORY}/sampling",
             description="Denoises with the PixArt DiT as diffusers' PixArtSigmaPipeline does; outputs a ComfyUI LATENT.",
+            **search_aliases("pixart sigma sampler", "ksampler", "txt2img", "img2img", "inpaint"),
             inputs=[
                 *_common_inputs(),
                 *_seed_steps_cfg_scheduler(),
@@ -114,7 +117,8 @@ class Sampler(io.ComfyNode):
                                tooltip="img2img strength: the share of the schedule that runs on the input latent."),
                 io.Mask.Input("mask", optional=True, tooltip=MASK_TOOLTIP),
             ],
-            outputs=[io.Latent.Output(display_name="LATENT")],
+            outputs=[io.Latent.Output(display_name="LATENT", tooltip="The denoised latent (raw VAE latents, as "
+                                                                    "ComfyUI's samplers give), for VAE Decode.")],
         )
 
     @classmethod
@@ -137,6 +141,7 @@ class SamplerAdvanced(io.ComfyNode):
             description="PixArt-Σ Sampler with KSamplerAdvanced's staged sampling (start/end step, leftover noise) "
                         "and guidance options: perturbed-attention guidance, CFG rescale, a CFG interval; the DMD "
                         "timestep.",
+            **search_aliases("pixart sigma sampler advanced", "ksampler advanced", "pag", "two stage", "refiner"),
             inputs=[
                 *_common_inputs(),
                 io.Latent.Input("latent", tooltip="Empty Latent Image to start from noise; VAE Encode for img2img; "
@@ -169,7 +174,9 @@ class SamplerAdvanced(io.ComfyNode):
                              tooltip="The one step of the dmd scheduler (the PixArt-α DMD release: 400)."),
                 io.Mask.Input("mask", optional=True, tooltip=MASK_TOOLTIP),
             ],
-            outputs=[io.Latent.Output(display_name="LATENT")],
+            outputs=[io.Latent.Output(display_name="LATENT", tooltip="The latent after this stage: clean, or with "
+                                                                    "its leftover noise and solver state for a "
+                                                                    "next stage (KSamplerAdvanced's form).")],
         )
 
     @classmethod

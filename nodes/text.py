@@ -11,9 +11,11 @@ from ..pixart_core.cache import LRUCache
 from ..pixart_core.conditioning import Conditioning
 from . import clip_t5
 from .comfy import devices, loading, paths, progress
+from .search_aliases import search_aliases
 from .types import CATEGORY, T5, ConditioningType, T5Handle
+from ..pixart_core.logs import logger_name
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(logger_name(__name__))
 T5_FOLDERS = ("text_encoders",)  # ComfyUI's text_encoders list includes models/clip
 T5_EXT = (*paths.WEIGHT_EXT[:2], *paths.GGUF_EXT)
 # Recent prompt embeddings (~5 MB each at 300 x 4096 fp32): re-encoding a prompt seen lately never loads the T5.
@@ -40,6 +42,7 @@ class T5Loader(io.ComfyNode):
             display_name="PixArt-Σ T5 Loader",
             category=f"{CATEGORY}/loaders",
             description="Loads the T5-v1.1-XXL text encoder, optionally quantized with bitsandbytes.",
+            **search_aliases("pixart sigma t5 loader", "t5xxl", "text encoder loader", "load clip t5", "gguf t5"),
             inputs=[
                 io.Combo.Input("t5_name", options=paths.choices(T5_FOLDERS, "text_encoder", T5_EXT),
                                tooltip="A T5-v1.1-XXL single file in models/text_encoders or models/clip "
@@ -58,7 +61,8 @@ class T5Loader(io.ComfyNode):
                                        "the CPU (as CLIPLoader's device option), so encoding never takes GPU memory "
                                        "from the DiT; slower per prompt."),
             ],
-            outputs=[T5.Output(display_name="t5")],
+            outputs=[T5.Output(display_name="t5", tooltip="The T5 encoder, for PixArt-Σ Text Encode (or a LoRA "
+                                                          "loader's t5 input).")],
         )
 
     @classmethod
@@ -85,6 +89,7 @@ class TextEncode(io.ComfyNode):
             display_name="PixArt-Σ Text Encode",
             category=f"{CATEGORY}/conditioning",
             description="Encodes a positive and a negative prompt with T5 (cleaned as caption_cleaning says, cut to the token limit, with attention mask).",
+            **search_aliases("pixart sigma text encode", "prompt", "clip text encode", "t5 encode"),
             inputs=[
                 io.MultiType.Input("t5", types=[T5, io.Clip],
                                    tooltip="The T5 encoder from PixArt-Σ T5 Loader, or a ComfyUI CLIP holding "
@@ -103,8 +108,10 @@ class TextEncode(io.ComfyNode):
                                        "punctuation; lowercases), as PixArtSigmaPipeline does by default. lowercase: "
                                        "lowercase and strip only. none: strip only, as the original PixArt-Σ script."),
             ],
-            outputs=[ConditioningType.Output("POSITIVE", display_name="positive"),
-                     ConditioningType.Output("NEGATIVE", display_name="negative")],
+            outputs=[ConditioningType.Output("POSITIVE", display_name="positive",
+                                             tooltip="The positive prompt's T5 embeddings and attention mask."),
+                     ConditioningType.Output("NEGATIVE", display_name="negative",
+                                             tooltip="The negative prompt's T5 embeddings and attention mask.")],
         )
 
     @classmethod

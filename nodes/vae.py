@@ -6,6 +6,7 @@ from comfy_api.v0_0_2 import io
 from ..pixart_core import vae as core_vae
 from ..pixart_core.resolution import check_multiple, optional_size
 from .comfy import devices, loading, paths, progress
+from .search_aliases import search_aliases
 from .types import CATEGORY, LATENT_SPACE_KEY, VAE, VAEHandle
 from .vae_jobs import load_for, run_tiled
 
@@ -21,6 +22,7 @@ class VAELoader(io.ComfyNode):
             display_name="PixArt-Σ VAE Loader",
             category=f"{CATEGORY}/loaders",
             description="Loads the VAE as a diffusers AutoencoderKL: the SDXL VAE for PixArt-Σ, the SD VAE for PixArt-α.",
+            **search_aliases("pixart sigma vae loader", "load vae", "sdxl vae"),
             inputs=[
                 io.Combo.Input("vae_name", options=paths.choices(VAE_FOLDERS, "vae"),
                                tooltip="A VAE file in models/vae (sdxl_vae.safetensors for Σ) or a diffusers folder in models/diffusers."),
@@ -29,7 +31,8 @@ class VAELoader(io.ComfyNode):
                                        "for its SDXL VAE (bf16 on NVIDIA from RTX 30xx/A100 and on Macs with macOS 14+, "
                                        "else fp32); on CPUs bf16 where bf16 is native (AVX512-BF16, AMX), else fp32."),
             ],
-            outputs=[VAE.Output(display_name="vae")],
+            outputs=[VAE.Output(display_name="vae", tooltip="The VAE, for PixArt-Σ VAE Decode / Encode and Hires "
+                                                            "Upscale.")],
         )
 
     @classmethod
@@ -48,6 +51,7 @@ class VAEDecode(io.ComfyNode):
             display_name="PixArt-Σ VAE Decode",
             category=f"{CATEGORY}/latent",
             description="Decodes a ComfyUI LATENT (raw VAE latents) to an IMAGE, checking for NaN; tiles when memory is short.",
+            **search_aliases("pixart sigma vae decode", "vae decode", "latent to image"),
             inputs=[
                 VAE.Input("vae", tooltip="The VAE from PixArt-Σ VAE Loader."),
                 io.Latent.Input("samples", tooltip="Latents from PixArt-Σ Sampler (or any SDXL-VAE latent)."),
@@ -59,7 +63,8 @@ class VAEDecode(io.ComfyNode):
                 io.Int.Input("target_height", default=0, min=0, max=16384, optional=True,
                              tooltip="Resize and centre-crop to this height after decoding (0 = keep)."),
             ],
-            outputs=[io.Image.Output(display_name="IMAGE")],
+            outputs=[io.Image.Output(display_name="IMAGE", tooltip="The decoded images (resized to the target size "
+                                                                  "when one is set).")],
         )
 
     @classmethod
@@ -88,6 +93,7 @@ class VAEEncode(io.ComfyNode):
             display_name="PixArt-Σ VAE Encode",
             category=f"{CATEGORY}/latent",
             description="Encodes an IMAGE to a ComfyUI LATENT (raw VAE latents, posterior mean) for img2img.",
+            **search_aliases("pixart sigma vae encode", "vae encode", "image to latent", "img2img"),
             inputs=[
                 VAE.Input("vae", tooltip="The VAE from PixArt-Σ VAE Loader."),
                 io.Image.Input("image", tooltip="The image to start from; its size should be a multiple of 16."),
@@ -95,7 +101,9 @@ class VAEEncode(io.ComfyNode):
                                tooltip="auto: encode in tiles when ComfyUI says the whole image would not fit in memory, "
                                        "or after an out-of-memory error."),
             ],
-            outputs=[io.Latent.Output(display_name="LATENT")],
+            outputs=[io.Latent.Output(display_name="LATENT", tooltip="The image's latent, for the Sampler's latent "
+                                                                    "(img2img; with Set Latent Noise Mask: "
+                                                                    "inpainting).")],
         )
 
     @classmethod

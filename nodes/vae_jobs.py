@@ -6,8 +6,9 @@ import logging
 
 from .comfy import devices, loading
 from .types import VAEHandle
+from ..pixart_core.logs import logger_name
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(logger_name(__name__))
 
 
 def load_for(vae: VAEHandle, need: int, tiling: str) -> tuple[loading.Loaded, bool]:

@@ -7,7 +7,9 @@ import logging
 
 import torch
 
-log = logging.getLogger(__name__)
+from .logs import logger_name
+
+log = logging.getLogger(logger_name(__name__))
 
 
 @dataclasses.dataclass

@@ -244,6 +244,10 @@ class ControlledDiT(nn.Module):
         """The same DiT with only the controls active at step `step` of `steps`."""
         return ControlledDiT(self.dit, [c for c in self.controls if c.active(step, steps)])
 
+    def crop(self, y: int, x: int, h: int, w: int) -> ControlledDiT:
+        """The same DiT over the latent region [y:y+h, x:x+w] of the canvas (a tile): each hint cropped to it."""
+        return ControlledDiT(self.dit, [c.crop(y, x, h, w) for c in self.controls])
+
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                 timestep: torch.Tensor | None = None, added_cond_kwargs: dict[str, torch.Tensor] | None = None,
                 cross_attention_kwargs: dict[str, Any] | None = None, attention_mask: torch.Tensor | None = None,

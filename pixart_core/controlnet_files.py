@@ -15,10 +15,11 @@ import torch
 from . import files
 from . import transformer as core_dit
 from .controlnet import ANCHOR, AdapterConfig, ControlNetAdapter, config_from_state_dict
+from .logs import logger_name
 from .meta import assign_state_dict, empty_weights
 from .variants import PRESETS, Variant
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(logger_name(__name__))
 
 # The authors' layout (PixArt-alpha diffusion/model/nets/pixart_controlnet.py, ControlPixArtHalf): `controlnet` is a
 # ModuleList of ControlT2IDitBlockHalf, each a `copied_block` (an original PixArt block), `after_proj`, and in block 0

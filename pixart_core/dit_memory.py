@@ -18,3 +18,10 @@ def inference_memory(batch: int, height: int, width: int, inner: int, dtype: tor
     mlp_and_qkv = n * tokens * inner * 12 * size  # the widest intermediate (MLP 4x, q/k/v, residuals) live at once
     attention = n * heads * tokens * tokens * size  # the math kernel's score matrix
     return mlp_and_qkv + (min(attention, 4 * mlp_and_qkv) if fused_attention else attention) + (64 << 20)
+
+
+def control_memory(batch: int, height: int, width: int, inner: int, dtype: torch.dtype, controls: int) -> int:
+    """Bytes ControlNets add to one DiT forward: each keeps its control stream and its block output beside the DiT's
+    stream ([N, tokens, inner] each); their blocks run between the DiT's, so no more than a DiT block at a time."""
+    tokens = (height // 16) * (width // 16)
+    return controls * 2 * batch * tokens * inner * torch.tensor([], dtype=dtype).element_size()

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
+from .logs import logger_name
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(logger_name(__name__))
 
 SAFETENSORS_EXT = (".safetensors", ".sft")
 PICKLE_EXT = (".pth", ".pt", ".ckpt", ".bin")

@@ -24,8 +24,9 @@ import torch
 from . import files, t5_spec
 from .gguf_quants import dequantize, is_readable, supported_types
 from .meta import empty_weights
+from .logs import logger_name
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(logger_name(__name__))
 
 GGUF_EXT = (".gguf",)
 T5_ARCHS = ("t5encoder", "t5")

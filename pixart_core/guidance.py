@@ -35,6 +35,14 @@ def cfg_active(step: int, steps: int, cfg: float, cfg_start: float = 0.0, cfg_en
     return cfg > 1.0 and cfg_start <= step / steps < cfg_end
 
 
+def model_at(model: torch.nn.Module, step: int, steps: int) -> torch.nn.Module:
+    """The model to call at step `step` (0-based, of the whole schedule of `steps`): a model that acts differently
+    over parts of the schedule (a DiT with ControlNets applied from start to end) gives its form for that step with
+    `at_step(step, steps)`, counted as the CFG interval counts; any other model is itself."""
+    at_step = getattr(type(model), "at_step", None)  # on the class: wrappers forward unknown attributes to the DiT
+    return model if at_step is None else at_step(model, step, steps)
+
+
 def rescale_noise_cfg(noise_cfg: torch.Tensor, noise_pred_text: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
     """CFG rescale (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", sec. 3.4):
     the guided prediction brought back towards the conditional one's standard deviation."""
@@ -116,8 +124,8 @@ def _text_batch(model: torch.nn.Module, conds: list[Conditioning], x: torch.Tens
 @contextlib.contextmanager
 def guided(model: torch.nn.Module, positive: Conditioning, negative: Conditioning, g: Guidance,
            steps: int) -> Iterator[Predict]:
-    """The guided prediction of `model` (a PixArt DiT, or a wrapper with its forward) over a schedule of `steps`:
-    one forward per step over [negative,] positive[, positive with perturbed self-attention]. PAG's attention
+    """The guided prediction of `model` (a PixArt DiT, or a wrapper with its forward; its form for each step, see
+    model_at) over a schedule of `steps`: one forward per step over [negative,] positive[, positive with perturbed self-attention]. PAG's attention
     processors (diffusers') are set per step and the model's own restored on leaving, also on errors and Cancel."""
     dtype = next(model.parameters()).dtype
     length = max(positive.embeds.shape[1], negative.embeds.shape[1])
@@ -145,8 +153,8 @@ def guided(model: torch.nn.Module, positive: Conditioning, negative: Conditionin
             batches[use_cfg] = _text_batch(model, ([neg] if use_cfg else []) + [pos] + ([pos] if use_pag else []),
                                            x, dtype)
         embeds, attn_mask, added = batches[use_cfg]
-        out = model(xs.to(dtype), encoder_hidden_states=embeds, encoder_attention_mask=attn_mask, timestep=tt,
-                    added_cond_kwargs=added, return_dict=False)[0].float()
+        out = model_at(model, step, steps)(xs.to(dtype), encoder_hidden_states=embeds, encoder_attention_mask=attn_mask,
+                                           timestep=tt, added_cond_kwargs=added, return_dict=False)[0].float()
         return combine(out, use_cfg, g, learned_sigma)
 
     with _restored_processors(targets):

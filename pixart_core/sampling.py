@@ -14,11 +14,12 @@ from . import schedulers
 from .conditioning import Conditioning
 from .guidance import Guidance, Predict, guided
 from .inpaint import Inpainting, latent_mask
+from .logs import logger_name
 from .request import Request, check_inputs
 from .stages import SolverState, level_after, moved_history, ve_factor
 from .tiles import TiledDiT
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(logger_name(__name__))
 
 # on_step(step, total, x0): after each step; x0() computes the current clean estimate (a device sync on GPUs).
 OnStep = Callable[[int, int, Callable[[], torch.Tensor]], None]

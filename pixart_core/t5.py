@@ -22,8 +22,9 @@ from . import (
     t5_quantize,
     t5_spec,
 )
+from .logs import logger_name
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(logger_name(__name__))
 
 DTYPES = ("auto", "bf16", "fp32")
 

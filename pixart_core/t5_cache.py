@@ -34,8 +34,9 @@ from pathlib import Path
 import torch
 
 from . import files, t5_spec
+from .logs import logger_name
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(logger_name(__name__))
 
 # Bump when what an entry holds or how its key reads changes. 2: the key names the mode by its id ("8bit", "nf4");
 # format 1 keys held the loader's label ("8-bit (bitsandbytes)").

@@ -21,8 +21,9 @@ from typing import Callable
 import torch
 
 from . import files, quant
+from .logs import logger_name
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(logger_name(__name__))
 
 MARKER = "scaled_fp8"
 SCALE = ".scale_weight"

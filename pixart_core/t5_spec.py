@@ -15,9 +15,10 @@ from typing import TypeVar
 import torch
 
 from . import files
+from .logs import logger_name
 from .meta import empty_weights
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(logger_name(__name__))
 
 REAL_VOCAB, REAL_WIDTH = 32128, 4096
 ANCHOR = "encoder.block.0.layer.0.SelfAttention.q.weight"  # present in every T5 encoder, whatever the prefix

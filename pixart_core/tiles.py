@@ -10,7 +10,8 @@ linearly in it, so averaging predictions equals averaging the crops' denoised la
 
 `TiledDiT` wraps a PixArt DiT so that the guided prediction (pixart_core.guidance) calls it as it calls the DiT and
 the sampling loop (pixart_core.sampling) runs unchanged: one forward of the wrapper runs the DiT once per tile (the
-whole CFG batch at once), so memory is one tile's. pixart_core.hires.tiling lays the tiles out for a canvas.
+whole CFG batch at once), so memory is one tile's. pixart_core.hires.tiling lays the tiles out for a canvas. A DiT
+with ControlNets applied (pixart_core.controlnet.ControlledDiT) runs each tile with its hints cropped to that tile.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import math
 from typing import Callable
 
 import torch
+
+from .controlnet import ControlledDiT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +118,13 @@ class TiledDiT(torch.nn.Module):
     def use_additional_conditions(self) -> bool:
         return bool(getattr(self.dit, "use_additional_conditions", False))
 
+    def at_step(self, step: int, steps: int) -> TiledDiT:
+        """The same tiles over the DiT's form for step `step` of `steps` (its ControlNets act on part of the
+        schedule: pixart_core.guidance.model_at)."""
+        if not isinstance(self.dit, ControlledDiT):
+            return self
+        return TiledDiT(self.dit.at_step(step, steps), self.tiles, self.canvas, self.on_tile)
+
     def forward(self, hidden_states: torch.Tensor, *args, added_cond_kwargs: dict | None = None,
                 return_dict: bool = False, **kwargs) -> tuple[torch.Tensor]:
         """[N, 4, H, W] canvas -> ([N, C, H, W] blended prediction, in fp32 when tiled,); return_dict is ignored."""
@@ -129,7 +139,8 @@ class TiledDiT(torch.nn.Module):
                 n = ref.shape[0]
                 added = {"resolution": ref.new_tensor([[t.h * 8, t.w * 8]]).repeat(n, 1),
                          "aspect_ratio": ref.new_tensor([[t.h / t.w]]).repeat(n, 1)}
-            pred = self.dit(crop, *args, added_cond_kwargs=added, return_dict=False, **kwargs)[0]  # [N, C, h, w]
+            dit = self.dit.crop(t.y, t.x, t.h, t.w) if isinstance(self.dit, ControlledDiT) else self.dit
+            pred = dit(crop, *args, added_cond_kwargs=added, return_dict=False, **kwargs)[0]  # [N, C, h, w]
             if out is None:
                 out = pred.new_zeros((*pred.shape[:2], *self.canvas), dtype=torch.float32)
             out[..., t.y:t.y + t.h, t.x:t.x + t.w] += pred.float() * t.weight.to(pred.device)

@@ -12,8 +12,9 @@ import torch
 from . import dtypes, files
 from .meta import assign_state_dict, empty_weights
 from .variants import DEFAULT_VARIANT, PRESETS, Variant, variant_from_config, variant_from_name
+from .logs import logger_name
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(logger_name(__name__))
 
 HEAD_DIM = 72  # every released PixArt (XL/2 and the 42-block community models) uses 72-wide heads
 _ANCHOR = "transformer_blocks.0.attn1.to_q.weight"

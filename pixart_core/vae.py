@@ -13,8 +13,9 @@ import torch
 from . import dtypes, files
 from .meta import assign_state_dict, empty_weights
 from .variants import VAE_SCALING
+from .logs import logger_name
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(logger_name(__name__))
 
 DTYPES = ("auto", "bf16", "fp32")
 

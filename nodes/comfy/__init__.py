@@ -53,7 +53,7 @@ comfy.model_management
     is_device_cpu                              public   the CPU branch of the "auto" dtypes
     load_model_gpu                             public   loads a ComfyUI CLIP's patcher, as CLIP.load_model does
     load_models_gpu                            public   loads our patchers (memory_required, force_full_load for
-                                                        quantized models)
+                                                        quantized models); a DiT with its ControlNets in one call
     should_use_bf16                            public   the T5's "auto" dtype on GPUs
     soft_empty_cache                           public   frees cached device memory before a tiled VAE retry
     text_encoder_device                        public   the T5's load device

@@ -4,16 +4,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-import torch
-
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.ops
+import torch
 
 from ...pixart_core.gguf_t5 import has_gguf_layers
+from ...pixart_core.logs import logger_name
 from ...pixart_core.quant import has_bnb_layers, move_quantized_state, unique_bytes
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(logger_name(__name__))
 
 # Plain torch layers -> ComfyUI's cast-weights classes (the same layers plus a forward that can take its weights
 # from another device): with them ComfyUI's partial (lowvram/novram) load keeps part of a model in system memory
@@ -142,6 +142,20 @@ def use(patcher: comfy.model_patcher.ModelPatcher, memory_required: int = 0) -> 
         log.warning("PixArt: %s is quantized and ComfyUI's memory mode (%s) does not load it whole: it runs on %s.",
                     type(holder.inner).__name__, mm.vram_state.name, device)
     return Loaded(holder.inner, device)
+
+
+def use_together(patchers: list[comfy.model_patcher.ModelPatcher], memory_required: int = 0) -> list[Loaded]:
+    """Have ComfyUI load several models for one job in one call, as its samplers load a model with its ControlNets
+    (load_models_gpu([model, *controlnets], memory_required=...)): it frees memory for all of them at once, then
+    loads each whole or in part (the rest streams per forward). Returns them ready, in the order given."""
+    for p in patchers:
+        assert p.model.streamable, "use_together takes models with cast-weights layers (never quantized ones)"
+    mm.load_models_gpu(list(patchers), memory_required=memory_required)
+    out = []
+    for p in patchers:
+        _place_rest(p.model.inner, p.load_device)
+        out.append(Loaded(p.model.inner, p.load_device))
+    return out
 
 
 def use_clip(patcher: comfy.model_patcher.ModelPatcher) -> None:

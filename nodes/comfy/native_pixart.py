@@ -15,8 +15,9 @@ from ...pixart_core import transformer as core_dit
 from ...pixart_core.meta import empty_weights
 from ..types import DiTHandle
 from . import loading, patches
+from ...pixart_core.logs import logger_name
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(logger_name(__name__))
 
 AT_LIMIT_KEY = "pixart_at_limit"  # CONDITIONING extra: {token limit: embeddings encoded at that limit}
 

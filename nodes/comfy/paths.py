@@ -56,6 +56,20 @@ def choices(folder_names: tuple[str, ...], subfolder: str, ext: tuple[str, ...] 
     return files(*folder_names, ext=ext) + diffusers_folders(subfolder)
 
 
+def model_folders(folder_names: tuple[str, ...], subfolder: str) -> list[str]:
+    """Folders inside ComfyUI's model folders of these kinds that hold a diffusers component (config.json, in the
+    folder itself or in `subfolder`/), e.g. a ControlNet adapter folder in models/controlnet."""
+    found = set()
+    for folder in folder_names:
+        for root in folder_paths.get_folder_paths(folder):
+            if not os.path.isdir(root):
+                continue
+            for d in sorted(Path(root).iterdir()):
+                if d.is_dir() and ((d / "config.json").is_file() or (d / subfolder / "config.json").is_file()):
+                    found.add(d.name)
+    return sorted(found)
+
+
 def resolve(name: str, folder_names: tuple[str, ...]) -> Path:
     """The file or diffusers folder a widget value names; a clear error if it vanished since listing."""
     for root in _diffusers_roots():
@@ -65,6 +79,9 @@ def resolve(name: str, folder_names: tuple[str, ...]) -> Path:
         full = folder_paths.get_full_path(folder, name)
         if full is not None:
             return Path(full)
+        for root in folder_paths.get_folder_paths(folder):  # a folder listed by model_folders
+            if (Path(root) / name).is_dir():
+                return Path(root) / name
     where = " or ".join(f"models/{f}" for f in folder_names)
     raise FileNotFoundError(
         f"{name}: not found in {where} or models/diffusers. It may have been moved or deleted since the list was "

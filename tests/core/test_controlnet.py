@@ -1,5 +1,5 @@
 """PixArt ControlNet forward and hint latents (pixart_core, no ComfyUI), against the published composition written
-out here with diffusers' own modules: the research project's PixArtControlNetTransformerModel.forward
+out with diffusers' own modules (harness/controlnet_reference.py): the research project's PixArtControlNetTransformerModel.forward
 (diffusers examples/research_projects/pixart/controlnet_pixart_alpha.py) and the authors' ControlPixArtHalf.forward
 (PixArt-alpha diffusion/model/nets/pixart_controlnet.py): the hint through the DiT's own pos_embed; before base block
 i (i = 1..N) control block i-1 runs on the stream entering block i (block 0 on that stream + before_proj(hint)) with
@@ -10,10 +10,10 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 from harness import controlnet_files as cfiles
 from harness import models as tiny
+from harness.controlnet_reference import ReferenceAdapter, reference_forward
 from pixart_core import controlnet as cn
 from pixart_core import controlnet_files as cnf
 from pixart_core import guidance
@@ -45,68 +45,6 @@ def _inputs(dit, n: int, seed: int = 1):
                "added_cond_kwargs": added}
 
 
-class _Reference:
-    """One adapter as the research project builds it, from diffusers' own modules: copies of the DiT's
-    BasicTransformerBlock (the adapter's blocks are configured like PixArt's) and nn.Linear, loaded from the file's
-    state dict."""
-
-    def __init__(self, dit, sd: dict[str, torch.Tensor], blocks: int, strength: float):
-        width = dit.config.num_attention_heads * dit.config.attention_head_dim
-
-        def part(prefix):
-            return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-
-        self.blocks = []
-        for i in range(blocks):
-            block = copy.deepcopy(dit.transformer_blocks[i])
-            block.load_state_dict(part(f"controlnet_blocks.{i}.transformer_block."))
-            self.blocks.append(block)
-        self.before = nn.Linear(width, width)
-        self.before.load_state_dict(part("controlnet_blocks.0.before_proj."))
-        self.after = []
-        for i in range(blocks):
-            linear = nn.Linear(width, width)
-            linear.load_state_dict(part(f"controlnet_blocks.{i}.after_proj."))
-            self.after.append(linear)
-        self.strength = strength
-
-
-def _reference_forward(dit, refs: list[_Reference], hints: list[torch.Tensor], x: torch.Tensor, kwargs: dict):
-    """diffusers' own PixArtTransformer2DModel.forward, with the published control order put in front of each base
-    block by a forward pre-hook (which sees the block's own inputs: the stream, the embedded timestep, the projected
-    captions and the mask bias)."""
-    n = x.shape[0]
-    streams = [dit.pos_embed(h).repeat(n // h.shape[0], 1, 1) for h in hints]
-
-    def hook_for(index):
-        def hook(module, args, kw):
-            h = args[0]
-            common = {k: kw[k] for k in ("encoder_hidden_states", "timestep", "attention_mask",
-                                         "encoder_attention_mask", "cross_attention_kwargs")}
-            adds = []
-            for j, ref in enumerate(refs):
-                if index > len(ref.blocks):
-                    continue
-                c = streams[j]
-                if index == 1:
-                    c = h + ref.before(c)
-                c = ref.blocks[index - 1](c, **common)
-                streams[j] = c
-                adds.append(ref.after[index - 1](c) * ref.strength)
-            for a in adds:
-                h = h + a
-            return (h, *args[1:]), kw
-        return hook
-
-    handles = [dit.transformer_blocks[i].register_forward_pre_hook(hook_for(i), with_kwargs=True)
-               for i in range(1, len(dit.transformer_blocks))]
-    try:
-        return dit(x, return_dict=False, **kwargs)[0]
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 @pytest.mark.parametrize("variant,images,hint_batch,specs", [
     ("sigma-1024", 1, 1, [(3, 1.0)]),  # CFG batch [uncond, cond] with one hint
     ("alpha-1024", 1, 1, [(3, 0.7)]),  # micro-conditioning, a strength
@@ -121,9 +59,9 @@ def test_forward_equals_the_published_composition(tmp_path, variant, images, hin
         sd, adapter = _load(tmp_path, dit, blocks, seed=10 + k)
         hint = torch.randn(hint_batch, 4, 8, 12, generator=torch.Generator().manual_seed(20 + k))
         hints.append(hint)
-        refs.append(_Reference(dit, sd, blocks, strength))
+        refs.append(ReferenceAdapter(dit, sd, blocks, strength))
         controls.append(cn.Control(adapter, hint, strength))
-    expected = _reference_forward(dit, refs, hints, x, kwargs)
+    expected = reference_forward(dit, refs, hints, x, kwargs)
     base = dit(x, return_dict=False, **kwargs)[0]
     got = cn.ControlledDiT(dit, controls)(x, return_dict=False, **kwargs)[0]
     assert not torch.allclose(expected, base, atol=1e-3)  # the controls do something
@@ -162,7 +100,7 @@ def test_pag_perturbs_only_the_dit_and_the_controls_still_act(tmp_path):
 
     dit = _dit()
     sd, adapter = _load(tmp_path, dit, 3, seed=6)
-    ref = _Reference(dit, sd, 3, 1.0)  # copied before any processor is swapped: the control blocks keep theirs
+    ref = ReferenceAdapter(dit, sd, 3, 1.0)  # copied before any processor is swapped: the control blocks keep theirs
     hint = torch.randn(1, 4, 8, 12)
     controlled = cn.ControlledDiT(dit, [cn.Control(adapter, hint)])
     targets = guidance.pag_targets(controlled, ["blocks.1"])  # the sampler's own lookup
@@ -171,7 +109,7 @@ def test_pag_perturbs_only_the_dit_and_the_controls_still_act(tmp_path):
     old = targets[0].processor
     targets[0].processor = PAGCFGIdentitySelfAttnProcessor2_0()
     try:
-        expected = _reference_forward(dit, [ref], [hint], x, kwargs)
+        expected = reference_forward(dit, [ref], [hint], x, kwargs)
         got = controlled(x, return_dict=False, **kwargs)[0]
     finally:
         targets[0].processor = old
@@ -244,7 +182,7 @@ def test_an_adapter_kept_in_another_dtype_than_the_dit_still_runs(tmp_path):
     sd, adapter = _load(tmp_path, dit, 3, seed=9)  # fp32
     hint = torch.randn(1, 4, 8, 12)
     x, kwargs = _inputs(dit, 2)
-    expected = _reference_forward(dit, [_Reference(dit, sd, 3, 1.0)], [hint], x, kwargs)  # all fp32
+    expected = reference_forward(dit, [ReferenceAdapter(dit, sd, 3, 1.0)], [hint], x, kwargs)  # all fp32
     half = copy.deepcopy(dit).to(torch.bfloat16)
     kwargs = {k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}
     got = cn.controlled_forward(half, [cn.Control(adapter, hint)], x.bfloat16(), **kwargs)

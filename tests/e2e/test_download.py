@@ -144,7 +144,7 @@ def test_default_set_lands_in_comfyui_folders(hub, tmp_path):
 def test_every_catalog_entry_has_a_comfyui_home(tmp_path):
     for entry in download_models.CATALOG.values():
         for hub_path, local in entry.files:
-            assert local.split("/")[0] in ("diffusers", "text_encoders", "checkpoints", "vae"), local
+            assert local.split("/")[0] in ("diffusers", "text_encoders", "checkpoints", "vae", "controlnet"), local
             assert download_models.file_url("https://huggingface.co", entry.repo, hub_path) == \
                 f"https://huggingface.co/{entry.repo}/resolve/main/{hub_path}"
 

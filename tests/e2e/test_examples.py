@@ -54,7 +54,7 @@ def test_examples_are_listed_as_templates(server):
     templates = requests.get(server + "/workflow_templates", timeout=30).json()
     assert sorted(templates.get(PACK, [])) == EXAMPLES
     for name in EXAMPLES:  # each with its thumbnail
-        assert (REPO / "example_workflows" / f"{name}.png").is_file(), name
+        assert (REPO / "example_workflows" / f"{name}.jpg").is_file(), name
 
 
 @pytest.mark.parametrize("name", EXAMPLES)

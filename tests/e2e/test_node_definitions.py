@@ -1,0 +1,55 @@
+"""What the node definitions tell a user beyond inputs: a tooltip on every output (the server's /object_info
+`output_tooltips`), and search aliases where the running ComfyUI's V3 schema has the field (added in 2026; 0.3.75
+has none, and the pack must still load there)."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import requests
+
+from conftest import NODE_IDS
+
+
+@pytest.fixture(scope="module")
+def object_info(comfy_server) -> dict:
+    return requests.get(comfy_server.url + "/object_info", timeout=60).json()
+
+
+@pytest.mark.parametrize("node_id", NODE_IDS)
+def test_every_output_has_a_tooltip_in_object_info(object_info, node_id):
+    info = object_info[node_id]
+    assert len(info["output_tooltips"]) == len(info["output"]) > 0, info
+    for name, tip in zip(info["output_name"], info["output_tooltips"]):
+        assert isinstance(tip, str) and len(tip) > 10, (node_id, name, tip)
+
+
+def _schema_fields() -> set[str]:
+    from comfy_api.v0_0_2 import io
+
+    return {f.name for f in dataclasses.fields(io.Schema)}
+
+
+def test_on_a_comfyui_without_search_aliases_the_nodes_load_without_them(comfy, object_info):
+    if "search_aliases" in _schema_fields():
+        pytest.skip("this ComfyUI's io.Schema has search_aliases (a 2026 build): nothing to check here")
+    for node_id in NODE_IDS:
+        schema = comfy.NODE_CLASS_MAPPINGS[node_id].define_schema()  # builds: no unknown keyword reached it
+        assert not hasattr(schema, "search_aliases")
+        assert "search_aliases" not in object_info[node_id]
+
+
+def test_a_schema_with_search_aliases_gets_them(comfy, monkeypatch):
+    """A newer ComfyUI, simulated: io.Schema with the field 2026 builds added (`search_aliases: list[str]`)."""
+    from comfy_api.v0_0_2 import io
+
+    if "search_aliases" not in _schema_fields():
+        newer = dataclasses.make_dataclass("Schema", [("search_aliases", list, dataclasses.field(default=None))],
+                                           bases=(io.Schema,))
+        monkeypatch.setattr(io, "Schema", newer)
+    for node_id in NODE_IDS:
+        schema = comfy.NODE_CLASS_MAPPINGS[node_id].define_schema()
+        aliases = schema.search_aliases
+        assert aliases and all(isinstance(a, str) and a for a in aliases), (node_id, aliases)
+        # the plain-letters name: users type "sigma", the display names say "Σ"
+        assert any(a.startswith("pixart sigma") for a in aliases), (node_id, aliases)
