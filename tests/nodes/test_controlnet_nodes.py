@@ -10,11 +10,20 @@ import pytest
 import reference_settings as reference
 import torch
 from PIL import Image
-from harness.graphs import graph
 
 from harness import controlnet_files as cfiles
 from harness import models as tiny
+from harness.comfyui import pack
 from harness.controlnet_reference import ReferenceAdapter, controlled
+from harness.fake_gpu import (
+    CPU,
+    META,
+    budget_for_partial,
+    dit_inputs,
+    fake_gpu,
+    placement,
+)
+from harness.graphs import graph
 
 SCALE = reference.VAE_SCALING["sdxl"]  # the tiny graph's Σ DiT works in the SDXL latent space
 ADAPTER, OTHER, ZERO = "tiny-sigma-controlnet.safetensors", "tiny-sigma-controlnet-b.safetensors", "tiny-zero.safetensors"
@@ -423,7 +432,6 @@ def test_adapter_is_loaded_partially_and_offloaded_by_comfyui(comfy, tmp_path):
     them streams per forward (cast-weights layers), the controlled forward runs on the device; when another model
     needs the GPU, ComfyUI unloads the ControlNet too."""
     import comfy.model_management as mm
-    from test_gpu_readiness import META, budget_for_partial, dit_inputs, fake_gpu, pack, placement
 
     from pixart_core import controlnet as cn
     from pixart_core import controlnet_files as cnf
@@ -459,7 +467,6 @@ def _held(mm, patcher) -> bool:
 @torch.no_grad()
 def test_partially_loaded_adapter_gives_the_whole_adapters_output(comfy, tmp_path):
     """ComfyUI's partial (lowvram) load of the ControlNet streams its layers per forward: the same output."""
-    from test_gpu_readiness import CPU, dit_inputs, pack
 
     from pixart_core import controlnet as cn
     from pixart_core import controlnet_files as cnf

@@ -18,28 +18,15 @@ from safetensors.torch import save_file
 
 from harness import models as tiny
 from harness.comfyui import pack
-from harness.fake_gpu import CPU, META, GiB, budget_for_partial, fake_gpu
-
-
-def dit_inputs(dit, device):
-    torch.manual_seed(0)
-    x = torch.randn(2, 4, 8, 8)
-    emb = torch.randn(2, 5, dit.config.caption_channels)
-    t = torch.tensor([999, 999])
-    return dict(hidden_states=x.to(device), encoder_hidden_states=emb.to(device), timestep=t.to(device),
-                added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
-
-
-def placement(model: torch.nn.Module) -> tuple[set, int]:
-    """(devices of tensors that are not streamed, how many modules stream their weights per forward)."""
-    devices, streamed = set(), 0
-    for m in model.modules():
-        if getattr(m, "comfy_cast_weights", False):
-            streamed += 1
-            continue
-        devices |= {t.device.type for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))}
-    return devices, streamed
-
+from harness.fake_gpu import (
+    CPU,
+    META,
+    GiB,
+    budget_for_partial,
+    dit_inputs,
+    fake_gpu,
+    placement,
+)
 
 STATES = ["NORMAL_VRAM", "LOW_VRAM", "NO_VRAM", "HIGH_VRAM", "SHARED"]
 
