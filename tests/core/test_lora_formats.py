@@ -16,6 +16,7 @@ from harness.lora_files import rand as _rand
 from harness.lora_files import shapes_of as _shapes
 from harness.lora_files import t5_lora as _t5_lora
 from pixart_core import lora as core_lora
+from pixart_core import lora_keys
 
 
 # Other models' LoRA keys, as their trainers write them.
@@ -178,14 +179,14 @@ def test_lokr_and_loha_split_on_fused_layers_as_their_products_do():
 
 
 def test_describe_lora_names_other_models():
-    assert core_lora.describe_lora(["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"]) == \
+    assert lora_keys.describe_lora(["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"]) == \
         "a LoRA for a CLIP text encoder only"
-    assert "SDXL" not in (core_lora.describe_lora(["lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_ff"]) or "")
-    assert core_lora.describe_lora(["lora_unet_down_blocks_1_attentions_0_proj_in", "lora_te2_x"]).startswith(
+    assert "SDXL" not in (lora_keys.describe_lora(["lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_ff"]) or "")
+    assert lora_keys.describe_lora(["lora_unet_down_blocks_1_attentions_0_proj_in", "lora_te2_x"]).startswith(
         "a Stable Diffusion XL LoRA")
-    assert core_lora.describe_lora(["transformer.transformer_blocks.0.ff_context.net.0.proj"]) == \
+    assert lora_keys.describe_lora(["transformer.transformer_blocks.0.ff_context.net.0.proj"]) == \
         "a LoRA for an MMDiT model (Flux or Stable Diffusion 3)"
-    assert core_lora.describe_lora(["transformer_blocks.0.attn1.to_q", "blocks.0.attn.qkv"]) is None
+    assert lora_keys.describe_lora(["transformer_blocks.0.attn1.to_q", "blocks.0.attn.qkv"]) is None
 
 
 def test_peft_settings_read_both_metadata_forms():
@@ -262,7 +263,7 @@ def test_lokr_factored_forms_split_on_fused_layers():
 
 def test_fused_rows_come_from_each_part_and_one_weight_takes_one_patch():
     shapes = {f"transformer_blocks.0.attn1.to_{c}.weight": (6, 4) for c in "qkv"}
-    targets = core_lora.dit_targets(shapes)
+    targets = lora_keys.dit_targets(shapes)
     assert targets["blocks.0.attn.qkv"].rows == (6, 6, 6)
     assert targets["lora_unet_blocks_0_attn_qkv"].params == tuple(shapes)
     sd = {"lora_unet_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.zeros(6, 1),
@@ -290,7 +291,7 @@ def test_foreign_refusal_needs_most_keys_to_be_foreign():
     assert plan.unplaced == ["lora_unet_down_blocks_x.alpha: no module of the PixArt DiT has this name"]
     with pytest.raises(core_lora.LoraError, match=r"1\.x/2\.x LoRA .*\(e\.g\. lora_unet_down_blocks_0_attentions_0_proj_in\.lora_down"):
         core_lora.prepare({**ours, **stray}, shapes, name="mixed.safetensors")  # 2 of 4: half
-    assert core_lora.describe_lora(["unet.down_blocks.1.attentions.0.proj_in", "text_encoder_2.x"]).startswith(
+    assert lora_keys.describe_lora(["unet.down_blocks.1.attentions.0.proj_in", "text_encoder_2.x"]).startswith(
         "a Stable Diffusion XL LoRA")  # diffusers' SDXL naming: a second text encoder
 
 
