@@ -1,4 +1,5 @@
-"""ComfyUI in this process: start-up with this pack as a custom node, and one executor for API-format prompts.
+"""ComfyUI in this process: start-up with this pack as a custom node, one executor for API-format prompts, the pack's
+modules as ComfyUI imported them, and runs under a memory cap (for out-of-memory tests).
 
 The import path must already name ComfyUI (pytest: pyproject.toml's `pythonpath`; child processes:
 location.child_env(); call location.use() first so that .cache/comfyui points at the right checkout).
@@ -8,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -93,6 +95,42 @@ def init_comfy(base: Path | None = None, *, pack: bool = True, cpu: bool = True,
         raise RuntimeError(f"this pack did not load into ComfyUI at {comfy_path} (nodes missing: {missing}); "
                            "its log above says why")
     return nodes
+
+
+def pack(module: str):
+    """The pack's module as ComfyUI imported it (from custom_nodes/, under the pack's folder name), e.g.
+    pack("nodes.comfy.loading")."""
+    found = [m for n, m in sys.modules.items() if n.endswith(f"{location.PACK}." + module)]
+    assert found, f"the pack's {module} is not loaded"
+    return found[0]
+
+
+def clear_embeddings(comfy=None) -> None:
+    """Empty the pack's module-level embedding cache (nodes.text.EMBEDDINGS) as ComfyUI loaded it."""
+    mods = [m for name, m in sys.modules.items() if name.endswith(f"{location.PACK}.nodes.text")]
+    assert mods, "the pack's nodes.text module is not loaded"
+    for m in mods:
+        m.EMBEDDINGS.clear()
+
+
+def error_text(result: dict) -> str:
+    """An Executor.run result's error and validation errors as one string (for assertions on messages)."""
+    return f"{result.get('error')} {result.get('node_errors', '')}"
+
+
+def run_capped(executor: "Executor", prompts: list[dict], headroom_mib: int = 750) -> list[dict]:
+    """Run prompts with this process's address space capped `headroom_mib` above its size now (RLIMIT_AS), so
+    that a large allocation really fails with an out-of-memory error; the cap is lifted afterwards."""
+    import resource
+
+    with open("/proc/self/status") as f:
+        size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (size + headroom_mib * 2**20, hard))
+    try:
+        return [executor.run(p) for p in prompts]
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 def _move_models_dir(folder_paths, models: Path) -> None:

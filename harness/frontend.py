@@ -1,6 +1,6 @@
 """The real ComfyUI frontend (served by a ComfyUI server) in headless Debian chromium, driven by Playwright:
 load a workflow the way a user opens one, report what the frontend could not resolve, convert it with the
-frontend's own graphToPrompt(), take a screenshot. Used by tests/test_examples.py and harness/make_thumbnails.py.
+frontend's own graphToPrompt(), take a screenshot. Used by tests/e2e/test_examples.py and harness/make_thumbnails.py.
 
 Chromium comes from Debian (`apt-get install chromium`, done by scripts/test); `playwright install` is never run.
 Besides the frontend ComfyUI 0.3.75 ships (the pinned comfyui-frontend-package), `static_root(NEWEST)` fetches the

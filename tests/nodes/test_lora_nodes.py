@@ -1,0 +1,306 @@
+"""PixArt-Σ LoRA Loader in ComfyUI: every file format against a hand-merged model, stacking, strength 0, unloading,
+T5 parts, quantized T5, other models' LoRAs, and the graph in ComfyUI's executor with the DiT offloaded between
+prompts.
+
+Expected values come from outside the pack: the merge formula by hand (LoRA W + s·(alpha/rank)·B·A, LoHa
+W + s·(alpha/rank)·(w1a·w1b)⊙(w2a·w2b), LoKr W + s·(alpha/rank)·kron(w1, w2a·w2b), as LyCORIS defines them), the
+original → diffusers layout of DESIGN.md §3 (fused qkv rows in q, k, v order), PEFT's own forward of its LoRA'd
+model, and diffusers' / transformers' forwards of the hand-merged weights.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from harness import models as tiny
+from harness.graphs import DIT_FILE, graph
+from harness.graphs import saved_images as _saved_images
+from harness.lora_files import FORMATS, kohya_diffusers, kohya_original, merge, peft_folder, write_lora
+from harness.lora_files import t5_lora as _t5_lora
+from pixart_core import t5 as ct5
+
+T5_FILE = "tiny_t5xxl_fp16.safetensors"
+STRENGTH = 0.7
+torch.manual_seed(0)
+
+
+# ------------------------------------------------------------------------------------------------ the nodes
+
+def _node(comfy, node_id):
+    return comfy.NODE_CLASS_MAPPINGS[node_id]
+
+
+def load_dit(comfy):
+    return _node(comfy, "PixArtSigmaDiTLoader").execute(dit_name=DIT_FILE, variant="auto", dtype="fp32").result[0]
+
+
+def apply(comfy, dit, name, strength=STRENGTH, t5=None, t5_strength=1.0):
+    return _node(comfy, "PixArtSigmaLoraLoader").execute(dit=dit, lora_name=name, strength=strength, t5=t5,
+                                                           t5_strength=t5_strength).result
+
+
+def loaded_weights(handle) -> dict[str, torch.Tensor]:
+    """The weights ComfyUI runs the model with: load the patcher (merging its patches), copy its state dict."""
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([handle.patcher])
+    return {k: v.detach().clone() for k, v in handle.patcher.model.inner.state_dict().items()}
+
+
+def dit_out(weights, config=None):
+    """diffusers' PixArtTransformer2DModel forward with these weights on fixed inputs."""
+    from diffusers import PixArtTransformer2DModel
+
+    model = PixArtTransformer2DModel(**(config or tiny.dit_config())).eval()
+    model.load_state_dict(weights)
+    return forward(model)
+
+
+def forward(model):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    cond = torch.randn(1, 5, tiny.T5_WIDTH, generator=g)
+    with torch.no_grad():
+        return model(x, encoder_hidden_states=cond, timestep=torch.tensor([500]),
+                     added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+
+
+@pytest.fixture(autouse=True)
+def _unload(request):
+    """Tests inside ComfyUI start and end with nothing loaded; the key-conversion tests need no ComfyUI."""
+    if not {"comfy", "executor"} & set(request.fixturenames):
+        yield
+        return
+    import comfy.model_management as mm
+
+    mm.unload_all_models()
+    yield
+    mm.unload_all_models()
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_lora_format_equals_hand_merged_model(comfy, comfy_base, tiny_models, fmt):
+    import comfy.model_management as mm
+
+    base_w = {k: v.clone() for k, v in tiny_models["dit"].state_dict().items()}
+    made = FORMATS[fmt](tiny_models["dit"])
+    sd, extra, deltas = made[:3]
+    name = write_lora(comfy_base, f"lora_{fmt}", sd, extra)
+    dit = load_dit(comfy)
+    out_dit, out_t5 = apply(comfy, dit, name)
+    assert out_t5 is None and out_dit is not dit and out_dit.patcher is not dit.patcher
+    expected = merge(base_w, (STRENGTH, deltas))
+    got = loaded_weights(out_dit)
+    for k in base_w:
+        torch.testing.assert_close(got[k], expected[k], atol=1e-5, rtol=0, msg=f"{fmt}: {k}")
+    assert len(deltas) >= 3
+    assert (dit_out(got) - dit_out(expected)).abs().max() <= 1e-5
+    assert (dit_out(got) - dit_out(base_w)).abs().max() > 1e-3  # the LoRA changes the output
+    if len(made) > 3:  # PEFT's own LoRA'd model at the same strength: PEFT's forward is the reference
+        peft_model = made[3]
+        for module in peft_model.modules():
+            if hasattr(module, "scaling"):
+                module.scaling = {a: s * STRENGTH for a, s in module.scaling.items()}
+        g = torch.Generator().manual_seed(3)
+        x, cond = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 5, tiny.T5_WIDTH, generator=g)
+        with torch.no_grad():
+            ref = peft_model(x, encoder_hidden_states=cond, timestep=torch.tensor([500]),
+                             added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        assert (dit_out(got) - ref).abs().max() <= 1e-5
+    # unloading (ComfyUI's unpatch) restores the original weights bit-exact; the base handle never changed
+    mm.unload_all_models()
+    for k, v in out_dit.patcher.model.inner.state_dict().items():
+        assert torch.equal(v, base_w[k]), k
+    assert not dit.patcher.patches
+    for k, v in loaded_weights(dit).items():
+        assert torch.equal(v, base_w[k]), k
+
+
+def test_partially_loaded_lora_dit_streams_patched_weights(comfy, comfy_base, tiny_models):
+    """ComfyUI's partial (lowvram) load of a LoRA'd DiT: the layers that do not fit keep their original weights and
+    get the LoRA applied on the fly at each forward (ComfyUI's LowVramPatch on our cast-weights layers); the output
+    is the hand-merged model's, and unpatching leaves the weights as they were."""
+    base_w = {k: v.clone() for k, v in tiny_models["dit"].state_dict().items()}
+    sd, _, deltas = kohya_original(tiny_models["dit"])
+    out, _ = apply(comfy, load_dit(comfy), write_lora(comfy_base, "lora_partial", sd))
+    patcher = out.patcher
+    cpu = torch.device("cpu")
+    patcher.patch_model(device_to=cpu, lowvram_model_memory=patcher.model_size() // 2)
+    try:
+        streamed = [m for m in patcher.model.modules() if getattr(m, "weight_function", None)]
+        assert streamed, "no LoRA'd layer was left to stream: not a partial load"
+        inner = patcher.model.inner
+        kept = [k for k in deltas if torch.equal(inner.state_dict()[k], base_w[k])]
+        assert kept, "every LoRA'd weight was merged in place: nothing was patched on the fly"
+        got = forward(inner)
+    finally:
+        patcher.unpatch_model(cpu)
+    assert (got - dit_out(merge(base_w, (STRENGTH, deltas)))).abs().max() <= 1e-5
+    for k, v in patcher.model.inner.state_dict().items():
+        assert torch.equal(v, base_w[k]), k
+
+
+def test_strength_zero_is_the_base_model(comfy, comfy_base, tiny_models):
+    sd, _, _ = kohya_diffusers(tiny_models["dit"])
+    name = write_lora(comfy_base, "lora_zero", sd)
+    dit = load_dit(comfy)
+    out, _ = apply(comfy, dit, name, strength=0.0)
+    for k, v in loaded_weights(out).items():
+        assert torch.equal(v, tiny_models["dit"].state_dict()[k]), k
+
+
+def test_two_stacked_loras_add_up(comfy, comfy_base, tiny_models):
+    base_w = tiny_models["dit"].state_dict()
+    sd1, _, d1 = kohya_diffusers(tiny_models["dit"])
+    sd2, extra2, d2, _ = peft_folder(tiny_models["dit"])
+    n1, n2 = write_lora(comfy_base, "stack_a", sd1), write_lora(comfy_base, "stack_b", sd2, extra2)
+    dit = load_dit(comfy)
+    first, _ = apply(comfy, dit, n1, strength=0.6)
+    both, _ = apply(comfy, first, n2, strength=-0.4)
+    got = loaded_weights(both)
+    assert set(d1) & set(d2)  # both change some of the same weights
+    want = merge(base_w, (0.6, d1), (-0.4, d2))
+    for k in base_w:
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=0, msg=k)
+    assert len(first.patcher.patches) < len(both.patcher.patches) and not dit.patcher.patches
+
+
+def _encode(comfy, t5, text="a red fox in the snow"):
+    return _node(comfy, "PixArtSigmaTextEncode").execute(t5=t5, positive=text, negative="", max_tokens=300).result[0]
+
+
+def test_t5_part_equals_hand_merged_t5_and_gets_its_own_embeddings(comfy, comfy_base, tiny_models, tokenizer, caplog):
+    t5_model = tiny_models["t5"]
+    t5_sd, t5_deltas = _t5_lora(t5_model)
+    sd, _, dit_deltas = kohya_diffusers(tiny_models["dit"])
+    name = write_lora(comfy_base, "lora_with_t5", {**sd, **t5_sd})
+    t5 = _node(comfy, "PixArtSigmaT5Loader").execute(t5_name=T5_FILE, quantization="none", dtype="fp32").result[0]
+    base_cond = _encode(comfy, t5)
+    with caplog.at_level(logging.INFO):
+        dit, new_t5 = apply(comfy, load_dit(comfy), name, t5=t5, t5_strength=0.5)
+    assert "DiT: 7 weights patched (strength 0.7); T5: 3 weights patched (strength 0.5)" in caplog.text
+    assert new_t5.identity != t5.identity and not t5.patcher.patches
+    got = loaded_weights(new_t5)
+    fp16_base = {k: v.half().float() for k, v in t5_model.state_dict().items()}  # the file is fp16
+    for k, v in fp16_base.items():
+        want = v + 0.5 * t5_deltas[k] if k in t5_deltas else v
+        torch.testing.assert_close(got[k], want, atol=1e-5, rtol=0, msg=k)
+    # the LoRA'd T5's embeddings: transformers' T5 with the hand-merged weights, not the base T5's cached ones
+    cond = _encode(comfy, new_t5)
+    merged = tiny.make_t5()
+    merged.load_state_dict({k: v + 0.5 * t5_deltas[k] if k in t5_deltas else v for k, v in fp16_base.items()})
+    ids = tokenizer([ct5.preprocess("a red fox in the snow")], return_tensors="pt")
+    with torch.no_grad():
+        ref = merged(**ids).last_hidden_state
+    assert (cond.embeds - ref).abs().max() <= 1e-5
+    assert (cond.embeds - base_cond.embeds).abs().max() > 1e-3
+    assert torch.equal(_encode(comfy, t5).embeds, base_cond.embeds)  # the base T5 is unchanged
+    assert set(dit_deltas) <= {k[len("inner."):] for k in dit.patcher.patches}
+
+
+def test_quantized_t5_warns_and_the_dit_part_still_applies(comfy, comfy_base, tiny_models, caplog):
+    t5_sd, _ = _t5_lora(tiny_models["t5"])
+    sd, _, deltas = kohya_diffusers(tiny_models["dit"])
+    name = write_lora(comfy_base, "lora_quant_t5", {**sd, **t5_sd})
+    t5 = _node(comfy, "PixArtSigmaT5Loader").execute(t5_name=T5_FILE, quantization="8-bit (bitsandbytes)",
+                                                     dtype="auto").result[0]
+    with caplog.at_level(logging.WARNING):
+        dit, same_t5 = apply(comfy, load_dit(comfy), name, t5=t5)
+    assert same_t5 is t5 and not t5.patcher.patches
+    text = caplog.text
+    assert "T5" in text and "NOT applied" in text and "quantized" in text and "quantization 'none'" in text
+    got = loaded_weights(dit)
+    base = tiny_models["dit"].state_dict()
+    want = merge(base, (STRENGTH, deltas))
+    for k in deltas:
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=0)
+
+
+def test_t5_keys_without_a_t5_are_reported(comfy, comfy_base, tiny_models, caplog):
+    t5_sd, _ = _t5_lora(tiny_models["t5"])
+    sd, _, _ = kohya_diffusers(tiny_models["dit"])
+    name = write_lora(comfy_base, "lora_t5_unconnected", {**sd, **t5_sd})
+    with caplog.at_level(logging.WARNING):
+        apply(comfy, load_dit(comfy), name)
+    assert "8 T5 (text encoder) keys were NOT applied: no T5 is connected" in caplog.text
+
+
+def test_unplaceable_keys_are_listed(comfy, comfy_base, tiny_models, caplog):
+    sd, _, _ = kohya_diffusers(tiny_models["dit"])
+    extra = {"lora_unet_transformer_blocks_7_attn1_to_q.lora_down.weight": torch.zeros(4, 144),  # no block 7
+             "lora_unet_transformer_blocks_7_attn1_to_q.lora_up.weight": torch.zeros(144, 4),
+             "some_counter": torch.tensor(3)}
+    name = write_lora(comfy_base, "lora_extra_keys", {**sd, **extra})
+    with caplog.at_level(logging.INFO):
+        dit, _ = apply(comfy, load_dit(comfy), name)
+    assert "DiT: 7 weights patched (strength 0.7); T5: no T5 keys in this LoRA" in caplog.text
+    for k in extra:
+        assert k in caplog.text
+    assert "3 keys NOT applied" in caplog.text
+    assert len(dit.patcher.patches) == 7
+
+
+def test_other_model_lora_fails_the_node_clearly(executor, comfy_base):
+    sd = {"lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q.lora_down.weight": torch.zeros(4, 8),
+          "lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q.lora_up.weight": torch.zeros(8, 4)}
+    name = write_lora(comfy_base, "sdxl_style", sd)
+    result = executor.run(with_loras(graph(prefix="foreign"), [(name, 1.0)]))
+    assert not result["ok"]
+    message = result["error"]["exception_message"]
+    assert "sdxl_style.safetensors: this is a Stable Diffusion XL LoRA" in message and "not a PixArt LoRA" in message
+
+
+# ------------------------------------------------------------------------------------- in ComfyUI's executor
+
+def with_loras(prompt: dict, loras: list[tuple[str, float]]) -> dict:
+    """The graph with LoRA loaders chained between the DiT loader (node 3) and the sampler (node 4)."""
+    source = ["3", 0]
+    for i, (name, strength) in enumerate(loras):
+        nid = str(20 + i)
+        prompt[nid] = {"class_type": "PixArtSigmaLoraLoader",
+                       "inputs": {"dit": source, "lora_name": name, "strength": strength}}
+        source = [nid, 0]
+    prompt["4"]["inputs"]["dit"] = source
+    return prompt
+
+
+def test_graph_with_stacked_loras_survives_offload_and_equals_merged_file(executor, comfy, comfy_base, tiny_models):
+    import comfy.model_management as mm
+
+    sd1, _, d1 = kohya_diffusers(tiny_models["dit"])
+    sd2, _, d2 = kohya_original(tiny_models["dit"])
+    n1, n2 = write_lora(comfy_base, "graph_a", sd1), write_lora(comfy_base, "graph_b", sd2)
+    base = tiny_models["dit"].state_dict()
+    merged = merge(base, (0.8, d1), (0.5, d2))
+    merged_name = "tiny-merged-PixArt-Sigma-XL-2-1024-MS.safetensors"
+    save_file(merged, str(comfy_base / "models" / "checkpoints" / merged_name))
+
+    def image(prompt):
+        result = executor.run(prompt)
+        assert result["ok"], result["error"]
+        return _saved_images(result, comfy_base)[0].astype(int)
+
+    loras = [(n1, 0.8), (n2, 0.5)]
+    with_lora = image(with_loras(graph(prefix="lora_a", seed=11), loras))
+    mm.unload_all_models()  # the DiT (and its patches) leave memory; the LoRA'd handle stays in ComfyUI's cache
+    hand = image(graph(prefix="lora_merged", seed=11, dit=merged_name))
+    plain = image(graph(prefix="lora_plain", seed=11))
+    mm.unload_all_models()
+    again = image(with_loras(graph(prefix="lora_b", seed=12), loras))  # reloaded: patched again
+    hand_again = image(graph(prefix="lora_merged_b", seed=12, dit=merged_name))
+    assert np.abs(with_lora - hand).max() <= 1 and np.abs(again - hand_again).max() <= 1
+    assert np.abs(with_lora - plain).mean() > 2  # the LoRA changes the image
+
+
+def test_t5_output_without_t5_input_fails_text_encode_clearly(executor, comfy_base, tiny_models):
+    name = write_lora(comfy_base, "lora_no_t5_in", kohya_diffusers(tiny_models["dit"])[0])
+    prompt = with_loras(graph(prefix="no_t5"), [(name, 1.0)])
+    prompt["2"]["inputs"]["t5"] = ["20", 1]  # the LoRA loader's t5 output, its t5 input left open
+    result = executor.run(prompt)
+    assert not result["ok"]
+    assert "the t5 output of PixArt-Σ LoRA Loader carries a T5 only when its t5 input is connected" in \
+        result["error"]["exception_message"]

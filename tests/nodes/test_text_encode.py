@@ -1,0 +1,121 @@
+"""The Text Encode node inside ComfyUI: its embedding cache serves nothing stale, the token limit follows the DiT
+(120 for PixArt-α, 300 for Σ), each prompt is cleaned once per encode, and workflows saved before caption_cleaning
+existed still load and run."""
+from __future__ import annotations
+
+import sys
+import uuid
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from cases import LONG_PROMPT as LONG
+from harness import models as tiny
+
+T5_FILE = "tiny_t5xxl_fp16.safetensors"
+PASSES_PER_CLEANING = 2  # diffusers: _clean_caption twice per prompt
+
+
+def _prompt(max_tokens, cleaning, positive=LONG, **kw):
+    from harness.graphs import graph
+
+    p = graph(positive=positive, save_latent=True, prefix=f"cache_{max_tokens}_{cleaning}", **kw)
+    p["2"]["inputs"].update(max_tokens=max_tokens, caption_cleaning=cleaning)
+    return p
+
+
+def _latents(result, comfy_base) -> torch.Tensor:
+    assert result["ok"], result["error"]
+    info = result["outputs"]["8"]["latents"][0]
+    return load_file(str(comfy_base / "output" / info["subfolder"] / info["filename"]))["latent_tensor"]
+
+
+def test_text_encode_cache_serves_nothing_stale(comfy, comfy_base):
+    """Runs changing only max_tokens or caption_cleaning, one after the other (the pack's embedding cache warm), give
+    what a fresh ComfyUI with an empty cache gives."""
+    from conftest import Executor
+    from harness.comfyui import clear_embeddings
+
+    settings = [(300, "diffusers"), (120, "diffusers"), (120, "none"), (300, "none")]
+    clear_embeddings(comfy)
+    warm = Executor()
+    in_sequence = [_latents(warm.run(_prompt(*s)), comfy_base) for s in settings]
+    fresh = []
+    for s in settings:
+        clear_embeddings(comfy)
+        fresh.append(_latents(Executor().run(_prompt(*s)), comfy_base))
+    for s, a, b in zip(settings, in_sequence, fresh):
+        assert torch.equal(a, b), f"{s}: a cached embedding of another setting was used"
+    for i in range(len(settings)):
+        for j in range(i + 1, len(settings)):
+            assert not torch.equal(fresh[i], fresh[j]), (settings[i], settings[j])
+
+
+def test_alpha_dit_reads_120_tokens_when_max_tokens_is_left_to_it(comfy, comfy_base):
+    """max_tokens 0: a PixArt-α DiT samples from the prompt encoded at 120 tokens (its release's limit), exactly as
+    with max_tokens 120; a Σ DiT from 300 tokens."""
+    from conftest import Executor
+
+    dit = tiny.make_dit(sample_size=64, interpolation_scale=1.0)
+    save_file(dit.state_dict(), str(comfy_base / "models" / "checkpoints" / "tiny-PixArt-XL-2-512x512.safetensors"))
+    save_file(tiny.vae_to_ldm(tiny.make_vae().state_dict()),
+              str(comfy_base / "models" / "vae" / "tiny-vae-ft-mse-840000-ema-pruned.safetensors"))
+    alpha = dict(dit="tiny-PixArt-XL-2-512x512.safetensors", vae="tiny-vae-ft-mse-840000-ema-pruned.safetensors")
+    run = Executor().run
+    auto = _latents(run(_prompt(0, "diffusers", **alpha)), comfy_base)
+    at_120 = _latents(run(_prompt(120, "diffusers", **alpha)), comfy_base)
+    at_300 = _latents(run(_prompt(300, "diffusers", **alpha)), comfy_base)
+    assert torch.equal(auto, at_120) and not torch.equal(auto, at_300)
+    sigma_auto = _latents(run(_prompt(0, "diffusers")), comfy_base)
+    sigma_300 = _latents(run(_prompt(300, "diffusers")), comfy_base)
+    assert torch.equal(sigma_auto, sigma_300)
+
+
+def test_workflow_saved_before_caption_cleaning_still_loads_and_runs(comfy, executor):
+    """A UI workflow saved before caption_cleaning existed (three Text Encode widget values, max_tokens 120) converts
+    and validates in ComfyUI, with the default cleaning and its saved limit."""
+    import json
+
+    from conftest import REPO
+    from harness import comfyui
+    from harness.workflow import ui_to_api
+    from harness.graphs import graph
+
+    wf = json.loads((REPO / "example_workflows" / "pixart_alpha_512.json").read_text())
+    enc = next(n for n in wf["nodes"] if n["type"] == "PixArtSigmaTextEncode")
+    enc["widgets_values"] = [enc["widgets_values"][0], "", 120]  # as saved by the previous version
+    prompt = ui_to_api(wf, comfyui.object_info(comfy, {n["type"] for n in wf["nodes"]}))
+    inputs = next(n["inputs"] for n in prompt.values() if n["class_type"] == "PixArtSigmaTextEncode")
+    assert inputs["max_tokens"] == 120 and "caption_cleaning" not in inputs
+    old_api = graph(seed=31)  # an API prompt from before: no caption_cleaning input at all
+    assert "caption_cleaning" not in old_api["2"]["inputs"]
+    result = executor.run(old_api)
+    assert result["ok"], result["error"]
+
+
+def test_text_encode_cleans_each_prompt_once_at_every_limit(comfy, monkeypatch):
+    """The cleaned text keys the embedding cache and is what T5 reads, at every token limit it encodes. diffusers'
+    caption cleaning is one `_clean_caption` pass applied twice per prompt (PixArtSigmaPipeline._text_preprocessing:
+    `text = self._clean_caption(text)` twice), so one cleaning of a prompt is two passes. The passes are counted on
+    the pack's own `clean_caption`, which keeps running (the count wraps it)."""
+    loader, encode = comfy.NODE_CLASS_MAPPINGS["PixArtSigmaT5Loader"], comfy.NODE_CLASS_MAPPINGS["PixArtSigmaTextEncode"]
+    captions = sys.modules[encode.__module__].captions  # the pack's module, as ComfyUI imported it
+    real, passes = captions.clean_caption, []
+
+    def counted(caption: str) -> str:
+        passes.append(caption)
+        return real(caption)
+
+    monkeypatch.setattr(captions, "clean_caption", counted)
+    t5 = loader.execute(t5_name=T5_FILE, quantization="none", dtype="fp32").result[0]
+    tag = uuid.uuid4().hex[:8]  # prompts no earlier encode cached
+    positive = f"A Photo of a red fox {tag} " + " ".join(["cat"] * 200)  # over 120 tokens: encoded at 300 and 120
+    negative = f"blurry {tag}"
+    pos, neg = encode.execute(t5=t5, positive=positive, negative=negative, max_tokens=0,
+                              caption_cleaning="diffusers").result
+    assert 120 in pos.at_limit and pos.mask.shape[1] > 120  # both limits were encoded
+    assert len(passes) == 2 * PASSES_PER_CLEANING, len(passes)
+    passes.clear()
+    again = encode.execute(t5=t5, positive=positive, negative=negative, max_tokens=0, caption_cleaning="diffusers")
+    assert again.result[0] is pos  # read from the embedding cache, keyed by the cleaned text
+    assert len(passes) == 2 * PASSES_PER_CLEANING, len(passes)
