@@ -1,13 +1,16 @@
 """Reading weight files safely, and telling users what a file looks like when it is not what they chose."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import mmap
 import os
 import pickle
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from .logs import logger_name
@@ -90,18 +93,72 @@ def _needs_conversion(header: dict, dtype: torch.dtype) -> bool:
 
 
 def _read_safetensors_as(path: Path, header: dict, start: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """A safetensors file read one tensor at a time with plain reads, each floating tensor converted to `dtype`
-    as it arrives: peak memory is the converted model plus one source tensor. (Converting a memory-mapped file
-    keeps every source page mapped, and counted in the process's memory, until the last tensor is converted.)
-    `header` and `start` (where the tensor data begins) come from _check_safetensors_header."""
+    """A safetensors file read one tensor at a time, each floating tensor converted to `dtype` as it is read: peak
+    memory is the converted model plus the tensors being converted. `header` and `start` (where the tensor data
+    begins) come from _check_safetensors_header.
+
+    The file is memory-mapped and each tensor converted straight from the map (no copy through a read buffer);
+    its source pages leave the process's mapping once converted, so the file is never counted in the process's
+    memory beside the converted model. Where the platform cannot drop mapped pages, plain reads do the same."""
+    items = [(k, v) for k, v in header.items() if k != "__metadata__"]
+    for name, info in items:
+        if info["dtype"] not in _ST_DTYPES:
+            raise WeightFileError(f"{path.name}: tensor {name} has dtype {info['dtype']}, which this loader does not read.")
+    if not _DROPS_MAPPED_PAGES:
+        return _read_plain_as(path, items, start, dtype)
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private and writable: torch.frombuffer takes it
+    try:
+        with _one_thread_per_op(), ThreadPoolExecutor(_CONVERT_WORKERS) as pool:
+            tensors = list(pool.map(lambda item: _convert_mapped(m, start, item[1], dtype), items))
+    finally:
+        try:
+            m.close()
+        except BufferError:  # a view still alive (none should be): the map goes when it does
+            pass
+    return {name: t for (name, _), t in zip(items, tensors)}
+
+
+_DROPS_MAPPED_PAGES = hasattr(mmap.mmap, "madvise") and hasattr(mmap, "MADV_DONTNEED")  # not on Windows
+# Conversions in flight: one per core, each on one thread (a torch op split over threads waits at its end for the
+# slowest thread, which costs most where other processes share the cores; whole tensors per thread do not wait).
+_CONVERT_WORKERS = max(1, min(4, os.cpu_count() or 1))
+
+
+def _convert_mapped(m: mmap.mmap, start: int, info: dict, dtype: torch.dtype) -> torch.Tensor:
+    """One tensor of a mapped safetensors file, converted to `dtype` when floating (else copied), its source
+    pages then dropped from the mapping (the page cache keeps them)."""
+    src = _ST_DTYPES[info["dtype"]]
+    begin, end = start + info["data_offsets"][0], start + info["data_offsets"][1]
+    target = dtype if src.is_floating_point else src
+    if end == begin:
+        return torch.empty(info["shape"], dtype=target)
+    view = torch.frombuffer(m, dtype=src, count=(end - begin) // src.itemsize, offset=begin).reshape(info["shape"])
+    t = view.to(target) if target != src else view.clone()
+    del view
+    first, last = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:  # whole pages only: a page shared with a neighbour goes with the map
+        m.madvise(mmap.MADV_DONTNEED, first, last - first)
+    return t
+
+
+@contextlib.contextmanager
+def _one_thread_per_op() -> Iterator[None]:
+    """torch ops started meanwhile (also from new threads) run on one thread each."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _read_plain_as(path: Path, items: list, start: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """_read_safetensors_as with plain reads into a buffer per tensor (where mapped pages cannot be dropped)."""
     out: dict[str, torch.Tensor] = {}
     with open(path, "rb") as f:
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            src = _ST_DTYPES.get(info["dtype"])
-            if src is None:
-                raise WeightFileError(f"{path.name}: tensor {name} has dtype {info['dtype']}, which this loader does not read.")
+        for name, info in items:
+            src = _ST_DTYPES[info["dtype"]]
             begin, end = info["data_offsets"]
             buf = bytearray(end - begin)
             f.seek(start + begin)
