@@ -46,9 +46,10 @@ class T5Loader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("t5_name", options=paths.choices(T5_FOLDERS, "text_encoder", T5_EXT),
                                tooltip="A T5-v1.1-XXL single file in models/text_encoders or models/clip "
-                                       "(t5xxl_fp16.safetensors, t5xxl_fp8_e4m3fn[_scaled].safetensors, or a GGUF such "
-                                       "as t5-v1_1-xxl-encoder-Q8_0.gguf) or a diffusers/transformers folder in "
-                                       "models/diffusers."),
+                                       "(t5xxl_fp16.safetensors, t5xxl_fp8_e4m3fn[_scaled].safetensors, or a GGUF "
+                                       "t5-v1_1-xxl-encoder-Q8_0.gguf ... Q3_K_S.gguf of types F32/F16/BF16, Q8_0, "
+                                       "Q6_K, Q5_K, Q5_1, Q5_0, Q4_K, Q4_1, Q4_0, Q3_K, Q2_K, IQ4_NL, IQ4_XS) or a "
+                                       "diffusers/transformers folder in models/diffusers."),
                 io.Combo.Input("quantization", options=list(QUANTIZATION_LABELS), default=DEFAULT_QUANTIZATION,
                                tooltip="bitsandbytes 8-bit (T5-XXL: 5.5 GiB) or 4-bit nf4 (4.0 GiB) instead of 8.9 GiB in bf16. "
                                        "Quantized once (on the GPU when T5 runs there) and kept in models/pixart_t5_cache "
