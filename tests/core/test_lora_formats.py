@@ -4,14 +4,15 @@ and other models' LoRAs refused by name. The files and their hand-computed chang
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from harness import models as tiny
-from harness.lora_files import (ORIGINAL_PLAIN, diffusers_file, kohya_diffusers, kohya_lora, kohya_original,
-                                peft_bare, peft_folder)
+from harness.lora_files import (ALPHA_PATTERN, ORIGINAL_PLAIN, diffusers_file, kohya_diffusers, kohya_lora,
+                                kohya_original, peft_bare, peft_folder, peft_patterns)
 from harness.lora_files import rand as _rand
 from harness.lora_files import shapes_of as _shapes
 from harness.lora_files import t5_lora as _t5_lora
@@ -103,6 +104,38 @@ def test_peft_scaling_becomes_comfyui_alpha(dit_model):
     plan = core_lora.prepare(sd, _shapes(dit_model))
     assert not [k for k in plan.dit if k.endswith(".alpha")]  # no alpha anywhere: ComfyUI's scale 1 (alpha = rank)
     assert plan.formats == ["LoRA (PEFT/diffusers), diffusers names"]
+
+
+def _peft_scalings(model) -> dict[str, float]:
+    """PEFT's own scaling of each layer it made (LoraLayer.scaling), by module name in the DiT."""
+    return {n[len("base_model.model."):]: m.scaling["default"] for n, m in model.named_modules()
+            if "default" in getattr(m, "scaling", {})}
+
+
+@pytest.mark.filterwarnings("ignore:The following (alpha|rank)_pattern keys did not match")  # PEFT agrees: by design
+@pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
+def test_alpha_and_rank_patterns_match_module_names_as_peft_does(dit_model, rslora):
+    """alpha_pattern / rank_pattern keys picked where PEFT's matching (a key ends the module name after a dot, a
+    regex, the first matching key wins) and a substring search disagree (harness.lora_files.ALPHA_PATTERN): PEFT's
+    own layers say which scaling each module got, and ComfyUI's alpha / rank in the plan is that scaling."""
+    sd, config, model = peft_patterns(dit_model, rslora)
+    meta = {"lora_adapter_metadata": json.dumps(config.to_dict(), default=list)}
+    plan = core_lora.prepare(sd, _shapes(dit_model), metadata=meta)
+    scalings = _peft_scalings(model)
+    assert set(scalings) == set(plan.dit_map) and len(scalings) == 27
+    ranks = {m: plan.dit[m + ".lora_A.weight"].shape[0] for m in scalings}
+    for module, scaling in scalings.items():
+        assert plan.dit[module + ".alpha"].item() / ranks[module] == pytest.approx(scaling, rel=1e-6), module
+    assert set(ranks.values()) == {2, 3, 4, 8}  # rank_pattern reached the tensors PEFT made (6: no module)
+    # the patterns tell the rules apart: a substring search would have scaled these modules otherwise
+    searched = {m: next((v for p, v in ALPHA_PATTERN.items() if re.search(p, m)), config.lora_alpha) for m in scalings}
+    root = (lambda r: r ** 0.5) if rslora else (lambda r: r)  # noqa: E731
+    differ = sorted(m for m in scalings if searched[m] / root(ranks[m]) != pytest.approx(scalings[m]))
+    assert differ == ["adaln_single.emb.timestep_embedder.linear_1", "adaln_single.emb.timestep_embedder.linear_2",
+                      "caption_projection.linear_1", "caption_projection.linear_2", "proj_out",
+                      "transformer_blocks.0.attn1.to_out.0", "transformer_blocks.0.attn2.to_out.0",
+                      "transformer_blocks.1.attn1.to_out.0", "transformer_blocks.1.attn1.to_q",
+                      "transformer_blocks.1.attn2.to_out.0"]
 
 
 def test_t5_names_and_text_encoder_keys_without_a_t5(dit_model):

@@ -9,7 +9,9 @@ model, and diffusers' / transformers' forwards of the hand-merged weights.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -19,7 +21,8 @@ from safetensors.torch import save_file
 from harness import models as tiny
 from harness.graphs import DIT_FILE, graph
 from harness.graphs import saved_images as _saved_images
-from harness.lora_files import FORMATS, kohya_diffusers, kohya_original, merge, peft_folder, write_lora
+from harness.lora_files import (FORMATS, kohya_diffusers, kohya_lora, kohya_original, merge, peft_adapter, peft_folder,
+                                peft_patterns, shapes_of, write_lora)
 from harness.lora_files import t5_lora as _t5_lora
 from pixart_core import t5 as ct5
 
@@ -167,6 +170,28 @@ def test_two_stacked_loras_add_up(comfy, comfy_base, tiny_models):
     for k in base_w:
         torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=0, msg=k)
     assert len(first.patcher.patches) < len(both.patcher.patches) and not dit.patcher.patches
+
+
+@pytest.mark.filterwarnings("ignore:The following (alpha|rank)_pattern keys did not match")  # by design
+@pytest.mark.parametrize("writer", ["peft_folder", "diffusers_metadata"])
+def test_alpha_and_rank_patterns_merge_as_peft_merges(comfy, comfy_base, tiny_models, writer):
+    """A PEFT LoRA whose alpha_pattern / rank_pattern PEFT matches otherwise than a substring search would
+    (harness.lora_files.ALPHA_PATTERN), saved by PEFT (adapter_config.json) and by diffusers' writer (metadata
+    header, rsLoRA): the weights ComfyUI runs are PEFT's own merge_and_unload()."""
+    rslora = writer == "diffusers_metadata"
+    sd, config, model = peft_patterns(tiny_models["dit"], rslora)
+    if rslora:
+        sd = {"transformer." + k[len("base_model.model."):]: v for k, v in sd.items()}
+        extra = {"metadata": {f"transformer.{k}": v for k, v in config.to_dict().items()}}
+    else:
+        extra = {"adapter_config.json": json.dumps(config.to_dict(), default=list)}
+    name = write_lora(comfy_base, f"lora_patterns_{writer}", sd, extra)
+    out, _ = apply(comfy, load_dit(comfy), name, strength=1.0)
+    got, want = loaded_weights(out), model.merge_and_unload().state_dict()
+    assert len(out.patcher.patches) == 27
+    for k, v in tiny_models["dit"].state_dict().items():
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=0, msg=k)
+        assert ("inner." + k in out.patcher.patches) == (not torch.equal(want[k], v)), k  # PEFT changed these
 
 
 def _encode(comfy, t5, text="a red fox in the snow"):
