@@ -227,6 +227,45 @@ def test_t5_part_equals_hand_merged_t5_and_gets_its_own_embeddings(comfy, comfy_
     assert set(dit_deltas) <= {k[len("inner."):] for k in dit.patcher.patches}
 
 
+def _merged_t5_embeds(base: dict, deltas: dict, strength: float, tokenizer, text="a red fox in the snow"):
+    """transformers' T5 with W + strength·delta merged by hand: the embeddings of `text`."""
+    merged = tiny.make_t5()
+    merged.load_state_dict({k: v + strength * deltas[k] if k in deltas else v for k, v in base.items()})
+    with torch.no_grad():
+        return merged(**tokenizer([ct5.preprocess(text)], return_tensors="pt")).last_hidden_state
+
+
+def test_each_t5_strength_and_lora_file_gets_its_own_embeddings(comfy, comfy_base, tiny_models, tokenizer):
+    """Text Encode's embedding cache is keyed by the T5's identity. A LoRA'd T5 at each t5_strength, encoded one
+    after the other (the earlier ones cached), gets the embeddings of transformers' T5 with the LoRA merged by hand
+    at that strength; strength 0 is the base T5 (its identity, its cached embeddings); a LoRA file replaced under
+    the same name (same size, later mtime) gets the new file's embeddings, not the old file's cached ones."""
+    t5_sd, deltas = _t5_lora(tiny_models["t5"])
+    name = write_lora(comfy_base, "lora_t5_strengths", t5_sd)
+    t5 = _node(comfy, "PixArtSigmaT5Loader").execute(t5_name=T5_FILE, quantization="none", dtype="fp32").result[0]
+    base = {k: v.half().float() for k, v in tiny_models["t5"].state_dict().items()}  # the file is fp16
+    base_embeds = _encode(comfy, t5).embeds
+    seen = []
+    for strength in (0.5, 1.0, -0.5, 0.5):
+        lora_t5 = apply(comfy, load_dit(comfy), name, t5=t5, t5_strength=strength)[1]
+        got = _encode(comfy, lora_t5).embeds
+        assert (got - _merged_t5_embeds(base, deltas, strength, tokenizer)).abs().max() <= 1e-5, strength
+        assert (got - base_embeds).abs().max() > 1e-3
+        seen.append(lora_t5.identity)
+    assert len(set(seen)) == 3 and seen[0] == seen[3]
+    same = apply(comfy, load_dit(comfy), name, t5=t5, t5_strength=0.0)[1]
+    assert same.identity == t5.identity and torch.equal(_encode(comfy, same).embeds, base_embeds)
+
+    path = comfy_base / "models" / "loras" / name
+    size, mtime = path.stat().st_size, path.stat().st_mtime_ns
+    flipped = {k: -v if ".lora_up." in k or ".lora_B." in k else v for k, v in t5_sd.items()}  # delta -> -delta
+    save_file(flipped, str(path))
+    os.utime(path, ns=(mtime + 10**9, mtime + 10**9))
+    assert path.stat().st_size == size
+    got = _encode(comfy, apply(comfy, load_dit(comfy), name, t5=t5, t5_strength=0.5)[1]).embeds
+    assert (got - _merged_t5_embeds(base, deltas, -0.5, tokenizer)).abs().max() <= 1e-5
+
+
 def test_quantized_t5_warns_and_the_dit_part_still_applies(comfy, comfy_base, tiny_models, caplog):
     t5_sd, _ = _t5_lora(tiny_models["t5"])
     sd, _, deltas = kohya_diffusers(tiny_models["dit"])
