@@ -123,6 +123,33 @@ def test_lora_format_equals_hand_merged_model(comfy, comfy_base, tiny_models, fm
         assert torch.equal(v, base_w[k]), k
 
 
+def test_full_diffs_on_fused_and_plain_layers_equal_the_hand_merge(comfy, comfy_base, tiny_models):
+    """`diff` / `diff_b` (a full weight / bias difference, as ComfyUI reads them: W + s·diff) on the original
+    layout's fused qkv and kv (rows in q, k, v order, DESIGN.md §3: a full difference splits by rows exactly), on
+    a plain layer, and a bias difference alone; merged by hand here."""
+    base_w = {k: v.clone() for k, v in tiny_models["dit"].state_dict().items()}
+    g = torch.Generator().manual_seed(7)
+    rnd = lambda *shape: torch.randn(*shape, generator=g) * 0.05  # noqa: E731
+    qkv, qkv_b, kv, kv_b = rnd(3 * 144, 144), rnd(3 * 144), rnd(2 * 144, 144), rnd(2 * 144)
+    out_w, out_b, ff_b = rnd(32, 144), rnd(32), rnd(144)
+    sd = {"diffusion_model.blocks.0.attn.qkv.diff": qkv, "diffusion_model.blocks.0.attn.qkv.diff_b": qkv_b,
+          "lora_unet_blocks_1_cross_attn_kv_linear.diff": kv, "lora_unet_blocks_1_cross_attn_kv_linear.diff_b": kv_b,
+          "lora_unet_proj_out.diff": out_w, "lora_unet_proj_out.diff_b": out_b,
+          "transformer.transformer_blocks.1.ff.net.2.diff_b": ff_b}
+    deltas = {"proj_out.weight": out_w, "proj_out.bias": out_b, "transformer_blocks.1.ff.net.2.bias": ff_b}
+    for i, c in enumerate("qkv"):
+        deltas[f"transformer_blocks.0.attn1.to_{c}.weight"] = qkv[144 * i:144 * (i + 1)]
+        deltas[f"transformer_blocks.0.attn1.to_{c}.bias"] = qkv_b[144 * i:144 * (i + 1)]
+    for i, c in enumerate("kv"):
+        deltas[f"transformer_blocks.1.attn2.to_{c}.weight"] = kv[144 * i:144 * (i + 1)]
+        deltas[f"transformer_blocks.1.attn2.to_{c}.bias"] = kv_b[144 * i:144 * (i + 1)]
+    out, _ = apply(comfy, load_dit(comfy), write_lora(comfy_base, "lora_full_diffs", sd))
+    got, want = loaded_weights(out), merge(base_w, (STRENGTH, deltas))
+    assert {k[len("inner."):] for k in out.patcher.patches} == set(deltas)
+    for k in base_w:
+        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0, msg=k)
+
+
 def test_partially_loaded_lora_dit_streams_patched_weights(comfy, comfy_base, tiny_models):
     """ComfyUI's partial (lowvram) load of a LoRA'd DiT: the layers that do not fit keep their original weights and
     get the LoRA applied on the fly at each forward (ComfyUI's LowVramPatch on our cast-weights layers); the output
