@@ -150,6 +150,119 @@ def test_full_diffs_on_fused_and_plain_layers_equal_the_hand_merge(comfy, comfy_
         torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0, msg=k)
 
 
+EPS = torch.finfo(torch.float32).eps
+
+
+def comfy_dora(w: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor, strength: float) -> torch.Tensor:
+    """DoRA as ComfyUI 0.3.75 merges it (comfy/weight_adapter/base.py, weight_decompose): W + Δ times
+    dora_scale / norm, where the norm is that of each output row of the BASE weight W when dora_scale has one
+    value per output row (LyCORIS and PEFT take the rows of W + Δ there), else that of each input column of W + Δ
+    (as LyCORIS); strength s blends: W + s·(that − W)."""
+    full = w + delta
+    if scale.shape[0] == w.shape[0]:
+        norm = w.flatten(1).norm(dim=1).reshape(-1, *[1] * (w.dim() - 1))
+    else:
+        norm = full.norm(dim=0, keepdim=True)  # a linear layer's [1, in] scale
+    return w + strength * (full * scale / (norm + EPS) - w)
+
+
+def test_lycoris_dora_merges_as_comfyui_decomposes(comfy, comfy_base, tiny_models):
+    """A kohya/LyCORIS DoRA (lora_down / lora_up / alpha + dora_scale): a scale per output row ([out, 1], on a
+    linear layer and on the patch-embedding conv) and per input column ([1, in]); the weights are ComfyUI's
+    decomposition written out above, at strength 0.7."""
+    base_w = {k: v.clone() for k, v in tiny_models["dit"].state_dict().items()}
+    axes = {"transformer_blocks.0.attn1.to_q": "out", "pos_embed.proj": "out", "transformer_blocks.1.ff.net.2": "in"}
+    sd = kohya_lora(shapes_of(tiny_models["dit"]), list(axes), rank=4, alpha=2.0, seed=3, scale=0.1)
+    g = torch.Generator().manual_seed(4)
+    want = dict(base_w)
+    for m, axis in axes.items():
+        k, w = "lora_unet_" + m.replace(".", "_"), base_w[m + ".weight"]
+        delta = (2.0 / 4 * sd[k + ".lora_up.weight"] @ sd[k + ".lora_down.weight"]).reshape(w.shape)
+        norms = w.flatten(1).norm(dim=1).reshape(-1, *[1] * (w.dim() - 1)) if axis == "out" else \
+            (w + delta).norm(dim=0, keepdim=True)
+        sd[k + ".dora_scale"] = norms * (1 + 0.2 * torch.randn(norms.shape, generator=g))
+        want[m + ".weight"] = comfy_dora(w, delta, sd[k + ".dora_scale"], STRENGTH)
+    out, _ = apply(comfy, load_dit(comfy), write_lora(comfy_base, "lora_lycoris_dora", sd))
+    got = loaded_weights(out)
+    assert len(out.patcher.patches) == 3
+    for k in base_w:
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=0, msg=k)
+
+
+@pytest.mark.parametrize("tucker", [False, True], ids=["locon", "locon_tucker"])
+def test_locon_on_the_patch_embedding_conv_equals_its_chained_convolutions(comfy, comfy_base, tiny_models, tucker):
+    """LyCORIS LoCon on the DiT's one convolution (pos_embed.proj: a [144, 4, 2, 2] kernel, stride 2): 4-D
+    lora_down / lora_up, and with Tucker's lora_mid (down 1x1, mid 2x2, up 1x1). Its change is the kernel of the
+    convolutions it chains (LyCORIS's forward: up(mid(down(x)))), written out with einsum here and checked
+    against those convolutions run by torch."""
+    import torch.nn.functional as F
+
+    base_w = {k: v.clone() for k, v in tiny_models["dit"].state_dict().items()}
+    g = torch.Generator().manual_seed(5)
+    rnd = lambda *shape: torch.randn(*shape, generator=g) * 0.2  # noqa: E731
+    r, alpha = 3, 1.5
+    up = rnd(144, r, 1, 1)
+    if tucker:
+        down, mid = rnd(r, 4, 1, 1), rnd(r, r, 2, 2)
+        kernel = torch.einsum("oa,abkl,bc->ockl", up[:, :, 0, 0], mid, down[:, :, 0, 0])
+        chain = lambda x: F.conv2d(F.conv2d(F.conv2d(x, down), mid, stride=2), up)  # noqa: E731
+    else:
+        down, mid = rnd(r, 4, 2, 2), None
+        kernel = torch.einsum("oa,ackl->ockl", up[:, :, 0, 0], down)
+        chain = lambda x: F.conv2d(F.conv2d(x, down, stride=2), up)  # noqa: E731
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    torch.testing.assert_close(chain(x), F.conv2d(x, kernel, stride=2), atol=1e-5, rtol=0)
+    sd = {"lora_unet_pos_embed_proj.lora_down.weight": down, "lora_unet_pos_embed_proj.lora_up.weight": up,
+          "lora_unet_pos_embed_proj.alpha": torch.tensor(alpha)}
+    if tucker:
+        sd["lora_unet_pos_embed_proj.lora_mid.weight"] = mid
+    out, _ = apply(comfy, load_dit(comfy), write_lora(comfy_base, f"lora_locon_{tucker}", sd))
+    got = loaded_weights(out)
+    want = merge(base_w, (STRENGTH, {"pos_embed.proj.weight": alpha / r * kernel}))
+    for k in base_w:
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=0, msg=k)
+
+
+def lycoris_oft(w: torch.Tensor, blocks: torch.Tensor, constraint: float) -> torch.Tensor:
+    """Diagonal OFT as LyCORIS defines it (lycoris/modules/diag_oft.py) and ComfyUI reads it
+    (comfy/weight_adapter/oft.py): per block, Q = B − Bᵀ (all blocks scaled to norm `constraint` where theirs is
+    larger), the Cayley rotation R = (I + Q)(I − Q)⁻¹, and each block of output rows W_k becomes R_kᵀ·W_k."""
+    q = blocks - blocks.transpose(1, 2)
+    if constraint > 0 and q.norm() + 1e-8 > constraint:
+        q = q * constraint / (q.norm() + 1e-8)
+    eye = torch.eye(blocks.shape[1])
+    r = (eye + q) @ torch.linalg.inv(eye - q)
+    n = blocks.shape[1]
+    return torch.cat([r[i].T @ w[i * n:(i + 1) * n] for i in range(blocks.shape[0])])
+
+
+@pytest.mark.parametrize("strength", [1.0, STRENGTH])
+def test_lycoris_oft_rotates_output_blocks(comfy, comfy_base, tiny_models, strength, caplog):
+    """LyCORIS OFT (oft_blocks + alpha, its norm constraint): on a square layer without constraint and on
+    ff.net.0.proj with one, the weights are the rotated blocks (lycoris_oft above). At strength s ComfyUI 0.3.75
+    changes the weight by s² times the change at strength 1 (its OFTAdapter multiplies by strength twice:
+    (R·s − s·I)·W, then s· that). On the fused qkv it is not applied (a rotation of a fused layer's blocks under one
+    norm constraint does not split into its parts) and is listed."""
+    base_w = {k: v.clone() for k, v in tiny_models["dit"].state_dict().items()}
+    g = torch.Generator().manual_seed(6)
+    layers = {"transformer_blocks.0.attn1.to_out.0": (18, 0.0), "transformer_blocks.1.ff.net.0.proj": (72, 0.5)}
+    sd, want = {}, dict(base_w)
+    for m, (count, constraint) in layers.items():
+        k = "lycoris_" + m.replace(".", "_")
+        sd[k + ".oft_blocks"] = torch.randn(count, 8, 8, generator=g) * 0.05
+        sd[k + ".alpha"] = torch.tensor(constraint)
+        w = base_w[m + ".weight"]
+        want[m + ".weight"] = w + strength ** 2 * (lycoris_oft(w, sd[k + ".oft_blocks"], constraint) - w)
+    sd["lycoris_blocks_0_attn_qkv.oft_blocks"] = torch.randn(54, 8, 8, generator=g) * 0.05
+    with caplog.at_level(logging.WARNING):
+        out, _ = apply(comfy, load_dit(comfy), write_lora(comfy_base, "lora_lycoris_oft", sd), strength=strength)
+    assert "lycoris_blocks_0_attn_qkv.oft_blocks: .oft_blocks on a fused layer cannot be split" in caplog.text
+    got = loaded_weights(out)
+    assert len(out.patcher.patches) == 2
+    for k in base_w:
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=0, msg=k)
+
+
 def test_partially_loaded_lora_dit_streams_patched_weights(comfy, comfy_base, tiny_models):
     """ComfyUI's partial (lowvram) load of a LoRA'd DiT: the layers that do not fit keep their original weights and
     get the LoRA applied on the fly at each forward (ComfyUI's LowVramPatch on our cast-weights layers); the output
