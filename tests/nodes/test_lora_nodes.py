@@ -263,6 +263,32 @@ def test_lycoris_oft_rotates_output_blocks(comfy, comfy_base, tiny_models, stren
         torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=0, msg=k)
 
 
+def _peft_config(kind: str):
+    """PEFT adapter configs whose scaling (alpha / r) is not 1, with an alpha_pattern: LoHa (its conv in CP form,
+    use_effective_conv2d), LoKr with its second factor low-rank (r 4) and whole (r 8: no rank in the file)."""
+    from peft import LoHaConfig, LoKrConfig
+
+    targets = ["to_q", "to_v", "to_out.0", "proj"]
+    if kind == "loha":
+        return LoHaConfig(r=4, alpha=2, alpha_pattern={"to_v": 12}, target_modules=targets, init_weights=False,
+                          use_effective_conv2d=True)
+    return LoKrConfig(r=4 if kind == "lokr" else 8, alpha=2, alpha_pattern={"to_v": 12}, target_modules=targets,
+                      init_weights=False)
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr", "lokr_whole_factors"])
+def test_peft_loha_and_lokr_merge_as_peft_merges(comfy, comfy_base, tiny_models, kind):
+    """PEFT's LoHa and LoKr (save_pretrained: the tensors, and alpha only in adapter_config.json): the weights
+    ComfyUI runs are PEFT's own merge_and_unload()."""
+    sd, config, model = peft_adapter(tiny_models["dit"], _peft_config(kind))
+    name = write_lora(comfy_base, f"lora_peft_{kind}", sd, {"adapter_config.json": json.dumps(config.to_dict(), default=list)})
+    out, _ = apply(comfy, load_dit(comfy), name, strength=1.0)
+    got, want = loaded_weights(out), model.merge_and_unload().state_dict()
+    assert len(out.patcher.patches) == 15
+    for k in tiny_models["dit"].state_dict():
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=0, msg=k)
+
+
 def test_partially_loaded_lora_dit_streams_patched_weights(comfy, comfy_base, tiny_models):
     """ComfyUI's partial (lowvram) load of a LoRA'd DiT: the layers that do not fit keep their original weights and
     get the LoRA applied on the fly at each forward (ComfyUI's LowVramPatch on our cast-weights layers); the output
