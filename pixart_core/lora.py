@@ -149,9 +149,22 @@ def _format_of(layout: str, suffixes: Iterable[str]) -> str:
     return f"{kind}, {layout} names"
 
 
+def _peft_kind(conf: dict) -> str:
+    """A PEFT config's adapter type ("LORA", "LOHA", "LOKR" ...; LoRA where it does not say)."""
+    return str(conf.get("peft_type") or "LORA").rsplit(".", 1)[-1].upper()
+
+
+def _alpha_key(conf: dict) -> str | None:
+    """Where a PEFT config keeps its alpha: `lora_alpha` (LoRA), `alpha` (LoHa, LoKr)."""
+    if "lora_alpha" in conf:
+        return "lora_alpha"
+    return "alpha" if _peft_kind(conf) in ("LOHA", "LOKR") and "alpha" in conf else None
+
+
 def peft_settings(metadata: dict | None, component: str) -> dict | None:
-    """The PEFT LoraConfig a file's metadata gives for `component` ("transformer", "text_encoder"): diffusers'
-    `lora_adapter_metadata` (keys prefixed by the component) or PEFT's own adapter_config.json (no prefix)."""
+    """The PEFT config (LoRA, LoHa or LoKr) a file's metadata gives for `component` ("transformer",
+    "text_encoder"): diffusers' `lora_adapter_metadata` (keys prefixed by the component) or PEFT's own
+    adapter_config.json (no prefix)."""
     if not metadata:
         return None
     raw = metadata.get("lora_adapter_metadata", metadata)
@@ -163,19 +176,23 @@ def peft_settings(metadata: dict | None, component: str) -> dict | None:
     if not isinstance(raw, dict):
         return None
     mine = {k[len(component) + 1:]: v for k, v in raw.items() if k.startswith(component + ".")}
-    conf = mine or ({k: v for k, v in raw.items() if "." not in k} if "lora_alpha" in raw else {})
-    return conf if "lora_alpha" in conf else None
+    conf = mine or ({k: v for k, v in raw.items() if "." not in k} if _alpha_key(raw) else {})
+    return conf if _alpha_key(conf) else None
+
+
+def _pattern_value(patterns: dict | None, module: str, default):
+    """A rank_pattern / alpha_pattern value for a module, as PEFT matches them (peft.utils.other.get_pattern_key):
+    the first key that, as a regex, ends the module name at its start or after a dot."""
+    for pattern, value in (patterns or {}).items():
+        if re.fullmatch(rf"(.*\.)?({pattern})", module):
+            return value
+    return default
 
 
 def peft_alpha(conf: dict, module: str, rank: int) -> float:
-    """The `.alpha` ComfyUI needs (it scales by alpha / rank) for PEFT's scaling of a module: lora_alpha / r,
-    or lora_alpha / sqrt(r) with use_rslora; alpha_pattern entries override lora_alpha by module name, as PEFT
-    matches them (the pattern, or a dot before it, ends the module name)."""
-    alpha = float(conf["lora_alpha"])
-    for pattern, value in (conf.get("alpha_pattern") or {}).items():
-        if re.fullmatch(rf"(.*\.)?({pattern})", module):
-            alpha = float(value)
-            break
+    """The `.alpha` ComfyUI needs (it scales by alpha / rank) for PEFT's scaling of a module: alpha / r, or
+    alpha / sqrt(r) with use_rslora; alpha_pattern entries override the config's alpha by module name."""
+    alpha = float(_pattern_value(conf.get("alpha_pattern"), module, conf[_alpha_key(conf)]))
     return alpha * math.sqrt(rank) if conf.get("use_rslora") else alpha
 
 
@@ -218,11 +235,23 @@ def _group(sd: dict[str, torch.Tensor], dit_t: dict[str, Target], t5_t: dict[str
 
 
 def _with_peft_alpha(part: dict[str, torch.Tensor], conf: dict | None, canon: str) -> dict[str, torch.Tensor]:
-    """A PEFT LoRA's tensors with the `.alpha` its config gives (PEFT files carry none)."""
-    if conf is None or ".alpha" in part or not set(part) & set(PEFT_SUFFIXES):
+    """A PEFT adapter's tensors (LoRA, LoHa, LoKr) with the `.alpha` its config gives (PEFT files carry none)."""
+    if conf is None or ".alpha" in part:
         return part
-    down = next(part[s] for s in (".lora_A.weight", ".lora_A.default.weight", ".lora_A") if s in part)
-    return {**part, ".alpha": torch.tensor(peft_alpha(conf, canon, down.shape[0]))}
+    kind = _peft_kind(conf)
+    if kind == "LORA" and set(part) & set(PEFT_SUFFIXES):
+        rank = next(part[s] for s in (".lora_A.weight", ".lora_A.default.weight", ".lora_A") if s in part).shape[0]
+    elif kind == "LOHA" and ".hada_w1_b" in part:
+        rank = part[".hada_w1_b"].shape[0]
+    elif kind == "LOKR" and (".lokr_w1" in part or ".lokr_w1_a" in part):
+        factor = part.get(".lokr_w1_b", part.get(".lokr_w2_b"))
+        if factor is None:  # both factors whole: ComfyUI scales them by 1, PEFT by alpha / r (8: PEFT's default r)
+            r = int(_pattern_value(conf.get("rank_pattern"), canon, conf.get("r", 8)))
+            return {**part, ".lokr_w1": part[".lokr_w1"] * (peft_alpha(conf, canon, r) / r)}
+        rank = factor.shape[0]
+    else:
+        return part
+    return {**part, ".alpha": torch.tensor(peft_alpha(conf, canon, rank))}
 
 
 def prepare(sd: dict[str, torch.Tensor], dit_shapes: dict[str, tuple[int, ...]],
