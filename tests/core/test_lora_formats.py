@@ -341,3 +341,26 @@ def test_peft_alpha_for_the_t5_part_and_peft_default_adapter_names(dit_model):
     assert plan.dit["proj_out.alpha"].item() == 5.0  # the file's own alpha wins over the metadata
     assert set(plan.t5) == {m + ".lora_A.default.weight", m + ".lora_B.default.weight", m + ".alpha"}
     assert plan.t5_map == {m: m + ".weight"} and plan.dit_map == {"proj_out": "proj_out.weight"}
+
+
+def test_peft_dora_magnitude_becomes_comfyui_dora_scale(dit_model):
+    """PEFT's lora_magnitude_vector (one value per output row; [1, out, 1, 1] on a conv) is handed to ComfyUI as
+    the dora_scale it reads, one per output row; a magnitude of another length is refused like any other misfit,
+    and one on a fused layer is listed (its norm does not split into q, k, v)."""
+    shapes = _shapes(dit_model)
+    mag, conv_mag = torch.rand(32) + 0.5, torch.rand(1, 144, 1, 1) + 0.5
+    sd = {"transformer.proj_out.lora_A.weight": _rand(2, 144, seed=1), "transformer.proj_out.lora_B.weight": _rand(32, 2, seed=2),
+          "transformer.proj_out.lora_magnitude_vector": mag,
+          "pos_embed.proj.lora_A.weight": _rand(2, 4, 2, 2, seed=3), "pos_embed.proj.lora_B.weight": _rand(144, 2, 1, 1, seed=4),
+          "pos_embed.proj.lora_magnitude_vector.weight": conv_mag}
+    plan = core_lora.prepare(sd, shapes)
+    assert torch.equal(plan.dit["proj_out.dora_scale"], mag[:, None])
+    assert torch.equal(plan.dit["pos_embed.proj.dora_scale"], conv_mag.reshape(144, 1, 1, 1))
+    assert not [k for k in plan.dit if "magnitude" in k] and not plan.unplaced
+    with pytest.raises(core_lora.LoraError, match=r"DoRA magnitude has 31 values for 32 output rows.*another size"):
+        core_lora.prepare({**sd, "transformer.proj_out.lora_magnitude_vector": mag[:31]}, shapes)
+    fused = {"blocks.0.attn.qkv.lora_A.weight": _rand(2, 144, seed=5), "blocks.0.attn.qkv.lora_B.weight": _rand(432, 2, seed=6),
+             "blocks.0.attn.qkv.lora_magnitude_vector": torch.rand(432)}
+    plan = core_lora.prepare({**sd, **fused}, shapes)
+    assert plan.unplaced == [f"{k}: .lora_magnitude_vector on a fused layer cannot be split into its q/k/v parts"
+                             for k in sorted(fused)]

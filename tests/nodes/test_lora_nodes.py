@@ -22,7 +22,7 @@ from harness import models as tiny
 from harness.graphs import DIT_FILE, graph
 from harness.graphs import saved_images as _saved_images
 from harness.lora_files import (FORMATS, kohya_diffusers, kohya_lora, kohya_original, merge, peft_adapter, peft_folder,
-                                peft_patterns, shapes_of, write_lora)
+                                peft_deltas, peft_patterns, shapes_of, write_lora)
 from harness.lora_files import t5_lora as _t5_lora
 from pixart_core import t5 as ct5
 
@@ -187,6 +187,34 @@ def test_lycoris_dora_merges_as_comfyui_decomposes(comfy, comfy_base, tiny_model
     assert len(out.patcher.patches) == 3
     for k in base_w:
         torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=0, msg=k)
+
+
+def test_peft_dora_is_comfyui_dora_with_its_magnitude(comfy, comfy_base, tiny_models):
+    """PEFT's DoRA (use_dora: lora_A / lora_B and lora_magnitude_vector, one value per output row or channel) on
+    linear layers and the patch-embedding conv: the weights are ComfyUI's decomposition (comfy_dora) with PEFT's
+    magnitude as dora_scale and PEFT's own change Δ (get_delta_weight). PEFT's merge divides by the row norms of
+    W + Δ where ComfyUI divides by those of W: the two differ by exactly that ratio, checked against PEFT's
+    merge_and_unload()."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "proj"], use_dora=True, init_lora_weights=False)
+    sd, config, model = peft_adapter(tiny_models["dit"], config)
+    deltas = peft_deltas(model)
+    magnitudes = {n[len("base_model.model."):] + ".weight": m.lora_magnitude_vector["default"].weight.detach().clone()
+                  for n, m in model.named_modules() if "default" in getattr(m, "lora_magnitude_vector", {})}
+    assert len(magnitudes) == 7 and "pos_embed.proj.weight" in magnitudes
+    name = write_lora(comfy_base, "lora_peft_dora", sd, {"adapter_config.json": json.dumps(config.to_dict(), default=list)})
+    out, _ = apply(comfy, load_dit(comfy), name, strength=1.0)
+    got, peft_merged = loaded_weights(out), model.merge_and_unload().state_dict()
+    for k, w in tiny_models["dit"].state_dict().items():
+        if k not in magnitudes:
+            assert torch.equal(got[k], w), k
+            continue
+        scale = magnitudes[k].reshape(w.shape[0], *[1] * (w.dim() - 1))
+        torch.testing.assert_close(got[k], comfy_dora(w, deltas[k], scale, 1.0), atol=1e-5, rtol=0, msg=k)
+        rows = lambda t: t.flatten(1).norm(dim=1).reshape(scale.shape)  # noqa: E731
+        torch.testing.assert_close(got[k] * rows(w) / rows(w + deltas[k]), peft_merged[k], atol=1e-5, rtol=0, msg=k)
+        assert (got[k] - peft_merged[k]).abs().max() > 1e-3, k
 
 
 @pytest.mark.parametrize("tucker", [False, True], ids=["locon", "locon_tucker"])
