@@ -28,6 +28,7 @@ import torch
 from . import files
 from .lora_keys import (
     BY_LENGTH,
+    MAGNITUDE_SUFFIXES,
     PEFT_SUFFIXES,
     SUFFIXES,
     T5_LIKE,
@@ -254,6 +255,18 @@ def _with_peft_alpha(part: dict[str, torch.Tensor], conf: dict | None, canon: st
     return {**part, ".alpha": torch.tensor(peft_alpha(conf, canon, rank))}
 
 
+def _magnitude_as_dora_scale(part: dict[str, torch.Tensor], want: tuple[int, ...]) -> dict[str, torch.Tensor] | str:
+    """PEFT's DoRA magnitude (one value per output row or channel, [out] or [1, out, 1, 1]) as the dora_scale
+    ComfyUI's adapters read ([out, 1, ...]: one per output row); a string says why it does not fit."""
+    key = next((s for s in MAGNITUDE_SUFFIXES if s in part), None)
+    if key is None:
+        return part
+    if part[key].numel() != want[0]:
+        return f"its DoRA magnitude has {part[key].numel()} values for {want[0]} output rows"
+    rest = {s: t for s, t in part.items() if s != key}
+    return {**rest, ".dora_scale": part[key].reshape(want[0], *[1] * (len(want) - 1))}
+
+
 def prepare(sd: dict[str, torch.Tensor], dit_shapes: dict[str, tuple[int, ...]],
             t5_shapes: dict[str, tuple[int, ...]] | None = None, metadata: dict | None = None,
             name: str = "LoRA") -> Plan:
@@ -284,6 +297,10 @@ def prepare(sd: dict[str, torch.Tensor], dit_shapes: dict[str, tuple[int, ...]],
             canon, want, got = param[: -len(".weight")], shapes[param], delta_shape(part)
             if got is not None and len(want) >= 2 and got != (want[0], math.prod(want[1:])):
                 shape_errors.append(f"{m} makes a {list(got)} change for {param} {list(want)}")
+                continue
+            part = _magnitude_as_dora_scale(part, want)
+            if isinstance(part, str):
+                shape_errors.append(f"{m}: {part} of {param} {list(want)}")
                 continue
             if canon in key_map:
                 g.unplaced.extend(f"{k}: {param} is already patched by another key of this file" for k in g.keys[(model, m)])
