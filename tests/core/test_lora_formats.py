@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from harness import models as tiny
 from harness.lora_files import (ALPHA_PATTERN, ORIGINAL_PLAIN, diffusers_file, kohya_diffusers, kohya_lora,
-                                kohya_original, peft_bare, peft_folder, peft_patterns)
+                                kohya_original, peft_adapter, peft_bare, peft_folder, peft_patterns)
 from harness.lora_files import rand as _rand
 from harness.lora_files import shapes_of as _shapes
 from harness.lora_files import t5_lora as _t5_lora
@@ -364,3 +364,23 @@ def test_peft_dora_magnitude_becomes_comfyui_dora_scale(dit_model):
     plan = core_lora.prepare({**sd, **fused}, shapes)
     assert plan.unplaced == [f"{k}: .lora_magnitude_vector on a fused layer cannot be split into its q/k/v parts"
                              for k in sorted(fused)]
+
+
+def test_peft_oft_is_refused_saying_what_it_is_and_what_to_do(dit_model):
+    """PEFT's OFT (oft_R: a packed rotation of the input side) is no form ComfyUI's weight adapters read (its OFT
+    adapter reads LyCORIS's oft_blocks, comfy/weight_adapter/oft.py): a file of it is refused naming the tensor,
+    PEFT's OFT and what to do, not as "no key names a module"; beside a LoRA its tensors are listed."""
+    from peft import OFTConfig
+
+    sd, _, _ = peft_adapter(dit_model, OFTConfig(r=0, oft_block_size=8, target_modules=["to_q", "proj"], init_weights=False))
+    with pytest.raises(core_lora.LoraError) as e:
+        core_lora.prepare(sd, _shapes(dit_model), name="oft.safetensors")
+    message = str(e.value)
+    assert message.startswith("oft.safetensors: its tensors name PixArt layers, but in a form no weight adapter of "
+                              "ComfyUI reads: oft_R.weight (PEFT's OFT)"), message
+    assert "merge_and_unload" in message and "no key of this file" not in message
+    kohya, _, _ = kohya_diffusers(dit_model)
+    plan = core_lora.prepare({**kohya, **sd}, _shapes(dit_model))
+    assert len(plan.dit_map) == 7 and len(plan.unplaced) == len(sd)
+    assert plan.unplaced[0] == ("base_model.model.pos_embed.proj.oft_R.weight: oft_R.weight (PEFT's OFT) is not a "
+                                "tensor any weight adapter of ComfyUI reads")
