@@ -29,6 +29,7 @@ from . import files
 from .lora_keys import (
     BY_LENGTH,
     MAGNITUDE_SUFFIXES,
+    PEFT_ONLY,
     PEFT_SUFFIXES,
     SUFFIXES,
     T5_LIKE,
@@ -205,6 +206,18 @@ class _Groups:
     keys: dict[tuple[str, str], list[str]]
     unplaced: list[str]  # "key: why"
     t5_keys: list[str]  # file keys that belong to the text encoder (placed or not)
+    unread: list[str] = dataclasses.field(default_factory=list)  # tensors that name our layers in an unread form
+
+
+def _unread_form(key: str, targets: Iterable[dict[str, Target]]) -> str | None:
+    """The tensor part of a key that names one of our modules with a tensor no weight adapter reads (PEFT's OFT
+    `oft_R.weight` ...), with whose it is where known; None if the key names none of our modules."""
+    for i in (i for i, c in enumerate(key) if c == "."):
+        if any(key[:i] in t for t in targets):
+            tensor = key[i + 1:]
+            whose = PEFT_ONLY.get(tensor.split(".")[0])
+            return f"{tensor} ({whose})" if whose else tensor
+    return None
 
 
 def _group(sd: dict[str, torch.Tensor], dit_t: dict[str, Target], t5_t: dict[str, Target], with_t5: bool) -> _Groups:
@@ -223,6 +236,11 @@ def _group(sd: dict[str, torch.Tensor], dit_t: dict[str, Target], t5_t: dict[str
                 g.t5_keys.append(key)
                 if with_t5:
                     g.unplaced.append(f"{key}: names no module of the T5 encoder")
+                continue
+            form = _unread_form(key, (dit_t, t5_t))
+            if form is not None:
+                g.unread.append(form)
+                g.unplaced.append(f"{key}: {form} is not a tensor any weight adapter of ComfyUI reads")
                 continue
             why = "no module of the PixArt DiT has this name" if split_key(key) else "not a tensor name a LoRA adapter reads"
             g.unplaced.append(f"{key}: {why}")
@@ -312,16 +330,22 @@ def prepare(sd: dict[str, torch.Tensor], dit_shapes: dict[str, tuple[int, ...]],
                         f"{'; '.join(shape_errors[:3])}. The LoRA was made for a PixArt of another size (or another "
                         "model): use a LoRA trained on this checkpoint's architecture.")
     if not out["dit"][1] and not out["t5"][1]:
-        _refuse_unmatched(sd, g.t5_keys, t5_shapes is not None, name)
+        _refuse_unmatched(sd, g, t5_shapes is not None, name)
     return Plan(out["dit"][0], out["dit"][1], out["t5"][0], out["t5"][1], g.t5_keys, sorted(g.unplaced),
                 sorted(formats))
 
 
-def _refuse_unmatched(sd: dict[str, torch.Tensor], t5_keys: list[str], with_t5: bool, name: str) -> None:
-    """Nothing of the file matched: say what it is (a T5-only LoRA without a T5 connected, or another model's)."""
-    if t5_keys and not with_t5 and len(t5_keys) == len(sd):
+def _refuse_unmatched(sd: dict[str, torch.Tensor], g: _Groups, with_t5: bool, name: str) -> None:
+    """Nothing of the file matched: say what it is (a T5-only LoRA without a T5 connected, an adapter in a form
+    ComfyUI does not read, or another model's)."""
+    if g.t5_keys and not with_t5 and len(g.t5_keys) == len(sd):
         raise LoraError(f"{name}: this LoRA has only text-encoder (T5) keys. Connect the T5 from PixArt-Σ T5 "
                         "Loader to this node's t5 input (and use its t5 output for Text Encode).")
+    if g.unread:
+        raise LoraError(f"{name}: its tensors name PixArt layers, but in a form no weight adapter of ComfyUI reads: "
+                        f"{', '.join(sorted(set(g.unread)))}. ComfyUI applies LoRA/LoCon, LoHa, LoKr, LyCORIS's OFT "
+                        "and BOFT, GLoRA, DoRA and full differences (diff); merge this adapter into the DiT (PEFT: "
+                        "merge_and_unload()) and load the merged checkpoint instead.")
     what = describe_lora(sd) or files.describe(sd, files.shapes_of(sd))
     raise LoraError(f"{name}: no key of this file names a module of the PixArt DiT or T5 (it looks like {what}; "
                     f"first keys: {', '.join(sorted(sd)[:3])}). Choose a LoRA trained on PixArt-Σ/α.")
