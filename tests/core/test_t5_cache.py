@@ -179,6 +179,38 @@ def test_touched_source_alone_invalidates(tmp_path):
     _rebuilt(_load(src, cache), "files")
 
 
+def test_resized_source_with_its_old_mtime_is_rebuilt(tmp_path, tok):
+    """The source replaced by another T5 of another size whose mtime was kept (copied with its times, a restored
+    backup): its size alone tells, and the entry is rebuilt from the new file."""
+    src, cache = write_t5(tmp_path / "t5.safetensors", seed=0), tmp_path / "cache"
+    _load(src, cache)
+    st = src.stat()
+    save_file(tiny.t5_single_file_sd(tiny.make_t5(seed=1), torch.float32), str(src))
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert src.stat().st_size != st.st_size and src.stat().st_mtime_ns == st.st_mtime_ns
+    new = _load(src, cache)
+    _rebuilt(new, "differs in: files")
+    assert_same_tensors(state(new.model), reference_state(src, Q8, torch.float32))
+    assert torch.equal(embeds(new, tok), reference(src, Q8, torch.float32, tok))
+
+
+def test_same_file_at_another_path_is_not_read_from_the_first_ones_entry(tmp_path, tok):
+    """Two sources alike in name, size and mtime at different paths: an entry made for one, put where the other's
+    belongs, is rebuilt for the other (the resolved path is part of the key), never read."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, b = write_t5(tmp_path / "a" / "t5.safetensors", seed=0), write_t5(tmp_path / "b" / "t5.safetensors", seed=1)
+    os.utime(b, ns=(a.stat().st_atime_ns, a.stat().st_mtime_ns))
+    assert (b.stat().st_size, b.stat().st_mtime_ns) == (a.stat().st_size, a.stat().st_mtime_ns)
+    cache = tmp_path / "cache"
+    made = _load(a, cache).cache.entry
+    want = t5_cache.entry_dir(cache, b, Q8, torch.float32)
+    shutil.copytree(made, want, copy_function=shutil.copy2)
+    loaded = _load(b, cache)
+    _rebuilt(loaded, "differs in: source)")
+    assert torch.equal(embeds(loaded, tok), reference(b, Q8, torch.float32, tok))
+
+
 def test_truncated_cache_file_is_rebuilt(tmp_path, tok):
     src, cache = write_t5(tmp_path / "t5.safetensors"), tmp_path / "cache"
     entry = _load(src, cache).cache.entry
