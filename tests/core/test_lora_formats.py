@@ -384,3 +384,17 @@ def test_peft_oft_is_refused_saying_what_it_is_and_what_to_do(dit_model):
     assert len(plan.dit_map) == 7 and len(plan.unplaced) == len(sd)
     assert plan.unplaced[0] == ("base_model.model.pos_embed.proj.oft_R.weight: oft_R.weight (PEFT's OFT) is not a "
                                 "tensor any weight adapter of ComfyUI reads")
+
+
+def test_a_bias_difference_of_another_length_is_refused(dit_model):
+    """A `diff_b` whose length is not the layer's bias is refused like a weight of another size (ComfyUI would
+    skip it with a shape-mismatch warning while the node counted it as patched); one that fits is placed; on a fused
+    layer one whose rows do not add up is listed."""
+    shapes = _shapes(dit_model)
+    plan = core_lora.prepare({"lora_unet_proj_out.diff_b": torch.zeros(32)}, shapes)
+    assert plan.dit_map == {"proj_out": "proj_out.weight"} and set(plan.dit) == {"proj_out.diff_b"}
+    with pytest.raises(core_lora.LoraError, match=r"proj_out makes a \[31\] change for proj_out.bias \[32\].*another size"):
+        core_lora.prepare({"lora_unet_proj_out.diff_b": torch.zeros(31)}, shapes)
+    plan = core_lora.prepare({"lora_unet_proj_out.diff_b": torch.zeros(32), "blocks.0.attn.qkv.diff_b": torch.zeros(429)},
+                             shapes)  # on a fused layer, rows that do not add up are listed, as for any tensor
+    assert plan.unplaced == ["blocks.0.attn.qkv.diff_b: .diff_b has 429 rows, the fused layer 432"]
