@@ -316,6 +316,11 @@ def prepare(sd: dict[str, torch.Tensor], dit_shapes: dict[str, tuple[int, ...]],
             if got is not None and len(want) >= 2 and got != (want[0], math.prod(want[1:])):
                 shape_errors.append(f"{m} makes a {list(got)} change for {param} {list(want)}")
                 continue
+            bias = shapes.get(canon + ".bias")
+            if ".diff_b" in part and (bias is None or tuple(part[".diff_b"].shape) != tuple(bias)):
+                shape_errors.append(f"{m} makes a {list(part['.diff_b'].shape)} change for {canon}.bias "
+                                    f"{list(bias) if bias is not None else '(none)'}")
+                continue
             part = _magnitude_as_dora_scale(part, want)
             if isinstance(part, str):
                 shape_errors.append(f"{m}: {part} of {param} {list(want)}")
