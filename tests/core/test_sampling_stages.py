@@ -117,6 +117,32 @@ def test_leftover_latent_is_comfyui_form_at_the_stage_end(dit_and_conds, name):
     assert ((leftover - want).abs().max() / want.abs().max()).item() <= 1e-5
 
 
+def _clean_estimate(result):
+    """The clean latent a diffusers scheduler's step estimated: its output's pred_original_sample (DDIM, DDPM, the
+    Euler schedulers) or denoised (LCM); the multistep solvers keep it as their newest model output (DPM-Solver++,
+    UniPC and SA-Solver in data prediction)."""
+    output, scheduler = result
+    for field in ("pred_original_sample", "denoised"):
+        if getattr(output, field, None) is not None:
+            return getattr(output, field)
+    return scheduler.model_outputs[-1]
+
+
+@pytest.mark.parametrize("name", STAGING)
+@pytest.mark.parametrize("steps,end", [(7, 4), (20, 5)])
+def test_early_stop_is_the_solvers_clean_estimate(dit_and_conds, name, steps, end):
+    """end_step < steps without leftover noise: KSamplerAdvanced sets the stage's last sigma to 0, so its last step
+    lands on that step's clean estimate: the one diffusers' scheduler computes at that step (the Euler schedulers'
+    timesteps fall between trained ones here, 7 steps: 499.5; 20 steps: 788.68)."""
+    dit, pos, neg = dit_and_conds
+    noise, gen = _noise()
+    _, res, sch = _reference_loop(dit, pos, neg, noise, steps, 4.5, name, stop=end, generator=gen)
+    want = _clean_estimate((res, sch))
+    noise, gen = _noise()
+    clean = sampling.sample(dit, pos, neg, noise, steps=steps, cfg=4.5, scheduler=name, generator=gen, end_step=end)
+    assert ((clean - want).abs().max() / want.abs().max()).item() <= 1e-5
+
+
 @pytest.mark.parametrize("edit", [lambda x: x * 1.0001, lambda x: x + 1e-3], ids=["multiply", "add"])
 def test_a_latent_edited_between_stages_restarts_the_solver(dit_and_conds, caplog, edit):
     """Stage 2 gets stage 1's state with a latent changed on the way (as ComfyUI's LatentMultiply / LatentAdd keep
