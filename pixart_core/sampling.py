@@ -16,7 +16,7 @@ from .guidance import Guidance, Predict, guided
 from .inpaint import Inpainting, latent_mask
 from .logs import logger_name
 from .request import Request, check_inputs
-from .stages import SolverState, level_after, moved_history, ve_factor
+from .stages import SolverState, input_scales, level_after, moved_history, ve_factor
 from .tiles import TiledDiT
 
 log = logging.getLogger(logger_name(__name__))
@@ -50,9 +50,9 @@ def defers_nan_check(device: torch.device) -> bool:
 
 
 def _x0(scheduler, model_input: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
-    """Clean-latent estimate from the (VP-scaled) model input and epsilon: valid for every scheduler here."""
-    a = scheduler.alphas_cumprod[int(t)].to(model_input.device)
-    return (model_input - (1 - a).sqrt() * eps) / a.sqrt()
+    """Clean-latent estimate from the (VP-scaled) model input and epsilon at the step being run."""
+    a, b = (c.to(model_input.device) for c in input_scales(scheduler, t))
+    return (model_input - b * eps) / a
 
 
 def _nan_error(step: int, timesteps: torch.Tensor, cfg: float) -> FloatingPointError:
