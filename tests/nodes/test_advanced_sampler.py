@@ -302,3 +302,79 @@ def test_inpainting_through_nodes_equals_ksampler_advanced(executor, comfy_base,
         assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-5
     outside = mask == 0
     assert torch.allclose(ours_2[outside], stage1[outside], rtol=1e-6, atol=0)  # (model scale and back: rounding)
+
+
+# ------------------------------------------------------------------------------- stages across KSamplerAdvanced
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> bool:
+    """Equal to `tol` of b's range (fp32 rounding between ComfyUI's k-diffusion samplers and diffusers')."""
+    return ((a - b).abs().max() / b.abs().max()).item() <= tol
+
+
+@pytest.mark.parametrize("label,sampler,scheduler,steps,split", [
+    # ComfyUI's 'normal' schedule at 10 steps is diffusers' Euler linspace (999, 888, ..., 0, then 0); both Euler
+    ("euler", "euler", "normal", 10, 4),
+    # ComfyUI's 'simple' schedule at 3 steps is the release's DPM-Solver++ linspace (999, 666, 333, then 0)
+    ("dpm++ 2m", "dpmpp_2m", "simple", 3, 1),
+], ids=["euler", "dpmpp_2m"])
+def test_stages_continue_across_ksampler_advanced(executor, comfy_base, label, sampler, scheduler, steps, split):
+    """Our Advanced sampler's stage 1 (leftover noise) continued by ComfyUI's KSamplerAdvanced through the bridge
+    (add_noise disable, start_at_step), and KSamplerAdvanced's stage 1 continued by ours. Both stage-1 LATENTs are
+    the same (ComfyUI's x0 + sigma * noise at the split). KSamplerAdvanced has no solver state, and ours gets none
+    from ComfyUI's LATENT: with a first-order solver (Euler) each continuation is one uninterrupted run of the
+    sampler that ran stage 1; the multistep DPM-Solver++ 2M restarts, the same restart on both sides (first-order
+    first step), visibly off one run. Ours continuing its own stage 1 (with the state) is one run, bit for bit."""
+    p = _bridged_graph(steps=steps, seed=9, scheduler=label, prefix=f"across_{sampler}")
+    p["30"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+    p["31"] = _advanced(latent=["30", 0], seed=9, steps=steps, scheduler=label, end_step=split,
+                        return_with_leftover_noise="enable")
+    p["32"] = _ksampler_advanced(["31", 0], add_noise="disable", start=split, steps=steps, sampler=sampler,
+                                 scheduler=scheduler)
+    p["33"] = _ksampler_advanced(["30", 0], end=split, leftover="enable", steps=steps, sampler=sampler,
+                                 scheduler=scheduler)
+    p["34"] = _advanced(latent=["33", 0], add_noise="disable", seed=9, steps=steps, scheduler=label, start_step=split)
+    p["35"] = {"class_type": "KSampler", "inputs": {"model": ["20", 0], "positive": ["21", 0], "negative": ["22", 0],
+                                                   "latent_image": ["30", 0], "seed": 9, "steps": steps, "cfg": 4.5,
+                                                   "sampler_name": sampler, "scheduler": scheduler, "denoise": 1.0}}
+    p["36"] = _advanced(latent=["31", 0], add_noise="disable", seed=9, steps=steps, scheduler=label, start_step=split)
+    nodes = ("4", "31", "32", "33", "34", "35", "36")
+    for node in nodes:
+        _save(p, node, f"across_{sampler}_{node}")
+    r = executor.run(p)
+    assert r["ok"], r["error"]
+    one_run, ours_1, theirs_2, theirs_1, ours_2, ksampler, ours_with_state = (_saved(r, comfy_base, n) for n in nodes)
+    # diffusers' Euler starts text-to-image from sigma_max * noise (its init_noise_sigma on linspace timesteps),
+    # ComfyUI's from sqrt(1 + sigma_max²) * noise: 1 / (2 sigma_max²) = 2e-5 apart (sigma_max 157.4)
+    start = 5e-5 if sampler == "euler" else 1e-5
+    assert _close(ksampler, one_run, start)  # the two schedules are the same computation
+    assert _close(ours_1, theirs_1, start)
+    assert torch.equal(ours_with_state, one_run)
+    if sampler == "euler":
+        assert _close(theirs_2, one_run) and _close(ours_2, ksampler)
+    else:
+        assert _close(ours_2, theirs_2) and not _close(theirs_2, one_run, 1e-3)
+
+
+def test_a_latent_edited_between_stages_restarts_in_the_graph(executor, comfy_base, caplog):
+    """LatentMultiply and LatentAdd copy the LATENT's other keys, so stage 1's solver state reaches stage 2 with a
+    changed latent: stage 2 restarts (and logs it), giving what it gives on the same latent with no state (an Empty
+    Latent plus it, LatentAdd keeping the empty one's keys). Adding zeros changes nothing: the run continues."""
+    import logging
+
+    p = _bridged_graph(steps=6, seed=9, prefix="edited")
+    p["30"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+    p["31"] = _advanced(latent=["30", 0], seed=9, steps=6, end_step=3, return_with_leftover_noise="enable")
+    p["32"] = {"class_type": "LatentMultiply", "inputs": {"samples": ["31", 0], "multiplier": 1.001}}
+    p["33"] = {"class_type": "LatentAdd", "inputs": {"samples1": ["30", 0], "samples2": ["32", 0]}}  # no state
+    p["34"] = {"class_type": "LatentAdd", "inputs": {"samples1": ["31", 0], "samples2": ["30", 0]}}  # + 0: unchanged
+    for node, latent in (("40", "32"), ("41", "33"), ("42", "34")):
+        p[node] = _advanced(latent=[latent, 0], add_noise="disable", seed=9, steps=6, start_step=3)
+        _save(p, node, f"edited_{node}")
+    _save(p, "4", "edited_one_run")
+    with caplog.at_level(logging.INFO):
+        r = executor.run(p)
+    assert r["ok"], r["error"]
+    edited, restarted, unchanged, one_run = (_saved(r, comfy_base, n) for n in ("40", "41", "42", "4"))
+    assert torch.equal(edited, restarted)
+    assert caplog.text.count("the solver restarts at step 3") == 1  # the edited latent (the other has no state)
+    assert torch.equal(unchanged, one_run)  # LatentAdd of zeros changes nothing: the state still continues
