@@ -5,11 +5,16 @@ Sampler's img2img on the VAE-scaled latent, two tiles blend as MultiDiffusion wr
 micro-conditioning, the default tile against diffusers' bins."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
+import reference_settings as reference
 from harness import models as tiny
+from harness.comfyui import dit_handle
 from harness.graphs import graph
+from pixart_core import sampling
 
 
 @pytest.mark.parametrize("w,h", [(1024, 1024), (1344, 768), (768, 1344), (1216, 832)])
@@ -172,13 +177,6 @@ def test_tiled_refine_in_one_tile_is_img2img_on_the_vae_scaled_latent(comfy, con
     bit for bit, and both are our sampling of the LATENT times the VAE's scaling factor, as diffusers' pipelines scale
     a VAE latent (the released values: 0.13025 for the SDXL VAE of Σ, 0.18215 for the SD VAE of α;
     reference_settings), divided by it again: bit for bit too."""
-    import copy
-
-    from harness.comfyui import dit_handle
-    from pixart_core import sampling
-
-    import reference_settings as reference
-
     pos, neg = conds
     dit = tiny.make_dit(variant=variant, seed=3)
     handle = dit_handle(copy.deepcopy(dit), variant)
@@ -203,13 +201,6 @@ def test_tiled_refine_blends_two_tiles_with_linear_ramps(comfy, conds):
     noised latent with the blended epsilon: at column 1 the left tile's alone, at column 5 0.625 x left (its column
     5) + 0.375 x right (its column 1), at column 10 the right tile's alone (its column 6). The tiles' predictions
     are read off the DiT with a forward hook."""
-    import copy
-
-    from harness.comfyui import dit_handle
-    from pixart_core import sampling
-
-    import reference_settings as reference
-
     dit = tiny.make_dit(seed=3)
     handle = dit_handle(copy.deepcopy(dit), "sigma-1024")
     inner = handle.patcher.model.inner
@@ -240,10 +231,6 @@ def test_tiled_refine_gives_each_tile_its_size_as_micro_conditioning(comfy, cond
     width] and height / width): in Tiled Refine each DiT call is one tile, 80 px wide and 64 px high here (a 128x64
     canvas, tile_width 80, tile_height 64), so resolution [64, 80] and aspect ratio 0.8, for every row of the CFG
     batch; never the canvas's [64, 128]."""
-    import copy
-
-    from harness.comfyui import dit_handle
-
     handle = dit_handle(copy.deepcopy(tiny.make_dit(variant="alpha-1024")), "alpha-1024")
     inner = handle.patcher.model.inner
     assert inner.use_additional_conditions
@@ -268,12 +255,8 @@ def test_tiled_refine_gives_each_tile_its_size_as_micro_conditioning(comfy, cond
 def test_tiled_refine_default_tile_is_the_dits_bin(comfy, conds):
     """tile_width/height 0 with a Σ-256 DiT on a 640x384 canvas: the tiles are the 256 bin diffusers'
     classify_height_width_bin picks for 384/640 from ASPECT_RATIO_256_BIN; the DiT sees that size on every call."""
-    import copy
-
     from diffusers.image_processor import PixArtImageProcessor
     from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import ASPECT_RATIO_256_BIN
-
-    from harness.comfyui import dit_handle
 
     handle = dit_handle(copy.deepcopy(tiny.make_dit(variant="sigma-256")), "sigma-256")
     shapes = set()
