@@ -101,9 +101,6 @@ folder_paths
 latent_preview
     get_previewer  public   the previewer of --preview-method for a latent format
 
-torch._C._nn
-    _parse_to  private  (PyTorch) Holder.to reads the target device as nn.Module.to does
-
 Attributes of ComfyUI objects (what the code reads, calls or overrides on them):
 
 comfy.ldm.pixart.pixartms.PixArtMS

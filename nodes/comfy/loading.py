@@ -11,7 +11,7 @@ import torch
 
 from ...pixart_core.gguf_t5 import has_gguf_layers
 from ...pixart_core.logs import logger_name
-from ...pixart_core.quant import has_bnb_layers, move_quantized_state, unique_bytes
+from ...pixart_core.quant import has_bnb_layers, unique_bytes
 
 log = logging.getLogger(logger_name(__name__))
 
@@ -32,21 +32,14 @@ class Holder(torch.nn.Module):
     transformers models have a read-only `.device`, so they ride inside this plain container.
 
     `streamable`: built from ComfyUI's cast-weights layers, so it may be partially loaded. bitsandbytes-quantized
-    models are not (their layers have no cast path): ComfyUI loads them whole.
+    models are not (their layers have no cast path): ComfyUI loads them whole, and unloads them whole or layer by
+    layer (their 8-bit layers move their int8 matrices and scales themselves: pixart_core.int8_linear).
     """
 
     def __init__(self, inner: torch.nn.Module, streamable: bool = False):
         super().__init__()
         self.inner = inner
         self.streamable = streamable
-
-    def to(self, *args, **kwargs):
-        """ComfyUI loads and offloads with .to(); quantized T5 layers need their side tensors moved too."""
-        super().to(*args, **kwargs)
-        device = torch._C._nn._parse_to(*args, **kwargs)[0]
-        if device is not None:
-            move_quantized_state(self, device)
-        return self
 
 
 def _quantized(model: torch.nn.Module) -> bool:
@@ -138,7 +131,7 @@ def use(patcher: comfy.model_patcher.ModelPatcher, memory_required: int = 0) -> 
         _place_rest(holder.inner, device)
     elif not all(_on(t, device) for t in holder.inner.parameters()):
         device = patcher.offload_device
-        holder.to(device)  # with the 8-bit layers' side tensors
+        holder.to(device)
         log.warning("PixArt: %s is quantized and ComfyUI's memory mode (%s) does not load it whole: it runs on %s.",
                     type(holder.inner).__name__, mm.vram_state.name, device)
     return Loaded(holder.inner, device)
