@@ -117,8 +117,9 @@ class FakeCuda(TorchFunctionMode):
             out = func(*args, **{**kwargs, "device": "cpu"})
             return self._adopt(out) if isinstance(out, torch.Tensor) else out
         out = func(*args, **kwargs)
-        if isinstance(out, torch.Tensor) and any(self.holds(a) for a in _tensors(args)):
-            return self._adopt(out)  # an operation on GPU tensors gives a GPU tensor
+        if any(self.holds(a) for a in _tensors(args)):  # an operation on GPU tensors gives GPU tensors
+            for t in _tensors(out if isinstance(out, (list, tuple)) else (out,)):
+                self._adopt(t)
         return out
 
 

@@ -72,8 +72,9 @@ class T5Loader(io.ComfyNode):
         load_device, offload_device = devices.t5_devices(cpu=device == "cpu")
         compute = core_t5.compute_dtype(dtype, devices.auto_dtype("t5", load_device))
         tokenizer = core_t5.load_tokenizer(core_t5.tokenizer_candidates(path) + [paths.COMFY_TOKENIZER])
-        loaded = core_t5.load_t5(path, mode, compute, cache_dir=paths.t5_cache_dir(),
-                                 quantize_device=load_device if load_device.type == "cuda" else None)
+        gpu = loading.quantizer_device()
+        loaded = core_t5.load_t5(path, mode, compute, cache_dir=paths.t5_cache_dir(), quantize_device=gpu,
+                                 make_room=loading.make_room(gpu) if gpu is not None else None)
         patcher = loading.wrap(loaded.model, load_device, offload_device)
         log.info("PixArt T5 %s loaded (%s, %s, runs on %s)", t5_name, quantization, compute, load_device)
         stat = path.stat()

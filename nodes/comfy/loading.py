@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Callable
 
 import comfy.model_management as mm
 import comfy.model_patcher
@@ -155,6 +156,21 @@ def use_clip(patcher: comfy.model_patcher.ModelPatcher) -> None:
     """Load a ComfyUI CLIP's patcher as ComfyUI's own text encode does (`CLIP.load_model`): ComfyUI decides what
     is evicted and what part is loaded, and applies the CLIP's patches (LoRA)."""
     mm.load_model_gpu(patcher)
+
+
+def quantizer_device() -> torch.device | None:
+    """The GPU bitsandbytes quantizes on: ComfyUI's torch device where that is a CUDA GPU (also for a T5 that runs
+    on the CPU: it is quantized once, into the cache), else None."""
+    device = mm.get_torch_device()
+    return device if device.type == "cuda" else None
+
+
+def make_room(device: torch.device) -> Callable[[int], None]:
+    """A callable that has ComfyUI free `bytes` on `device` for work outside its models (it unloads models, whole
+    or in part, until that much is free), as its loaders do before loading a model."""
+    def free(nbytes: int) -> None:
+        mm.free_memory(nbytes, device)
+    return free
 
 
 def is_oom(error: BaseException) -> bool:
