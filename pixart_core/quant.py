@@ -27,7 +27,8 @@ def has_bnb_layers(model: torch.nn.Module) -> bool:
     return any(c.__module__.split(".")[0] == "bitsandbytes" for m in model.modules() for c in type(m).__mro__)
 
 
-def _int8_layers(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+def int8_layers(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The module's bitsandbytes 8-bit layers (none when bitsandbytes was never imported)."""
     bnb_nn = sys.modules.get("bitsandbytes.nn")  # not imported: no model can hold its layers
     if bnb_nn is None:
         return
@@ -37,7 +38,7 @@ def _int8_layers(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
 def single_int8_copy(module: torch.nn.Module) -> int:
     """Make every 8-bit layer of `module` move as one int8 copy, its scales with it, whoever moves it
     (pixart_core.int8_linear.Linear8bitLt swapped in: the same layer and tensors); returns how many."""
-    layers = list(_int8_layers(module))
+    layers = list(int8_layers(module))
     if layers:
         from .int8_linear import Linear8bitLt
 
@@ -49,7 +50,7 @@ def single_int8_copy(module: torch.nn.Module) -> int:
 def int8_copies(module: torch.nn.Module) -> list[int]:
     """Per 8-bit layer, how many distinct storages hold its int8 matrix (weight.data, weight.CB, state.CB): 1 is right."""
     counts = []
-    for layer in _int8_layers(module):
+    for layer in int8_layers(module):
         tensors = [layer.weight.data] + [t for t in (getattr(layer.weight, "CB", None), layer.state.CB)
                                          if isinstance(t, torch.Tensor)]
         counts.append(len({t.untyped_storage()._cdata for t in tensors}))

@@ -10,9 +10,9 @@ import comfy.model_patcher
 import comfy.ops
 import torch
 
-from ...pixart_core.gguf_t5 import has_gguf_layers
+from ...pixart_core.gguf_t5 import GGUFLinear
 from ...pixart_core.logs import logger_name
-from ...pixart_core.quant import has_bnb_layers, unique_bytes
+from ...pixart_core.quant import has_bnb_layers, int8_layers, unique_bytes
 
 log = logging.getLogger(logger_name(__name__))
 
@@ -32,9 +32,10 @@ class Holder(torch.nn.Module):
     """ModelPatcher writes `.device` and bookkeeping attributes onto the module it manages; diffusers and
     transformers models have a read-only `.device`, so they ride inside this plain container.
 
-    `streamable`: built from ComfyUI's cast-weights layers, so it may be partially loaded. bitsandbytes-quantized
-    models are not (their layers have no cast path): ComfyUI loads them whole, and unloads them whole or layer by
-    layer (their 8-bit layers move their int8 matrices and scales themselves: pixart_core.int8_linear).
+    `streamable`: built from ComfyUI's cast-weights layers (and GGUF layers, which stream by themselves), so it may
+    be partially loaded. bitsandbytes-quantized models are not (their layers have no cast path): ComfyUI loads them
+    whole, and unloads them whole or layer by layer (their 8-bit layers move their int8 matrices and scales
+    themselves: pixart_core.int8_linear).
     """
 
     def __init__(self, inner: torch.nn.Module, streamable: bool = False):
@@ -43,26 +44,26 @@ class Holder(torch.nn.Module):
         self.streamable = streamable
 
 
-def _quantized(model: torch.nn.Module) -> bool:
-    """bitsandbytes layers, or a GGUF T5's layers (quantized blocks dequantized per forward): loaded whole."""
-    return has_bnb_layers(model) or has_gguf_layers(model)
-
-
 def castable(model: torch.nn.Module) -> torch.nn.Module:
-    """Turn the model's plain torch layers into ComfyUI's cast-weights layers, in place (same parameters, same math)."""
+    """Turn the model's plain torch layers into ComfyUI's cast-weights layers, in place (same parameters, same math),
+    and mark GGUF layers as such: their forward already dequantizes on the input's device, wherever their
+    quantized bytes are, so ComfyUI may leave them in system memory."""
     for m in model.modules():
         cls = CAST_OPS.get(type(m))
         if cls is not None:
             m.__class__ = cls
             if not hasattr(m, "bias"):
                 m.bias = None  # ComfyUI's Embedding sets this at construction; its cast path reads it
+        elif isinstance(m, GGUFLinear):  # the attributes ComfyUI's loader reads and sets on cast-weights layers
+            m.comfy_cast_weights, m.weight_function, m.bias_function = False, [], []
     return model
 
 
 def wrap(model: torch.nn.Module, load_device: torch.device, offload_device: torch.device) -> comfy.model_patcher.ModelPatcher:
     """A ModelPatcher for one of our models, sized by its distinct tensors (ComfyUI's state-dict count would take a
-    tied embedding twice). Unquantized models get cast-weights layers, so ComfyUI can load them partially."""
-    streamable = not _quantized(model)
+    tied embedding twice). Models without bitsandbytes layers get cast-weights layers, so ComfyUI can load them
+    partially."""
+    streamable = not has_bnb_layers(model)
     if streamable:
         castable(model)
     return comfy.model_patcher.ModelPatcher(Holder(model, streamable), load_device=load_device,
@@ -113,8 +114,8 @@ def use(patcher: comfy.model_patcher.ModelPatcher, memory_required: int = 0) -> 
     """Have ComfyUI put the model on its load device (evicting others, or loading it partially when it does not
     fit: the rest streams from system memory per forward) and return it with the device to run it on.
 
-    A quantized model is loaded whole. In ComfyUI's --novram mode, which loads nothing whole, it stays in system
-    memory and runs on the CPU: bitsandbytes layers cannot stream.
+    A bitsandbytes-quantized model is loaded whole. In ComfyUI's --novram mode, which loads nothing whole, it stays
+    in system memory and runs on the CPU: bitsandbytes layers cannot stream.
     """
     holder = patcher.model
     try:
@@ -122,11 +123,12 @@ def use(patcher: comfy.model_patcher.ModelPatcher, memory_required: int = 0) -> 
     except Exception as e:
         if holder.streamable or not is_oom(e):
             raise
+        smaller = "Choose '4-bit nf4' (smaller), or" if any(True for _ in int8_layers(holder)) else "Choose"
         raise type(e)(
             f"The quantized {type(holder.inner).__name__} ({patcher.model_size() / 2**30:.2f} GiB) does not fit in "
             f"the free memory of {patcher.load_device} and cannot be loaded in parts (bitsandbytes layers do not "
-            "stream). Choose '4-bit nf4' (smaller), or quantization 'none' (ComfyUI then streams what does not fit), "
-            "or free memory.") from e
+            f"stream). {smaller} quantization 'none' or a GGUF file (ComfyUI then streams what does not fit), or "
+            "device 'cpu', or free memory.") from e
     device = patcher.load_device
     if holder.streamable:
         _place_rest(holder.inner, device)
