@@ -155,7 +155,8 @@ comfy.ops.disable_weight_init.Embedding
 torch.nn.Module
     __class__  private  (PyTorch) castable swaps layer classes in place: ComfyUI's cast layers must add no
                         construction state but `bias`
-    _apply     private  (PyTorch) _place_rest moves one module's own tensors (recurse=False)
+    _apply     private  (PyTorch) _place_rest moves one module's own tensors (recurse=False); Holder and
+                        BridgedPixArt override it to share the bridge's weights again after each whole move
 
 comfy.sd.CLIP
     cond_stage_model  public   a CLIP's text model: its parts are its children (t5xxl, clip_l, ...)

@@ -42,6 +42,13 @@ class Holder(torch.nn.Module):
         super().__init__()
         self.inner = inner
         self.streamable = streamable
+        self.after_move: Callable[[], None] | None = None  # called after each whole move (the bridge's sharing)
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        if self.after_move is not None:
+            self.after_move()
+        return self
 
 
 def castable(model: torch.nn.Module) -> torch.nn.Module:
