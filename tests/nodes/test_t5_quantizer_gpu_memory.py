@@ -40,7 +40,7 @@ def gpu_machine(comfy, comfy_base, monkeypatch, tmp_path):
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "pixart_t5_cache", ([str(tmp_path / "cache")], set()))
     asked, real = [], mm.free_memory
 
-    def free_memory(memory_required, device, keep_loaded=[]):
+    def free_memory(memory_required, device, keep_loaded=()):
         asked.append((memory_required, device))
         return real(memory_required, device, keep_loaded)
 
