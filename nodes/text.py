@@ -76,11 +76,11 @@ class T5Loader(io.ComfyNode):
         compute = core_t5.compute_dtype(dtype, devices.auto_dtype("t5", load_device))
         tokenizer = core_t5.load_tokenizer(core_t5.tokenizer_candidates(path) + [paths.COMFY_TOKENIZER])
         gpu = loading.quantizer_device()
-        # on a GPU the layers bitsandbytes leaves unquantized are stored in bf16 (computing in `compute`): a
-        # quantized T5 then takes the same VRAM with or without bf16; on the CPU they stay as transformers loads them
+        # on a CUDA GPU the layers bitsandbytes leaves unquantized are stored in bf16 (computing in `compute`): a
+        # quantized T5 then takes the same VRAM with or without bf16; elsewhere they stay as transformers loads them
         loaded = core_t5.load_t5(path, mode, compute, cache_dir=paths.t5_cache_dir(), quantize_device=gpu,
                                  make_room=loading.make_room(gpu) if gpu is not None else None,
-                                 unquantized_dtype=None if load_device.type == "cpu" else torch.bfloat16)
+                                 unquantized_dtype=torch.bfloat16 if load_device.type == "cuda" else None)
         patcher = loading.wrap(loaded.model, load_device, offload_device)
         log.info("PixArt T5 %s loaded (%s, %s, runs on %s)", t5_name, quantization, compute, load_device)
         stat = path.stat()
