@@ -95,7 +95,7 @@ def store_unquantized(model: torch.nn.Module, storage: torch.dtype) -> int:
 
     transformers keeps each feed-forward output layer `wo` out of quantization, in the compute dtype (T5's
     `_keep_in_fp32_modules`: int8 matmuls run in fp16, where T5-XXL's `wo` outputs overflow), and the token
-    embedding is never quantized. Computing in fp32 (GPUs without bf16), they hold 3.9 of the 8-bit T5-XXL's
+    embedding is never quantized. Computing in fp32 (GPUs without bf16), they hold 4.2 of the 8-bit T5-XXL's
     7.6 GiB. Stored in bf16 (the range of fp32, as on bf16 GPUs) they take half that: each `wo` becomes a
     WideningLinear that computes in fp32 (T5 rounds its input to the weight's dtype first, as on bf16 GPUs), and
     the embedding's bf16 rows are added to the fp32 residual stream by the first block.
