@@ -61,17 +61,24 @@ def check_folder(folder: Path) -> None:
             check_file(f)
 
 
-def read_state_dict(path: str | os.PathLike, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of a .safetensors or (weights-only) .pth/.ckpt/.bin file, on the CPU; with `dtype`, floating
-    tensors converted to it (integer tensors kept as they are)."""
+def read_state_dict(path: str | os.PathLike, dtype: torch.dtype | None = None,
+                    keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a .safetensors or (weights-only) .pth/.ckpt/.bin file, on the CPU, or only those named in
+    `keys` (names the file lacks are left out); with `dtype`, floating tensors converted to it (integer tensors
+    kept as they are). A safetensors file's other tensors are never read."""
     path = check_file(path)
+    wanted = None if keys is None else set(keys)
     if path.suffix.lower() in SAFETENSORS_EXT:
         header, start = _check_safetensors_header(path)
+        if wanted is not None:
+            header = {k: v for k, v in header.items() if k in wanted}
         if dtype is not None and _needs_conversion(header, dtype):
             return _read_safetensors_as(path, header, start, dtype)
-        sd = _read_safetensors(path)
+        sd = _read_safetensors(path, wanted)
     elif path.suffix.lower() in PICKLE_EXT:
         sd = _read_pickle(path)
+        if wanted is not None:
+            sd = {k: v for k, v in sd.items() if k in wanted}
     else:
         raise WeightFileError(f"{path.name}: unsupported file type {path.suffix!r}; use .safetensors (or .pth/.ckpt).")
     if dtype is not None:
@@ -169,12 +176,12 @@ def _read_plain_as(path: Path, items: list, start: int, dtype: torch.dtype) -> d
     return out
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_safetensors(path: Path, keys: set[str] | None = None) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError, safe_open
 
     try:  # the header was checked (read_state_dict)
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            return {k: f.get_tensor(k) for k in f.keys() if keys is None or k in keys}
     except (SafetensorError, OSError, RuntimeError) as e:
         raise WeightFileError(
             f"{path.name}: cannot read this safetensors file ({e}). It is probably truncated or corrupt: download it again."

@@ -267,6 +267,9 @@ def test_converting_read_equals_safetensors_load_then_to(tmp_path, dtype, mapped
     assert set(got) == set(want)
     for k in want:
         assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    some = files.read_state_dict(path, dtype, keys=["a", "c", "not in the file"])  # only the tensors named
+    assert set(some) == {"a", "c"} and all(torch.equal(some[k], want[k]) for k in some)
+    assert set(files.read_state_dict(path, None, keys=["b"])) == {"b"}  # read without converting, too
 
 
 PEAK_SCRIPT = """
