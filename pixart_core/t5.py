@@ -53,8 +53,9 @@ def load_t5(path: str | os.PathLike, quantization: str, dtype: torch.dtype, *, c
     """Load a T5-v1.1 encoder from a single safetensors file (plain, or ComfyUI's scaled fp8), a GGUF file or a
     transformers/diffusers folder, on the CPU; `quantization` is one of t5_spec.QUANTIZATIONS.
 
-    Weights stream from the memory-mapped file tensor by tensor (transformers' loader), converted to `dtype`
-    or quantized as they arrive, so the whole model never sits in memory twice. With `cache_dir`, an 8-bit/nf4
+    Weights stream from the memory-mapped file tensor by tensor, converted to `dtype` (a plain file without
+    quantization: files.read_state_dict; otherwise transformers' loader) or quantized as they arrive, so the whole
+    model never sits in memory twice. With `cache_dir`, an 8-bit/nf4
     T5 is quantized once and read from the cache afterwards (t5_cache); `quantize_device` (a CUDA GPU) then
     quantizes it there tensor by tensor, after `make_room(bytes)` was asked for the memory that takes (falling
     back to the CPU when the GPU runs out). `unquantized_dtype` (a quantized T5 only): the dtype to store the
