@@ -27,6 +27,20 @@ FRONTENDS = REPO / ".cache" / "frontend"  # static_root's downloads, one folder 
 SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False,
             "Comfy.Graph.CanvasMenu": False, "LiteGraph.Canvas.LowQualityRenderingZoomThreshold": 0.1}
 
+def require_chromium() -> None:
+    """Skip the calling test where Debian's chromium is missing, or fail it where scripts/test promises chromium
+    (as root, or in CI)."""
+    import os
+
+    import pytest
+
+    if not os.access(CHROMIUM, os.X_OK):
+        message = f"no {CHROMIUM} (scripts/test installs Debian's chromium when run as root)"
+        if os.geteuid() == 0 or os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
 _LOAD_AND_CHECK = """
 async (wf) => {
   await app.loadGraphData(structuredClone(wf));

@@ -90,6 +90,18 @@ def make_t5(size: str = "tiny", seed: int = 0, layers: int | None = None):
     return T5EncoderModel(T5Config(**t5_config(size, layers))).eval()
 
 
+def make_overflowing_t5():
+    """A tiny T5 whose feed-forward outputs pass fp16's 65504, as T5-XXL's `wo` outputs do."""
+    t5 = make_t5()
+    with torch.no_grad():
+        for block in t5.encoder.block:
+            ff = block.layer[1].DenseReluDense
+            ff.wi_0.weight.mul_(8)
+            ff.wi_1.weight.mul_(8)
+            ff.wo.weight.mul_(800)
+    return t5
+
+
 def make_t5_from_config(config: dict | None = None, seed: int = 0):
     """A T5 encoder with random weights from a transformers T5 config (default: the tiny preset's)."""
     from transformers import T5Config, T5EncoderModel

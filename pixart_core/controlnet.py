@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .dit_view import DiTView
 from .files import WeightFileError
 from .transformer import HEAD_DIM
 
@@ -210,7 +211,7 @@ def _add_controls(controls: Sequence[Control], streams: list[torch.Tensor], inde
     return hidden_states
 
 
-class ControlledDiT(nn.Module):
+class ControlledDiT(DiTView):
     """A PixArt DiT with ControlNets applied: to the sampling loop it looks like the DiT (`config`, `parameters()`,
     submodule names for PAG, the forward signature and output), and its forward is controlled_forward.
 
@@ -218,27 +219,8 @@ class ControlledDiT(nn.Module):
     With no control active it calls the DiT's own forward."""
 
     def __init__(self, dit: nn.Module, controls: Sequence[Control] = ()):
-        super().__init__()
-        self.dit = dit
+        super().__init__(dit)
         self.controls = tuple(controls)
-
-    @property
-    def config(self):
-        return self.dit.config
-
-    def __getattr__(self, name: str):
-        """Anything else the sampling loop may read off the DiT (attributes, submodules) comes from the DiT."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            dit = self.__dict__["_modules"].get("dit")
-            if dit is None:
-                raise
-            return getattr(dit, name)
-
-    @property
-    def use_additional_conditions(self) -> bool:
-        return bool(getattr(self.dit, "use_additional_conditions", False))
 
     def at_step(self, step: int, steps: int) -> ControlledDiT:
         """The same DiT with only the controls active at step `step` of `steps`."""

@@ -207,16 +207,17 @@ class _Groups:
     unplaced: list[str]  # "key: why"
     t5_keys: list[str]  # file keys that belong to the text encoder (placed or not)
     unread: list[str] = dataclasses.field(default_factory=list)  # tensors that name our layers in an unread form
+    unread_modules: dict[str, str] = dataclasses.field(default_factory=dict)  # module -> its unread tensor
 
 
-def _unread_form(key: str, targets: Iterable[dict[str, Target]]) -> str | None:
-    """The tensor part of a key that names one of our modules with a tensor no weight adapter reads (PEFT's OFT
+def _unread_form(key: str, targets: Iterable[dict[str, Target]]) -> tuple[str, str] | None:
+    """The module a key names and its tensor part, where that tensor is one no weight adapter reads (PEFT's OFT
     `oft_R.weight` ...), with whose it is where known; None if the key names none of our modules."""
     for i in (i for i, c in enumerate(key) if c == "."):
         if any(key[:i] in t for t in targets):
             tensor = key[i + 1:]
             whose = PEFT_ONLY.get(tensor.split(".")[0])
-            return f"{tensor} ({whose})" if whose else tensor
+            return key[:i], f"{tensor} ({whose})" if whose else tensor
     return None
 
 
@@ -237,9 +238,11 @@ def _group(sd: dict[str, torch.Tensor], dit_t: dict[str, Target], t5_t: dict[str
                 if with_t5:
                     g.unplaced.append(f"{key}: names no module of the T5 encoder")
                 continue
-            form = _unread_form(key, (dit_t, t5_t))
-            if form is not None:
+            unread = _unread_form(key, (dit_t, t5_t))
+            if unread is not None:
+                module, form = unread
                 g.unread.append(form)
+                g.unread_modules[module] = form
                 g.unplaced.append(f"{key}: {form} is not a tensor any weight adapter of ComfyUI reads")
                 continue
             why = "no module of the PixArt DiT has this name" if split_key(key) else "not a tensor name a LoRA adapter reads"
@@ -298,6 +301,7 @@ def prepare(sd: dict[str, torch.Tensor], dit_shapes: dict[str, tuple[int, ...]],
     t5_t = t5_targets(t5_shapes) if t5_shapes is not None else {}
     g = _group(sd, dit_t, t5_t, t5_shapes is not None)
     _refuse_foreign(name, [u.split(":", 1)[0] for u in g.unplaced if not T5_LIKE.match(u)], len(sd) - len(g.t5_keys))
+    _refuse_incomplete(name, g)
     out = {"dit": ({}, {}), "t5": ({}, {})}
     shape_errors: list[str] = []
     formats: set[str] = set()
@@ -354,6 +358,16 @@ def _refuse_unmatched(sd: dict[str, torch.Tensor], g: _Groups, with_t5: bool, na
     what = describe_lora(sd) or files.describe(sd, files.shapes_of(sd))
     raise LoraError(f"{name}: no key of this file names a module of the PixArt DiT or T5 (it looks like {what}; "
                     f"first keys: {', '.join(sorted(sd)[:3])}). Choose a LoRA trained on PixArt-Σ/α.")
+
+
+def _refuse_incomplete(name: str, g: _Groups) -> None:
+    """A module whose adapter has, beside tensors we read, one we cannot (PEFT's AdaLoRA `lora_E` beside its
+    `lora_A`/`lora_B`): applied without it, that module's change would be wrong, not smaller."""
+    both = sorted(m for (_, m) in g.tensors if m in g.unread_modules)
+    if both:
+        raise LoraError(f"{name}: {both[0]} (and {len(both) - 1} more) has {g.unread_modules[both[0]]} beside the "
+                        "LoRA tensors; no weight adapter of ComfyUI reads it, and without it the change is wrong. "
+                        "Merge this adapter into the DiT (PEFT: merge_and_unload()) and load the merged checkpoint.")
 
 
 def _refuse_foreign(name: str, unplaced: list[str], total: int) -> None:

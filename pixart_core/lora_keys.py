@@ -38,7 +38,8 @@ PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_A.default.weight", "
 MAGNITUDE_SUFFIXES = (".lora_magnitude_vector", ".lora_magnitude_vector.weight", ".lora_magnitude_vector.default.weight")
 # Adapter tensors that name a layer in a form no ComfyUI weight adapter reads, and whose they are.
 PEFT_ONLY = {"oft_R": "PEFT's OFT", "boft_R": "PEFT's BOFT", "boft_s": "PEFT's BOFT",
-             "vera_lambda_b": "PEFT's VeRA", "vera_lambda_d": "PEFT's VeRA", "ia3_l": "PEFT's IA3"}
+             "vera_lambda_b": "PEFT's VeRA", "vera_lambda_d": "PEFT's VeRA", "ia3_l": "PEFT's IA3",
+             "lora_E": "PEFT's AdaLoRA"}
 _KOHYA = ("lora_unet_", "lora_transformer_", "lycoris_")
 _DIFFUSERS_PREFIXES = ("", "transformer.", "base_model.model.", "transformer.base_model.model.",
                        "unet.base_model.model.", "unet.")

@@ -41,6 +41,20 @@ class LoadedT5:
     source: str
     cache: Outcome | None = None  # where the quantized-T5 cache was used
 
+    def __post_init__(self):
+        one_embedding_module(self.model)
+
+
+def one_embedding_module(model: torch.nn.Module) -> None:
+    """Make the encoder's token embedding the same module as `shared`, as it is the same tensor (transformers ties
+    only the weights): whatever walks the modules and counts each one's tensors (ComfyUI's loading, offloading
+    and partial unloading) then counts the embedding once, not twice."""
+    encoder = getattr(model, "encoder", None)
+    shared = getattr(model, "shared", None)
+    if encoder is not None and shared is not None and encoder.embed_tokens is not shared \
+            and encoder.embed_tokens.weight is shared.weight:
+        encoder.embed_tokens = shared
+
 
 def compute_dtype(choice: str, auto: torch.dtype = torch.float32) -> torch.dtype:
     """The T5 compute dtype (`auto`: what "auto" is on the load device): never float16 (T5-XXL overflows in fp16)."""

@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from .controlnet import ControlledDiT
+from .dit_view import DiTView
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +83,7 @@ def layout(height: int, width: int, tile_h: int, tile_w: int, overlap: int) -> l
     return [Tile(y, x, h, w, (wt / total[y:y + h, x:x + w]).float()) for y, x, h, w, wt in raw]
 
 
-class TiledDiT(torch.nn.Module):
+class TiledDiT(DiTView):
     """A PixArt DiT that denoises a latent canvas larger than its trained size in overlapping tiles.
 
     Looks like the DiT to the sampling loop (`config`, `parameters()`, `use_additional_conditions`, the same forward
@@ -94,29 +95,10 @@ class TiledDiT(torch.nn.Module):
 
     def __init__(self, dit: torch.nn.Module, tiles: list[Tile], canvas: tuple[int, int],
                  on_tile: Callable[[int, int], None] | None = None):
-        super().__init__()
-        self.dit = dit
+        super().__init__(dit)
         self.tiles = tiles
         self.canvas = canvas
         self.on_tile = on_tile
-
-    @property
-    def config(self):
-        return self.dit.config
-
-    def __getattr__(self, name: str):
-        """Anything else the sampling loop may read off the DiT (attributes, submodules) comes from the DiT."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            dit = self.__dict__["_modules"].get("dit")
-            if dit is None:
-                raise
-            return getattr(dit, name)
-
-    @property
-    def use_additional_conditions(self) -> bool:
-        return bool(getattr(self.dit, "use_additional_conditions", False))
 
     def at_step(self, step: int, steps: int) -> TiledDiT:
         """The same tiles over the DiT's form for step `step` of `steps` (its ControlNets act on part of the

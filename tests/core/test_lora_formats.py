@@ -398,3 +398,23 @@ def test_a_bias_difference_of_another_length_is_refused(dit_model):
     plan = core_lora.prepare({"lora_unet_proj_out.diff_b": torch.zeros(32), "blocks.0.attn.qkv.diff_b": torch.zeros(429)},
                              shapes)  # on a fused layer, rows that do not add up are listed, as for any tensor
     assert plan.unplaced == ["blocks.0.attn.qkv.diff_b: .diff_b has 429 rows, the fused layer 432"]
+
+
+def test_peft_adalora_is_refused_not_applied_without_its_singular_values(dit_model):
+    """PEFT's AdaLoRA stores each change as lora_B @ (lora_A * lora_E) (lora_E: the learned singular values), under
+    the same `lora_A`/`lora_B` names as a LoRA. No weight adapter of ComfyUI reads lora_E: applied as a LoRA, the
+    change would be another one, so the file is refused, saying what it is and what to do."""
+    from peft import AdaLoraConfig
+
+    config = AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["to_q", "to_k"], init_lora_weights=False)
+    sd, _, model = peft_adapter(dit_model, config)
+    layer = model.base_model.model.transformer_blocks[0].attn1.to_q
+    as_lora = layer.lora_B["default"] @ layer.lora_A["default"]  # what a LoRA reading of its two tensors applies
+    merged = layer.get_delta_weight("default")  # PEFT's own change for this layer
+    assert not torch.allclose(as_lora * layer.scaling["default"], merged, atol=1e-6)
+    with pytest.raises(core_lora.LoraError) as e:
+        core_lora.prepare(sd, _shapes(dit_model), name="adalora.safetensors")
+    message = str(e.value)
+    assert message.startswith("adalora.safetensors: base_model.model.transformer_blocks.0.attn1.to_k (and 7 more) has "
+                              "lora_E (PEFT's AdaLoRA) beside the LoRA tensors"), message
+    assert "merge_and_unload" in message

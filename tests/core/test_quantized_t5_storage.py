@@ -24,13 +24,7 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
 def overflowing(tmp_path_factory):
     """A tiny T5 whose feed-forward outputs pass fp16's 65504, as T5-XXL's `wo` outputs do, saved in fp32; its
     fp32 hidden state for 300 tokens."""
-    t5 = tiny.make_t5()
-    with torch.no_grad():
-        for block in t5.encoder.block:
-            ff = block.layer[1].DenseReluDense
-            ff.wi_0.weight.mul_(8)
-            ff.wi_1.weight.mul_(8)
-            ff.wo.weight.mul_(800)
+    t5 = tiny.make_overflowing_t5()
     path = tmp_path_factory.mktemp("overflowing") / "t5.safetensors"
     save_file(tiny.t5_single_file_sd(t5, dtype=torch.float32), str(path))
     ids = torch.randint(2, 32000, (1, 300), generator=torch.Generator().manual_seed(0))

@@ -16,22 +16,10 @@ LONG = "a lighthouse on a cliff above a stormy sea, waves crashing, dramatic clo
 CPU = torch.device("cpu")
 
 
-def overflowing_t5():
-    """A tiny T5 whose feed-forward outputs pass fp16's 65504 (as T5-XXL's wo outputs do)."""
-    t5 = tiny.make_t5()
-    with torch.no_grad():
-        for block in t5.encoder.block:
-            ff = block.layer[1].DenseReluDense
-            ff.wi_0.weight.mul_(8)
-            ff.wi_1.weight.mul_(8)
-            ff.wo.weight.mul_(800)
-    return t5
-
-
 @pytest.fixture(scope="module")
 def overflow_setup(tmp_path_factory, tokenizer):
     tmp = tmp_path_factory.mktemp("overflow")
-    t5 = overflowing_t5()
+    t5 = tiny.make_overflowing_t5()
     ids = tokenizer([ct5.preprocess(LONG)], padding="max_length", max_length=300, truncation=True, return_tensors="pt")
     with torch.no_grad():
         reference = t5(**ids).last_hidden_state

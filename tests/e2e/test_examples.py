@@ -5,7 +5,6 @@ graphToPrompt() equal to our converter's output. Screenshots go to .cache/test-a
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -95,11 +94,7 @@ def test_runner_against_server(server, tmp_path):
 
 @pytest.fixture(scope="module")
 def browser(server):
-    if not os.access(frontend.CHROMIUM, os.X_OK):
-        message = f"no {frontend.CHROMIUM} (scripts/test installs Debian's chromium when run as root)"
-        if os.geteuid() == 0 or os.environ.get("CI"):  # where scripts/test promises it: missing is a failure
-            pytest.fail(message)
-        pytest.skip(message)
+    frontend.require_chromium()
     with frontend.Frontend(server) as fe:
         yield fe
 

@@ -6,7 +6,6 @@ the frontend ComfyUI 0.3.75 ships and on the newest one: select the node, press 
 and the panel shows the page. Screenshots in .cache/test-artifacts/frontend/."""
 from __future__ import annotations
 
-import os
 import re
 
 import pytest
@@ -22,14 +21,6 @@ from harness.server import serve
 DOCS = REPO / "web" / "docs"
 ARTIFACTS = REPO / ".cache" / "test-artifacts" / "frontend"
 VERSIONS = [None, frontend.NEWEST]  # None: the frontend ComfyUI 0.3.75 ships (the pinned package)
-
-
-def require_chromium() -> None:
-    if not os.access(frontend.CHROMIUM, os.X_OK):
-        message = f"no {frontend.CHROMIUM} (scripts/test installs Debian's chromium when run as root)"
-        if os.geteuid() == 0 or os.environ.get("CI"):  # where scripts/test promises it: missing is a failure
-            pytest.fail(message)
-        pytest.skip(message)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +72,7 @@ def first_sentence(node_id: str) -> str:
 
 @pytest.fixture(scope="module", params=VERSIONS, ids=lambda v: f"frontend-{v or 'pinned'}")
 def browser(request, tmp_path_factory):
-    require_chromium()
+    frontend.require_chromium()
     base = make_base(tmp_path_factory.mktemp("help_frontend"))
     with serve(base, extra_args=frontend.server_args(request.param)) as srv, frontend.Frontend(srv.url) as fe:
         fe.version = fe.page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__")

@@ -3,7 +3,6 @@ ComfyUI 0.3.75 ships and on the newest one (harness.frontend.NEWEST, served with
 the pack's templates shows its thumbnail. Screenshots in .cache/test-artifacts/frontend/."""
 from __future__ import annotations
 
-import os
 import time
 from importlib import metadata
 
@@ -26,17 +25,9 @@ _THUMBNAILS = """(names) => Object.fromEntries(names.map(n => [n,
                                          .map(i => [i.naturalWidth, i.naturalHeight])]))"""
 
 
-def require_chromium() -> None:
-    if not os.access(frontend.CHROMIUM, os.X_OK):
-        message = f"no {frontend.CHROMIUM} (scripts/test installs Debian's chromium when run as root)"
-        if os.geteuid() == 0 or os.environ.get("CI"):  # where scripts/test promises it: missing is a failure
-            pytest.fail(message)
-        pytest.skip(message)
-
-
 @pytest.fixture(scope="module", params=VERSIONS, ids=lambda v: f"frontend-{v or 'pinned'}")
 def browser(request, tmp_path_factory):
-    require_chromium()
+    frontend.require_chromium()
     base = make_base(tmp_path_factory.mktemp("templates"))  # no models: the browser lists templates only
     with serve(base, extra_args=frontend.server_args(request.param)) as srv, frontend.Frontend(srv.url) as fe:
         fe.version = fe.page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__")

@@ -42,8 +42,7 @@ def test_partial_unload_of_an_8bit_t5_frees_what_comfyui_counts(comfy, tmp_path)
     t5 = management.wrap(loaded.model, CUDA, CPU)
     dit = management.wrap(tiny.make_dit(), CUDA, CPU)
     # ComfyUI loads the DiT after freeing 1.1 x its size + its minimum inference memory (load_models_gpu). On this
-    # GPU it must free half of what the T5 holds beside its embedding: its smallest layers go first (the tied
-    # embedding, two modules to ComfyUI, is the largest and stays)
+    # GPU it must free half of what the T5 holds beside its embedding: the embedding, its largest module, stays
     embedding = loaded.model.shared.weight
     layers = t5.model_size() - embedding.numel() * embedding.element_size()
     total = int(mm.minimum_inference_memory() + 1.1 * dit.model_size()) + t5.model_size() - layers // 2
