@@ -12,6 +12,8 @@ first run) to a saved PNG: load T5 + DiT + VAE, encode the prompt and the empty 
             comfy-bf16: ComfyUI's --bf16-unet --bf16-vae --bf16-text-enc (on a CPU ComfyUI stores the DiT in bf16
             and computes it in fp32: its unet_manual_cast)
 Weights: one random 512-family XL/2 set (see weights.py), the same for every system and size.
+Besides the totals it prints where each system's seconds go (phase_table): ours and comfy per node of ComfyUI's
+executor, diffusers per part of from_pretrained and of the pipeline call, wall and CPU seconds, medians of the runs.
 
     ./scripts/harness bench.p1_text_to_image                       # 256 px x 4 steps x 3, 512 px x 2 steps x 2
     ./scripts/harness bench.p1_text_to_image --sizes 256 --steps 4 --repeats 3
@@ -152,6 +154,8 @@ def worker(a) -> None:
         timers.wrap(PixArtTransformer2DModel, "forward", "dit_forward")
         timers.wrap(T5EncoderModel, "forward", "t5_forward")
         timers.wrap(AutoencoderKL, "decode", "vae_decode")
+        for cls, part in ((T5EncoderModel, "T5"), (PixArtTransformer2DModel, "DiT"), (AutoencoderKL, "VAE")):
+            timers.wrap(cls, "from_pretrained", f"load {part}")  # the pipeline loads each part through its class
     startup = time.perf_counter() - T_START
     baseline = measure.rss_bytes()
 
@@ -163,11 +167,11 @@ def worker(a) -> None:
         img = outputs[save]["images"][0]
         arr = np.asarray(Image.open(base / "output" / img["subfolder"] / img["filename"]))
     else:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         pipe = PixArtSigmaPipeline.from_pretrained(str(base / "models" / "diffusers" / weights.DIT_NAME),
                                                    torch_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
                                                    local_files_only=True)
-        timers.add("load (from_pretrained)", time.perf_counter() - t)
+        timers.add("load (from_pretrained)", time.perf_counter() - t, time.process_time() - c)
         timers.mark("from_pretrained")
         pipe.set_progress_bar_config(disable=True)
         timers.wrap(pipe, "encode_prompt", "encode_prompt")
@@ -188,11 +192,15 @@ def worker(a) -> None:
             return out
 
         pipe.vae.decode = mark_and_decode
+        t, c = time.perf_counter(), time.process_time()
         image = pipe(prompt=weights.PROMPT, negative_prompt="", num_inference_steps=a.steps, guidance_scale=CFG,
                      height=a.size, width=a.size, generator=torch.Generator("cpu").manual_seed(SEED),
                      use_resolution_binning=False, clean_caption=False).images[0]
+        timers.add("pipeline call", time.perf_counter() - t, time.process_time() - c)
+        t, c = time.perf_counter(), time.process_time()
         path = base / "output" / "bench_diffusers.png"
         image.save(path)
+        timers.add("save", time.perf_counter() - t, time.process_time() - c)
         arr = np.asarray(Image.open(path))
     total, total_cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = measure.peak_rss_bytes()
@@ -272,9 +280,56 @@ def print_summary(s: dict) -> str:
         g = s["goal_rss"]
         text.append(f"goal peak RSS <= 1.0 x diffusers: {g['ours_over_diffusers']:.3f} "
                     f"({'met' if g['ours_over_diffusers'] <= 1.0 else 'missed'})")
+    text += ["", phase_table(s)]
     out = "\n".join(text)
     print(out, flush=True)
     return out
+
+
+# Where each system's seconds go, in run order; ours and comfy: per node (ComfyUI's executor); diffusers: its parts.
+FORWARDS = ("t5_forward", "dit_forward", "vae_decode")
+
+
+def phases(run: dict) -> dict[str, tuple[float, float]]:
+    """{phase: (wall s, CPU s)} of one run: start-up (imports, before the clock), the loaders, encode, sample,
+    decode and save, each with the model forwards inside it, and what nothing above covers."""
+    sec, cpu = run["seconds"], run["cpu_seconds"]
+    out = {"start-up (imports; not in total)": (run["startup_s"], float("nan"))}
+    labels = [k for k in sec if k.startswith("node ")] or [
+        "load T5", "load DiT", "load VAE", "load (from_pretrained)", "encode_prompt", "pipeline call", "save"]
+    for k in labels:
+        out[k] = (sec.get(k, 0.0), cpu.get(k, 0.0))
+    if "load (from_pretrained)" in out:  # the parts' loads are inside it, the encode inside the call
+        parts = [out[k] for k in ("load T5", "load DiT", "load VAE")]
+        w, c = out.pop("load (from_pretrained)")
+        out["load (rest: tokenizer, scheduler, pipeline)"] = (w - sum(p[0] for p in parts), c - sum(p[1] for p in parts))
+        w, c = out.pop("pipeline call")
+        e = out["encode_prompt"]
+        out["sample (pipeline call less encode and decode)"] = (w - e[0] - sec["vae_decode"],
+                                                                c - e[1] - cpu["vae_decode"])
+        out["vae_decode"] = (sec["vae_decode"], cpu["vae_decode"])
+        out = {k: out[k] for k in ["start-up (imports; not in total)", "load T5", "load DiT", "load VAE",
+                                    "load (rest: tokenizer, scheduler, pipeline)", "encode_prompt",
+                                    "sample (pipeline call less encode and decode)", "vae_decode", "save"]}
+    counted = [v for k, v in out.items() if not k.startswith("start-up")]
+    out["not in any phase"] = (run["total_s"] - sum(v[0] for v in counted), run["total_cpu_s"] - sum(v[1] for v in counted))
+    for f in FORWARDS:  # the forwards inside the phases, for reading the glue off
+        out[f"  of which {f}"] = (sec.get(f, 0.0), cpu.get(f, 0.0))
+    return out
+
+
+def phase_table(s: dict) -> str:
+    """Per system, each phase's median wall and CPU seconds over its runs (summarize's result with "runs")."""
+    import statistics
+
+    rows = []
+    for name in s["systems"]:
+        per = [phases(r) for r in s["runs"] if r["system"] == name]
+        for k in per[0]:
+            w = statistics.median(p[k][0] for p in per)
+            c = statistics.median(p[k][1] for p in per)
+            rows.append([name, k, f"{w:.2f}", "-" if c != c else f"{c:.2f}"])
+    return report.md_table(["system", "phase", "wall s (median)", "CPU s (median)"], rows)
 
 
 def files_for(system: str, base: Path, t5_layers: int) -> list[Path]:

@@ -24,6 +24,7 @@ from . import (
     t5_spec,
 )
 from .logs import logger_name
+from .meta import assign_state_dict, empty_weights
 
 log = logging.getLogger(logger_name(__name__))
 
@@ -66,8 +67,9 @@ def load_t5(path: str | os.PathLike, quantization: str, dtype: torch.dtype, *, c
     """Load a T5-v1.1 encoder from a single safetensors file (plain, or ComfyUI's scaled fp8), a GGUF file or a
     transformers/diffusers folder, on the CPU; `quantization` is one of t5_spec.QUANTIZATIONS.
 
-    Weights stream from the memory-mapped file tensor by tensor (transformers' loader), converted to `dtype`
-    or quantized as they arrive, so the whole model never sits in memory twice. With `cache_dir`, an 8-bit/nf4
+    Weights stream from the memory-mapped file tensor by tensor, converted to `dtype` (a plain file without
+    quantization: files.read_state_dict; otherwise transformers' loader) or quantized as they arrive, so the whole
+    model never sits in memory twice. With `cache_dir`, an 8-bit/nf4
     T5 is quantized once and read from the cache afterwards (t5_cache); `quantize_device` (a CUDA GPU) then
     quantizes it there tensor by tensor, after `make_room(bytes)` was asked for the memory that takes (falling
     back to the CPU when the GPU runs out). `unquantized_dtype` (a quantized T5 only): the dtype to store the
@@ -141,23 +143,45 @@ def _load(path: Path, dtype: torch.dtype, qconfig) -> torch.nn.Module:
                 f"{wdir}: config.json describes a {cfg.get('model_type', 'unknown')!r} model, not a T5 encoder."
             )
         return _from_pretrained(wdir, wdir.name, dtype, qconfig, None)
-    shapes = files.read_shapes(path)
-    prefix = t5_spec.encoder_prefix(shapes)
+    file_shapes = files.read_shapes(path)
+    prefix = t5_spec.encoder_prefix(file_shapes)
     if prefix is None:
         raise files.WeightFileError(f"{path.name}: this is not a T5 encoder; it looks like "
-                                    f"{files.describe(shapes, shapes)}. {t5_spec.NOT_T5}")
-    scaled = t5_formats.scaled_keys(shapes)  # ComfyUI's scaled fp8: weights dequantized with their scales
-    shapes = t5_spec.model_keys({k: v for k, v in shapes.items() if k not in scaled}, prefix)
+                                    f"{files.describe(file_shapes, file_shapes)}. {t5_spec.NOT_T5}")
+    scaled = t5_formats.scaled_keys(file_shapes)  # ComfyUI's scaled fp8: weights dequantized with their scales
+    names = t5_spec.model_keys({k: k for k in file_shapes if k not in scaled}, prefix)  # model's name -> file's
+    shapes = {k: file_shapes[v] for k, v in names.items()}
     config = t5_spec.config_from_shapes(shapes, path.name)
     t5_spec.check_against(path.name, shapes, config)
     if scaled:
         return t5_formats.load_scaled_fp8(path, prefix, config, dtype, qconfig)
+    if qconfig is None and not {prefix + t5_spec.EMBEDDING, prefix + t5_spec.EMBEDDING_ALIAS} <= file_shapes.keys():
+        return _read_assigned(path, names, config, dtype)
     # transformers streams a folder's model.safetensors; give it one that points at the user's file.
     with tempfile.TemporaryDirectory(prefix="pixart_t5_") as tmp:
         config.save_pretrained(tmp)
         os.symlink(path.resolve(), Path(tmp) / "model.safetensors")
         mapping = {f"^{re.escape(prefix)}": ""} if prefix else None
         return _from_pretrained(Path(tmp), path.name, dtype, qconfig, mapping)
+
+
+def _read_assigned(path: Path, names: dict[str, str], config, dtype: torch.dtype) -> torch.nn.Module:
+    """An unquantized T5 from a plain safetensors file, the model transformers' from_pretrained builds from it (the
+    same tensors in `dtype`, the embedding tied), read with files.read_state_dict: each tensor converted straight
+    from the file's memory map, several at once, and the file's pages never held beside the model (transformers'
+    loader keeps them mapped while it loads). `names`: the model's tensor names -> the file's (t5_spec.model_keys);
+    a file holding both embedding names goes through transformers, which ties them only when they are equal."""
+    from transformers import T5EncoderModel
+
+    read = files.read_state_dict(path, dtype, keys=names.values())
+    sd = {k: read.pop(v) for k, v in names.items()}
+    sd[t5_spec.EMBEDDING_ALIAS] = sd[t5_spec.EMBEDDING]
+    with empty_weights():
+        model = T5EncoderModel(config)
+    assign_state_dict(model, sd)
+    model.tie_weights()  # one Parameter for both names, as transformers leaves them
+    model.config.dtype = dtype
+    return model.eval().requires_grad_(False)
 
 
 def _from_pretrained(folder: Path, name: str, dtype: torch.dtype, qconfig, key_mapping, cpu: bool = False):

@@ -246,14 +246,17 @@ def test_empty_truncated_and_code_carrying_files(tmp_path, tiny_models):
     assert torch.equal(files.read_state_dict(tmp_path / "ok.pth")["w"], torch.ones(2))
 
 
+@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "plain-reads"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_converting_read_equals_safetensors_load_then_to(tmp_path, dtype):
-    """The loaders read a safetensors file in another dtype tensor by tensor (peak: the converted model plus one
-    source tensor, not the whole file mapped beside it): the same tensors as safetensors' own loader + .to()."""
+def test_converting_read_equals_safetensors_load_then_to(tmp_path, dtype, mapped, monkeypatch):
+    """The loaders read a safetensors file in another dtype tensor by tensor (peak: the converted model plus the
+    source tensors in flight, not the whole file mapped beside it), from the memory-mapped file or, where mapped
+    pages cannot be dropped, with plain reads: the same tensors as safetensors' own loader + .to()."""
     from safetensors.torch import load_file
 
     from pixart_core import files
 
+    monkeypatch.setattr(files, "_DROPS_MAPPED_PAGES", mapped and files._DROPS_MAPPED_PAGES)
     torch.manual_seed(0)
     sd = {"a": torch.randn(3, 5), "b": torch.randn(7).half(), "c": torch.arange(6).reshape(2, 3),
           "d": torch.randn(4, 2).bfloat16(), "empty": torch.zeros(0, 4)}
@@ -264,3 +267,72 @@ def test_converting_read_equals_safetensors_load_then_to(tmp_path, dtype):
     assert set(got) == set(want)
     for k in want:
         assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    some = files.read_state_dict(path, dtype, keys=["a", "c", "not in the file"])  # only the tensors named
+    assert set(some) == {"a", "c"} and all(torch.equal(some[k], want[k]) for k in some)
+    assert set(files.read_state_dict(path, None, keys=["b"])) == {"b"}  # read without converting, too
+
+
+PEAK_SCRIPT = """
+import sys, torch
+from pixart_core import files
+
+def kib(field):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":"))
+
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the peak mark starts here, after the imports
+base = kib("VmRSS")
+sd = files.read_state_dict(sys.argv[1], torch.bfloat16)
+print((kib("VmHWM") - base) * 1024, sum(t.numel() * t.element_size() for t in sd.values()))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's peak-RSS reset")
+def test_converting_read_never_holds_the_file_beside_the_model(tmp_path):
+    """A 96 MiB fp32 file read as bf16 (48 MiB) in a fresh process: the peak resident memory over the start is the
+    converted model plus a few 4 MiB source tensors in flight (here at most 48 + 24 MiB), not the model plus the
+    file's pages (48 + 96 MiB), which a read that keeps every source page mapped until the end reaches."""
+    import subprocess
+    import sys
+
+    from harness.location import child_env
+
+    path = tmp_path / "w.safetensors"
+    save_file({f"t{i}": torch.randn(1024, 1024) for i in range(24)}, str(path))
+    r = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(path)], env=child_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    peak, model = (int(v) for v in r.stdout.split())
+    assert model == 48 * 2**20
+    assert peak <= model + 24 * 2**20, f"peak {peak / 2**20:.1f} MiB over the start for a {model / 2**20:.0f} MiB model"
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    import os
+    import re
+
+    m = re.match(r"(\d+)\.(\d+)", os.uname().release) if hasattr(os, "uname") else None
+    return m is not None and (int(m[1]), int(m[2])) >= (major, minor)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists() or not _kernel_at_least(5, 14),
+                    reason="needs Linux 5.14+ (MADV_POPULATE_WRITE) and /proc")
+def test_converted_tensors_are_faulted_in_before_the_copy_writes_them():
+    """The converting read fills new tensors; their pages are brought in with one madvise(MADV_POPULATE_WRITE) call
+    instead of one page fault per 4 KiB page as the copy first writes each (16384 faults for 64 MiB): a new 64 MiB
+    tensor is resident before anything is written to it (torch.empty alone leaves it unbacked)."""
+    from pixart_core import files
+
+    if files._madvise() is None:
+        pytest.skip("madvise's generic numbering is not known on this machine")
+
+    def rss() -> int:
+        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:")) * 1024
+
+    before = rss()
+    plain = torch.empty(16, 1024, 1024)  # 64 MiB, untouched
+    assert rss() - before < 8 * 2**20
+    before = rss()
+    t = files._new_tensor((16, 1024, 1024), torch.float32)
+    assert rss() - before >= 60 * 2**20  # 64 MiB less at most a partial page at each end
+    del plain, t

@@ -194,3 +194,85 @@ def test_no_tokenizer_anywhere_says_where_it_looked(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="No T5 tokenizer found .*tokenizer.json"):
         ct5.load_tokenizer([tmp_path / "tokenizer", tmp_path])
+
+
+@pytest.mark.parametrize("prefix", ["", "text_encoders.t5xxl.transformer."], ids=["plain", "comfy-prefix"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_single_file_t5_is_transformers_own_load(tmp_path, dtype, prefix):
+    """A plain fp16 T5 file (ComfyUI's t5xxl_fp16 layout, with a decoder tensor beside it that is never read) loads
+    as the model transformers' from_pretrained builds from the same tensors in a transformers folder: every tensor
+    equal in `dtype`, one embedding Parameter under both names, config.dtype set, equal encodings."""
+    from transformers import T5EncoderModel
+
+    t5 = tiny.make_t5()
+    sd = tiny.t5_single_file_sd(t5, prefix=prefix)
+    path = tmp_path / "t5xxl_fp16.safetensors"
+    save_file({**sd, prefix + "decoder.final_layer_norm.weight": torch.ones(t5.config.d_model).half()}, str(path))
+    folder = tmp_path / "transformers"
+    t5.config.save_pretrained(folder)
+    save_file({k[len(prefix):]: v for k, v in sd.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    want = T5EncoderModel.from_pretrained(str(folder), dtype=dtype).eval()
+
+    got = ct5.load_t5(path, "none", dtype).model
+    got_sd, want_sd = got.state_dict(), want.state_dict()
+    assert got_sd.keys() == want_sd.keys()
+    for k in want_sd:
+        assert got_sd[k].dtype == dtype and torch.equal(got_sd[k], want_sd[k]), k
+    assert got.shared.weight is got.encoder.embed_tokens.weight
+    assert want.shared.weight is want.encoder.embed_tokens.weight
+    assert got.config.dtype == want.config.dtype == dtype
+    assert not got.training and not any(p.requires_grad for p in got.parameters())
+    ids = torch.tensor([[100, 200, 300, 1]])
+    with torch.no_grad():
+        assert torch.equal(got(input_ids=ids).last_hidden_state, want(input_ids=ids).last_hidden_state)
+
+
+T5_PEAK_SCRIPT = """
+import sys, torch
+from transformers import T5EncoderModel  # imported before the peak mark, as ComfyUI has it imported
+from pixart_core import t5
+
+def kib(field):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":"))
+
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the peak mark starts here
+base = kib("VmRSS")
+model = t5.load_t5(sys.argv[1], "none", torch.float32).model
+print((kib("VmHWM") - base) * 1024, sum(p.numel() * p.element_size() for p in model.parameters()))
+"""
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/proc/self/clear_refs").exists(),
+                    reason="needs Linux's peak-RSS reset")
+def test_single_file_t5_load_never_holds_the_file_beside_the_model(tmp_path):
+    """A 16-block, 512-wide T5-v1.1 (32128-token vocabulary) in an fp16 file of 159.4 MiB, loaded in fp32 (318.8 MiB)
+    in a fresh process: the peak resident memory over the start stays under the model plus half the file. Keeping
+    the file's pages mapped until the last tensor is converted (transformers' loader) needs the model plus the whole
+    file (478 MiB); here only the tensors being converted are mapped at once (the largest, the embedding, is
+    32128 x 512 x 2 bytes = 31.4 MiB)."""
+    import subprocess
+    import sys
+
+    from transformers import T5Config, T5EncoderModel
+
+    from harness.location import child_env
+
+    config = T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=16, num_heads=8,
+                      feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)
+    with torch.device("meta"):
+        names = {k: tuple(v.shape) for k, v in T5EncoderModel(config).state_dict().items()
+                 if k != "encoder.embed_tokens.weight"}
+    torch.manual_seed(0)
+    path = tmp_path / "t5_fp16.safetensors"
+    save_file({k: torch.randn(s).half() for k, s in names.items()}, str(path))
+    file_bytes = sum(2 * torch.Size(s).numel() for s in names.values())
+    # embedding 32128*512; per block q,k,v,o 4*512*512, wi_0,wi_1,wo 3*2048*512, two norms 2*512; block 0's
+    # relative attention bias 32*8; final norm 512; 2 bytes each
+    assert file_bytes == 2 * (32128 * 512 + 16 * (4 * 512 * 512 + 3 * 2048 * 512 + 2 * 512) + 32 * 8 + 512)
+    r = subprocess.run([sys.executable, "-c", T5_PEAK_SCRIPT, str(path)], env=child_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    peak, model = (int(v) for v in r.stdout.split())
+    assert model == 2 * file_bytes
+    assert peak <= model + file_bytes // 2, f"peak {peak / 2**20:.1f} MiB over the start for a {model / 2**20:.0f} MiB model"
