@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from . import location
+from . import location, mutation_lines
 
 # A module of the pack as ComfyUI names it: the pack folder's path with `.` replaced (ComfyUI's load_custom_node),
 # then the module inside the pack.
@@ -41,6 +41,8 @@ _PACK_MODULE = re.compile(rf"^(?:.*/)?{re.escape(location.PACK)}\.(?=(?:pixart_c
 _ROOT = Path(tempfile.mkdtemp(prefix="pixart-mutation-"))  # made by mutmut's own process, before any fork
 _SESSIONS = itertools.count()
 _OWN_BASETEMP = pytest.StashKey[str]()
+_RECORDER = pytest.StashKey[mutation_lines.Recorder]()
+_CONFIGS: list = []  # the session's config, for the hooks that get none
 _pack_checked = False
 atexit.register(shutil.rmtree, _ROOT, True)  # in mutmut's process only: a forked child ends with os._exit
 os.environ.setdefault("PIXART_TEST_MODELS", str(_ROOT / "models"))  # tests/conftest.py: written once, then copied
@@ -108,6 +110,7 @@ _use_file_module_names()
 
 @pytest.hookimpl(tryfirst=True)  # before the tmp_path plugin reads --basetemp
 def pytest_configure(config) -> None:
+    _CONFIGS[:] = [config]
     if config.option.basetemp is None:
         config.option.basetemp = str(_ROOT / f"session-{os.getpid()}-{next(_SESSIONS)}")
         config.stash[_OWN_BASETEMP] = config.option.basetemp
@@ -116,12 +119,54 @@ def pytest_configure(config) -> None:
 def pytest_sessionstart(session) -> None:
     _fresh_state()
     gc.collect()
+    if os.environ.get("MUTANT_UNDER_TEST") == "stats":  # mutmut's run that finds which tests call what
+        session.config.stash[_RECORDER] = mutation_lines.Recorder(Path.cwd().resolve())
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """In a mutant's child: only the tests that executed a statement the mutant changes (harness/mutation_lines.py);
+    none left is mutmut's "no tests"."""
+    mutant = os.environ.get("MUTANT_UNDER_TEST", "")
+    found = mutation_lines.tests_for(mutant, Path.cwd().resolve()) if "__mutmut_" in mutant else None
+    if found is None:
+        return
+    executed, known = found
+    keep = [i for i in items if i.nodeid in executed or i.nodeid not in known]
+    if len(keep) < len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item) -> None:
     """Each test starts from the state a fresh process gives it: mutmut runs a mutant's tests in its own order (the
     fastest first), so a test must not find what the test before it left (a T5 still loaded, a cached embedding)."""
+    recorder = item.config.stash.get(_RECORDER, None)
+    if recorder is not None:
+        recorder.test(item.nodeid)
     _fresh_state()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item) -> None:
+    """ComfyUI's executor forgets the outputs of the tests before (the session's executor fixture keeps them)."""
+    for value in item.funcargs.values():
+        if type(value).__name__ == "Executor" and type(value).__module__ == "harness.comfyui":
+            value.executor.reset()
+
+
+def pytest_runtest_logfinish(nodeid, location) -> None:
+    for config in _CONFIGS:
+        recorder = config.stash.get(_RECORDER, None)
+        if recorder is not None:
+            recorder.between()
+
+
+def pytest_sessionfinish(session) -> None:
+    recorder = session.config.stash.get(_RECORDER, None)
+    if recorder is not None:
+        recorder.save()
+        del session.config.stash[_RECORDER]
 
 
 def pytest_runtest_teardown(item) -> None:

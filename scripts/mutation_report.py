@@ -39,7 +39,10 @@ Written by `scripts/mutation_report.py` from the results in `mutants/` (do not e
 `./scripts/mutation` runs [mutmut](https://github.com/boxed/mutmut) 3.8.1 over the modules in pyproject.toml's
 `[tool.mutmut]` `only_mutate`: pixart_core's second-wave modules and every module of `nodes/`. Each mutant (one small
 change: an operator, a number, a string, a removed argument, a negated condition, ...) runs the tests that cover the
-mutated function (mutmut records which tests call which function in a first run); it is *killed* when one fails.
+mutated function (mutmut records which tests call which function in a first run), narrowed here to the tests that
+executed a statement the mutant changes (`harness/mutation_lines.py`: coverage.py records each test's lines in that
+first run; a test that never executes the changed statement cannot tell the mutant from the original); it is
+*killed* when one fails, *no tests* when no test executed the changed statement.
 
 ## What runs against the mutants
 
@@ -60,8 +63,9 @@ start ComfyUI count there:
 - custom_nodes/ links to mutmut's copy of the checkout (`mutants/`, where mutmut runs the tests), so ComfyUI loads
   the mutated `nodes/` and `pixart_core/`; the plugin stops the run if it loaded the pack from anywhere else.
 - Each session and each test starts as in a fresh process: the pack's caches (the embedding cache, functools caches),
-  the models ComfyUI holds and its file lists are cleared (filled by mutmut's process without the mutant, they would
-  hand a child the unmutated result; and mutmut runs a mutant's tests fastest first, not in the suite's order).
+  the models ComfyUI holds, its file lists and the executor's outputs of earlier tests are cleared (filled by
+  mutmut's process without the mutant, they would hand a child the unmutated result; and mutmut runs a mutant's
+  tests fastest first, not in the suite's order).
 - `OMP_NUM_THREADS=1` (set by `scripts/mutation`): torch's OpenMP pool in mutmut's process makes a forked child hang in
   its first parallel operation until mutmut's CPU-time limit, a "timeout" that no test earned.
 
