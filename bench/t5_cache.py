@@ -1,4 +1,4 @@
-"""Quantize once (issue 14): the 8-bit/nf4 T5 load that re-quantizes, the first load that also writes the cache,
+"""Quantize once: the 8-bit/nf4 T5 load that re-quantizes, the first load that also writes the cache,
 and the cached load, against the time to read the cache's bytes from disk.
 
 Writes a random-weight T5-v1.1 file with T5-XXL's width (4096, FFN 10240, 64 heads, 32128 vocab) and --layers of

@@ -122,6 +122,16 @@ def pack(module: str):
     return found[0]
 
 
+def dit_handle(dit, variant: str, name: str = "tiny"):
+    """A DiT handle as PixArt-Σ DiT Loader makes one: the pack's ModelPatcher around the diffusers model, on the CPU.
+    The model is wrapped in place (ComfyUI's cast-weights layers): give a copy to keep the original as it was."""
+    import torch
+
+    cpu = torch.device("cpu")
+    loading, types, variants = pack("nodes.comfy.loading"), pack("nodes.types"), pack("pixart_core.variants")
+    return types.DiTHandle(loading.wrap(dit, cpu, cpu), variants.PRESETS[variant], f"{name}-{variant}", "test")
+
+
 def clear_embeddings(comfy=None) -> None:
     """Empty the pack's module-level embedding cache (nodes.text.EMBEDDINGS) as ComfyUI loaded it."""
     mods = [m for name, m in sys.modules.items() if name.endswith(f"{location.PACK}.nodes.text")]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 
 import torch
 from safetensors.torch import save_file
@@ -153,41 +152,47 @@ def lokr(dit):
 PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "linear_1", "proj"]
 
 
-def peft_lora(dit, alpha, rank=4, alpha_pattern=None, rslora=False):
-    """A real PEFT LoRA on the tiny DiT (random A and B), its state dict as PEFT names it, its config, its model."""
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+def peft_adapter(dit, config, seed: int = 5):
+    """A real PEFT adapter (LoRA, DoRA, LoHa, LoKr, OFT ... as `config` says) on a copy of the tiny DiT, every
+    adapter tensor random (x 0.1 around its initial value, so none is left at PEFT's identity init): its state dict
+    as PEFT names it, the config, PEFT's model."""
+    from peft import get_peft_model, get_peft_model_state_dict
 
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=PEFT_TARGETS, init_lora_weights=False,
-                        alpha_pattern=alpha_pattern or {}, use_rslora=rslora)
-    torch.manual_seed(5)
+    torch.manual_seed(seed)
     model = get_peft_model(copy.deepcopy(dit), config)
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn_like(p) * 0.1)
+            if "magnitude" in n:  # DoRA's magnitude: PEFT sets it to the row norms; move it off them
+                p.mul_(1 + 0.2 * torch.randn_like(p))
+            elif any(a in n for a in ("lora_", "hada_", "lokr_", "oft_")):
+                p.add_(torch.randn_like(p) * 0.1)
     sd = {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(model).items()}
     return sd, config, model
 
 
-def peft_deltas(sd, config, prefix):
-    """PEFT's scaling of each layer (lora_alpha or its alpha_pattern, / r or / sqrt(r) with rsLoRA) x B·A."""
-    deltas = {}
-    for k in sd:
-        if k.endswith(".lora_A.weight"):
-            m = k[len(prefix):-len(".lora_A.weight")]
-            A, B = sd[k], sd[k.replace("lora_A", "lora_B")]
-            alpha = next((v for pat, v in config.alpha_pattern.items() if re.fullmatch(rf"(.*\.)?({pat})", m)),
-                         config.lora_alpha)
-            scale = alpha / (config.r ** 0.5 if config.use_rslora else config.r)
-            deltas[m + ".weight"] = scale * (B.flatten(1) @ A.flatten(1))
-    return deltas
+def peft_lora(dit, alpha, rank=4, alpha_pattern=None, rslora=False, rank_pattern=None, targets=PEFT_TARGETS):
+    """A real PEFT LoRA on the tiny DiT (random A and B), its state dict as PEFT names it, its config, its model."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False,
+                        alpha_pattern=alpha_pattern or {}, rank_pattern=rank_pattern or {}, use_rslora=rslora)
+    return peft_adapter(dit, config)
+
+
+def peft_deltas(model):
+    """PEFT's own change of each weight it adapts (each layer's get_delta_weight: its scaling x B·A), by the
+    weight's name in the DiT."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {name[len("base_model.model."):] + ".weight": m.get_delta_weight("default").detach().clone()
+            for name, m in model.named_modules() if isinstance(m, BaseTunerLayer) and "default" in m.scaling}
 
 
 def peft_folder(dit):
     """PEFT's save_pretrained: adapter_model.safetensors (base_model.model. keys) + adapter_config.json (alpha 8,
     rank 4: scale 2, which only the json carries)."""
     sd, config, model = peft_lora(dit, alpha=8)
-    return sd, {"adapter_config.json": json.dumps(config.to_dict(), default=list)}, peft_deltas(sd, config, "base_model.model."), model
+    return sd, {"adapter_config.json": json.dumps(config.to_dict(), default=list)}, peft_deltas(model), model
 
 
 def diffusers_file(dit):
@@ -196,14 +201,34 @@ def diffusers_file(dit):
     sd, config, model = peft_lora(dit, alpha=2, alpha_pattern={"to_k": 12}, rslora=True)
     sd = {"transformer." + k[len("base_model.model."):]: v for k, v in sd.items()}
     meta = {f"transformer.{k}": v for k, v in config.to_dict().items()}
-    return sd, {"metadata": meta}, peft_deltas(sd, config, "transformer."), model
+    return sd, {"metadata": meta}, peft_deltas(model), model
 
 
 def peft_bare(dit):
     """PEFT keys without any prefix and no alpha anywhere: alpha = rank (scale 1), as diffusers assumes."""
     sd, config, model = peft_lora(dit, alpha=4)
     sd = {k[len("base_model.model."):]: v for k, v in sd.items()}
-    return sd, {}, peft_deltas(sd, config, ""), model
+    return sd, {}, peft_deltas(model), model
+
+
+# alpha_pattern / rank_pattern keys where PEFT's rule (peft.utils.other.get_pattern_key: the key, a regex, must
+# end the module name and start it or follow a dot; the first matching key wins) and a substring search
+# (re.search) disagree on the tiny DiT's module names:
+#   "to_out"                 ends no name (to_out.0); a search finds attn1/attn2.to_out.0
+#   "blocks.1.attn1.to_q"    follows "transformer_", not a dot: no module; a search finds block 1's to_q
+#   "1.attn2.to_[kv]"        a regex: block 1's attn2.to_k and to_v (before "to_k" below, so it wins for to_k)
+#   "linear"                 adaln_single.linear only; a search also finds every linear_1 / linear_2
+#   "proj"                   ff.net.0.proj and the conv pos_embed.proj; a search also finds proj_out and
+#                            caption_projection.linear_1/2
+PATTERN_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "linear", "linear_1", "linear_2", "proj", "proj_out", "ff.net.2")
+ALPHA_PATTERN = {"to_out": 3, "blocks.1.attn1.to_q": 5, "1.attn2.to_[kv]": 7, "to_k": 11, "linear": 13, "proj": 6}
+RANK_PATTERN = {"to_out": 2, "blocks.1.attn1.to_q": 6, "1.attn2.to_[kv]": 2, "linear": 8, "proj": 3}
+
+
+def peft_patterns(dit, rslora: bool):
+    """A PEFT LoRA (rank 4, alpha 4) with ALPHA_PATTERN and RANK_PATTERN on PATTERN_TARGETS."""
+    return peft_lora(dit, alpha=4, rank=4, alpha_pattern=ALPHA_PATTERN, rank_pattern=RANK_PATTERN, rslora=rslora,
+                     targets=PATTERN_TARGETS)
 
 
 FORMATS = {"kohya_diffusers": kohya_diffusers, "kohya_original_fused": kohya_original,

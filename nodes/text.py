@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from comfy_api.v0_0_2 import io
 
 from ..pixart_core import captions, t5_spec
@@ -46,13 +47,16 @@ class T5Loader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("t5_name", options=paths.choices(T5_FOLDERS, "text_encoder", T5_EXT),
                                tooltip="A T5-v1.1-XXL single file in models/text_encoders or models/clip "
-                                       "(t5xxl_fp16.safetensors, t5xxl_fp8_e4m3fn[_scaled].safetensors, or a GGUF such "
-                                       "as t5-v1_1-xxl-encoder-Q8_0.gguf) or a diffusers/transformers folder in "
-                                       "models/diffusers."),
+                                       "(t5xxl_fp16.safetensors, t5xxl_fp8_e4m3fn[_scaled].safetensors, or a GGUF "
+                                       "t5-v1_1-xxl-encoder-Q8_0.gguf ... Q3_K_S.gguf of types F32/F16/BF16, Q8_0, "
+                                       "Q6_K, Q5_K, Q5_1, Q5_0, Q4_K, Q4_1, Q4_0, Q3_K, Q2_K, IQ4_NL, IQ4_XS) or a "
+                                       "diffusers/transformers folder in models/diffusers."),
                 io.Combo.Input("quantization", options=list(QUANTIZATION_LABELS), default=DEFAULT_QUANTIZATION,
-                               tooltip="bitsandbytes 8-bit (T5-XXL: 5.5 GiB) or 4-bit nf4 (4.0 GiB) instead of 8.9 GiB in bf16. "
-                                       "Quantized once (on the GPU when T5 runs there) and kept in models/pixart_t5_cache "
-                                       "for later loads. GGUF files are already quantized: use 'none' with them."),
+                               tooltip="bitsandbytes 8-bit (T5-XXL: 5.5 GiB) or 4-bit nf4 (4.0 GiB) instead of 8.9 GiB in bf16, "
+                                       "on any NVIDIA GPU (on the CPU with fp32: 7.6 / 6.1 GiB). Loaded whole: they "
+                                       "cannot stream. Quantized once (on ComfyUI's GPU when there is one) and kept in "
+                                       "models/pixart_t5_cache for later loads. GGUF files are already quantized: use "
+                                       "'none' with them."),
                 io.Combo.Input("dtype", options=list(core_t5.DTYPES), default="auto",
                                tooltip="Compute dtype. Never fp16: T5-XXL overflows in fp16. auto = bf16 where ComfyUI uses bf16 "
                                        "(NVIDIA from RTX 30xx/A100, Apple M-series on macOS 14+), else fp32; fp32 on CPU."),
@@ -72,8 +76,12 @@ class T5Loader(io.ComfyNode):
         load_device, offload_device = devices.t5_devices(cpu=device == "cpu")
         compute = core_t5.compute_dtype(dtype, devices.auto_dtype("t5", load_device))
         tokenizer = core_t5.load_tokenizer(core_t5.tokenizer_candidates(path) + [paths.COMFY_TOKENIZER])
-        loaded = core_t5.load_t5(path, mode, compute, cache_dir=paths.t5_cache_dir(),
-                                 quantize_device=load_device if load_device.type == "cuda" else None)
+        gpu = loading.quantizer_device()
+        # on a CUDA GPU the layers bitsandbytes leaves unquantized are stored in bf16 (computing in `compute`): a
+        # quantized T5 then takes the same VRAM with or without bf16; elsewhere they stay as transformers loads them
+        loaded = core_t5.load_t5(path, mode, compute, cache_dir=paths.t5_cache_dir(), quantize_device=gpu,
+                                 make_room=loading.make_room(gpu) if gpu is not None else None,
+                                 unquantized_dtype=torch.bfloat16 if load_device.type == "cuda" else None)
         patcher = loading.wrap(loaded.model, load_device, offload_device)
         log.info("PixArt T5 %s loaded (%s, %s, runs on %s)", t5_name, quantization, compute, load_device)
         stat = path.stat()

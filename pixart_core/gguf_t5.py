@@ -205,7 +205,3 @@ def load(path: str | os.PathLike, dtype: torch.dtype) -> torch.nn.Module:
 
 def is_gguf(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in GGUF_EXT
-
-
-def has_gguf_layers(model: torch.nn.Module) -> bool:
-    return any(isinstance(m, GGUFLinear) for m in model.modules())

@@ -28,6 +28,8 @@ import torch
 from . import files
 from .lora_keys import (
     BY_LENGTH,
+    MAGNITUDE_SUFFIXES,
+    PEFT_ONLY,
     PEFT_SUFFIXES,
     SUFFIXES,
     T5_LIKE,
@@ -149,9 +151,22 @@ def _format_of(layout: str, suffixes: Iterable[str]) -> str:
     return f"{kind}, {layout} names"
 
 
+def _peft_kind(conf: dict) -> str:
+    """A PEFT config's adapter type ("LORA", "LOHA", "LOKR" ...; LoRA where it does not say)."""
+    return str(conf.get("peft_type") or "LORA").rsplit(".", 1)[-1].upper()
+
+
+def _alpha_key(conf: dict) -> str | None:
+    """Where a PEFT config keeps its alpha: `lora_alpha` (LoRA), `alpha` (LoHa, LoKr)."""
+    if "lora_alpha" in conf:
+        return "lora_alpha"
+    return "alpha" if _peft_kind(conf) in ("LOHA", "LOKR") and "alpha" in conf else None
+
+
 def peft_settings(metadata: dict | None, component: str) -> dict | None:
-    """The PEFT LoraConfig a file's metadata gives for `component` ("transformer", "text_encoder"): diffusers'
-    `lora_adapter_metadata` (keys prefixed by the component) or PEFT's own adapter_config.json (no prefix)."""
+    """The PEFT config (LoRA, LoHa or LoKr) a file's metadata gives for `component` ("transformer",
+    "text_encoder"): diffusers' `lora_adapter_metadata` (keys prefixed by the component) or PEFT's own
+    adapter_config.json (no prefix)."""
     if not metadata:
         return None
     raw = metadata.get("lora_adapter_metadata", metadata)
@@ -163,19 +178,23 @@ def peft_settings(metadata: dict | None, component: str) -> dict | None:
     if not isinstance(raw, dict):
         return None
     mine = {k[len(component) + 1:]: v for k, v in raw.items() if k.startswith(component + ".")}
-    conf = mine or ({k: v for k, v in raw.items() if "." not in k} if "lora_alpha" in raw else {})
-    return conf if "lora_alpha" in conf else None
+    conf = mine or ({k: v for k, v in raw.items() if "." not in k} if _alpha_key(raw) else {})
+    return conf if _alpha_key(conf) else None
+
+
+def _pattern_value(patterns: dict | None, module: str, default):
+    """A rank_pattern / alpha_pattern value for a module, as PEFT matches them (peft.utils.other.get_pattern_key):
+    the first key that, as a regex, ends the module name at its start or after a dot."""
+    for pattern, value in (patterns or {}).items():
+        if re.fullmatch(rf"(.*\.)?({pattern})", module):
+            return value
+    return default
 
 
 def peft_alpha(conf: dict, module: str, rank: int) -> float:
-    """The `.alpha` ComfyUI needs (it scales by alpha / rank) for PEFT's scaling of a module: lora_alpha / r,
-    or lora_alpha / sqrt(r) with use_rslora; alpha_pattern entries override lora_alpha by module name, as PEFT
-    matches them (the pattern, or a dot before it, ends the module name)."""
-    alpha = float(conf["lora_alpha"])
-    for pattern, value in (conf.get("alpha_pattern") or {}).items():
-        if re.fullmatch(rf"(.*\.)?({pattern})", module):
-            alpha = float(value)
-            break
+    """The `.alpha` ComfyUI needs (it scales by alpha / rank) for PEFT's scaling of a module: alpha / r, or
+    alpha / sqrt(r) with use_rslora; alpha_pattern entries override the config's alpha by module name."""
+    alpha = float(_pattern_value(conf.get("alpha_pattern"), module, conf[_alpha_key(conf)]))
     return alpha * math.sqrt(rank) if conf.get("use_rslora") else alpha
 
 
@@ -187,6 +206,18 @@ class _Groups:
     keys: dict[tuple[str, str], list[str]]
     unplaced: list[str]  # "key: why"
     t5_keys: list[str]  # file keys that belong to the text encoder (placed or not)
+    unread: list[str] = dataclasses.field(default_factory=list)  # tensors that name our layers in an unread form
+
+
+def _unread_form(key: str, targets: Iterable[dict[str, Target]]) -> str | None:
+    """The tensor part of a key that names one of our modules with a tensor no weight adapter reads (PEFT's OFT
+    `oft_R.weight` ...), with whose it is where known; None if the key names none of our modules."""
+    for i in (i for i, c in enumerate(key) if c == "."):
+        if any(key[:i] in t for t in targets):
+            tensor = key[i + 1:]
+            whose = PEFT_ONLY.get(tensor.split(".")[0])
+            return f"{tensor} ({whose})" if whose else tensor
+    return None
 
 
 def _group(sd: dict[str, torch.Tensor], dit_t: dict[str, Target], t5_t: dict[str, Target], with_t5: bool) -> _Groups:
@@ -206,6 +237,11 @@ def _group(sd: dict[str, torch.Tensor], dit_t: dict[str, Target], t5_t: dict[str
                 if with_t5:
                     g.unplaced.append(f"{key}: names no module of the T5 encoder")
                 continue
+            form = _unread_form(key, (dit_t, t5_t))
+            if form is not None:
+                g.unread.append(form)
+                g.unplaced.append(f"{key}: {form} is not a tensor any weight adapter of ComfyUI reads")
+                continue
             why = "no module of the PixArt DiT has this name" if split_key(key) else "not a tensor name a LoRA adapter reads"
             g.unplaced.append(f"{key}: {why}")
             continue
@@ -218,11 +254,35 @@ def _group(sd: dict[str, torch.Tensor], dit_t: dict[str, Target], t5_t: dict[str
 
 
 def _with_peft_alpha(part: dict[str, torch.Tensor], conf: dict | None, canon: str) -> dict[str, torch.Tensor]:
-    """A PEFT LoRA's tensors with the `.alpha` its config gives (PEFT files carry none)."""
-    if conf is None or ".alpha" in part or not set(part) & set(PEFT_SUFFIXES):
+    """A PEFT adapter's tensors (LoRA, LoHa, LoKr) with the `.alpha` its config gives (PEFT files carry none)."""
+    if conf is None or ".alpha" in part:
         return part
-    down = next(part[s] for s in (".lora_A.weight", ".lora_A.default.weight", ".lora_A") if s in part)
-    return {**part, ".alpha": torch.tensor(peft_alpha(conf, canon, down.shape[0]))}
+    kind = _peft_kind(conf)
+    if kind == "LORA" and set(part) & set(PEFT_SUFFIXES):
+        rank = next(part[s] for s in (".lora_A.weight", ".lora_A.default.weight", ".lora_A") if s in part).shape[0]
+    elif kind == "LOHA" and ".hada_w1_b" in part:
+        rank = part[".hada_w1_b"].shape[0]
+    elif kind == "LOKR" and (".lokr_w1" in part or ".lokr_w1_a" in part):
+        factor = part.get(".lokr_w1_b", part.get(".lokr_w2_b"))
+        if factor is None:  # both factors whole: ComfyUI scales them by 1, PEFT by alpha / r (8: PEFT's default r)
+            r = int(_pattern_value(conf.get("rank_pattern"), canon, conf.get("r", 8)))
+            return {**part, ".lokr_w1": part[".lokr_w1"] * (peft_alpha(conf, canon, r) / r)}
+        rank = factor.shape[0]
+    else:
+        return part
+    return {**part, ".alpha": torch.tensor(peft_alpha(conf, canon, rank))}
+
+
+def _magnitude_as_dora_scale(part: dict[str, torch.Tensor], want: tuple[int, ...]) -> dict[str, torch.Tensor] | str:
+    """PEFT's DoRA magnitude (one value per output row or channel, [out] or [1, out, 1, 1]) as the dora_scale
+    ComfyUI's adapters read ([out, 1, ...]: one per output row); a string says why it does not fit."""
+    key = next((s for s in MAGNITUDE_SUFFIXES if s in part), None)
+    if key is None:
+        return part
+    if part[key].numel() != want[0]:
+        return f"its DoRA magnitude has {part[key].numel()} values for {want[0]} output rows"
+    rest = {s: t for s, t in part.items() if s != key}
+    return {**rest, ".dora_scale": part[key].reshape(want[0], *[1] * (len(want) - 1))}
 
 
 def prepare(sd: dict[str, torch.Tensor], dit_shapes: dict[str, tuple[int, ...]],
@@ -256,6 +316,15 @@ def prepare(sd: dict[str, torch.Tensor], dit_shapes: dict[str, tuple[int, ...]],
             if got is not None and len(want) >= 2 and got != (want[0], math.prod(want[1:])):
                 shape_errors.append(f"{m} makes a {list(got)} change for {param} {list(want)}")
                 continue
+            bias = shapes.get(canon + ".bias")
+            if ".diff_b" in part and (bias is None or tuple(part[".diff_b"].shape) != tuple(bias)):
+                shape_errors.append(f"{m} makes a {list(part['.diff_b'].shape)} change for {canon}.bias "
+                                    f"{list(bias) if bias is not None else '(none)'}")
+                continue
+            part = _magnitude_as_dora_scale(part, want)
+            if isinstance(part, str):
+                shape_errors.append(f"{m}: {part} of {param} {list(want)}")
+                continue
             if canon in key_map:
                 g.unplaced.extend(f"{k}: {param} is already patched by another key of this file" for k in g.keys[(model, m)])
                 continue
@@ -266,16 +335,22 @@ def prepare(sd: dict[str, torch.Tensor], dit_shapes: dict[str, tuple[int, ...]],
                         f"{'; '.join(shape_errors[:3])}. The LoRA was made for a PixArt of another size (or another "
                         "model): use a LoRA trained on this checkpoint's architecture.")
     if not out["dit"][1] and not out["t5"][1]:
-        _refuse_unmatched(sd, g.t5_keys, t5_shapes is not None, name)
+        _refuse_unmatched(sd, g, t5_shapes is not None, name)
     return Plan(out["dit"][0], out["dit"][1], out["t5"][0], out["t5"][1], g.t5_keys, sorted(g.unplaced),
                 sorted(formats))
 
 
-def _refuse_unmatched(sd: dict[str, torch.Tensor], t5_keys: list[str], with_t5: bool, name: str) -> None:
-    """Nothing of the file matched: say what it is (a T5-only LoRA without a T5 connected, or another model's)."""
-    if t5_keys and not with_t5 and len(t5_keys) == len(sd):
+def _refuse_unmatched(sd: dict[str, torch.Tensor], g: _Groups, with_t5: bool, name: str) -> None:
+    """Nothing of the file matched: say what it is (a T5-only LoRA without a T5 connected, an adapter in a form
+    ComfyUI does not read, or another model's)."""
+    if g.t5_keys and not with_t5 and len(g.t5_keys) == len(sd):
         raise LoraError(f"{name}: this LoRA has only text-encoder (T5) keys. Connect the T5 from PixArt-Σ T5 "
                         "Loader to this node's t5 input (and use its t5 output for Text Encode).")
+    if g.unread:
+        raise LoraError(f"{name}: its tensors name PixArt layers, but in a form no weight adapter of ComfyUI reads: "
+                        f"{', '.join(sorted(set(g.unread)))}. ComfyUI applies LoRA/LoCon, LoHa, LoKr, LyCORIS's OFT "
+                        "and BOFT, GLoRA, DoRA and full differences (diff); merge this adapter into the DiT (PEFT: "
+                        "merge_and_unload()) and load the merged checkpoint instead.")
     what = describe_lora(sd) or files.describe(sd, files.shapes_of(sd))
     raise LoraError(f"{name}: no key of this file names a module of the PixArt DiT or T5 (it looks like {what}; "
                     f"first keys: {', '.join(sorted(sd)[:3])}). Choose a LoRA trained on PixArt-Σ/α.")

@@ -21,6 +21,9 @@ SUFFIXES: dict[str, str] = {
     ".lora_B.default.weight": "up", ".lora_A.default.weight": "shared",
     ".lora_B": "up", ".lora_A": "shared",
     ".alpha": "shared", ".dora_scale": "other", ".reshape_weight": "other",
+    # PEFT's DoRA magnitude (as PEFT, diffusers and PEFT's default adapter name it): read as ComfyUI's dora_scale
+    ".lora_magnitude_vector": "other", ".lora_magnitude_vector.weight": "other",
+    ".lora_magnitude_vector.default.weight": "other",
     ".hada_w1_a": "up", ".hada_w1_b": "shared", ".hada_w2_a": "up", ".hada_w2_b": "shared",
     ".hada_t1": "other", ".hada_t2": "other",
     ".lokr_w1": "kron1", ".lokr_w1_a": "kron1", ".lokr_w1_b": "shared",
@@ -32,6 +35,10 @@ SUFFIXES: dict[str, str] = {
 BY_LENGTH = sorted(SUFFIXES, key=len, reverse=True)
 PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_A.default.weight", ".lora_B.default.weight",
                   ".lora_A", ".lora_B")
+MAGNITUDE_SUFFIXES = (".lora_magnitude_vector", ".lora_magnitude_vector.weight", ".lora_magnitude_vector.default.weight")
+# Adapter tensors that name a layer in a form no ComfyUI weight adapter reads, and whose they are.
+PEFT_ONLY = {"oft_R": "PEFT's OFT", "boft_R": "PEFT's BOFT", "boft_s": "PEFT's BOFT",
+             "vera_lambda_b": "PEFT's VeRA", "vera_lambda_d": "PEFT's VeRA", "ia3_l": "PEFT's IA3"}
 _KOHYA = ("lora_unet_", "lora_transformer_", "lycoris_")
 _DIFFUSERS_PREFIXES = ("", "transformer.", "base_model.model.", "transformer.base_model.model.",
                        "unet.base_model.model.", "unet.")

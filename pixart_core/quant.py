@@ -1,13 +1,11 @@
-"""Moving bitsandbytes-quantized modules between devices completely, with one copy of each int8 matrix.
+"""bitsandbytes-quantized modules: telling them apart, keeping 8-bit layers movable, their sizes, their tensors.
 
 bitsandbytes keeps an 8-bit layer's int8 matrix and scales outside the module's parameters (`weight.CB/SCB`
-before the first forward, `state.CB/SCB` after it, where `state.CB` shares `weight.data`). Two ways a move goes
-wrong: `nn.Module.to()` on a parent module moves only the parameters, so `state.CB/SCB` stay on the old device
-(pinning VRAM that ComfyUI believes it freed); and `Linear8bitLt.to()` (what ComfyUI calls on each leaf) moves
-`weight` and `state.CB` into two separate new tensors, doubling the int8 memory on the new device.
-`single_int8_copy` prevents the second by putting every layer back in its before-the-first-forward form after
-each forward (the int8 matrix and scales on the weight, which bitsandbytes moves as one); `move_quantized_state`
-handles the first. 4-bit layers keep their quantization state on the parameter, which moves with it.
+before the first forward, `state.CB/SCB` after it, where `state.CB` shares `weight.data`), so a plain `.to()` of
+the layer leaves them on the old device (or, for `state.CB`, makes a second copy). `single_int8_copy` swaps in
+pixart_core.int8_linear's layer, which moves them with the weight on every path (`.to()` of the model, of one
+layer as ComfyUI's partial unload does, or `_apply`). 4-bit layers keep their quantization state on the parameter,
+whose `.to()` moves it in place.
 
 Nothing here imports bitsandbytes: a model can only hold its layers once something imported it, so the checks look
 at what is already imported (importing bitsandbytes logs a kernels warning on CPU machines, at every ComfyUI start
@@ -25,58 +23,34 @@ import torch
 
 
 def has_bnb_layers(model: torch.nn.Module) -> bool:
-    """Whether the model holds bitsandbytes layers (8-bit or 4-bit; told by the layer's module, no import)."""
-    return any(type(m).__module__.split(".")[0] == "bitsandbytes" for m in model.modules())
+    """Whether the model holds bitsandbytes layers (8-bit or 4-bit, or ours built on them; no import)."""
+    return any(c.__module__.split(".")[0] == "bitsandbytes" for m in model.modules() for c in type(m).__mro__)
 
 
-def _int8_layers(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+def int8_layers(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The module's bitsandbytes 8-bit layers (none when bitsandbytes was never imported)."""
     bnb_nn = sys.modules.get("bitsandbytes.nn")  # not imported: no model can hold its layers
     if bnb_nn is None:
         return
     yield from (m for m in module.modules() if isinstance(m, bnb_nn.Linear8bitLt))
 
 
-def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.untyped_storage()._cdata == b.untyped_storage()._cdata
-
-
-def move_quantized_state(module: torch.nn.Module, device: torch.device) -> None:
-    """After `module` was moved to `device`, move every 8-bit layer's out-of-parameter tensors there too, and make
-    every int8 matrix share the weight's storage again (one copy, wherever it ended up)."""
-    for layer in _int8_layers(module):
-        data = layer.weight.data  # already on `device`; holds the same int8 matrix as CB
-        for holder in (layer.weight, layer.state):
-            cb = getattr(holder, "CB", None)
-            if cb is not None and not _same_storage(cb, data):
-                holder.CB = data if (data.dtype == cb.dtype and data.shape == cb.shape) else cb.to(device)
-            scb = getattr(holder, "SCB", None)
-            if scb is not None and scb.device != device:
-                holder.SCB = scb.to(device)
-
-
-def _rearm(layer: torch.nn.Module, inputs, output) -> None:
-    """Forward hook: the layer back in its before-the-first-forward form (int8 matrix and scales on the weight,
-    none in `state`), so that a later `.to()` moves one int8 copy, not two. The next forward re-reads them."""
-    state = layer.state
-    if state.CB is not None and layer.weight.CB is None:
-        layer.weight.CB, layer.weight.SCB = layer.weight.data, state.SCB
-        state.CB = state.SCB = None
-
-
 def single_int8_copy(module: torch.nn.Module) -> int:
-    """Keep every 8-bit layer of `module` movable as one int8 copy (see the module docstring); returns how many."""
-    layers = list(_int8_layers(module))
-    for layer in layers:
-        if not getattr(layer, "_pixart_rearm", False):
-            layer.register_forward_hook(_rearm)
-            layer._pixart_rearm = True
+    """Make every 8-bit layer of `module` move as one int8 copy, its scales with it, whoever moves it
+    (pixart_core.int8_linear.Linear8bitLt swapped in: the same layer and tensors); returns how many."""
+    layers = list(int8_layers(module))
+    if layers:
+        from .int8_linear import Linear8bitLt
+
+        for layer in layers:
+            layer.__class__ = Linear8bitLt
     return len(layers)
 
 
 def int8_copies(module: torch.nn.Module) -> list[int]:
     """Per 8-bit layer, how many distinct storages hold its int8 matrix (weight.data, weight.CB, state.CB): 1 is right."""
     counts = []
-    for layer in _int8_layers(module):
+    for layer in int8_layers(module):
         tensors = [layer.weight.data] + [t for t in (getattr(layer.weight, "CB", None), layer.state.CB)
                                          if isinstance(t, torch.Tensor)]
         counts.append(len({t.untyped_storage()._cdata for t in tensors}))
@@ -84,13 +58,26 @@ def int8_copies(module: torch.nn.Module) -> list[int]:
 
 
 def unique_bytes(module: torch.nn.Module) -> int:
-    """Bytes of the module's parameters and buffers, each storage counted once (a tied T5 embedding is one tensor,
-    though the state dict names it twice)."""
+    """Bytes of the module's tensors (parameters, buffers and bitsandbytes' scales and 4-bit quantization state),
+    each counted once (a tied T5 embedding is one tensor, though the state dict names it twice; an 8-bit layer's
+    int8 matrix is its weight)."""
     seen: dict[tuple, int] = {}
-    for t in list(module.parameters()) + list(module.buffers()):
+    for _, t in all_tensors(module):
         key = (t.untyped_storage()._cdata, t.storage_offset(), tuple(t.shape), t.dtype)
         seen[key] = t.numel() * t.element_size()
     return sum(seen.values())
+
+
+def _quant_state_tensors(qs, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """A 4-bit quantization state's tensors: absmax and code (quant_map), and the nested state's (double
+    quantization: offset, state2.absmax, state2.code)."""
+    for attr in ("absmax", "code", "offset"):
+        t = getattr(qs, attr, None)
+        if isinstance(t, torch.Tensor):
+            yield f"{prefix}.{attr}", t
+    nested = getattr(qs, "state2", None)
+    if nested is not None:
+        yield from _quant_state_tensors(nested, prefix + ".state2")
 
 
 def all_tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -105,10 +92,7 @@ def all_tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
                     yield f"{name}.{label}.{attr}", t
         qs = getattr(getattr(m, "weight", None), "quant_state", None)
         if qs is not None:
-            for attr in ("absmax", "code"):
-                t = getattr(qs, attr, None)
-                if isinstance(t, torch.Tensor):
-                    yield f"{name}.weight.quant_state.{attr}", t
+            yield from _quant_state_tensors(qs, f"{name}.weight.quant_state")
 
 
 class _DropCastNotice(logging.Filter):

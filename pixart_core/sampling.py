@@ -16,7 +16,7 @@ from .guidance import Guidance, Predict, guided
 from .inpaint import Inpainting, latent_mask
 from .logs import logger_name
 from .request import Request, check_inputs
-from .stages import SolverState, level_after, moved_history, ve_factor
+from .stages import SolverState, input_scales, level_after, moved_history, ve_factor
 from .tiles import TiledDiT
 
 log = logging.getLogger(logger_name(__name__))
@@ -50,9 +50,9 @@ def defers_nan_check(device: torch.device) -> bool:
 
 
 def _x0(scheduler, model_input: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
-    """Clean-latent estimate from the (VP-scaled) model input and epsilon: valid for every scheduler here."""
-    a = scheduler.alphas_cumprod[int(t)].to(model_input.device)
-    return (model_input - (1 - a).sqrt() * eps) / a.sqrt()
+    """Clean-latent estimate from the (VP-scaled) model input and epsilon at the step being run."""
+    a, b = (c.to(model_input.device) for c in input_scales(scheduler, t))
+    return (model_input - b * eps) / a
 
 
 def _nan_error(step: int, timesteps: torch.Tensor, cfg: float) -> FloatingPointError:
@@ -140,7 +140,7 @@ def prepare(r: Request, noise: torch.Tensor, generator: torch.Generator | None,
 @torch.no_grad()
 def loop(predict: Predict, plan: Plan, latents: torch.Tensor, on_step: OnStep | None = None) -> torch.Tensor:
     """Step the plan's solver through its timesteps from `latents` with the guided prediction; returns its latents.
-    Inpainting keeps the image outside the mask before every forward and in the prediction there."""
+    Inpainting gives the model the image outside the mask and blends its clean estimate with the image."""
     s, timesteps = plan.scheduler, plan.timesteps
     order = getattr(s, "order", 1)
     step_kwargs = {"generator": plan.generator} if "generator" in inspect.signature(s.step).parameters else {}
@@ -150,11 +150,11 @@ def loop(predict: Predict, plan: Plan, latents: torch.Tensor, on_step: OnStep | 
     first_bad = torch.zeros((), dtype=torch.int32, device=latents.device) if sync_free else None
     for i, t in enumerate(timesteps):
         if plan.inpainting is not None:
-            latents = plan.inpainting.before_step(s, latents, t)
+            latents, x_in = plan.inpainting.step_inputs(s, latents, t)
         x = s.scale_model_input(latents, t)
-        eps = predict(x, t, plan.first + i // order)
+        eps = predict(x if plan.inpainting is None else x_in, t, plan.first + i // order)
         if plan.inpainting is not None:
-            eps = plan.inpainting.prediction(eps)
+            eps = plan.inpainting.prediction(eps, x_in, x, *(c.to(x.device) for c in input_scales(s, t)))
         if on_step is not None:
             on_step(i + 1, len(timesteps), lambda: _x0(s, x, eps, t))  # noqa: B023 (called at once)
         if plan.to_x0 and i == len(timesteps) - 1:  # the last step goes to sigma 0: the clean estimate

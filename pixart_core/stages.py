@@ -52,6 +52,19 @@ def ve_factor(scheduler, t) -> float:
     return float(scheduler.alphas_cumprod[int(t)].rsqrt())
 
 
+def input_scales(scheduler, t) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) with the model's input at the step being run (timestep t) = a * x0 + b * noise: sqrt(alphas_cumprod[t])
+    and sqrt(1 - alphas_cumprod[t]) for the variance-preserving schedulers; Euler's keep x0 + sigma * noise and give
+    the model 1 / sqrt(sigma² + 1) of it, at the sigma of their current step (between two trained timesteps when the
+    schedule's timesteps are not whole numbers)."""
+    if float(scheduler.init_noise_sigma) > 1.0:
+        sigma = scheduler.sigmas[scheduler.step_index].to(torch.float32)
+        a = (sigma * sigma + 1).rsqrt()
+        return a, sigma * a
+    a = scheduler.alphas_cumprod[int(t)]
+    return a.sqrt(), (1 - a).sqrt()
+
+
 def level_after(scheduler, last_t, next_t) -> int:
     """The timestep whose noise level a solver's latents hold after stepping from `last_t`: diffusers' DDIM steps to
     last_t - 1000 // steps whatever its timestep spacing; the others to the next timestep of the schedule."""

@@ -8,6 +8,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -46,14 +47,17 @@ def compute_dtype(choice: str, auto: torch.dtype = torch.float32) -> torch.dtype
 
 
 def load_t5(path: str | os.PathLike, quantization: str, dtype: torch.dtype, *, cache_dir: str | os.PathLike | None = None,
-            quantize_device: torch.device | None = None) -> LoadedT5:
+            quantize_device: torch.device | None = None, make_room: Callable[[int], None] | None = None,
+            unquantized_dtype: torch.dtype | None = None) -> LoadedT5:
     """Load a T5-v1.1 encoder from a single safetensors file (plain, or ComfyUI's scaled fp8), a GGUF file or a
     transformers/diffusers folder, on the CPU; `quantization` is one of t5_spec.QUANTIZATIONS.
 
     Weights stream from the memory-mapped file tensor by tensor (transformers' loader), converted to `dtype`
     or quantized as they arrive, so the whole model never sits in memory twice. With `cache_dir`, an 8-bit/nf4
     T5 is quantized once and read from the cache afterwards (t5_cache); `quantize_device` (a CUDA GPU) then
-    quantizes it there tensor by tensor.
+    quantizes it there tensor by tensor, after `make_room(bytes)` was asked for the memory that takes (falling
+    back to the CPU when the GPU runs out). `unquantized_dtype` (a quantized T5 only): the dtype to store the
+    layers bitsandbytes leaves unquantized in, where it is narrower than `dtype` (store_unquantized).
     """
     path = Path(path)
     if gguf_t5.is_gguf(path):  # already quantized: its linear weights stay so, dequantized per layer at forward
@@ -63,10 +67,53 @@ def load_t5(path: str | os.PathLike, quantization: str, dtype: torch.dtype, *, c
     if quantization == t5_spec.QUANT_NONE:
         return LoadedT5(_load(path, dtype, None), dtype, quantization, str(path))
     qconfig = t5_spec.bnb_config(quantization, dtype)  # without bitsandbytes: say how to install it before anything else
+    outcome = None
     if cache_dir is None:
-        return LoadedT5(_load(path, dtype, qconfig), dtype, quantization, str(path))
-    model, outcome = _load_quantized_once(path, quantization, dtype, qconfig, Path(cache_dir), quantize_device)
+        model = _load(path, dtype, qconfig)
+    else:
+        model, outcome = _load_quantized_once(path, quantization, dtype, qconfig, Path(cache_dir), quantize_device,
+                                              make_room)
+    if unquantized_dtype is not None:
+        store_unquantized(model, unquantized_dtype)
     return LoadedT5(model, dtype, quantization, str(path), outcome)
+
+
+class WideningLinear(torch.nn.Linear):
+    """A Linear whose weight is stored in a narrower dtype than it computes in: input and weight are cast to
+    `compute_dtype` at each forward."""
+
+    compute_dtype = torch.float32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        return torch.nn.functional.linear(x.to(self.compute_dtype), self.weight.to(self.compute_dtype), bias)
+
+
+def store_unquantized(model: torch.nn.Module, storage: torch.dtype) -> int:
+    """Store the big weights that bitsandbytes leaves unquantized in a quantized T5 in `storage` where that is
+    narrower than their dtype; returns the bytes saved.
+
+    transformers keeps each feed-forward output layer `wo` out of quantization, in the compute dtype (T5's
+    `_keep_in_fp32_modules`: int8 matmuls run in fp16, where T5-XXL's `wo` outputs overflow), and the token
+    embedding is never quantized. Computing in fp32 (GPUs without bf16), they hold 4.2 of the 8-bit T5-XXL's
+    7.6 GiB. Stored in bf16 (the range of fp32, as on bf16 GPUs) they take half that: each `wo` becomes a
+    WideningLinear that computes in fp32 (T5 rounds its input to the weight's dtype first, as on bf16 GPUs), and
+    the embedding's bf16 rows are added to the fp32 residual stream by the first block.
+    """
+    saved = 0
+    for block in model.encoder.block:
+        wo = block.layer[-1].DenseReluDense.wo
+        if type(wo) is torch.nn.Linear and wo.weight.dtype.itemsize > storage.itemsize:
+            compute = wo.weight.dtype
+            saved += wo.weight.numel() * (compute.itemsize - storage.itemsize)
+            wo.weight.data = wo.weight.data.to(storage)
+            wo.__class__ = WideningLinear
+            wo.compute_dtype = compute
+    emb = model.get_input_embeddings().weight  # the tied embedding: one tensor
+    if emb.dtype.itemsize > storage.itemsize:
+        saved += emb.numel() * (emb.dtype.itemsize - storage.itemsize)
+        emb.data = emb.data.to(storage)
+    return saved
 
 
 def _load(path: Path, dtype: torch.dtype, qconfig) -> torch.nn.Module:
@@ -130,7 +177,8 @@ class Outcome:
 
 
 def _load_quantized_once(path: Path, quantization: str, dtype: torch.dtype, qconfig, cache_dir: Path,
-                         quantize_device: torch.device | None) -> tuple[torch.nn.Module, Outcome]:
+                         quantize_device: torch.device | None,
+                         make_room: Callable[[int], None] | None) -> tuple[torch.nn.Module, Outcome]:
     """The quantized T5 from its cache entry; else quantized now and written to the cache first: tensor by tensor
     on `quantize_device` where that is a CUDA GPU (then read back from the entry), else by transformers' loader on
     the CPU. A cache that cannot be written only costs the next load its time: the model quantized now is returned
@@ -150,7 +198,7 @@ def _load_quantized_once(path: Path, quantization: str, dtype: torch.dtype, qcon
     elif reason != "no entry yet":
         log.warning("PixArt T5 cache: %s: %s; rebuilding it.", entry.name, reason)
     if quantize_device is not None and quantize_device.type == "cuda" and \
-            _quantize_into(entry, key, path, quantization, dtype, quantize_device):
+            _quantize_into(entry, key, path, quantization, dtype, quantize_device, make_room):
         model = _from_pretrained(entry, path.name, dtype, None, None, cpu=True)
         return model, Outcome(entry, False, reason, True, str(quantize_device))
     model = _load(path, dtype, qconfig)
@@ -166,13 +214,20 @@ def _load_quantized_once(path: Path, quantization: str, dtype: torch.dtype, qcon
 
 
 def _quantize_into(entry: Path, key: dict, path: Path, quantization: str, dtype: torch.dtype,
-                   device: torch.device) -> bool:
-    """Quantize the source tensor by tensor on `device` into the cache entry; False (and the log says why) where
-    the quantizer does not read the source or the entry cannot be written: then the CPU quantizes it."""
+                   device: torch.device, make_room: Callable[[int], None] | None) -> bool:
+    """Quantize the source tensor by tensor on `device` into the cache entry, after asking `make_room` for the
+    device memory that takes; False (and the log says why) where the quantizer does not read the source, the
+    device runs out of memory or the entry cannot be written: then the CPU quantizes it."""
     try:
+        if make_room is not None:
+            make_room(t5_quantize.device_bytes(path, quantization, dtype))
         tensors, config = t5_quantize.quantize_per_tensor(path, quantization, dtype, device)
     except t5_quantize.UnsupportedSource as e:
         log.info("PixArt T5: quantizing on the CPU (%s).", e)
+        return False
+    except torch.cuda.OutOfMemoryError as e:  # torch.OutOfMemoryError, also under its older name
+        log.warning("PixArt T5: %s ran out of memory quantizing %s (%s); quantizing on the CPU instead.",
+                    device, path.name, str(e).splitlines()[0] if str(e) else "out of memory")
         return False
     try:
         t5_cache.write(entry, key, config, tensors, str(device))

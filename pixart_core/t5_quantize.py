@@ -7,6 +7,7 @@ transformers' quantized model, so t5_cache stores it and transformers loads it a
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -55,6 +56,26 @@ def quantize_weight(key: str, w: torch.Tensor, kind: str, device: torch.device) 
     state.to("cpu")
     out.update({f"{key}.{name}": t.cpu() for name, t in state.as_dict(packed=True).items()})
     return out
+
+
+def device_bytes(path: str | os.PathLike, quantization: str, dtype: torch.dtype) -> int:
+    """The most device memory quantize_per_tensor holds at once: the largest quantized weight's copy on the device
+    and what quantizing it makes there. 8-bit: the fp16 copy (2 bytes a value), the int8 matrix (1) and one fp32
+    scale per row; nf4: the copy in `dtype`, the packed matrix (half a byte a value), one fp32 absmax per 64
+    values and the 16-value fp32 code. Each result goes back to the CPU before the next weight comes."""
+    path = Path(path)
+    _, shapes = source_tensors(path)
+    config = t5_spec.config_from_shapes(shapes, path.name)
+    _, kinds = _quantized_skeleton(config, t5_spec.bnb_config(quantization, dtype))
+    most = 0
+    for key, kind in kinds.items():
+        rows, n = shapes[key][0], math.prod(shapes[key])
+        if kind == t5_spec.QUANT_8BIT:
+            held = n * 2 + n + rows * 4
+        else:
+            held = n * dtype.itemsize + (n + 1) // 2 + -(-n // 64) * 4 + 16 * 4
+        most = max(most, held)
+    return most
 
 
 def quantize_per_tensor(path: str | os.PathLike, quantization: str, dtype: torch.dtype, device: torch.device):

@@ -299,19 +299,24 @@ def position_embedding(width: int, grid_h: int, grid_w: int, base_size: int, int
                                    interpolation_scale=interpolation_scale, device=device, output_type="pt").float()[None]
 
 
-def share_fused(model: torch.nn.Module, original: dict[str, torch.Tensor]) -> int:
-    """Point a diffusers PixArt's q/k/v (self-attention) and k/v (cross-attention) weights at the rows of the
-    fused tensors in `original` (made from them by to_original: the same values), so that both layouts hold one
-    copy. Returns the bytes that sharing saved."""
+def share_weights(model: torch.nn.Module, original: dict[str, torch.Tensor]) -> int:
+    """Point each parameter of a diffusers PixArt at its place in `original` (to_original's layout: the fused q/k/v
+    and k/v rows for the split ones) where that tensor is on the same device with the same values and another
+    storage, so that both layouts hold one copy; returns the bytes the model no longer holds on its own. A
+    parameter whose values differ (a weight patch merged into one side) keeps its own tensor."""
     saved = 0
-    for i, block in enumerate(model.transformer_blocks):
-        for attn, name, parts in ((block.attn1, "attn.qkv", ("to_q", "to_k", "to_v")),
-                                  (block.attn2, "cross_attn.kv_linear", ("to_k", "to_v"))):
-            for kind in ("weight", "bias"):
-                fused = original[f"blocks.{i}.{name}.{kind}"]
-                for part, view in zip(parts, fused.chunk(len(parts))):
-                    p = getattr(getattr(attn, part), kind)
-                    assert torch.equal(p.data, view), f"block {i} {part}.{kind}: not the fused tensor's rows"
-                    saved += p.numel() * p.element_size()
-                    p.data = view
+    for key, p in model.named_parameters():
+        name, rows = original_target(key, p.shape[0])
+        target = original.get(name)
+        if target is None:
+            continue
+        if rows is not None:
+            target = target.narrow(*rows)
+        if (target.shape != p.shape or target.dtype != p.dtype or target.device != p.device
+                or (target.untyped_storage().data_ptr(), target.storage_offset())
+                == (p.untyped_storage().data_ptr(), p.storage_offset())):
+            continue
+        if torch.equal(p.data, target):
+            p.data = target
+            saved += p.numel() * p.element_size()
     return saved

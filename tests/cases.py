@@ -3,6 +3,8 @@ T5 token count, the small sampling case (a 64 px image, seeded noise, a box to r
 calls, cosine similarity, and diffusers' pipeline loop written out as the reference."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 import reference_settings as reference
@@ -16,28 +18,32 @@ def noise(seed: int = 11, batch: int = 2) -> tuple[torch.Tensor, torch.Generator
     return sampling.initial_noise(seed, batch, 4, SIZE, SIZE)
 
 
-def pipeline_loop(dit, pos, neg, noise, steps, cfg, name, *, stop=None, rescale=0.0):
+def pipeline_loop(dit, pos, neg, noise, steps, cfg, name, *, stop=None, rescale=0.0, generator=None, switch=None):
     """The diffusers pipeline's loop written out (PixArtSigmaPipeline + StableDiffusionPipeline's guidance_rescale),
-    on a scheduler from the published settings; returns the latents and the last step's scheduler output."""
+    on a scheduler from the published settings; returns the latents and the last step's scheduler output.
+    `generator`: what the scheduler's step draws from (the pipeline passes its generator to stochastic schedulers);
+    `switch`: (step, other DiT): that DiT predicts from that step of the schedule on."""
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
     sch = reference.scheduler(name)
     sch.set_timesteps(steps)
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(sch.step).parameters else {}
     b = noise.shape[0]
     lat = noise * sch.init_noise_sigma
     emb = torch.cat([neg.embeds.repeat(b, 1, 1), pos.embeds.repeat(b, 1, 1)])
     msk = torch.cat([neg.mask.repeat(b, 1), pos.mask.repeat(b, 1)])
     res = None
     with torch.no_grad():
-        for t in sch.timesteps[:stop]:
+        for i, t in enumerate(sch.timesteps[:stop]):
+            model = switch[1] if switch is not None and i >= switch[0] else dit
             x = sch.scale_model_input(torch.cat([lat] * 2), t)
-            out = dit(x, encoder_hidden_states=emb, encoder_attention_mask=msk, timestep=t[None].expand(2 * b),
-                      added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+            out = model(x, encoder_hidden_states=emb, encoder_attention_mask=msk, timestep=t[None].expand(2 * b),
+                        added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
             u, c = out.chunk(2)
             guided, c = (u + cfg * (c - u)).chunk(2, dim=1)[0], c.chunk(2, dim=1)[0]
             if rescale:
                 guided = rescale_noise_cfg(guided, c, guidance_rescale=rescale)
-            res = sch.step(guided, t, lat)
+            res = sch.step(guided, t, lat, **step_kwargs)
             lat = res.prev_sample
     return lat, res, sch
 

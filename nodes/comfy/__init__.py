@@ -1,7 +1,8 @@
 """Every use of ComfyUI's Python internals in the pack. The node modules around this package import only ComfyUI's
 versioned node API (comfy_api.v0_0_2: io, ui, ComfyExtension) and these modules:
 
-    loading        ModelPatcher wrapping, whole and partial loads, unloading, the quantized-model OOM message
+    loading        ModelPatcher wrapping, whole and partial loads, unloading, the quantized-model OOM message,
+                   room on the GPU for the T5 quantizer
     devices        device and dtype policy: "auto" dtypes, the SDPA kernel, load/offload devices, free memory
     progress       progress bar, latent previews, Cancel
     patches        weight patches: LoRA-type adapters through comfy.lora, carried over to a bridged MODEL
@@ -47,8 +48,10 @@ comfy.model_base
 comfy.model_management
     current_loaded_models                      private  the loaded-model list: loading.unload unloads our model's
                                                         entries and removes them from it
+    free_memory                                public   frees memory on the GPU for the T5 quantizer (loading.make_room),
+                                                        as ComfyUI's loaders free it before a load
     get_free_memory                            public   free memory of a device (the VAE's tiling decision)
-    get_torch_device                           public   the DiT's load device
+    get_torch_device                           public   the DiT's load device; the GPU the T5 is quantized on
     intermediate_device                        public   where node outputs live between nodes
     is_device_cpu                              public   the CPU branch of the "auto" dtypes
     load_model_gpu                             public   loads a ComfyUI CLIP's patcher, as CLIP.load_model does
@@ -101,9 +104,6 @@ folder_paths
 latent_preview
     get_previewer  public   the previewer of --preview-method for a latent format
 
-torch._C._nn
-    _parse_to  private  (PyTorch) Holder.to reads the target device as nn.Module.to does
-
 Attributes of ComfyUI objects (what the code reads, calls or overrides on them):
 
 comfy.ldm.pixart.pixartms.PixArtMS
@@ -155,7 +155,8 @@ comfy.ops.disable_weight_init.Embedding
 torch.nn.Module
     __class__  private  (PyTorch) castable swaps layer classes in place: ComfyUI's cast layers must add no
                         construction state but `bias`
-    _apply     private  (PyTorch) _place_rest moves one module's own tensors (recurse=False)
+    _apply     private  (PyTorch) _place_rest moves one module's own tensors (recurse=False); Holder and
+                        BridgedPixArt override it to share the bridge's weights again after each whole move
 
 comfy.sd.CLIP
     cond_stage_model  public   a CLIP's text model: its parts are its children (t5xxl, clip_l, ...)

@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Callable
 
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.ops
 import torch
 
-from ...pixart_core.gguf_t5 import has_gguf_layers
+from ...pixart_core.gguf_t5 import GGUFLinear
 from ...pixart_core.logs import logger_name
-from ...pixart_core.quant import has_bnb_layers, move_quantized_state, unique_bytes
+from ...pixart_core.quant import has_bnb_layers, int8_layers, unique_bytes
 
 log = logging.getLogger(logger_name(__name__))
 
@@ -31,44 +32,45 @@ class Holder(torch.nn.Module):
     """ModelPatcher writes `.device` and bookkeeping attributes onto the module it manages; diffusers and
     transformers models have a read-only `.device`, so they ride inside this plain container.
 
-    `streamable`: built from ComfyUI's cast-weights layers, so it may be partially loaded. bitsandbytes-quantized
-    models are not (their layers have no cast path): ComfyUI loads them whole.
+    `streamable`: built from ComfyUI's cast-weights layers (and GGUF layers, which stream by themselves), so it may
+    be partially loaded. bitsandbytes-quantized models are not (their layers have no cast path): ComfyUI loads them
+    whole, and unloads them whole or layer by layer (their 8-bit layers move their int8 matrices and scales
+    themselves: pixart_core.int8_linear).
     """
 
     def __init__(self, inner: torch.nn.Module, streamable: bool = False):
         super().__init__()
         self.inner = inner
         self.streamable = streamable
+        self.after_move: Callable[[], None] | None = None  # called after each whole move (the bridge's sharing)
 
-    def to(self, *args, **kwargs):
-        """ComfyUI loads and offloads with .to(); quantized T5 layers need their side tensors moved too."""
-        super().to(*args, **kwargs)
-        device = torch._C._nn._parse_to(*args, **kwargs)[0]
-        if device is not None:
-            move_quantized_state(self, device)
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        if self.after_move is not None:
+            self.after_move()
         return self
 
 
-def _quantized(model: torch.nn.Module) -> bool:
-    """bitsandbytes layers, or a GGUF T5's layers (quantized blocks dequantized per forward): loaded whole."""
-    return has_bnb_layers(model) or has_gguf_layers(model)
-
-
 def castable(model: torch.nn.Module) -> torch.nn.Module:
-    """Turn the model's plain torch layers into ComfyUI's cast-weights layers, in place (same parameters, same math)."""
+    """Turn the model's plain torch layers into ComfyUI's cast-weights layers, in place (same parameters, same math),
+    and mark GGUF layers as such: their forward already dequantizes on the input's device, wherever their
+    quantized bytes are, so ComfyUI may leave them in system memory."""
     for m in model.modules():
         cls = CAST_OPS.get(type(m))
         if cls is not None:
             m.__class__ = cls
             if not hasattr(m, "bias"):
                 m.bias = None  # ComfyUI's Embedding sets this at construction; its cast path reads it
+        elif isinstance(m, GGUFLinear):  # the attributes ComfyUI's loader reads and sets on cast-weights layers
+            m.comfy_cast_weights, m.weight_function, m.bias_function = False, [], []
     return model
 
 
 def wrap(model: torch.nn.Module, load_device: torch.device, offload_device: torch.device) -> comfy.model_patcher.ModelPatcher:
     """A ModelPatcher for one of our models, sized by its distinct tensors (ComfyUI's state-dict count would take a
-    tied embedding twice). Unquantized models get cast-weights layers, so ComfyUI can load them partially."""
-    streamable = not _quantized(model)
+    tied embedding twice). Models without bitsandbytes layers get cast-weights layers, so ComfyUI can load them
+    partially."""
+    streamable = not has_bnb_layers(model)
     if streamable:
         castable(model)
     return comfy.model_patcher.ModelPatcher(Holder(model, streamable), load_device=load_device,
@@ -119,8 +121,8 @@ def use(patcher: comfy.model_patcher.ModelPatcher, memory_required: int = 0) -> 
     """Have ComfyUI put the model on its load device (evicting others, or loading it partially when it does not
     fit: the rest streams from system memory per forward) and return it with the device to run it on.
 
-    A quantized model is loaded whole. In ComfyUI's --novram mode, which loads nothing whole, it stays in system
-    memory and runs on the CPU: bitsandbytes layers cannot stream.
+    A bitsandbytes-quantized model is loaded whole. In ComfyUI's --novram mode, which loads nothing whole, it stays
+    in system memory and runs on the CPU: bitsandbytes layers cannot stream.
     """
     holder = patcher.model
     try:
@@ -128,17 +130,18 @@ def use(patcher: comfy.model_patcher.ModelPatcher, memory_required: int = 0) -> 
     except Exception as e:
         if holder.streamable or not is_oom(e):
             raise
+        smaller = "Choose '4-bit nf4' (smaller), or" if any(True for _ in int8_layers(holder)) else "Choose"
         raise type(e)(
             f"The quantized {type(holder.inner).__name__} ({patcher.model_size() / 2**30:.2f} GiB) does not fit in "
             f"the free memory of {patcher.load_device} and cannot be loaded in parts (bitsandbytes layers do not "
-            "stream). Choose '4-bit nf4' (smaller), or quantization 'none' (ComfyUI then streams what does not fit), "
-            "or free memory.") from e
+            f"stream). {smaller} quantization 'none' or a GGUF file (ComfyUI then streams what does not fit), or "
+            "device 'cpu', or free memory.") from e
     device = patcher.load_device
     if holder.streamable:
         _place_rest(holder.inner, device)
     elif not all(_on(t, device) for t in holder.inner.parameters()):
         device = patcher.offload_device
-        holder.to(device)  # with the 8-bit layers' side tensors
+        holder.to(device)
         log.warning("PixArt: %s is quantized and ComfyUI's memory mode (%s) does not load it whole: it runs on %s.",
                     type(holder.inner).__name__, mm.vram_state.name, device)
     return Loaded(holder.inner, device)
@@ -162,6 +165,21 @@ def use_clip(patcher: comfy.model_patcher.ModelPatcher) -> None:
     """Load a ComfyUI CLIP's patcher as ComfyUI's own text encode does (`CLIP.load_model`): ComfyUI decides what
     is evicted and what part is loaded, and applies the CLIP's patches (LoRA)."""
     mm.load_model_gpu(patcher)
+
+
+def quantizer_device() -> torch.device | None:
+    """The GPU bitsandbytes quantizes on: ComfyUI's torch device where that is a CUDA GPU (also for a T5 that runs
+    on the CPU: it is quantized once, into the cache), else None."""
+    device = mm.get_torch_device()
+    return device if device.type == "cuda" else None
+
+
+def make_room(device: torch.device) -> Callable[[int], None]:
+    """A callable that has ComfyUI free `bytes` on `device` for work outside its models (it unloads models, whole
+    or in part, until that much is free), as its loaders do before loading a model."""
+    def free(nbytes: int) -> None:
+        mm.free_memory(nbytes, device)
+    return free
 
 
 def is_oom(error: BaseException) -> bool:

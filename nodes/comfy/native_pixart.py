@@ -3,7 +3,9 @@ comfy.ldm.pixart.pixartms.PixArtMS) built on our weights, so KSampler, SamplerCu
 loaders work on it."""
 from __future__ import annotations
 
+import functools
 import logging
+import weakref
 
 import torch
 
@@ -50,11 +52,28 @@ class PixArtMS(comfy.ldm.pixart.pixartms.PixArtMS):
 
 class BridgedPixArt(comfy.model_base.PixArt):
     """ComfyUI's PixArt model (so ComfyUI's LoRA key map and every model patch apply) around our network, reading
-    the conditioning encoded at its own token limit when the bridge carries one."""
+    the conditioning encoded at its own token limit when the bridge carries one.
+
+    It shares its weights with our DiT (`dit`, weakly held). A move gives whichever side moved new tensors (a GPU
+    round trip ends in fresh copies in system memory), so after each whole move of either (ComfyUI's load with
+    every layer, its unload) the DiT's tensors are pointed at the MODEL's again wherever both are on one device
+    with the same values: one copy in system memory. ComfyUI's partial unloads move single layers; those are
+    shared again at the next whole move."""
 
     def __init__(self, model_config, max_tokens: int, device=None):
         comfy.model_base.BaseModel.__init__(self, model_config, device=device, unet_model=PixArtMS)
         self.max_tokens = max_tokens
+        self.dit: weakref.ref | None = None
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        self.share_with_dit()
+        return self
+
+    def share_with_dit(self) -> int:
+        """Point the DiT's weights at this MODEL's where they are equal and on one device; returns the bytes freed."""
+        dit = self.dit() if self.dit is not None else None
+        return 0 if dit is None else core_dit.share_weights(dit, self.diffusion_model.state_dict())
 
     def extra_conds(self, **kwargs):
         at = kwargs.get(AT_LIMIT_KEY) or {}
@@ -86,6 +105,13 @@ def unet_config(dit: torch.nn.Module, variant) -> dict:
     }
 
 
+def _share_after_move(model: weakref.ref) -> None:
+    """After our DiT moved: its weights back in the bridged MODEL's tensors where they are equal (one copy)."""
+    bridged = model()
+    if bridged is not None:
+        bridged.share_with_dit()
+
+
 def to_model(handle: DiTHandle):
     """A ComfyUI MODEL (ModelPatcher around BridgedPixArt) holding the DiT's weights: the same tensors, fused q/k/v
     shared with the DiT's split ones; nothing is copied."""
@@ -101,7 +127,9 @@ def to_model(handle: DiTHandle):
     original = core_dit.to_original(dit.state_dict(), handle.variant.max_tokens)
     model.diffusion_model.load_state_dict(original, strict=True, assign=True)
     model.diffusion_model.requires_grad_(False)
-    saved = core_dit.share_fused(dit, original)
+    model.dit = weakref.ref(dit)
+    saved = core_dit.share_weights(dit, original)
+    patcher.model.after_move = functools.partial(_share_after_move, weakref.ref(model))
     log.info("PixArt DiT -> MODEL: %s (%s) as ComfyUI's PixArt, %d blocks; %.0f MiB shared with the DiT instead of copied",
              handle.name, handle.variant.name, config["depth"], saved / 2**20)
     out = loading.wrap_comfy_model(model, patcher.load_device, patcher.offload_device)

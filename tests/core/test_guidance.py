@@ -102,3 +102,34 @@ def test_cfg_interval_runs_one_pass_outside_it(dit_and_conds):
     noise, gen = _noise()
     cfg1 = sampling.sample(dit, pos, neg, noise, steps=4, cfg=1.0, generator=gen)
     assert torch.equal(plain, whole) and torch.equal(none, cfg1)
+
+
+def test_cfg_interval_counts_steps_of_the_whole_schedule_in_img2img_and_stages(dit_and_conds):
+    """The interval is a part of the whole schedule, whatever part of it a run steps through; a forward pre-hook
+    counts the batch per step (1: positive only, 2: negative and positive). By hand, 10 steps:
+    img2img with denoise 0.6 runs steps 4..9 (int(10 * 0.6) = 6 of them); [0.5, 0.8) holds the steps starting at
+    0.5, 0.6, 0.7 of the schedule: steps 5, 6, 7 -> batches 1, 2, 2, 2, 1, 1.
+    A stage over steps 3..7 with [0.2, 0.5): steps 3, 4 (0.3, 0.4) -> 2, 2, 1, 1, 1; the stage continuing it over
+    steps 8, 9 with [0.8, 1.0): both (0.8, 0.9) -> 2, 2; with [0.2, 0.5) neither -> 1, 1."""
+    dit, pos, neg = dit_and_conds
+    sizes, handle = _batch_sizes(dit)
+    image = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(5))
+    try:
+        noise, gen = _noise(batch=1)
+        sampling.sample(dit, pos, neg, noise, steps=10, cfg=4.5, generator=gen, init_latents=image, denoise=0.6,
+                        cfg_start=0.5, cfg_end=0.8)
+        assert sizes == [1, 2, 2, 2, 1, 1]
+        stage = dict(steps=10, cfg=4.5, scheduler="dpmpp_2m")
+        sizes.clear()
+        noise, gen = _noise(batch=1)
+        first, state = sampling.sample(dit, pos, neg, noise, generator=gen, init_latents=image, start_step=3,
+                                       end_step=8, leftover_noise=True, return_state=True, cfg_start=0.2, cfg_end=0.5,
+                                       **stage)
+        assert sizes == [2, 2, 1, 1, 1]
+        for (start, end), want in (((0.8, 1.0), [2, 2]), ((0.2, 0.5), [1, 1])):
+            sizes.clear()
+            sampling.sample(dit, pos, neg, noise, generator=gen, init_latents=first, start_step=8, add_noise=False,
+                            resume=state, cfg_start=start, cfg_end=end, **stage)
+            assert sizes == want
+    finally:
+        handle.remove()

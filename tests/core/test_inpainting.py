@@ -57,3 +57,60 @@ def test_mask_without_latent_is_refused(dit_and_conds):
     noise, gen = _noise()
     with pytest.raises(ValueError, match="inpainting mask needs the image's latent"):
         sampling.sample(dit, pos, neg, noise, steps=2, cfg=4.5, mask=_box_mask())
+
+
+def _soft_box(batch: int = 2) -> torch.Tensor:
+    """The 4x4 box of cases.box_mask with soft edges (0.25, 0.5, 0.75 around it), as a feathered mask resizes."""
+    m = torch.zeros(batch, 1, SIZE // 8, SIZE // 8)
+    m[:, :, 1:7, 0:6] = 0.25
+    m[:, :, 2:6, 1:5] = 0.75
+    m[:, :, 3:5, 2:4] = 1.0
+    m[:, :, 2, 1] = 0.5
+    return m
+
+
+def _comfyui_inpainting_loop(dit, pos, neg, noise, init, mask, steps, cfg, name):
+    """ComfyUI's inpainting (comfy/samplers.py KSamplerX0Inpaint) written out on diffusers' published scheduler: the
+    model's input is the solver's latents with the image noised to the step outside the mask, x·m + noised·(1 − m);
+    its clean estimate is blended with the image, denoised·m + image·(1 − m); the solver steps its own (unblended)
+    latents on the epsilon of that blended estimate. Clean estimate and epsilon, by hand: Euler's latents are
+    x0 + sigma·eps, the variance-preserving ones sqrt(a)·x0 + sqrt(1 − a)·eps."""
+    sch = reference.scheduler(name)
+    sch.set_timesteps(steps)
+    lat = sch.add_noise(init, noise, sch.timesteps[:1].repeat(noise.shape[0]))
+    emb = torch.cat([neg.embeds.repeat(2, 1, 1), pos.embeds.repeat(2, 1, 1)])
+    msk = torch.cat([neg.mask.repeat(2, 1), pos.mask.repeat(2, 1)])
+    with torch.no_grad():
+        for t in sch.timesteps:
+            model_lat = lat * mask + sch.add_noise(init, noise, t.reshape(1).repeat(2)) * (1 - mask)
+            x = sch.scale_model_input(model_lat, t)
+            out = dit(torch.cat([x] * 2), encoder_hidden_states=emb, encoder_attention_mask=msk,
+                      timestep=t[None].expand(4), added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+                      return_dict=False)[0]
+            u, c = out.chunk(2)
+            eps = (u + cfg * (c - u))[:, :4]
+            if name == "euler":
+                sigma = sch.sigmas[sch.step_index]
+                denoised = (model_lat - sigma * eps) * mask + init * (1 - mask)
+                eps = (lat - denoised) / sigma
+            else:
+                a = sch.alphas_cumprod[int(t)]
+                denoised = (x - (1 - a).sqrt() * eps) / a.sqrt() * mask + init * (1 - mask)
+                eps = (lat - a.sqrt() * denoised) / (1 - a).sqrt()
+            lat = sch.step(eps, t, lat).prev_sample
+    return lat
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "euler"])
+@pytest.mark.parametrize("mask", [_box_mask(), _soft_box()], ids=["hard", "soft"])
+def test_inpainting_blends_clean_estimates_as_comfyui(dit_and_conds, name, mask):
+    """The whole latent, inside and outside the mask, equals ComfyUI's inpainting rule on diffusers' scheduler (both
+    schedules end at sigma 0, where the result is the last blended clean estimate). With a soft mask (the edges of a
+    feathered or resized mask) blending the clean estimates differs from blending the noise predictions."""
+    dit, pos, neg = dit_and_conds
+    init = torch.randn(2, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(5))
+    noise, gen = _noise()
+    want = _comfyui_inpainting_loop(dit, pos, neg, noise, init, mask, 6, 4.5, name)
+    got = sampling.sample(dit, pos, neg, noise, steps=6, cfg=4.5, scheduler=name, generator=gen, init_latents=init,
+                          mask=mask)
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5

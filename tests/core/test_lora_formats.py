@@ -4,14 +4,15 @@ and other models' LoRAs refused by name. The files and their hand-computed chang
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from harness import models as tiny
-from harness.lora_files import (ORIGINAL_PLAIN, diffusers_file, kohya_diffusers, kohya_lora, kohya_original,
-                                peft_bare, peft_folder)
+from harness.lora_files import (ALPHA_PATTERN, ORIGINAL_PLAIN, diffusers_file, kohya_diffusers, kohya_lora,
+                                kohya_original, peft_adapter, peft_bare, peft_folder, peft_patterns)
 from harness.lora_files import rand as _rand
 from harness.lora_files import shapes_of as _shapes
 from harness.lora_files import t5_lora as _t5_lora
@@ -103,6 +104,38 @@ def test_peft_scaling_becomes_comfyui_alpha(dit_model):
     plan = core_lora.prepare(sd, _shapes(dit_model))
     assert not [k for k in plan.dit if k.endswith(".alpha")]  # no alpha anywhere: ComfyUI's scale 1 (alpha = rank)
     assert plan.formats == ["LoRA (PEFT/diffusers), diffusers names"]
+
+
+def _peft_scalings(model) -> dict[str, float]:
+    """PEFT's own scaling of each layer it made (LoraLayer.scaling), by module name in the DiT."""
+    return {n[len("base_model.model."):]: m.scaling["default"] for n, m in model.named_modules()
+            if "default" in getattr(m, "scaling", {})}
+
+
+@pytest.mark.filterwarnings("ignore:The following (alpha|rank)_pattern keys did not match")  # PEFT agrees: by design
+@pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
+def test_alpha_and_rank_patterns_match_module_names_as_peft_does(dit_model, rslora):
+    """alpha_pattern / rank_pattern keys picked where PEFT's matching (a key ends the module name after a dot, a
+    regex, the first matching key wins) and a substring search disagree (harness.lora_files.ALPHA_PATTERN): PEFT's
+    own layers say which scaling each module got, and ComfyUI's alpha / rank in the plan is that scaling."""
+    sd, config, model = peft_patterns(dit_model, rslora)
+    meta = {"lora_adapter_metadata": json.dumps(config.to_dict(), default=list)}
+    plan = core_lora.prepare(sd, _shapes(dit_model), metadata=meta)
+    scalings = _peft_scalings(model)
+    assert set(scalings) == set(plan.dit_map) and len(scalings) == 27
+    ranks = {m: plan.dit[m + ".lora_A.weight"].shape[0] for m in scalings}
+    for module, scaling in scalings.items():
+        assert plan.dit[module + ".alpha"].item() / ranks[module] == pytest.approx(scaling, rel=1e-6), module
+    assert set(ranks.values()) == {2, 3, 4, 8}  # rank_pattern reached the tensors PEFT made (6: no module)
+    # the patterns tell the rules apart: a substring search would have scaled these modules otherwise
+    searched = {m: next((v for p, v in ALPHA_PATTERN.items() if re.search(p, m)), config.lora_alpha) for m in scalings}
+    root = (lambda r: r ** 0.5) if rslora else (lambda r: r)  # noqa: E731
+    differ = sorted(m for m in scalings if searched[m] / root(ranks[m]) != pytest.approx(scalings[m]))
+    assert differ == ["adaln_single.emb.timestep_embedder.linear_1", "adaln_single.emb.timestep_embedder.linear_2",
+                      "caption_projection.linear_1", "caption_projection.linear_2", "proj_out",
+                      "transformer_blocks.0.attn1.to_out.0", "transformer_blocks.0.attn2.to_out.0",
+                      "transformer_blocks.1.attn1.to_out.0", "transformer_blocks.1.attn1.to_q",
+                      "transformer_blocks.1.attn2.to_out.0"]
 
 
 def test_t5_names_and_text_encoder_keys_without_a_t5(dit_model):
@@ -308,3 +341,60 @@ def test_peft_alpha_for_the_t5_part_and_peft_default_adapter_names(dit_model):
     assert plan.dit["proj_out.alpha"].item() == 5.0  # the file's own alpha wins over the metadata
     assert set(plan.t5) == {m + ".lora_A.default.weight", m + ".lora_B.default.weight", m + ".alpha"}
     assert plan.t5_map == {m: m + ".weight"} and plan.dit_map == {"proj_out": "proj_out.weight"}
+
+
+def test_peft_dora_magnitude_becomes_comfyui_dora_scale(dit_model):
+    """PEFT's lora_magnitude_vector (one value per output row; [1, out, 1, 1] on a conv) is handed to ComfyUI as
+    the dora_scale it reads, one per output row; a magnitude of another length is refused like any other misfit,
+    and one on a fused layer is listed (its norm does not split into q, k, v)."""
+    shapes = _shapes(dit_model)
+    mag, conv_mag = torch.rand(32) + 0.5, torch.rand(1, 144, 1, 1) + 0.5
+    sd = {"transformer.proj_out.lora_A.weight": _rand(2, 144, seed=1), "transformer.proj_out.lora_B.weight": _rand(32, 2, seed=2),
+          "transformer.proj_out.lora_magnitude_vector": mag,
+          "pos_embed.proj.lora_A.weight": _rand(2, 4, 2, 2, seed=3), "pos_embed.proj.lora_B.weight": _rand(144, 2, 1, 1, seed=4),
+          "pos_embed.proj.lora_magnitude_vector.weight": conv_mag}
+    plan = core_lora.prepare(sd, shapes)
+    assert torch.equal(plan.dit["proj_out.dora_scale"], mag[:, None])
+    assert torch.equal(plan.dit["pos_embed.proj.dora_scale"], conv_mag.reshape(144, 1, 1, 1))
+    assert not [k for k in plan.dit if "magnitude" in k] and not plan.unplaced
+    with pytest.raises(core_lora.LoraError, match=r"DoRA magnitude has 31 values for 32 output rows.*another size"):
+        core_lora.prepare({**sd, "transformer.proj_out.lora_magnitude_vector": mag[:31]}, shapes)
+    fused = {"blocks.0.attn.qkv.lora_A.weight": _rand(2, 144, seed=5), "blocks.0.attn.qkv.lora_B.weight": _rand(432, 2, seed=6),
+             "blocks.0.attn.qkv.lora_magnitude_vector": torch.rand(432)}
+    plan = core_lora.prepare({**sd, **fused}, shapes)
+    assert plan.unplaced == [f"{k}: .lora_magnitude_vector on a fused layer cannot be split into its q/k/v parts"
+                             for k in sorted(fused)]
+
+
+def test_peft_oft_is_refused_saying_what_it_is_and_what_to_do(dit_model):
+    """PEFT's OFT (oft_R: a packed rotation of the input side) is no form ComfyUI's weight adapters read (its OFT
+    adapter reads LyCORIS's oft_blocks, comfy/weight_adapter/oft.py): a file of it is refused naming the tensor,
+    PEFT's OFT and what to do, not as "no key names a module"; beside a LoRA its tensors are listed."""
+    from peft import OFTConfig
+
+    sd, _, _ = peft_adapter(dit_model, OFTConfig(r=0, oft_block_size=8, target_modules=["to_q", "proj"], init_weights=False))
+    with pytest.raises(core_lora.LoraError) as e:
+        core_lora.prepare(sd, _shapes(dit_model), name="oft.safetensors")
+    message = str(e.value)
+    assert message.startswith("oft.safetensors: its tensors name PixArt layers, but in a form no weight adapter of "
+                              "ComfyUI reads: oft_R.weight (PEFT's OFT)"), message
+    assert "merge_and_unload" in message and "no key of this file" not in message
+    kohya, _, _ = kohya_diffusers(dit_model)
+    plan = core_lora.prepare({**kohya, **sd}, _shapes(dit_model))
+    assert len(plan.dit_map) == 7 and len(plan.unplaced) == len(sd)
+    assert plan.unplaced[0] == ("base_model.model.pos_embed.proj.oft_R.weight: oft_R.weight (PEFT's OFT) is not a "
+                                "tensor any weight adapter of ComfyUI reads")
+
+
+def test_a_bias_difference_of_another_length_is_refused(dit_model):
+    """A `diff_b` whose length is not the layer's bias is refused like a weight of another size (ComfyUI would
+    skip it with a shape-mismatch warning while the node counted it as patched); one that fits is placed; on a fused
+    layer one whose rows do not add up is listed."""
+    shapes = _shapes(dit_model)
+    plan = core_lora.prepare({"lora_unet_proj_out.diff_b": torch.zeros(32)}, shapes)
+    assert plan.dit_map == {"proj_out": "proj_out.weight"} and set(plan.dit) == {"proj_out.diff_b"}
+    with pytest.raises(core_lora.LoraError, match=r"proj_out makes a \[31\] change for proj_out.bias \[32\].*another size"):
+        core_lora.prepare({"lora_unet_proj_out.diff_b": torch.zeros(31)}, shapes)
+    plan = core_lora.prepare({"lora_unet_proj_out.diff_b": torch.zeros(32), "blocks.0.attn.qkv.diff_b": torch.zeros(429)},
+                             shapes)  # on a fused layer, rows that do not add up are listed, as for any tensor
+    assert plan.unplaced == ["blocks.0.attn.qkv.diff_b: .diff_b has 429 rows, the fused layer 432"]

@@ -37,7 +37,7 @@ def test_inference_memory_scales_as_activations_do():
     assert dit_memory.inference_memory(2, 256, 256, 1152, torch.float32, cfg=False) - reserve == 2 * one
     assert dit_memory.inference_memory(1, 256, 256, 1152, torch.float32, cfg=True) - reserve == 2 * one
     assert dit_memory.inference_memory(1, 256, 256, 1152, torch.bfloat16, cfg=False) - reserve == one // 2
-    assert dit_memory.inference_memory(1, 512, 256, 1152, torch.float32, cfg=False) - reserve > 2 * one
+    assert dit_memory.inference_memory(1, 512, 256, 1152, torch.float32, cfg=False) - reserve >= 2 * one
     assert dit_memory.inference_memory(1, 256, 256, 2304, torch.float32, cfg=False) - reserve > one
     # at least the MLP activations of one forward: 256 tokens x 4 x 1152 fp32 values
     assert one >= (256 // 16) ** 2 * 4 * 1152 * 4
@@ -55,7 +55,7 @@ def test_inference_memory_scales_as_activations_do():
     assert heads == 16
     one_head_less = dit_memory.inference_memory(1, 2048, 2048, 1152, torch.float32, cfg=False, fused_attention=False,
                                               heads=heads - 1) - reserve
-    assert math - one_head_less == tokens * tokens * 4  # one fp32 score matrix
+    assert math - one_head_less == 2 * tokens * tokens * 4  # one head's fp32 scores and their softmax
     for args in [(1, 256, 256, 1152, torch.float32, False), (3, 1024, 512, 1152, torch.bfloat16, True)]:
         assert type(dit_memory.inference_memory(*args)) is int
         assert type(dit_memory.inference_memory(*args, fused_attention=False)) is int

@@ -12,6 +12,7 @@ from cases import SIZE
 from cases import box_mask as _box_mask
 from cases import noise as _noise
 from cases import pipeline_loop as _reference_loop
+from harness import models as tiny
 from pixart_core import sampling
 
 
@@ -87,3 +88,112 @@ def test_stage_arguments_are_checked(dit_and_conds):
         sampling.sample(dit, pos, neg, noise, steps=6, cfg=4.5, start_step=2)
     with pytest.raises(ValueError, match="use one of them"):
         sampling.sample(dit, pos, neg, noise, steps=6, cfg=4.5, end_step=3, init_latents=noise, denoise=0.5)
+
+
+# Every scheduler that stages (DMD runs one step from noise: no stages).
+STAGING = ["dpmpp_2m", "sa_solver", "ddim", "euler", "euler_ancestral", "unipc", "ddpm", "lcm"]
+
+
+@pytest.mark.parametrize("name", STAGING)
+def test_leftover_latent_is_comfyui_form_at_the_stage_end(dit_and_conds, name):
+    """A stage stopping at step 4 of 7 with leftover noise hands on x0 + sigma * noise, ComfyUI's (k-diffusion's)
+    form, at the noise level the solver reached: diffusers' own loop (tests/cases.py, the published scheduler, the
+    same generator for the stochastic ones) stopped after 4 steps holds the variance-preserving sqrt(a) x0 +
+    sqrt(1 - a) noise, divided here by sqrt(a) of that level (diffusers' alphas_cumprod): the next timestep of its
+    schedule; DDIM's step lands on t - 1000 // steps instead (its prev_timestep). Euler's schedulers already keep
+    x0 + sigma * noise (their sigmas): their latents as they are."""
+    dit, pos, neg = dit_and_conds
+    steps, end = 7, 4
+    noise, gen = _noise()
+    ref, _, sch = _reference_loop(dit, pos, neg, noise, steps, 4.5, name, stop=end, generator=gen)
+    if name in ("euler", "euler_ancestral"):
+        want = ref
+    else:
+        level = int(sch.timesteps[end - 1]) - 1000 // steps if name == "ddim" else int(sch.timesteps[end])
+        want = ref / sch.alphas_cumprod[level].sqrt()
+    noise, gen = _noise()
+    leftover = sampling.sample(dit, pos, neg, noise, steps=steps, cfg=4.5, scheduler=name, generator=gen,
+                               end_step=end, leftover_noise=True)
+    assert ((leftover - want).abs().max() / want.abs().max()).item() <= 1e-5
+
+
+def _clean_estimate(result):
+    """The clean latent a diffusers scheduler's step estimated: its output's pred_original_sample (DDIM, DDPM, the
+    Euler schedulers) or denoised (LCM); the multistep solvers keep it as their newest model output (DPM-Solver++,
+    UniPC and SA-Solver in data prediction)."""
+    output, scheduler = result
+    for field in ("pred_original_sample", "denoised"):
+        if getattr(output, field, None) is not None:
+            return getattr(output, field)
+    return scheduler.model_outputs[-1]
+
+
+@pytest.mark.parametrize("name", STAGING)
+@pytest.mark.parametrize("steps,end", [(7, 4), (20, 5)])
+def test_early_stop_is_the_solvers_clean_estimate(dit_and_conds, name, steps, end):
+    """end_step < steps without leftover noise: KSamplerAdvanced sets the stage's last sigma to 0, so its last step
+    lands on that step's clean estimate: the one diffusers' scheduler computes at that step (the Euler schedulers'
+    timesteps fall between trained ones here, 7 steps: 499.5; 20 steps: 788.68)."""
+    dit, pos, neg = dit_and_conds
+    noise, gen = _noise()
+    _, res, sch = _reference_loop(dit, pos, neg, noise, steps, 4.5, name, stop=end, generator=gen)
+    want = _clean_estimate((res, sch))
+    noise, gen = _noise()
+    clean = sampling.sample(dit, pos, neg, noise, steps=steps, cfg=4.5, scheduler=name, generator=gen, end_step=end)
+    assert ((clean - want).abs().max() / want.abs().max()).item() <= 1e-5
+
+
+@pytest.mark.parametrize("edit", [lambda x: x * 1.0001, lambda x: x + 1e-3], ids=["multiply", "add"])
+def test_a_latent_edited_between_stages_restarts_the_solver(dit_and_conds, caplog, edit):
+    """Stage 2 gets stage 1's state with a latent changed on the way (as ComfyUI's LatentMultiply / LatentAdd keep
+    the LATENT's other keys): the solver restarts from the edited latent, exactly as a stage 2 given no state, and
+    says so; the unedited latent continues."""
+    import logging
+
+    dit, pos, neg = dit_and_conds
+    kw = dict(steps=6, cfg=4.5, scheduler="dpmpp_2m")
+    noise, gen = _noise()
+    first, state = sampling.sample(dit, pos, neg, noise, generator=gen, end_step=3, leftover_noise=True,
+                                   return_state=True, **kw)
+    edited = edit(first)
+    noise, gen = _noise(seed=99)
+    with caplog.at_level(logging.INFO, logger="pixart_sigma.sampling"):
+        with_state = sampling.sample(dit, pos, neg, noise, generator=gen, init_latents=edited, start_step=3,
+                                     add_noise=False, resume=state, **kw)
+    assert "the solver restarts at step 3" in caplog.text
+    restart = sampling.sample(dit, pos, neg, noise, generator=gen, init_latents=edited, start_step=3, add_noise=False,
+                              **kw)
+    assert torch.equal(with_state, restart)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pixart_sigma.sampling"):
+        continued = sampling.sample(dit, pos, neg, noise, generator=gen, init_latents=first, start_step=3,
+                                    add_noise=False, resume=state, **kw)
+    assert "restarts" not in caplog.text
+    noise, gen = _noise()
+    whole = sampling.sample(dit, pos, neg, noise, generator=gen, **kw)
+    assert torch.equal(continued, whole)
+    unedited_restart = sampling.sample(dit, pos, neg, noise, generator=gen, init_latents=first, start_step=3,
+                                       add_noise=False, **kw)
+    assert ((unedited_restart - whole).abs().max() / whole.abs().max()).item() > 1e-3  # a restart is visible
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "sa_solver", "euler_ancestral", "unipc"])
+def test_stage_two_with_another_dit_continues_the_solver_with_it(conds, name):
+    """Two different DiTs (the two-stage experts): stage 1 with DiT A hands its state on, stage 2 runs DiT B. The
+    reference is diffusers' loop on one scheduler that uses A's predictions for steps 0-2 and B's from step 3 on
+    (the solver's history and generator running through), composed in the test."""
+    pos, neg = conds
+    dit_a, dit_b = tiny.make_dit(seed=0), tiny.make_dit(seed=1)
+    kw = dict(steps=6, cfg=4.5, scheduler=name)
+    noise, gen = _noise()
+    want, _, _ = _reference_loop(dit_a, pos, neg, noise, 6, 4.5, name, generator=gen, switch=(3, dit_b))
+    noise, gen = _noise()
+    first, state = sampling.sample(dit_a, pos, neg, noise, generator=gen, end_step=3, leftover_noise=True,
+                                   return_state=True, **kw)
+    noise, gen = _noise(seed=99)
+    second = sampling.sample(dit_b, pos, neg, noise, generator=gen, init_latents=first, start_step=3, add_noise=False,
+                             resume=state, **kw)
+    assert ((second - want).abs().max() / want.abs().max()).item() <= 1e-5
+    noise, gen = _noise()
+    only_a = sampling.sample(dit_a, pos, neg, noise, generator=gen, **kw)
+    assert ((second - only_a).abs().max() / only_a.abs().max()).item() > 1e-3  # stage 2 did use DiT B

@@ -1,8 +1,9 @@
 """The quantized-T5 cache (quantize once) and per-tensor quantization on the load device.
 
-Expected values come from transformers + bitsandbytes: the model `load_t5` quantizes through transformers' loader
-(no cache) is the reference for every cached, rebuilt or per-tensor-quantized model, byte for byte; safetensors'
-own reader is the reference for the files the cache writes.
+Expected values come from transformers + bitsandbytes: transformers' own quantized load of the same weights
+(T5EncoderModel.from_pretrained with a BitsAndBytesConfig written out here, not the pack's) is the reference for
+every cached, rebuilt or per-tensor-quantized model, byte for byte, and for its embeddings; safetensors' own reader
+is the reference for the files the cache writes.
 """
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ import json
 import logging
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from harness import models as tiny
 from pixart_core import t5 as ct5
@@ -36,17 +38,71 @@ def write_t5(path, seed=0):
     return path
 
 
+def forward(model, tok) -> torch.Tensor:
+    """transformers' T5 forward of PROMPT: the last hidden state."""
+    with torch.no_grad():
+        return model(**tok([PROMPT], return_tensors="pt")).last_hidden_state.float()
+
+
 def embeds(loaded, tok):
-    return ct5.encode(loaded, tok, PROMPT, 300, CPU)[0]
+    return forward(loaded.model, tok)
+
+
+def bnb(quant: str, dtype: torch.dtype):
+    """transformers' BitsAndBytesConfig for 8-bit, or nf4 computing in `dtype` without double quantization."""
+    from transformers import BitsAndBytesConfig
+
+    if quant == Q8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                              bnb_4bit_use_double_quant=False)
+
+
+def _transformers_folder(src: Path) -> Path:
+    """The T5 in `src` as a folder transformers loads: a folder as it is (a pipeline's text_encoder/), a single file
+    beside it as config.json (the tiny T5's config: harness.models.T5_CONFIG, what made the weights) and
+    model.safetensors with the file's tensors, its key prefix dropped and a scaled-fp8 file's weights
+    dequantized as ComfyUI does (comfy/ops.py convert_weight: fp8 · scale_weight in float32)."""
+    from transformers import T5Config
+
+    if src.is_dir():
+        return src / "text_encoder" if (src / "text_encoder").is_dir() else src
+    folder = src.with_name(src.name + ".transformers")
+    folder.mkdir(exist_ok=True)
+    T5Config(**tiny.T5_CONFIG).save_pretrained(folder)
+    sd = load_file(str(src))
+    prefix = next(k for k in sd if k.endswith("shared.weight"))[: -len("shared.weight")]
+    out = {}
+    for k, v in sd.items():
+        if k == "scaled_fp8" or k.endswith(".scale_weight"):
+            continue
+        scale = sd.get(k[: -len("weight")] + "scale_weight")
+        out[k[len(prefix):]] = v.to(torch.float32) * scale.to(torch.float32) if scale is not None else v
+    save_file(out, str(folder / "model.safetensors"))
+    return folder
+
+
+def transformers_load(src: Path, quant: str, dtype: torch.dtype):
+    """transformers' own bitsandbytes load of the T5 in `src`, on the CPU."""
+    from transformers import T5EncoderModel
+
+    return T5EncoderModel.from_pretrained(str(_transformers_folder(Path(src))), dtype=dtype,
+                                          quantization_config=bnb(quant, dtype), device_map={"": "cpu"}).eval()
 
 
 def reference(path, quant, dtype, tok):
-    """transformers' own quantized load of the source (no cache): what every cached load must equal."""
-    return embeds(ct5.load_t5(path, quant, dtype), tok)
+    """The embeddings of transformers' own quantized load of the source: what every cached load must equal."""
+    return forward(transformers_load(path, quant, dtype), tok)
+
+
+def reference_state(path, quant, dtype) -> dict:
+    """The state dict of transformers' own quantized load of the source (before any forward: on CPUs with
+    AVX512-BF16, bitsandbytes repacks nf4 weights at the first forward)."""
+    return transformers_load(path, quant, dtype).state_dict()
 
 
 def state(model):
-    return t5_cache.tensors_of(model)
+    return model.state_dict()
 
 
 def assert_same_tensors(a: dict, b: dict):
@@ -68,10 +124,11 @@ def test_second_load_reads_the_cache_and_equals_transformers_quantized_load(tmp_
     # bitsandbytes' serialization round-trips: the cached model's quantized tensors are transformers' bytes
     # (before any forward: on CPUs with AVX512-BF16, bitsandbytes repacks nf4 weights at the first forward)
     cached = state(second.model)
-    assert_same_tensors(cached, state(ct5.load_t5(src, quant, dtype).model))
+    assert_same_tensors(cached, reference_state(src, quant, dtype))
     # the cache file is a plain safetensors file that safetensors' own reader reads as the model's state dict
     with safe_open(str(second.cache.entry / t5_cache.WEIGHTS), framework="pt") as f:
-        assert_same_tensors({k: f.get_tensor(k) for k in f.keys()}, cached)
+        assert_same_tensors({k: f.get_tensor(k) for k in f.keys()},
+                            {k: v for k, v in cached.items() if k != "encoder.embed_tokens.weight"})  # tied: shared
     expected = reference(src, quant, dtype, tok)
     assert torch.equal(embeds(first, tok), expected)
     assert torch.equal(embeds(second, tok), expected)
@@ -120,6 +177,38 @@ def test_touched_source_alone_invalidates(tmp_path):
     st = src.stat()
     os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
     _rebuilt(_load(src, cache), "files")
+
+
+def test_resized_source_with_its_old_mtime_is_rebuilt(tmp_path, tok):
+    """The source replaced by another T5 of another size whose mtime was kept (copied with its times, a restored
+    backup): its size alone tells, and the entry is rebuilt from the new file."""
+    src, cache = write_t5(tmp_path / "t5.safetensors", seed=0), tmp_path / "cache"
+    _load(src, cache)
+    st = src.stat()
+    save_file(tiny.t5_single_file_sd(tiny.make_t5(seed=1), torch.float32), str(src))
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert src.stat().st_size != st.st_size and src.stat().st_mtime_ns == st.st_mtime_ns
+    new = _load(src, cache)
+    _rebuilt(new, "differs in: files")
+    assert_same_tensors(state(new.model), reference_state(src, Q8, torch.float32))
+    assert torch.equal(embeds(new, tok), reference(src, Q8, torch.float32, tok))
+
+
+def test_same_file_at_another_path_is_not_read_from_the_first_ones_entry(tmp_path, tok):
+    """Two sources alike in name, size and mtime at different paths: an entry made for one, put where the other's
+    belongs, is rebuilt for the other (the resolved path is part of the key), never read."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, b = write_t5(tmp_path / "a" / "t5.safetensors", seed=0), write_t5(tmp_path / "b" / "t5.safetensors", seed=1)
+    os.utime(b, ns=(a.stat().st_atime_ns, a.stat().st_mtime_ns))
+    assert (b.stat().st_size, b.stat().st_mtime_ns) == (a.stat().st_size, a.stat().st_mtime_ns)
+    cache = tmp_path / "cache"
+    made = _load(a, cache).cache.entry
+    want = t5_cache.entry_dir(cache, b, Q8, torch.float32)
+    shutil.copytree(made, want, copy_function=shutil.copy2)
+    loaded = _load(b, cache)
+    _rebuilt(loaded, "differs in: source)")
+    assert torch.equal(embeds(loaded, tok), reference(b, Q8, torch.float32, tok))
 
 
 def test_truncated_cache_file_is_rebuilt(tmp_path, tok):
@@ -194,7 +283,7 @@ def test_foreign_entry_is_rebuilt_never_loaded(tmp_path, tok, foreign):
     loaded = _load(b, cache)
     _rebuilt(loaded, "another source or setting")
     assert loaded.cache.entry == want
-    assert_same_tensors(state(loaded.model), state(ct5.load_t5(b, Q8, torch.float32).model))
+    assert_same_tensors(state(loaded.model), reference_state(b, Q8, torch.float32))
     assert torch.equal(embeds(loaded, tok), reference(b, Q8, torch.float32, tok))
 
 
@@ -283,8 +372,9 @@ def test_per_tensor_quantization_gives_transformers_bytes(tmp_path, quant, dtype
         prefix = "text_encoders.t5xxl.transformer." if layout == "prefixed file" else ""
         save_file(tiny.t5_single_file_sd(model, prefix=prefix), str(src))
     tensors, config = t5_quantize.quantize_per_tensor(src, quant, dtype, CPU)
-    assert_same_tensors(tensors, state(ct5.load_t5(src, quant, dtype).model))
-    assert config.quantization_config.to_dict() == t5_spec.bnb_config(quant, dtype).to_dict()
+    ref = reference_state(src, quant, dtype)
+    assert_same_tensors(tensors, {k: v for k, v in ref.items() if k != "encoder.embed_tokens.weight"})  # tied: shared
+    assert config.quantization_config.to_dict() == bnb(quant, dtype).to_dict()
 
 
 def test_per_tensor_quantization_refuses_what_it_does_not_read(tmp_path):
@@ -337,7 +427,7 @@ def test_scaled_fp8_source_is_cached_like_the_others(tmp_path, tok, quant):
     assert first.cache.written
     again = _load(src, tmp_path / "cache", quant)
     assert again.cache.hit
-    assert_same_tensors(state(again.model), state(ct5.load_t5(src, quant, torch.float32).model))
+    assert_same_tensors(state(again.model), reference_state(src, quant, torch.float32))
     assert torch.equal(embeds(again, tok), reference(src, quant, torch.float32, tok))
 
 

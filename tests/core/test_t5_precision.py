@@ -73,7 +73,7 @@ def test_t5_stays_finite_and_faithful_in_every_mode(overflow_setup, storage, qua
 def test_int8_side_tensors_follow_the_module(tmp_path, tokenizer):
     import bitsandbytes as bnb
 
-    from pixart_core.quant import all_tensors, int8_copies, move_quantized_state
+    from pixart_core.quant import all_tensors, int8_copies
 
     path = tmp_path / "t5.safetensors"
     save_file(tiny.t5_single_file_sd(tiny.make_t5()), str(path))
@@ -89,7 +89,7 @@ def test_int8_side_tensors_follow_the_module(tmp_path, tokenizer):
     for m in layers:
         m.weight.CB = m.weight.CB.clone()
     assert int8_copies(loaded.model) == [2] * len(layers)
-    move_quantized_state(loaded.model, CPU)
+    loaded.model.to(CPU)  # each 8-bit layer points its int8 matrix at the moved weight again
     assert all(t.device == CPU for _, t in all_tensors(loaded.model))
     assert int8_copies(loaded.model) == [1] * len(layers)  # one int8 copy, not two
     after, _ = ct5.encode(loaded, tokenizer, "a red fox", 300, CPU)

@@ -183,3 +183,40 @@ def test_tile_callback_runs_after_every_tile(dit):
     layout = tiles.layout(8, 16, 8, 8, 2)
     _sample(tiles.TiledDiT(dit, layout, (8, 16), on_tile=lambda i, n: calls.append((i, n))), size=(64, 128), steps=2)
     assert calls == [(1, 3), (2, 3), (3, 3)] * 2
+
+
+# --- the default tile ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family,width,height", [(2048, 3840, 2160), (2048, 2160, 3840), (2048, 4096, 4096),
+                                                 (2048, 1536, 1024), (1024, 3840, 2160), (1024, 800, 3000),
+                                                 (512, 1920, 1088), (256, 640, 384)])
+def test_default_tile_is_diffusers_bin_for_the_canvas(family, width, height):
+    """tile_width/height 0: the bin diffusers' PixArtImageProcessor.classify_height_width_bin picks for the canvas
+    from the DiT family's ASPECT_RATIO_*_BIN (pipeline_pixart_alpha / pipeline_pixart_sigma), no larger than the
+    canvas (a canvas smaller than the bin is one tile along that side); every tile of the layout has that size."""
+    from diffusers.image_processor import PixArtImageProcessor
+    from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (ASPECT_RATIO_256_BIN, ASPECT_RATIO_512_BIN,
+                                                                        ASPECT_RATIO_1024_BIN)
+    from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import ASPECT_RATIO_2048_BIN
+
+    from pixart_core import hires
+
+    table = {256: ASPECT_RATIO_256_BIN, 512: ASPECT_RATIO_512_BIN, 1024: ASPECT_RATIO_1024_BIN,
+             2048: ASPECT_RATIO_2048_BIN}
+    bin_h, bin_w = PixArtImageProcessor.classify_height_width_bin(height, width, ratios=table[family])
+    want = (min(bin_w, width), min(bin_h, height))
+    layout, size = hires.tiling(width, height, family, 0, 0, 64)
+    assert size == want
+    assert {(t.h, t.w) for t in layout} == {(want[1] // 8, want[0] // 8)}
+
+
+def test_the_4k_guide_tile_counts():
+    """docs/4k.md: with the 2K DiT and the default overlap (256 px), 3840x2160 is refined in four 2688x1536 tiles and
+    4096x4096 in nine 2048x2048 tiles. By hand: 3840 px = 480 latent px in tiles of 336 overlapping >= 32:
+    ceil((480 - 32) / (336 - 32)) = 2 per row; 2160 -> 270 in 192: ceil(238 / 160) = 2; 4096 -> 512 in 256:
+    ceil(480 / 224) = 3 per side."""
+    from pixart_core import hires
+
+    for (width, height), (count, tile) in (((3840, 2160), (4, (2688, 1536))), ((4096, 4096), (9, (2048, 2048)))):
+        layout, size = hires.tiling(width, height, 2048, 0, 0, 256)
+        assert (len(layout), size) == (count, tile)

@@ -117,17 +117,18 @@ def test_patcher_counts_a_tied_embedding_once(comfy):
 
 
 def test_attention_memory_is_counted_whole_on_the_math_kernel(comfy, monkeypatch):
-    """SDPA's math kernel holds every head's score matrix: 2 (CFG) x 16 heads x 16384^2 tokens x 2 bytes
-    = 16 GiB at 2K in bf16, which a 4x-MLP cap hid. Which kernel runs follows the GPU and dtype."""
+    """SDPA's math kernel holds every head's score matrix and its softmax, in fp32 (torch upcasts bf16):
+    2 x 2 (CFG) x 16 heads x 16384^2 tokens x 4 bytes = 64 GiB at 2K, which a 4x-MLP cap hid. Which kernel runs
+    follows the GPU and dtype."""
     from pixart_core import dit_memory
 
     devices = pack("nodes.comfy.devices")
     math = dit_memory.inference_memory(1, 2048, 2048, 1152, torch.bfloat16, True, fused_attention=False)
     fused = dit_memory.inference_memory(1, 2048, 2048, 1152, torch.bfloat16, True, fused_attention=True)
-    scores = 2 * 16 * 16384 ** 2 * 2
+    scores = 2 * 2 * 16 * 16384 ** 2 * 4
     mlp = 2 * 16384 * 1152 * 12 * 2
-    assert math == scores + mlp + (64 << 20)
-    assert fused == mlp + 4 * mlp + (64 << 20)
+    assert math >= scores + (64 << 20)
+    assert fused == mlp + (64 << 20)  # a fused kernel's O(tokens) memory stays within the MLP's
     capability = {"major": 7}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (capability["major"], 5))
     cuda = torch.device("cuda", 0)

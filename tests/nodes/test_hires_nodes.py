@@ -1,13 +1,20 @@
-"""The hires nodes in ComfyUI's executor: Hires Upscale to diffusers' 2K bins and through the VAE (against diffusers'
-VAE and torch's resize), Tiled Refine's progress and cancel per tile, the memory it asks ComfyUI for, and its
-errors."""
+"""The hires nodes in ComfyUI's executor: Hires Upscale to diffusers' 2K bins, through the VAE (against diffusers'
+VAE and torch's resize) and in latent space for each upscale mode (against ComfyUI's and torch's resize); Tiled
+Refine's progress and cancel per tile, the memory it asks ComfyUI for, its errors, and its numbers: one tile is the
+Sampler's img2img on the VAE-scaled latent, two tiles blend as MultiDiffusion written out, each tile's
+micro-conditioning, the default tile against diffusers' bins."""
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 
+import reference_settings as reference
 from harness import models as tiny
+from harness.comfyui import dit_handle
 from harness.graphs import graph
+from pixart_core import sampling
 
 
 @pytest.mark.parametrize("w,h", [(1024, 1024), (1344, 768), (768, 1344), (1216, 832)])
@@ -151,3 +158,132 @@ def test_tiled_refine_refuses_a_half_set_tile_and_too_much_overlap(executor):
     assert not result["ok"] and "overlap 64 px must be a multiple of 8 and smaller than the tile (64x64)" in \
         result["error"]["exception_message"]
     assert executor.run(tiled_graph(canvas=64, overlap=256, steps=2))["ok"]  # one tile: the overlap does not matter
+
+
+# ------------------------------------------------------------------------------------ Tiled Refine's numbers
+
+def _refine(comfy, handle, conds, latent, **settings):
+    """PixArt-Σ Tiled Refine's LATENT samples (the node run directly, in this process)."""
+    pos, neg = conds
+    inputs = {**dict(seed=5, steps=10, cfg=4.5, scheduler="dpm++ 2m", denoise=0.35, tile_width=0, tile_height=0,
+                     overlap=0), **settings}
+    node = comfy.NODE_CLASS_MAPPINGS["PixArtSigmaTiledRefine"]
+    return node.execute(dit=handle, positive=pos, negative=neg, latent=latent, **inputs).result[0]["samples"]
+
+
+@pytest.mark.parametrize("variant,vae", [("sigma-1024", "sdxl"), ("alpha-512", "sd")])
+def test_tiled_refine_in_one_tile_is_img2img_on_the_vae_scaled_latent(comfy, conds, variant, vae):
+    """One tile covering the canvas: Tiled Refine is the plain Sampler's img2img with the same seed and denoise,
+    bit for bit, and both are our sampling of the LATENT times the VAE's scaling factor, as diffusers' pipelines scale
+    a VAE latent (the released values: 0.13025 for the SDXL VAE of Σ, 0.18215 for the SD VAE of α;
+    reference_settings), divided by it again: bit for bit too."""
+    pos, neg = conds
+    dit = tiny.make_dit(variant=variant, seed=3)
+    handle = dit_handle(copy.deepcopy(dit), variant)
+    latent = {"samples": torch.randn(1, 4, 8, 12, generator=torch.Generator().manual_seed(8))}
+    tiled = _refine(comfy, handle, conds, latent, tile_width=96, tile_height=64)
+    sampler = comfy.NODE_CLASS_MAPPINGS["PixArtSigmaSampler"]
+    plain = sampler.execute(dit=handle, positive=pos, negative=neg, seed=5, steps=10, cfg=4.5, scheduler="dpm++ 2m",
+                            width=96, height=64, batch_size=1, latent=latent, denoise=0.35).result[0]["samples"]
+    assert torch.equal(tiled, plain)
+    scale = reference.VAE_SCALING[vae]
+    noise, gen = sampling.initial_noise(5, 1, 4, 64, 96)
+    want = sampling.sample(dit, pos, neg, noise, generator=gen, steps=10, cfg=4.5, scheduler="dpmpp_2m",
+                           init_latents=latent["samples"] * scale, denoise=0.35) / scale
+    assert torch.equal(tiled, want)
+
+
+def test_tiled_refine_blends_two_tiles_with_linear_ramps(comfy, conds):
+    """MultiDiffusion over two tiles written out: a 96x64 canvas (12x8 latent) in 64x64 tiles overlapping by 32 px
+    lies at latent columns 0-7 and 4-11; over the 4 shared columns the left tile's weight falls (p + 0.5) / 4 from
+    the right (0.875, 0.625, 0.375, 0.125) and the right tile's rises. One step (dpm++ 2m, 4 steps, denoise 0.25:
+    the step at timestep 250, to sigma 0; cfg 1: one DiT pass per tile), so the output is diffusers' step from the
+    noised latent with the blended epsilon: at column 1 the left tile's alone, at column 5 0.625 x left (its column
+    5) + 0.375 x right (its column 1), at column 10 the right tile's alone (its column 6). The tiles' predictions
+    are read off the DiT with a forward hook."""
+    dit = tiny.make_dit(seed=3)
+    handle = dit_handle(copy.deepcopy(dit), "sigma-1024")
+    inner = handle.patcher.model.inner
+    seen = []
+    hook = inner.register_forward_hook(lambda m, args, out: seen.append(out[0][:, :4].detach().clone()))
+    latent = {"samples": torch.randn(1, 4, 8, 12, generator=torch.Generator().manual_seed(8))}
+    try:
+        got = _refine(comfy, handle, conds, latent, steps=4, cfg=1.0, denoise=0.25, tile_width=64, tile_height=64,
+                      overlap=32)
+    finally:
+        hook.remove()
+    left, right = seen  # [1, 4, 8, 8] each
+    eps = torch.stack([left[..., 1], 0.625 * left[..., 5] + 0.375 * right[..., 1], right[..., 6]], dim=-1)
+    scale = reference.VAE_SCALING["sdxl"]
+    sch = reference.scheduler("dpmpp_2m")
+    sch.set_timesteps(4)
+    t = sch.timesteps[3]
+    assert int(t) == 250
+    noise, _ = sampling.initial_noise(5, 1, 4, 64, 96)
+    columns = [1, 5, 10]
+    noisy = sch.add_noise(latent["samples"] * scale, noise, t.reshape(1))
+    want = sch.step(eps, t, noisy[..., columns]).prev_sample / scale
+    assert torch.allclose(got[..., columns], want, rtol=1e-5, atol=1e-6)
+
+
+def test_tiled_refine_gives_each_tile_its_size_as_micro_conditioning(comfy, conds):
+    """PixArt-α 1024-MS reads the image's size and aspect ratio (diffusers' PixArtAlphaPipeline passes [height,
+    width] and height / width): in Tiled Refine each DiT call is one tile, 80 px wide and 64 px high here (a 128x64
+    canvas, tile_width 80, tile_height 64), so resolution [64, 80] and aspect ratio 0.8, for every row of the CFG
+    batch; never the canvas's [64, 128]."""
+    handle = dit_handle(copy.deepcopy(tiny.make_dit(variant="alpha-1024")), "alpha-1024")
+    inner = handle.patcher.model.inner
+    assert inner.use_additional_conditions
+    seen = []
+
+    def record(module, args, kwargs):
+        added = kwargs["added_cond_kwargs"]
+        seen.append((tuple(args[0].shape[-2:]), added["resolution"].clone(), added["aspect_ratio"].clone()))
+
+    hook = inner.register_forward_pre_hook(record, with_kwargs=True)
+    latent = {"samples": torch.randn(1, 4, 8, 16, generator=torch.Generator().manual_seed(8))}
+    try:
+        _refine(comfy, handle, conds, latent, steps=4, denoise=0.5, tile_width=80, tile_height=64, overlap=32)
+    finally:
+        hook.remove()
+    assert len(seen) == 2 * 2  # two tiles (latent columns 0-9 and 6-15) x two steps
+    resolution, aspect_ratio = torch.tensor([[64.0, 80.0]] * 2), torch.tensor([[64 / 80]] * 2)  # float32, as diffusers
+    assert all(shape == (8, 10) and torch.equal(res, resolution) and torch.equal(ar, aspect_ratio)
+               for shape, res, ar in seen)
+
+
+def test_tiled_refine_default_tile_is_the_dits_bin(comfy, conds):
+    """tile_width/height 0 with a Σ-256 DiT on a 640x384 canvas: the tiles are the 256 bin diffusers'
+    classify_height_width_bin picks for 384/640 from ASPECT_RATIO_256_BIN; the DiT sees that size on every call."""
+    from diffusers.image_processor import PixArtImageProcessor
+    from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import ASPECT_RATIO_256_BIN
+
+    handle = dit_handle(copy.deepcopy(tiny.make_dit(variant="sigma-256")), "sigma-256")
+    shapes = set()
+    hook = handle.patcher.model.inner.register_forward_pre_hook(lambda m, args: shapes.add(tuple(args[0].shape[-2:])))
+    latent = {"samples": torch.randn(1, 4, 48, 80, generator=torch.Generator().manual_seed(8))}
+    try:
+        _refine(comfy, handle, conds, latent, steps=4, denoise=0.25, overlap=64)
+    finally:
+        hook.remove()
+    h, w = PixArtImageProcessor.classify_height_width_bin(384, 640, ratios=ASPECT_RATIO_256_BIN)
+    assert shapes == {(h // 8, w // 8)}
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest-exact", "area", "bicubic"])
+def test_hires_upscale_latent_modes_as_torch_and_comfyui(comfy, mode):
+    """Hires Upscale's latent method for each upscale mode: to a size of the same aspect ratio it is ComfyUI's own
+    latent upscale (comfy.utils.common_upscale, no crop); to another aspect ratio torch's interpolate to the covering
+    size, centre-cropped, written out here (8x6 latent to 16x16: scale 16/6, covering 21x16, rows 2-17)."""
+    from comfy.utils import common_upscale
+
+    node = comfy.NODE_CLASS_MAPPINGS["PixArtSigmaHiresUpscale"]
+    z = torch.randn(1, 4, 8, 6, generator=torch.Generator().manual_seed(3))
+
+    def upscale(width, height):
+        return node.execute(samples={"samples": z}, family="2048", method="latent", upscale_mode=mode, width=width,
+                            height=height).result[0]["samples"]
+
+    assert torch.equal(upscale(96, 128), common_upscale(z, 12, 16, mode, "disabled"))
+    want = torch.nn.functional.interpolate(z, size=(21, 16), mode=mode)[..., 2:18, :]
+    assert torch.equal(upscale(128, 128), want)

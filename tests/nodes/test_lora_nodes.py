@@ -9,7 +9,9 @@ model, and diffusers' / transformers' forwards of the hand-merged weights.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -19,7 +21,8 @@ from safetensors.torch import save_file
 from harness import models as tiny
 from harness.graphs import DIT_FILE, graph
 from harness.graphs import saved_images as _saved_images
-from harness.lora_files import FORMATS, kohya_diffusers, kohya_original, merge, peft_folder, write_lora
+from harness.lora_files import (FORMATS, kohya_diffusers, kohya_lora, kohya_original, merge, peft_adapter, peft_folder,
+                                peft_deltas, peft_patterns, shapes_of, write_lora)
 from harness.lora_files import t5_lora as _t5_lora
 from pixart_core import t5 as ct5
 
@@ -120,6 +123,200 @@ def test_lora_format_equals_hand_merged_model(comfy, comfy_base, tiny_models, fm
         assert torch.equal(v, base_w[k]), k
 
 
+def test_full_diffs_on_fused_and_plain_layers_equal_the_hand_merge(comfy, comfy_base, tiny_models):
+    """`diff` / `diff_b` (a full weight / bias difference, as ComfyUI reads them: W + s·diff) on the original
+    layout's fused qkv and kv (rows in q, k, v order, DESIGN.md §3: a full difference splits by rows exactly), on
+    a plain layer, and a bias difference alone; merged by hand here."""
+    base_w = {k: v.clone() for k, v in tiny_models["dit"].state_dict().items()}
+    g = torch.Generator().manual_seed(7)
+    rnd = lambda *shape: torch.randn(*shape, generator=g) * 0.05  # noqa: E731
+    qkv, qkv_b, kv, kv_b = rnd(3 * 144, 144), rnd(3 * 144), rnd(2 * 144, 144), rnd(2 * 144)
+    out_w, out_b, ff_b = rnd(32, 144), rnd(32), rnd(144)
+    sd = {"diffusion_model.blocks.0.attn.qkv.diff": qkv, "diffusion_model.blocks.0.attn.qkv.diff_b": qkv_b,
+          "lora_unet_blocks_1_cross_attn_kv_linear.diff": kv, "lora_unet_blocks_1_cross_attn_kv_linear.diff_b": kv_b,
+          "lora_unet_proj_out.diff": out_w, "lora_unet_proj_out.diff_b": out_b,
+          "transformer.transformer_blocks.1.ff.net.2.diff_b": ff_b}
+    deltas = {"proj_out.weight": out_w, "proj_out.bias": out_b, "transformer_blocks.1.ff.net.2.bias": ff_b}
+    for i, c in enumerate("qkv"):
+        deltas[f"transformer_blocks.0.attn1.to_{c}.weight"] = qkv[144 * i:144 * (i + 1)]
+        deltas[f"transformer_blocks.0.attn1.to_{c}.bias"] = qkv_b[144 * i:144 * (i + 1)]
+    for i, c in enumerate("kv"):
+        deltas[f"transformer_blocks.1.attn2.to_{c}.weight"] = kv[144 * i:144 * (i + 1)]
+        deltas[f"transformer_blocks.1.attn2.to_{c}.bias"] = kv_b[144 * i:144 * (i + 1)]
+    out, _ = apply(comfy, load_dit(comfy), write_lora(comfy_base, "lora_full_diffs", sd))
+    got, want = loaded_weights(out), merge(base_w, (STRENGTH, deltas))
+    assert {k[len("inner."):] for k in out.patcher.patches} == set(deltas)
+    for k in base_w:
+        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0, msg=k)
+
+
+EPS = torch.finfo(torch.float32).eps
+
+
+def comfy_dora(w: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor, strength: float) -> torch.Tensor:
+    """DoRA as ComfyUI 0.3.75 merges it (comfy/weight_adapter/base.py, weight_decompose): W + Δ times
+    dora_scale / norm, where the norm is that of each output row of the BASE weight W when dora_scale has one
+    value per output row (LyCORIS and PEFT take the rows of W + Δ there), else that of each input column of W + Δ
+    (as LyCORIS); strength s blends: W + s·(that − W)."""
+    full = w + delta
+    if scale.shape[0] == w.shape[0]:
+        norm = w.flatten(1).norm(dim=1).reshape(-1, *[1] * (w.dim() - 1))
+    else:
+        norm = full.norm(dim=0, keepdim=True)  # a linear layer's [1, in] scale
+    return w + strength * (full * scale / (norm + EPS) - w)
+
+
+def test_lycoris_dora_merges_as_comfyui_decomposes(comfy, comfy_base, tiny_models):
+    """A kohya/LyCORIS DoRA (lora_down / lora_up / alpha + dora_scale): a scale per output row ([out, 1], on a
+    linear layer and on the patch-embedding conv) and per input column ([1, in]); the weights are ComfyUI's
+    decomposition written out above, at strength 0.7."""
+    base_w = {k: v.clone() for k, v in tiny_models["dit"].state_dict().items()}
+    axes = {"transformer_blocks.0.attn1.to_q": "out", "pos_embed.proj": "out", "transformer_blocks.1.ff.net.2": "in"}
+    sd = kohya_lora(shapes_of(tiny_models["dit"]), list(axes), rank=4, alpha=2.0, seed=3, scale=0.1)
+    g = torch.Generator().manual_seed(4)
+    want = dict(base_w)
+    for m, axis in axes.items():
+        k, w = "lora_unet_" + m.replace(".", "_"), base_w[m + ".weight"]
+        delta = (2.0 / 4 * sd[k + ".lora_up.weight"] @ sd[k + ".lora_down.weight"]).reshape(w.shape)
+        norms = w.flatten(1).norm(dim=1).reshape(-1, *[1] * (w.dim() - 1)) if axis == "out" else \
+            (w + delta).norm(dim=0, keepdim=True)
+        sd[k + ".dora_scale"] = norms * (1 + 0.2 * torch.randn(norms.shape, generator=g))
+        want[m + ".weight"] = comfy_dora(w, delta, sd[k + ".dora_scale"], STRENGTH)
+    out, _ = apply(comfy, load_dit(comfy), write_lora(comfy_base, "lora_lycoris_dora", sd))
+    got = loaded_weights(out)
+    assert len(out.patcher.patches) == 3
+    for k in base_w:
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=0, msg=k)
+
+
+def test_peft_dora_is_comfyui_dora_with_its_magnitude(comfy, comfy_base, tiny_models):
+    """PEFT's DoRA (use_dora: lora_A / lora_B and lora_magnitude_vector, one value per output row or channel) on
+    linear layers and the patch-embedding conv: the weights are ComfyUI's decomposition (comfy_dora) with PEFT's
+    magnitude as dora_scale and PEFT's own change Δ (get_delta_weight). PEFT's merge divides by the row norms of
+    W + Δ where ComfyUI divides by those of W: the two differ by exactly that ratio, checked against PEFT's
+    merge_and_unload()."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "proj"], use_dora=True, init_lora_weights=False)
+    sd, config, model = peft_adapter(tiny_models["dit"], config)
+    deltas = peft_deltas(model)
+    magnitudes = {n[len("base_model.model."):] + ".weight": m.lora_magnitude_vector["default"].weight.detach().clone()
+                  for n, m in model.named_modules() if "default" in getattr(m, "lora_magnitude_vector", {})}
+    assert len(magnitudes) == 7 and "pos_embed.proj.weight" in magnitudes
+    name = write_lora(comfy_base, "lora_peft_dora", sd, {"adapter_config.json": json.dumps(config.to_dict(), default=list)})
+    out, _ = apply(comfy, load_dit(comfy), name, strength=1.0)
+    got, peft_merged = loaded_weights(out), model.merge_and_unload().state_dict()
+    for k, w in tiny_models["dit"].state_dict().items():
+        if k not in magnitudes:
+            assert torch.equal(got[k], w), k
+            continue
+        scale = magnitudes[k].reshape(w.shape[0], *[1] * (w.dim() - 1))
+        torch.testing.assert_close(got[k], comfy_dora(w, deltas[k], scale, 1.0), atol=1e-5, rtol=0, msg=k)
+        rows = lambda t: t.flatten(1).norm(dim=1).reshape(scale.shape)  # noqa: E731
+        torch.testing.assert_close(got[k] * rows(w) / rows(w + deltas[k]), peft_merged[k], atol=1e-5, rtol=0, msg=k)
+        assert (got[k] - peft_merged[k]).abs().max() > 1e-3, k
+
+
+@pytest.mark.parametrize("tucker", [False, True], ids=["locon", "locon_tucker"])
+def test_locon_on_the_patch_embedding_conv_equals_its_chained_convolutions(comfy, comfy_base, tiny_models, tucker):
+    """LyCORIS LoCon on the DiT's one convolution (pos_embed.proj: a [144, 4, 2, 2] kernel, stride 2): 4-D
+    lora_down / lora_up, and with Tucker's lora_mid (down 1x1, mid 2x2, up 1x1). Its change is the kernel of the
+    convolutions it chains (LyCORIS's forward: up(mid(down(x)))), written out with einsum here and checked
+    against those convolutions run by torch."""
+    import torch.nn.functional as F
+
+    base_w = {k: v.clone() for k, v in tiny_models["dit"].state_dict().items()}
+    g = torch.Generator().manual_seed(5)
+    rnd = lambda *shape: torch.randn(*shape, generator=g) * 0.2  # noqa: E731
+    r, alpha = 3, 1.5
+    up = rnd(144, r, 1, 1)
+    if tucker:
+        down, mid = rnd(r, 4, 1, 1), rnd(r, r, 2, 2)
+        kernel = torch.einsum("oa,abkl,bc->ockl", up[:, :, 0, 0], mid, down[:, :, 0, 0])
+        chain = lambda x: F.conv2d(F.conv2d(F.conv2d(x, down), mid, stride=2), up)  # noqa: E731
+    else:
+        down, mid = rnd(r, 4, 2, 2), None
+        kernel = torch.einsum("oa,ackl->ockl", up[:, :, 0, 0], down)
+        chain = lambda x: F.conv2d(F.conv2d(x, down, stride=2), up)  # noqa: E731
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    torch.testing.assert_close(chain(x), F.conv2d(x, kernel, stride=2), atol=1e-5, rtol=0)
+    sd = {"lora_unet_pos_embed_proj.lora_down.weight": down, "lora_unet_pos_embed_proj.lora_up.weight": up,
+          "lora_unet_pos_embed_proj.alpha": torch.tensor(alpha)}
+    if tucker:
+        sd["lora_unet_pos_embed_proj.lora_mid.weight"] = mid
+    out, _ = apply(comfy, load_dit(comfy), write_lora(comfy_base, f"lora_locon_{tucker}", sd))
+    got = loaded_weights(out)
+    want = merge(base_w, (STRENGTH, {"pos_embed.proj.weight": alpha / r * kernel}))
+    for k in base_w:
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=0, msg=k)
+
+
+def lycoris_oft(w: torch.Tensor, blocks: torch.Tensor, constraint: float) -> torch.Tensor:
+    """Diagonal OFT as LyCORIS defines it (lycoris/modules/diag_oft.py) and ComfyUI reads it
+    (comfy/weight_adapter/oft.py): per block, Q = B − Bᵀ (all blocks scaled to norm `constraint` where theirs is
+    larger), the Cayley rotation R = (I + Q)(I − Q)⁻¹, and each block of output rows W_k becomes R_kᵀ·W_k."""
+    q = blocks - blocks.transpose(1, 2)
+    if constraint > 0 and q.norm() + 1e-8 > constraint:
+        q = q * constraint / (q.norm() + 1e-8)
+    eye = torch.eye(blocks.shape[1])
+    r = (eye + q) @ torch.linalg.inv(eye - q)
+    n = blocks.shape[1]
+    return torch.cat([r[i].T @ w[i * n:(i + 1) * n] for i in range(blocks.shape[0])])
+
+
+@pytest.mark.parametrize("strength", [1.0, STRENGTH])
+def test_lycoris_oft_rotates_output_blocks(comfy, comfy_base, tiny_models, strength, caplog):
+    """LyCORIS OFT (oft_blocks + alpha, its norm constraint): on a square layer without constraint and on
+    ff.net.0.proj with one, the weights are the rotated blocks (lycoris_oft above). At strength s ComfyUI 0.3.75
+    changes the weight by s² times the change at strength 1 (its OFTAdapter multiplies by strength twice:
+    (R·s − s·I)·W, then s· that). On the fused qkv it is not applied (a rotation of a fused layer's blocks under one
+    norm constraint does not split into its parts) and is listed."""
+    base_w = {k: v.clone() for k, v in tiny_models["dit"].state_dict().items()}
+    g = torch.Generator().manual_seed(6)
+    layers = {"transformer_blocks.0.attn1.to_out.0": (18, 0.0), "transformer_blocks.1.ff.net.0.proj": (72, 0.5)}
+    sd, want = {}, dict(base_w)
+    for m, (count, constraint) in layers.items():
+        k = "lycoris_" + m.replace(".", "_")
+        sd[k + ".oft_blocks"] = torch.randn(count, 8, 8, generator=g) * 0.05
+        sd[k + ".alpha"] = torch.tensor(constraint)
+        w = base_w[m + ".weight"]
+        want[m + ".weight"] = w + strength ** 2 * (lycoris_oft(w, sd[k + ".oft_blocks"], constraint) - w)
+    sd["lycoris_blocks_0_attn_qkv.oft_blocks"] = torch.randn(54, 8, 8, generator=g) * 0.05
+    with caplog.at_level(logging.WARNING):
+        out, _ = apply(comfy, load_dit(comfy), write_lora(comfy_base, "lora_lycoris_oft", sd), strength=strength)
+    assert "lycoris_blocks_0_attn_qkv.oft_blocks: .oft_blocks on a fused layer cannot be split" in caplog.text
+    got = loaded_weights(out)
+    assert len(out.patcher.patches) == 2
+    for k in base_w:
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=0, msg=k)
+
+
+def _peft_config(kind: str):
+    """PEFT adapter configs whose scaling (alpha / r) is not 1, with an alpha_pattern: LoHa (its conv in CP form,
+    use_effective_conv2d), LoKr with its second factor low-rank (r 4) and whole (r 8: no rank in the file)."""
+    from peft import LoHaConfig, LoKrConfig
+
+    targets = ["to_q", "to_v", "to_out.0", "proj"]
+    if kind == "loha":
+        return LoHaConfig(r=4, alpha=2, alpha_pattern={"to_v": 12}, target_modules=targets, init_weights=False,
+                          use_effective_conv2d=True)
+    return LoKrConfig(r=4 if kind == "lokr" else 8, alpha=2, alpha_pattern={"to_v": 12}, target_modules=targets,
+                      init_weights=False)
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr", "lokr_whole_factors"])
+def test_peft_loha_and_lokr_merge_as_peft_merges(comfy, comfy_base, tiny_models, kind):
+    """PEFT's LoHa and LoKr (save_pretrained: the tensors, and alpha only in adapter_config.json): the weights
+    ComfyUI runs are PEFT's own merge_and_unload()."""
+    sd, config, model = peft_adapter(tiny_models["dit"], _peft_config(kind))
+    name = write_lora(comfy_base, f"lora_peft_{kind}", sd, {"adapter_config.json": json.dumps(config.to_dict(), default=list)})
+    out, _ = apply(comfy, load_dit(comfy), name, strength=1.0)
+    got, want = loaded_weights(out), model.merge_and_unload().state_dict()
+    assert len(out.patcher.patches) == 15
+    for k in tiny_models["dit"].state_dict():
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=0, msg=k)
+
+
 def test_partially_loaded_lora_dit_streams_patched_weights(comfy, comfy_base, tiny_models):
     """ComfyUI's partial (lowvram) load of a LoRA'd DiT: the layers that do not fit keep their original weights and
     get the LoRA applied on the fly at each forward (ComfyUI's LowVramPatch on our cast-weights layers); the output
@@ -169,6 +366,28 @@ def test_two_stacked_loras_add_up(comfy, comfy_base, tiny_models):
     assert len(first.patcher.patches) < len(both.patcher.patches) and not dit.patcher.patches
 
 
+@pytest.mark.filterwarnings("ignore:The following (alpha|rank)_pattern keys did not match")  # by design
+@pytest.mark.parametrize("writer", ["peft_folder", "diffusers_metadata"])
+def test_alpha_and_rank_patterns_merge_as_peft_merges(comfy, comfy_base, tiny_models, writer):
+    """A PEFT LoRA whose alpha_pattern / rank_pattern PEFT matches otherwise than a substring search would
+    (harness.lora_files.ALPHA_PATTERN), saved by PEFT (adapter_config.json) and by diffusers' writer (metadata
+    header, rsLoRA): the weights ComfyUI runs are PEFT's own merge_and_unload()."""
+    rslora = writer == "diffusers_metadata"
+    sd, config, model = peft_patterns(tiny_models["dit"], rslora)
+    if rslora:
+        sd = {"transformer." + k[len("base_model.model."):]: v for k, v in sd.items()}
+        extra = {"metadata": {f"transformer.{k}": v for k, v in config.to_dict().items()}}
+    else:
+        extra = {"adapter_config.json": json.dumps(config.to_dict(), default=list)}
+    name = write_lora(comfy_base, f"lora_patterns_{writer}", sd, extra)
+    out, _ = apply(comfy, load_dit(comfy), name, strength=1.0)
+    got, want = loaded_weights(out), model.merge_and_unload().state_dict()
+    assert len(out.patcher.patches) == 27
+    for k, v in tiny_models["dit"].state_dict().items():
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=0, msg=k)
+        assert ("inner." + k in out.patcher.patches) == (not torch.equal(want[k], v)), k  # PEFT changed these
+
+
 def _encode(comfy, t5, text="a red fox in the snow"):
     return _node(comfy, "PixArtSigmaTextEncode").execute(t5=t5, positive=text, negative="", max_tokens=300).result[0]
 
@@ -200,6 +419,45 @@ def test_t5_part_equals_hand_merged_t5_and_gets_its_own_embeddings(comfy, comfy_
     assert (cond.embeds - base_cond.embeds).abs().max() > 1e-3
     assert torch.equal(_encode(comfy, t5).embeds, base_cond.embeds)  # the base T5 is unchanged
     assert set(dit_deltas) <= {k[len("inner."):] for k in dit.patcher.patches}
+
+
+def _merged_t5_embeds(base: dict, deltas: dict, strength: float, tokenizer, text="a red fox in the snow"):
+    """transformers' T5 with W + strength·delta merged by hand: the embeddings of `text`."""
+    merged = tiny.make_t5()
+    merged.load_state_dict({k: v + strength * deltas[k] if k in deltas else v for k, v in base.items()})
+    with torch.no_grad():
+        return merged(**tokenizer([ct5.preprocess(text)], return_tensors="pt")).last_hidden_state
+
+
+def test_each_t5_strength_and_lora_file_gets_its_own_embeddings(comfy, comfy_base, tiny_models, tokenizer):
+    """Text Encode's embedding cache is keyed by the T5's identity. A LoRA'd T5 at each t5_strength, encoded one
+    after the other (the earlier ones cached), gets the embeddings of transformers' T5 with the LoRA merged by hand
+    at that strength; strength 0 is the base T5 (its identity, its cached embeddings); a LoRA file replaced under
+    the same name (same size, later mtime) gets the new file's embeddings, not the old file's cached ones."""
+    t5_sd, deltas = _t5_lora(tiny_models["t5"])
+    name = write_lora(comfy_base, "lora_t5_strengths", t5_sd)
+    t5 = _node(comfy, "PixArtSigmaT5Loader").execute(t5_name=T5_FILE, quantization="none", dtype="fp32").result[0]
+    base = {k: v.half().float() for k, v in tiny_models["t5"].state_dict().items()}  # the file is fp16
+    base_embeds = _encode(comfy, t5).embeds
+    seen = []
+    for strength in (0.5, 1.0, -0.5, 0.5):
+        lora_t5 = apply(comfy, load_dit(comfy), name, t5=t5, t5_strength=strength)[1]
+        got = _encode(comfy, lora_t5).embeds
+        assert (got - _merged_t5_embeds(base, deltas, strength, tokenizer)).abs().max() <= 1e-5, strength
+        assert (got - base_embeds).abs().max() > 1e-3
+        seen.append(lora_t5.identity)
+    assert len(set(seen)) == 3 and seen[0] == seen[3]
+    same = apply(comfy, load_dit(comfy), name, t5=t5, t5_strength=0.0)[1]
+    assert same.identity == t5.identity and torch.equal(_encode(comfy, same).embeds, base_embeds)
+
+    path = comfy_base / "models" / "loras" / name
+    size, mtime = path.stat().st_size, path.stat().st_mtime_ns
+    flipped = {k: -v if ".lora_up." in k or ".lora_B." in k else v for k, v in t5_sd.items()}  # delta -> -delta
+    save_file(flipped, str(path))
+    os.utime(path, ns=(mtime + 10**9, mtime + 10**9))
+    assert path.stat().st_size == size
+    got = _encode(comfy, apply(comfy, load_dit(comfy), name, t5=t5, t5_strength=0.5)[1]).embeds
+    assert (got - _merged_t5_embeds(base, deltas, -0.5, tokenizer)).abs().max() <= 1e-5
 
 
 def test_quantized_t5_warns_and_the_dit_part_still_applies(comfy, comfy_base, tiny_models, caplog):
