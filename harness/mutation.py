@@ -32,6 +32,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from . import location, mutation_lines
 
@@ -106,6 +107,7 @@ def _fresh_state() -> None:
 
 
 _use_file_module_names()
+_MATH_SDP_REDUCTION = torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()  # before ComfyUI
 
 
 @pytest.hookimpl(tryfirst=True)  # before the tmp_path plugin reads --basetemp
@@ -137,14 +139,25 @@ def pytest_collection_modifyitems(config, items) -> None:
         items[:] = keep
 
 
+def _torch_flags(item) -> None:
+    """torch's global switches as the test's own tier sets them: importing ComfyUI lets SDPA's math kernel reduce in
+    fp16/bf16 (comfy.model_management, torch >= 2.5), which a core test run after a node test must not inherit (it
+    changes what tests/core/test_dit_memory.py measures)."""
+    mm = sys.modules.get("comfy.model_management")
+    comfy = mm is not None and "tests/nodes/" in item.nodeid and getattr(mm, "torch_version_numeric", (0,)) >= (2, 5)
+    torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True if comfy else _MATH_SDP_REDUCTION)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item) -> None:
     """Each test starts from the state a fresh process gives it: mutmut runs a mutant's tests in its own order (the
-    fastest first), so a test must not find what the test before it left (a T5 still loaded, a cached embedding)."""
+    fastest first), so a test must not find what the test before it left (a T5 still loaded, a cached embedding,
+    ComfyUI's torch switches)."""
     recorder = item.config.stash.get(_RECORDER, None)
     if recorder is not None:
         recorder.test(item.nodeid)
     _fresh_state()
+    _torch_flags(item)
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -131,11 +131,10 @@ def module_name(rel: str) -> str:
 
 
 def last_run(rel: str, log: list[dict]) -> dict | None:
-    """The last logged invocation that named this module's mutants (or ran everything)."""
+    """The last logged invocation that named some of this module's mutants (or ran everything)."""
     mod = module_name(rel)
     for run in reversed(log):
-        if not run["names"] or any(fnmatch.fnmatchcase(f"{mod}.x_f__mutmut_1", n) or
-                                   fnmatch.fnmatchcase(f"{mod}.xǁCǁf__mutmut_1", n) for n in run["names"]):
+        if not run["names"] or any(n.startswith(mod + ".") for n in run["names"]):
             return run
     return None
 
@@ -145,20 +144,33 @@ def seconds(t0: str, t1: str) -> float:
     return (datetime.strptime(t1, f) - datetime.strptime(t0, f)).total_seconds()
 
 
-def table(results: dict[str, dict], log: list[dict]) -> list[str]:
-    rows = ["| module | mutants | " + " | ".join(COLUMNS) + " | other | killed % (raw) | mutant time (s) | last run |",
-            "|---|---|" + "---|" * len(COLUMNS) + "---|---|---|---|"]
+def table(results: dict[str, dict], log: list[dict], rules: list[dict]) -> list[str]:
+    """One row per module that has run: its counts, the survivors the classification explains, the raw kill rate."""
+    rows = ["| module | mutants | " + " | ".join(COLUMNS) + " | other | survivors classified | killed % (raw) | "
+            "mutant time (s) | last run (UTC, commit) |",
+            "|---|---|" + "---|" * len(COLUMNS) + "---|---|---|---|---|"]
+    found = survivors(results, rules)
     for rel, meta in results.items():
         c = Counter(status(v) for v in meta["exit_code_by_key"].values())
-        other = sum(c.values()) - sum(c[k] for k in COLUMNS)
         decided = c["killed"] + c["timeout"] + c["survived"] + c["no tests"]
-        rate = f"{100 * (c['killed'] + c['timeout']) / decided:.1f}%" if decided else "-"
+        if not decided:
+            continue
+        other = sum(c.values()) - sum(c[k] for k in COLUMNS)
+        rate = f"{100 * (c['killed'] + c['timeout']) / decided:.1f}%"
+        classified = sum(1 for _, kind, *_ in found.get(rel, []) if kind != "unclassified")
         spent = sum(v for v in meta.get("durations_by_key", {}).values() if v)
-        run = last_run(rel, log) if decided else None
+        run = last_run(rel, log)
         when = f"{run['end'][:16].replace('T', ' ')} ({run['commit']})" if run else "-"
         rows.append(f"| {rel} | {sum(c.values())} | " + " | ".join(str(c[k]) for k in COLUMNS) +
-                    f" | {other} | {rate} | {spent:.0f} | {when} |")
+                    f" | {other} | {classified} of {c['survived'] + c['no tests']} | {rate} | {spent:.0f} | {when} |")
     return rows
+
+
+def not_run(results: dict[str, dict]) -> list[str]:
+    """The mutated modules none of whose mutants has a result yet."""
+    return [rel for rel, meta in results.items()
+            if not any(status(v) in ("killed", "timeout", "survived", "no tests")
+                       for v in meta["exit_code_by_key"].values())]
 
 
 def survivors(results: dict[str, dict], rules: list[dict]) -> dict[str, list[tuple[str, str, str, str, str]]]:
@@ -188,8 +200,14 @@ def report(results: dict[str, dict], rules: list[dict], log: list[dict]) -> str:
     lines += ["", "## Results per module", "",
               "killed % (raw) = (killed + timeout) / (killed + timeout + survived + no tests); *not checked* = not run "
               "yet; mutant time = the seconds mutmut's workers spent on the module's mutants (summed over workers); "
-              "last run = the last run that named the module, and its commit.", ""]
-    lines += table(results, log)
+              "survivors classified = survived and no-tests mutants that scripts/mutation_survivors.toml explains "
+              "(equivalent or not testable; the rest are listed as unclassified below); "
+              "last run = the last run that named the module, and its commit. A module whose row has *not checked* "
+              "mutants was run in part.", ""]
+    lines += table(results, log, rules)
+    missing = not_run(results)
+    lines += ["", f"Not run yet ({len(missing)} modules, {sum(len(results[m]['exit_code_by_key']) for m in missing)} "
+              "mutants): " + (", ".join(f"`{m}`" for m in missing) or "none") + "."]
     found = survivors(results, rules)
     kinds = sorted({k for rows in found.values() for _, k, *_ in rows})
     lines += ["", "## Survivors by kind", "", "| module | survivors | " + " | ".join(kinds) + " |",
@@ -214,10 +232,10 @@ def main() -> None:
     results = modules()
     if not results:
         sys.exit("no results in mutants/: run ./scripts/mutation first")
-    if args.table:
-        print("\n".join(table(results, runs())))
-        return
     rules = tomllib.loads(CLASSIFICATION.read_text()).get("survivor", [])
+    if args.table:
+        print("\n".join(table(results, runs(), rules)))
+        return
     text = report(results, rules, runs())
     if args.write:
         OUT.write_text(text)
