@@ -110,3 +110,15 @@ def test_fit_says_when_it_reads_the_encoding_made_at_the_limit_and_warns_when_a_
     assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
         ("WARNING", "PixArt sampler: PixArt-alpha XL/2 was trained with 120 T5 tokens but gets 150; set max_tokens to "
                     "120 (or 0, from the DiT) in Text Encode.")]
+
+
+def test_wrong_width_refusal_says_which_prompt_and_what_to_load():
+    """The whole message, for each prompt: which one, its width and T5, the DiT's, and what to load."""
+    good = Conditioning(torch.randn(1, 4, 4096), torch.ones(1, 4, dtype=torch.long))
+    bad = Conditioning(torch.randn(1, 4, 512), torch.ones(1, 4, dtype=torch.long))
+    for label, pos, neg in (("positive", bad, good), ("negative", good, bad)):
+        with pytest.raises(ValueError) as e:
+            conditioning.check_width(pos, neg, 4096)
+        assert str(e.value) == (f"The {label} conditioning is 512 wide (T5-v1.1-small), but this DiT takes "
+                                "4096-wide T5 embeddings (T5-v1.1-XXL). Load the T5 the model was trained with "
+                                "(T5-v1.1-XXL for every released PixArt).")

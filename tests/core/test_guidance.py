@@ -170,7 +170,8 @@ def test_combined_prediction_is_diffusers_guidance(use_cfg, pag_scale, batch):
 def test_pag_layers_by_attention_name_are_the_ones_diffusers_picks():
     """Patterns naming the attention itself ('attn1'), and a model whose self-attentions are named by a number (a
     ModuleList of them: 'blocks.1' then matches blocks.1 and blocks.10, and diffusers leaves out the one whose last
-    number equals the pattern's, so 'blocks.10' matches none): the modules diffusers' PAGMixin._set_pag_attn_processor sets."""
+    number equals the pattern's, so 'blocks.10' matches none): the modules diffusers'
+    PAGMixin._set_pag_attn_processor sets."""
     from diffusers.models.attention_processor import Attention, PAGCFGIdentitySelfAttnProcessor2_0
 
     class Numbered(torch.nn.Module):
@@ -178,8 +179,13 @@ def test_pag_layers_by_attention_name_are_the_ones_diffusers_picks():
             super().__init__()
             self.blocks = torch.nn.ModuleList(Attention(8, heads=1, dim_head=8) for _ in range(12))
 
+    class Nested(torch.nn.Module):  # stage.blocks.N: the name's second part is not its last
+        def __init__(self):
+            super().__init__()
+            self.stage = Numbered()
+
     for model, specs in [(tiny.make_dit(layers=3), ["attn1", "blocks.1.attn1", "1.attn"]),
-                         (Numbered(), ["blocks.1", "1", "blocks"])]:
+                         (Numbered(), ["blocks.1", "1", "blocks"]), (Nested(), ["blocks.1", "1"])]:
         names = {id(m): n for n, m in model.named_modules()}
         for spec in specs:
             ref = copy.deepcopy(model)

@@ -160,7 +160,9 @@ def test_a_latent_edited_between_stages_restarts_the_solver(dit_and_conds, caplo
     with caplog.at_level(logging.INFO, logger="pixart_sigma.sampling"):
         with_state = sampling.sample(dit, pos, neg, noise, generator=gen, init_latents=edited, start_step=3,
                                      add_noise=False, resume=state, **kw)
-    assert "the solver restarts at step 3" in caplog.text
+    assert [r.getMessage() for r in caplog.records if r.name == "pixart_sigma.sampling"] == [
+        "PixArt sampler: the input latent is not the previous stage's own output (or the stages' scheduler/steps "
+        "differ); the solver restarts at step 3."]
     restart = sampling.sample(dit, pos, neg, noise, generator=gen, init_latents=edited, start_step=3, add_noise=False,
                               **kw)
     assert torch.equal(with_state, restart)
@@ -255,3 +257,33 @@ def test_state_recognises_its_latents_within_float_rounding():
     assert state.continues("dpmpp_2m", 10, 4, handed.to(torch.bfloat16))  # compared in the state's dtype
     assert not state.continues("dpmpp_2m", 10, 4, handed + 1e-3)
     assert not state.continues("dpmpp_2m", 10, 5, handed)
+
+
+def test_stage_without_a_generator_hands_on_to_one_with_a_generator(dit_and_conds):
+    """A deterministic solver's stage 1 run without a generator hands on no generator state; stage 2 given a
+    generator (ComfyUI's KSamplerAdvanced always has a seed) continues it as one run without a generator."""
+    dit, pos, neg = dit_and_conds
+    kw = dict(steps=6, cfg=4.5, scheduler="dpmpp_2m")
+    noise, _ = _noise()
+    whole = sampling.sample(dit, pos, neg, noise, **kw)
+    first, state = sampling.sample(dit, pos, neg, noise, end_step=3, leftover_noise=True, return_state=True, **kw)
+    assert state.generator_state is None
+    _, gen = _noise(seed=99)
+    second = sampling.sample(dit, pos, neg, noise, generator=gen, init_latents=first, start_step=3, add_noise=False,
+                             resume=state, **kw)
+    assert torch.equal(second, whole)
+
+
+def test_ddim_stage_from_step_0_without_noise_reads_comfyui_form(dit_and_conds):
+    """A stage from step 0 with add_noise off takes its latent as ComfyUI keeps a noisy one, x0 + sigma * noise, at
+    the schedule's first timestep: for DDIM's 6 linspace steps t = 999, where that is the solver's latent divided by
+    sqrt(alphas_cumprod[999]) (the training schedule written out: linear betas 1e-4..0.02 over 1000 steps, float32 as
+    diffusers builds them). So the solver's latent L given as L / sqrt(a) samples as a text-to-image run from L."""
+    dit, pos, neg = dit_and_conds
+    betas = torch.linspace(0.0001, 0.02, 1000, dtype=torch.float32)
+    a = torch.cumprod(1.0 - betas, dim=0)[999]
+    kw = dict(steps=6, cfg=4.5, scheduler="ddim")
+    noise, _ = _noise()
+    whole = sampling.sample(dit, pos, neg, noise, **kw)  # DDIM starts from the noise itself (init_noise_sigma 1)
+    staged = sampling.sample(dit, pos, neg, noise, init_latents=noise / a.sqrt(), start_step=0, add_noise=False, **kw)
+    assert (staged - whole).abs().max() <= 1e-4 * whole.abs().max()
