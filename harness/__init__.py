@@ -16,6 +16,8 @@
     run         the headless runner's command line (./scripts/run)
     download    fetching the official model files (./scripts/download)
     make_examples, make_thumbnails   example_workflows/*.json and their thumbnails (./scripts/harness ...)
+    mutation    the mutation run's pytest plugin (./scripts/mutation): the tests that start ComfyUI see mutmut's
+                mutants, each session and test starts fresh
 
 Python entry points run as modules (`python -m harness.run`); scripts/ holds the shell commands that set the
 import path (PYTHONPATH) and call them, and pytest gets the same path from pyproject.toml.

@@ -24,6 +24,7 @@ NODE_IDS = ["PixArtSigmaT5Loader", "PixArtSigmaTextEncode", "PixArtSigmaDiTLoade
             "PixArtSigmaHiresUpscale", "PixArtSigmaTiledRefine", "PixArtSigmaLoraLoader",
             "PixArtSigmaControlNetLoader", "PixArtSigmaControlNetApply"]
 RUN_DIR = location.REPO / ".cache" / "run"  # the runner's private custom_nodes/, temp/ and user/
+_STARTED: dict = {}  # how ComfyUI was initialised in this process (init_comfy's arguments), once set
 
 
 def link_pack(custom_nodes: Path) -> Path:
@@ -54,7 +55,22 @@ def init_comfy(base: Path | None = None, *, pack: bool = True, cpu: bool = True,
     base: a ComfyUI base directory (made with make_base) for models/, custom_nodes/, output/ ...; None keeps
     ComfyUI's own models/, input/ and output/ (and its extra_model_paths.yaml), with this pack in a private
     custom_nodes/ under .cache/run. pack=False starts ComfyUI without any custom node. quiet hides ComfyUI's
-    start-up warnings (optional extras it cannot import)."""
+    start-up warnings (optional extras it cannot import).
+
+    ComfyUI is initialised once per process. A later call (another pytest session in the same process, as in the
+    mutation run) returns the nodes module again, with ComfyUI's folders moved to `base`'s if that is another base
+    directory (the pack stays as ComfyUI loaded it); other arguments than the first call's are an error."""
+    how = {"base": None if base is None else str(Path(base).absolute()), "pack": pack, "cpu": cpu,
+           "models_dir": None if models_dir is None else str(Path(models_dir).absolute()),
+           "output_dir": None if output_dir is None else str(Path(output_dir).resolve())}
+    if _STARTED:
+        if {**how, "base": how["base"] is None} != {**_STARTED, "base": _STARTED["base"] is None}:
+            raise RuntimeError(f"ComfyUI was already initialised in this process with {_STARTED}; it cannot be "
+                               f"initialised again with {how}: run it in a child Python (location.child_env())")
+        if how["base"] != _STARTED["base"]:
+            _move_base(sys.modules["folder_paths"], make_base(base))
+            _STARTED["base"] = how["base"]
+        return sys.modules["nodes"]
     comfy_path = location.use()
     root = logging.getLogger()
     level = root.level
@@ -94,6 +110,7 @@ def init_comfy(base: Path | None = None, *, pack: bool = True, cpu: bool = True,
     if pack and missing:
         raise RuntimeError(f"this pack did not load into ComfyUI at {comfy_path} (nodes missing: {missing}); "
                            "its log above says why")
+    _STARTED.update(how)
     return nodes
 
 
@@ -141,6 +158,16 @@ def run_capped(executor: "Executor", prompts: list[dict], headroom_mib: int = 75
         return [executor.run(p) for p in prompts]
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _move_base(folder_paths, base: Path) -> None:
+    """ComfyUI's models/, output/, input/, temp/ and user/ folders moved to another base directory's."""
+    _move_models_dir(folder_paths, base / "models")
+    folder_paths.set_output_directory(str(base / "output"))
+    folder_paths.set_input_directory(str(base / "input"))
+    folder_paths.set_temp_directory(str(base / "temp"))
+    folder_paths.set_user_directory(str(base / "user"))
+    folder_paths.filename_list_cache.clear()
 
 
 def _move_models_dir(folder_paths, models: Path) -> None:

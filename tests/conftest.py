@@ -73,9 +73,27 @@ def pytest_runtest_teardown(item):
 
 @pytest.fixture(scope="session")
 def comfy_base(tmp_path_factory) -> Path:
-    """A ComfyUI base directory: models/ with every tiny model, custom_nodes/ with this pack, output/."""
+    """A ComfyUI base directory: models/ with every tiny model, custom_nodes/ with this pack, output/.
+
+    $PIXART_TEST_MODELS names a folder that keeps the tiny models' files between sessions: written by the first
+    session, copied by the later ones (the mutation run, harness/mutation.py, runs hundreds of sessions)."""
     base = make_base(tmp_path_factory.mktemp("comfy_base"))
-    models.write_models(base / "models", COMFY)
+    kept = os.environ.get("PIXART_TEST_MODELS")
+    if not kept:
+        models.write_models(base / "models", COMFY)
+        return base
+    import fcntl
+    import shutil
+
+    kept = Path(kept)
+    kept.mkdir(parents=True, exist_ok=True)
+    with open(kept.with_name(kept.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # sessions may start side by side
+        if not (kept / ".written").exists():
+            models.write_models(kept, COMFY)
+            (kept / ".written").touch()
+    shutil.copytree(kept, base / "models", symlinks=True, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns(".written"))
     return base
 
 

@@ -88,3 +88,37 @@ def test_for_limit_picks_the_encoding_made_at_the_dit_limit():
     assert conditioning.for_limit(plain, 120) is plain  # nothing better to offer: the sampler warns
     fits = conditioning.Conditioning(torch.zeros(1, 120, 4), torch.ones(1, 120, dtype=torch.long), {120: short})
     assert conditioning.for_limit(fits, 120) is fits
+
+
+def test_fit_says_when_it_reads_the_encoding_made_at_the_limit_and_warns_when_a_prompt_is_still_longer(caplog):
+    """The sampler's log: the model and its token limit when a prompt encoded at that limit is used instead; a warning
+    with the limit, the prompt's length and the max_tokens to set when one is still longer; nothing when both fit."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pixart_sigma")
+    made = conditioning.Conditioning(torch.ones(1, 120, 4), torch.ones(1, 120, dtype=torch.long))
+    long = conditioning.Conditioning(torch.zeros(1, 300, 4), torch.ones(1, 300, dtype=torch.long), {120: made})
+    short = conditioning.Conditioning(torch.zeros(1, 20, 4), torch.ones(1, 20, dtype=torch.long))
+    assert conditioning.fit(short, short, 120, "PixArt-alpha XL/2") == (short, short)
+    assert caplog.records == []
+    assert conditioning.fit(long, short, 120, "PixArt-alpha XL/2") == (made, short)
+    assert [r.getMessage() for r in caplog.records] == [
+        "PixArt sampler: PixArt-alpha XL/2 reads 120 T5 tokens; using the prompt encoded at that limit."]
+    caplog.clear()
+    plain = conditioning.Conditioning(torch.zeros(1, 150, 4), torch.ones(1, 150, dtype=torch.long))
+    assert conditioning.fit(short, plain, 120, "PixArt-alpha XL/2") == (short, plain)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", "PixArt sampler: PixArt-alpha XL/2 was trained with 120 T5 tokens but gets 150; set max_tokens to "
+                    "120 (or 0, from the DiT) in Text Encode.")]
+
+
+def test_wrong_width_refusal_says_which_prompt_and_what_to_load():
+    """The whole message, for each prompt: which one, its width and T5, the DiT's, and what to load."""
+    good = Conditioning(torch.randn(1, 4, 4096), torch.ones(1, 4, dtype=torch.long))
+    bad = Conditioning(torch.randn(1, 4, 512), torch.ones(1, 4, dtype=torch.long))
+    for label, pos, neg in (("positive", bad, good), ("negative", good, bad)):
+        with pytest.raises(ValueError) as e:
+            conditioning.check_width(pos, neg, 4096)
+        assert str(e.value) == (f"The {label} conditioning is 512 wide (T5-v1.1-small), but this DiT takes "
+                                "4096-wide T5 embeddings (T5-v1.1-XXL). Load the T5 the model was trained with "
+                                "(T5-v1.1-XXL for every released PixArt).")

@@ -69,3 +69,13 @@ def test_estimate_at_2k_written_out():
     rows = n * tokens * 1152 * (6 * 2 + 3 * 4 + 3 * 4)
     assert dit_memory.inference_memory(1, 2048, 2048, 1152, torch.bfloat16, True, fused_attention=False) == \
         scores + rows + reserve
+
+
+def test_estimate_in_fp32_with_the_math_kernel_written_out():
+    """1024 x 1024 px (4096 tokens), fp32, CFG: SDPA's math kernel needs no fp32 copies of q, k and v when they are
+    fp32 already."""
+    tokens, n, reserve = 64 * 64, 2, 64 << 20
+    scores = 2 * n * 16 * tokens * tokens * 4  # each head's fp32 scores and their softmax
+    rows = n * tokens * 1152 * (6 * 4 + 3 * 4)  # residual, norm, q, k, v, output; scaled q and k, fp32 output
+    assert dit_memory.inference_memory(1, 1024, 1024, 1152, torch.float32, True, fused_attention=False) == \
+        scores + rows + reserve

@@ -133,3 +133,121 @@ def test_cfg_interval_counts_steps_of_the_whole_schedule_in_img2img_and_stages(d
             assert sizes == want
     finally:
         handle.remove()
+
+
+def _diffusers_pag(pag_scale: float):
+    """diffusers' PAGMixin as its pipelines use it, with a fixed PAG scale (no adaptive scaling)."""
+    from diffusers.pipelines.pag.pag_utils import PAGMixin
+
+    class Pag(PAGMixin):
+        pass
+
+    p = Pag()
+    p._pag_scale, p._pag_adaptive_scale = pag_scale, 0.0
+    return p
+
+
+@pytest.mark.parametrize("use_cfg,pag_scale,batch", [(True, 0.5, 4), (False, 0.5, 3), (True, 3.0, 1),
+                                                     (False, 0.0, 2), (True, 0.0, 2)])
+def test_combined_prediction_is_diffusers_guidance(use_cfg, pag_scale, batch):
+    """One forward's batch ([uncond,] cond[, perturbed], `batch` images each) into the guided prediction, as
+    diffusers' PAGMixin._apply_perturbed_attention_guidance (with PAG) or its pipelines' CFG line (without) compute
+    it: PAG scales below 1 included, several images per part."""
+    parts = (2 if use_cfg else 1) + (1 if pag_scale > 0 else 0)
+    out = torch.randn(parts * batch, 4, 6, 6, generator=torch.Generator().manual_seed(2))
+    g = guidance.Guidance(cfg=4.5, pag_scale=pag_scale)
+    got = guidance.combine(out, use_cfg, g, learned_sigma=False)
+    if pag_scale > 0:
+        want = _diffusers_pag(pag_scale)._apply_perturbed_attention_guidance(out, use_cfg, 4.5, 999)
+    elif use_cfg:
+        uncond, text = out.chunk(2)
+        want = uncond + 4.5 * (text - uncond)  # diffusers' PixArtSigmaPipeline.__call__
+    else:
+        want = out
+    assert got.shape == (batch, 4, 6, 6) and torch.allclose(got, want, rtol=0, atol=1e-6)
+
+
+def test_pag_layers_by_attention_name_are_the_ones_diffusers_picks():
+    """Patterns naming the attention itself ('attn1'), and a model whose self-attentions are named by a number (a
+    ModuleList of them: 'blocks.1' then matches blocks.1 and blocks.10, and diffusers leaves out the one whose last
+    number equals the pattern's, so 'blocks.10' matches none): the modules diffusers'
+    PAGMixin._set_pag_attn_processor sets."""
+    from diffusers.models.attention_processor import Attention, PAGCFGIdentitySelfAttnProcessor2_0
+
+    class Numbered(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(Attention(8, heads=1, dim_head=8) for _ in range(12))
+
+    class Nested(torch.nn.Module):  # stage.blocks.N: the name's second part is not its last
+        def __init__(self):
+            super().__init__()
+            self.stage = Numbered()
+
+    for model, specs in [(tiny.make_dit(layers=3), ["attn1", "blocks.1.attn1", "1.attn"]),
+                         (Numbered(), ["blocks.1", "1", "blocks"]), (Nested(), ["blocks.1", "1"])]:
+        names = {id(m): n for n, m in model.named_modules()}
+        for spec in specs:
+            ref = copy.deepcopy(model)
+            pag = _diffusers_pag(1.0)
+            pag.transformer = ref
+            pag.set_pag_applied_layers([spec])
+            pag._set_pag_attn_processor(pag.pag_applied_layers, do_classifier_free_guidance=True)
+            want = sorted(n for n, m in ref.named_modules()
+                          if isinstance(getattr(m, "processor", None), PAGCFGIdentitySelfAttnProcessor2_0))
+            got = sorted(names[id(m)] for m in guidance.pag_targets(model, [spec]))
+            assert got == want and got, spec
+    with pytest.raises(ValueError, match="no self-attention layer matches 'blocks.10'"):
+        guidance.pag_targets(Numbered(), ["blocks.10"])  # diffusers: "Cannot find PAG layer" (its only match left out)
+
+
+def test_pag_without_layers_is_refused():
+    with pytest.raises(ValueError) as e:
+        guidance.pag_targets(tiny.make_dit(layers=2), guidance.pag_layer_patterns(" , "))
+    assert str(e.value) == "PAG needs the layers to perturb, e.g. 'blocks.14' (or set pag_scale to 0)."
+
+
+def test_cfg_rescale_runs_only_with_cfg_and_a_positive_rescale():
+    """As diffusers' PixArt pipelines (`if do_classifier_free_guidance and guidance_rescale > 0`): without CFG the
+    prediction is the conditional one bit for bit, whatever the rescale; with rescale 0 a flat prediction (std 0,
+    where the rescale would divide by zero) comes back as CFG made it."""
+    out = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(3))
+    got = guidance.combine(out[:1], False, guidance.Guidance(cfg=1.0, guidance_rescale=0.7), learned_sigma=False)
+    assert torch.equal(got, out[:1])
+    flat = torch.cat([torch.full((1, 4, 6, 6), 0.25), torch.full((1, 4, 6, 6), 0.5)])
+    got = guidance.combine(flat, True, guidance.Guidance(cfg=3.0, guidance_rescale=0.0), learned_sigma=False)
+    assert torch.equal(got, torch.full((1, 4, 6, 6), 0.25 + 3.0 * 0.25))
+
+
+def test_cfg_runs_on_the_whole_schedule_by_default():
+    """cfg_active's default interval is [0, 1): every step of the schedule, the first and the last."""
+    assert [guidance.cfg_active(s, 10, 4.5) for s in (0, 9)] == [True, True]
+    assert not guidance.cfg_active(0, 10, 1.0)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_text_batch_micro_conditions_are_the_pipelines(device):
+    """The forward's micro-conditions for a micro-conditioned DiT, as diffusers' PixArtSigmaPipeline builds them:
+    resolution [[height, width]] and aspect_ratio [[height / width]] in pixels, one row per image of the batch
+    (negative then positive), in the embeddings' dtype, on the latents' device; an all-real mask is dropped (it would
+    mask nothing), a padded one kept there."""
+    from types import SimpleNamespace
+
+    from pixart_core.conditioning import Conditioning
+
+    x = torch.zeros(2, 4, 16, 24, device=device)  # 128 x 192 px
+    full = Conditioning(torch.ones(1, 5, 8), torch.ones(1, 5, dtype=torch.long))
+    padded = Conditioning(torch.ones(1, 5, 8), torch.tensor([[1, 1, 1, 0, 0]]))
+    micro = SimpleNamespace(use_additional_conditions=True)
+    embeds, mask, added = guidance._text_batch(micro, [full, full], x, torch.bfloat16)
+    assert mask is None and embeds.shape == (4, 5, 8) and embeds.device.type == device
+    want_res = torch.tensor([128, 192]).repeat(4, 1).to(torch.bfloat16)  # PixArtSigmaPipeline.__call__
+    want_ar = torch.tensor([float(128 / 192)]).repeat(4, 1).to(torch.bfloat16)
+    for got, want in ((added["resolution"], want_res), (added["aspect_ratio"], want_ar)):
+        assert got.dtype == torch.bfloat16 and got.shape == want.shape and got.device.type == device
+        if device == "cpu":
+            assert torch.equal(got, want)
+    _, mask, _ = guidance._text_batch(micro, [padded, full], x, torch.bfloat16)
+    assert mask is not None and mask.device.type == device
+    if device == "cpu":
+        assert mask.tolist() == [[1, 1, 1, 0, 0]] * 2 + [[1] * 5] * 2

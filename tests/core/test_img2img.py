@@ -68,3 +68,34 @@ def test_dmd_refuses_img2img(conds):
     with pytest.raises(ValueError, match="does not do img2img"):
         sampling.sample(tiny.make_dit(), pos, neg, noise, steps=1, cfg=1.0, scheduler=schedulers.DMD,
                         init_latents=torch.zeros(1, 4, 8, 8), denoise=0.5)
+
+
+def test_input_latents_follow_the_noise_batch(conds):
+    """The input latents are repeated or cut to the noise's batch image by image in turn, as ComfyUI's
+    comfy.utils.repeat_to_batch_size does (tensor.repeat(ceil(batch / n), 1, 1, 1)[:batch]): two inputs with three
+    noises run as [i0, i1, i0], three with two as [i0, i1], two with four as [i0, i1, i0, i1], six (more than the
+    latent's 4 channels) with seven as [i0 .. i5, i0]."""
+    pos, neg = conds
+    dit = tiny.make_dit()
+    init = torch.randn(6, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(4))
+    kw = dict(steps=4, cfg=4.5, scheduler="ddim", denoise=0.5)
+    cases = ((init[:2], 3, init[[0, 1, 0]]), (init[:3], 2, init[:2]), (init[:2], 4, init[[0, 1, 0, 1]]),
+             (init, 7, init[[0, 1, 2, 3, 4, 5, 0]]))
+    for given, batch, want in cases:
+        noise, _ = sampling.initial_noise(6, batch, 4, SIZE, SIZE)
+        got = sampling.sample(dit, pos, neg, noise, init_latents=given, **kw)
+        assert torch.equal(got, sampling.sample(dit, pos, neg, noise, init_latents=want, **kw)), (len(given), batch)
+
+
+def test_half_precision_latents_sample_as_their_float32_values(conds):
+    """Noise and input latents handed over in float16 (a node may keep a LATENT in half precision) sample exactly as
+    the same values in float32: the solver runs in float32, as diffusers' pipeline does with float32 latents."""
+    pos, neg = conds
+    dit = tiny.make_dit()
+    init = torch.randn(2, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(4)).half()
+    noise, _ = sampling.initial_noise(6, 2, 4, SIZE, SIZE)
+    noise = noise.half()
+    kw = dict(steps=4, cfg=4.5, scheduler="ddim")
+    got = sampling.sample(dit, pos, neg, noise, init_latents=init, denoise=0.5, **kw)
+    assert torch.equal(got, sampling.sample(dit, pos, neg, noise.float(), init_latents=init.float(), denoise=0.5, **kw))
+    assert torch.equal(sampling.sample(dit, pos, neg, noise, **kw), sampling.sample(dit, pos, neg, noise.float(), **kw))

@@ -114,3 +114,21 @@ def test_inpainting_blends_clean_estimates_as_comfyui(dit_and_conds, name, mask)
     got = sampling.sample(dit, pos, neg, noise, steps=6, cfg=4.5, scheduler=name, generator=gen, init_latents=init,
                           mask=mask)
     assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5
+
+
+def test_latent_size_masks_per_image_as_separate_runs(dit_and_conds):
+    """A mask already at latent size ([B, 4, h, w], here bool, as a comparison gives it) belongs to its own image: a
+    batch of two images with different masks samples as each image alone with its own mask (a deterministic solver;
+    the DiT treats the images of a batch independently)."""
+    dit, pos, neg = dit_and_conds
+    init = torch.randn(2, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(5))
+    mask = torch.zeros(2, 4, SIZE // 8, SIZE // 8, dtype=torch.bool)
+    mask[0, :, 2:6, 1:5] = True
+    mask[1, :, 0:3, 4:8] = True
+    kw = dict(steps=4, cfg=4.5, scheduler="dpmpp_2m")
+    noise, _ = _noise()
+    both = sampling.sample(dit, pos, neg, noise, init_latents=init, mask=mask, **kw)
+    for i in range(2):
+        alone = sampling.sample(dit, pos, neg, noise[i:i + 1], init_latents=init[i:i + 1], mask=mask[i:i + 1].float(),
+                                **kw)
+        assert (both[i:i + 1] - alone).abs().max() <= 1e-5 * alone.abs().max(), i

@@ -59,3 +59,37 @@ def test_inference_memory_scales_as_activations_do():
     for args in [(1, 256, 256, 1152, torch.float32, False), (3, 1024, 512, 1152, torch.bfloat16, True)]:
         assert type(dit_memory.inference_memory(*args)) is int
         assert type(dit_memory.inference_memory(*args, fused_attention=False)) is int
+
+
+@torch.no_grad()
+def test_control_memory_is_what_the_controlnets_keep_in_a_real_forward(tmp_path):
+    """Measured on pixart_core's controlled forward (the published composition, tests/core/test_controlnet.py): before
+    each base block every ControlNet holds its control stream and its block's output beside the DiT's stream; the
+    estimate is the bytes of those tensors, for each ControlNet, at the largest they get."""
+    from harness import controlnet_files as cfiles
+    from harness import models as tiny
+    from pixart_core import controlnet as cn
+    from pixart_core import controlnet_files as cnf
+
+    dtype = torch.bfloat16
+    dit = tiny.make_dit(layers=4).to(dtype)
+    kept: dict[int, int] = {}
+    controls = []
+    for k, blocks in enumerate((3, 2)):  # two adapters of different depth
+        sd = {n: t.to(dtype) for n, t in cfiles.adapter_state_dict(dit, blocks, seed=30 + k).items()}
+        adapter = cnf.load_controlnet(cfiles.write_adapter_file(tmp_path / f"a{k}.safetensors", sd))[0].to(dtype)
+        for block in adapter.controlnet_blocks:
+            block.register_forward_hook(lambda m, args, out, k=k: kept.__setitem__(
+                k, max(kept.get(k, 0), sum(t.numel() * t.element_size() for t in out))))
+        controls.append(cn.Control(adapter, torch.randn(1, 4, 6, 10, dtype=dtype)))
+    batch, h, w = 2, 6, 10  # latent pixels: an image of 48 x 80 pixels, 3 x 5 tokens of the 2x2 patch
+    x = torch.randn(batch, 4, h, w, dtype=dtype)
+    embeds = torch.randn(batch, 5, dit.config.caption_channels, dtype=dtype)
+    cn.controlled_forward(dit, controls, x, encoder_hidden_states=embeds, encoder_attention_mask=torch.ones(batch, 5),
+                          timestep=torch.full((batch,), 400), added_cond_kwargs={"resolution": None,
+                                                                                 "aspect_ratio": None})
+    assert sorted(kept) == [0, 1]
+    got = dit_memory.control_memory(batch, h * 8, w * 8, dit.inner_dim, dtype, controls=2)
+    assert got == kept[0] + kept[1] == 2 * (2 * batch * 3 * 5 * dit.inner_dim * 2)
+    assert type(got) is int  # bytes, as ComfyUI's memory accounting takes them
+    assert dit_memory.control_memory(batch, h * 8, w * 8, dit.inner_dim, torch.float32, controls=1) == kept[0] * 2

@@ -149,3 +149,15 @@ def test_unknown_scheduler_names_the_choices():
     with pytest.raises(ValueError) as e:
         schedulers.make("heun")
     assert str(e.value) == f"Unknown scheduler 'heun'; choose one of {list(ref.SCHEDULERS)}."
+
+
+def test_scheduler_table_entry_keeps_each_field_in_its_place():
+    """The table's builder (it runs at import, so the table tests above cannot see a fault in it): each argument lands
+    in its field, the settings frozen, and the entry builds the diffusers class with those settings."""
+    entry = schedulers._entry("ddim", "DDIMScheduler", "DDIM (Song et al. 2020)", clip_sample=False)
+    assert (entry.id, entry.cls, dict(entry.settings), entry.source) == (
+        "ddim", "DDIMScheduler", {"clip_sample": False}, "DDIM (Song et al. 2020)")
+    with pytest.raises(TypeError):
+        entry.settings["clip_sample"] = True
+    made = entry.make()
+    assert type(made).__name__ == "DDIMScheduler" and made.config.clip_sample is False

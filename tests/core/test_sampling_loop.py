@@ -58,11 +58,13 @@ def test_nan_error_names_the_step_and_its_timestep(bad_call):
     cond = Conditioning(torch.randn(1, 5, tiny.T5_WIDTH), torch.ones(1, 5, dtype=torch.long))
     noise, gen = sampling.initial_noise(0, 1, 4, 32, 32)
     try:
-        with pytest.raises(FloatingPointError, match=rf"NaN/inf at step {bad_call} of 20 \(timestep "
-                                                     rf"{int(ref.timesteps[bad_call - 1])}\)"):
+        with pytest.raises(FloatingPointError) as e:
             sampling.sample(dit, cond, cond, noise, steps=20, cfg=4.5, generator=gen)
     finally:
         handle.remove()
+    assert str(e.value) == (f"PixArt sampling produced NaN/inf at step {bad_call} of 20 (timestep "
+                            f"{int(ref.timesteps[bad_call - 1])}). The model overflowed: lower cfg (now 4.5), load the "
+                            "DiT in bf16 or fp32 instead of fp16, or check that the weights file is not corrupt.")
 
 
 def test_nan_check_is_deferred_only_off_the_cpu():
@@ -127,3 +129,59 @@ def test_dmd_runs_its_one_step_from_noise_whatever_the_stage_settings(dit_and_co
     for kw in (dict(init_latents=noise), dict(init_latents=noise, start_step=2, add_noise=False)):
         with pytest.raises(ValueError, match="does not do img2img: it starts from noise"):
             sampling.sample(dit, pos, neg, noise, steps=20, cfg=1.0, scheduler=schedulers.DMD, **kw)
+
+
+def test_check_inputs_refuses_exactly_what_cannot_run_and_says_what_to_change():
+    """The one check of a request (before anything is loaded), at each boundary: DMD's one step starts from noise at a
+    timestep of the 1000-step training schedule (0..999, diffusers' num_train_timesteps); a stage that starts
+    part-way (start_step 1, or add_noise off) needs an input latent, as an inpainting mask does; the CFG interval lies
+    in [0, 1]; denoise and start/end steps do not mix. Each refusal is the whole message a user reads."""
+    from pixart_core.guidance import Guidance
+    from pixart_core.request import Request, check_inputs
+
+    dit = tiny.make_dit()
+    cond = Conditioning(torch.zeros(1, 4, tiny.T5_WIDTH), torch.ones(1, 4, dtype=torch.long))
+    latents = torch.zeros(1, 4, 8, 8)
+    base = dict(positive=cond, negative=cond, width=64, height=64, steps=10, guidance=Guidance(4.5))
+
+    def refused(message: str, **kw) -> None:
+        with pytest.raises(ValueError) as e:
+            check_inputs(Request(**{**base, **kw}), dit)
+        assert str(e.value) == message
+
+    for kw in (dict(), dict(scheduler=schedulers.DMD, steps=1, dmd_timestep=0),
+               dict(scheduler=schedulers.DMD, steps=1, dmd_timestep=999), dict(init_latents=latents, start_step=1),
+               dict(init_latents=latents, add_noise=False), dict(guidance=Guidance(4.5, cfg_start=0.0, cfg_end=1.0)),
+               dict(guidance=Guidance(4.5, cfg_start=0.5, cfg_end=0.5)), dict(init_latents=latents, mask=latents)):
+        check_inputs(Request(**{**base, **kw}), dit)
+    dmd = ("The one-step DMD sampler does not do img2img: it starts from noise (an Empty Latent Image; add_noise "
+           "enable and start_step 0 in the Advanced sampler). Pick another scheduler for img2img.")
+    for kw in (dict(init_latents=latents), dict(start_step=1), dict(add_noise=False)):
+        refused(dmd, scheduler=schedulers.DMD, steps=1, **kw)
+    for t in (-1, 1000):
+        refused(f"DMD timestep {t} is outside the schedule's 0-999 (the release uses 400).", scheduler=schedulers.DMD,
+                steps=1, dmd_timestep=t)
+    refused(f"Unknown scheduler 'heun'; choose one of {list(reference.SCHEDULERS)}.", scheduler="heun")
+    refused("PixArt sampler: denoise and start/end steps both choose the part of the schedule to run; use one of them "
+            "(denoise 1.0 with start/end steps).", init_latents=latents, end_step=5, denoise=0.5)
+    refused("PixArt sampler: start_step 10 to end_step 10 of 10 steps runs no step; start_step must be below end_step "
+            "and below steps.", init_latents=latents, start_step=10)
+    refused("PixArt sampler: the inpainting mask needs the image's latent; connect 'latent' (VAE Encode of the image, "
+            "or Set Latent Noise Mask's output).", mask=latents)
+    for kw in (dict(start_step=1), dict(add_noise=False)):
+        refused("PixArt sampler: a stage that starts part-way (start_step > 0 or add_noise off) continues an input "
+                "latent; connect one.", **kw)
+    for start, end in ((0.0, 1.01), (-0.1, 0.5), (0.6, 0.5)):
+        refused(f"PixArt sampler: the CFG interval [{start}, {end}] must lie in [0, 1] with cfg_start <= cfg_end.",
+                guidance=Guidance(4.5, cfg_start=start, cfg_end=end))
+
+
+def test_size_refusal_names_the_side_the_noise_gives():
+    """The canvas is the noise's size (8 px per latent value): a side past the largest trained one (4096, the 2K
+    bins) is refused by name, width from the last dimension, height from the one before."""
+    dit = tiny.make_dit()
+    cond = Conditioning(torch.randn(1, 5, tiny.T5_WIDTH), torch.ones(1, 5, dtype=torch.long))
+    for shape, message in (((1, 4, 8, 520), "width 4160"), ((1, 4, 520, 8), "height 4160")):
+        with pytest.raises(ValueError) as e:
+            sampling.sample(dit, cond, cond, torch.zeros(shape), steps=1, cfg=4.5)
+        assert str(e.value) == f"PixArt sampler: {message} is outside 16..4096."

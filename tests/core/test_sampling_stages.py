@@ -160,7 +160,9 @@ def test_a_latent_edited_between_stages_restarts_the_solver(dit_and_conds, caplo
     with caplog.at_level(logging.INFO, logger="pixart_sigma.sampling"):
         with_state = sampling.sample(dit, pos, neg, noise, generator=gen, init_latents=edited, start_step=3,
                                      add_noise=False, resume=state, **kw)
-    assert "the solver restarts at step 3" in caplog.text
+    assert [r.getMessage() for r in caplog.records if r.name == "pixart_sigma.sampling"] == [
+        "PixArt sampler: the input latent is not the previous stage's own output (or the stages' scheduler/steps "
+        "differ); the solver restarts at step 3."]
     restart = sampling.sample(dit, pos, neg, noise, generator=gen, init_latents=edited, start_step=3, add_noise=False,
                               **kw)
     assert torch.equal(with_state, restart)
@@ -197,3 +199,91 @@ def test_stage_two_with_another_dit_continues_the_solver_with_it(conds, name):
     noise, gen = _noise()
     only_a = sampling.sample(dit_a, pos, neg, noise, generator=gen, **kw)
     assert ((second - only_a).abs().max() / only_a.abs().max()).item() > 1e-3  # stage 2 did use DiT B
+
+
+def _stepped_unipc(steps: int = 6, taken: int = 2):
+    """diffusers' UniPC (the release's training schedule, tests/reference_settings.py) after `taken` steps: its
+    history holds latent-sized tensors in a list (model_outputs) and alone (last_sample), its schedule 1-D ones."""
+    import reference_settings as ref
+
+    s = ref.scheduler("unipc")
+    s.set_timesteps(steps)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    for t in s.timesteps[:taken]:
+        x = s.step(torch.randn(1, 4, 8, 8, generator=g), t, x).prev_sample
+    return s, x, g
+
+
+def test_moved_history_moves_the_latent_sized_tensors_only():
+    """Moving a solver's history to another device (meta: nothing is copied): the latent-sized tensors (4-D, alone
+    or in a list) go, the schedule's 1-D tensors and the list's other entries stay, the original is not touched."""
+    from pixart_core import stages
+
+    s, _, _ = _stepped_unipc()
+    moved = stages.moved_history(s, torch.device("meta"))
+    assert moved.last_sample.device.type == "meta" and s.last_sample.device.type == "cpu"
+    assert [v.device.type for v in moved.model_outputs] == ["meta", "meta"]
+    assert [v.device.type for v in s.model_outputs] == ["cpu", "cpu"]
+    assert type(moved.model_outputs) is list
+    assert [v.device.type for v in moved.timestep_list] == ["cpu", "cpu"]  # 0-D: not latent-sized
+    assert moved.timesteps.device.type == moved.sigmas.device.type == "cpu"
+
+
+def test_moved_history_is_independent_of_the_original():
+    """The copy steps on without changing the original: UniPC shifts its timestep_list in place at each step, so a
+    shallow copy would rewrite the history of the stage it was handed from."""
+    from pixart_core import stages
+
+    s, x, g = _stepped_unipc()
+    before = [t.clone() for t in s.timestep_list], [v.clone() for v in s.model_outputs]
+    moved = stages.moved_history(s, torch.device("cpu"))
+    moved.step(torch.randn(1, 4, 8, 8, generator=g), s.timesteps[2], x)
+    assert [int(t) for t in s.timestep_list] == [int(t) for t in before[0]]
+    assert all(torch.equal(a, b) for a, b in zip(s.model_outputs, before[1]))
+    assert [int(t) for t in moved.timestep_list] != [int(t) for t in before[0]]  # the copy did step
+
+
+def test_state_recognises_its_latents_within_float_rounding():
+    """A stage's LATENT comes back to the next stage as it was handed, give or take a float's rounding (a round trip
+    through another dtype or device): recognised; any real edit is not. Written-out values: 5e-7 off a zero is within
+    rounding (below atol 1e-6), 1e-3 is an edit."""
+    from pixart_core import stages
+
+    handed = torch.zeros(1, 4, 8, 8)
+    handed[0, 0, 0, :4] = torch.tensor([0.5, -1.25, 2.0, 0.75])  # exact in bf16
+    state = stages.SolverState("dpmpp_2m", 10, 4, None, None, handed, None, handed, handed)
+    assert state.continues("dpmpp_2m", 10, 4, handed + 5e-7)
+    assert state.continues("dpmpp_2m", 10, 4, handed.to(torch.bfloat16))  # compared in the state's dtype
+    assert not state.continues("dpmpp_2m", 10, 4, handed + 1e-3)
+    assert not state.continues("dpmpp_2m", 10, 5, handed)
+
+
+def test_stage_without_a_generator_hands_on_to_one_with_a_generator(dit_and_conds):
+    """A deterministic solver's stage 1 run without a generator hands on no generator state; stage 2 given a
+    generator (ComfyUI's KSamplerAdvanced always has a seed) continues it as one run without a generator."""
+    dit, pos, neg = dit_and_conds
+    kw = dict(steps=6, cfg=4.5, scheduler="dpmpp_2m")
+    noise, _ = _noise()
+    whole = sampling.sample(dit, pos, neg, noise, **kw)
+    first, state = sampling.sample(dit, pos, neg, noise, end_step=3, leftover_noise=True, return_state=True, **kw)
+    assert state.generator_state is None
+    _, gen = _noise(seed=99)
+    second = sampling.sample(dit, pos, neg, noise, generator=gen, init_latents=first, start_step=3, add_noise=False,
+                             resume=state, **kw)
+    assert torch.equal(second, whole)
+
+
+def test_ddim_stage_from_step_0_without_noise_reads_comfyui_form(dit_and_conds):
+    """A stage from step 0 with add_noise off takes its latent as ComfyUI keeps a noisy one, x0 + sigma * noise, at
+    the schedule's first timestep: for DDIM's 6 linspace steps t = 999, where that is the solver's latent divided by
+    sqrt(alphas_cumprod[999]) (the training schedule written out: linear betas 1e-4..0.02 over 1000 steps, float32 as
+    diffusers builds them). So the solver's latent L given as L / sqrt(a) samples as a text-to-image run from L."""
+    dit, pos, neg = dit_and_conds
+    betas = torch.linspace(0.0001, 0.02, 1000, dtype=torch.float32)
+    a = torch.cumprod(1.0 - betas, dim=0)[999]
+    kw = dict(steps=6, cfg=4.5, scheduler="ddim")
+    noise, _ = _noise()
+    whole = sampling.sample(dit, pos, neg, noise, **kw)  # DDIM starts from the noise itself (init_noise_sigma 1)
+    staged = sampling.sample(dit, pos, neg, noise, init_latents=noise / a.sqrt(), start_step=0, add_noise=False, **kw)
+    assert (staged - whole).abs().max() <= 1e-4 * whole.abs().max()

@@ -129,8 +129,11 @@ def test_advanced_dmd_timestep_reaches_the_loop(executor, comfy_base):
     assert torch.equal(plain, at400) and (at599 - at400).abs().max() > 1e-3
 
 
+# the last two: a latent fewer rows high than it has channels (the channel repeat must follow the channels), more
+# masks than channels but fewer than latents (the batch repeat must follow the batch)
 @pytest.mark.parametrize("mask_shape,latent_shape", [((64, 96), (1, 4, 8, 12)), ((2, 37, 51), (2, 4, 8, 12)),
-                                                     ((1, 1, 40, 40), (3, 4, 5, 5)), ((3, 24, 24), (2, 4, 6, 6))])
+                                                     ((1, 1, 40, 40), (3, 4, 5, 5)), ((3, 24, 24), (2, 4, 6, 6)),
+                                                     ((8, 40), (1, 4, 1, 5)), ((4, 24, 24), (5, 4, 3, 3))])
 def test_mask_is_resized_as_comfyui_prepare_mask(comfy, mask_shape, latent_shape):
     import comfy.sampler_helpers
 

@@ -1,0 +1,254 @@
+#!/usr/bin/env python3
+"""tests/MUTATION.md from a mutation run's results (mutants/: mutmut's own result files) and the survivors'
+classification (scripts/mutation_survivors.toml).
+
+    .venv/bin/python scripts/mutation_report.py --write    # tests/MUTATION.md
+    .venv/bin/python scripts/mutation_report.py --table    # the per-module table only (scripts/mutation prints it)
+
+Every surviving mutant is listed with its one-line change and the kind the classification file gives it (the first
+entry whose pattern matches its name and whose `old` text, if given, is in the changed line); one that no entry
+matches is listed as unclassified. mutmut's status names are kept (killed, timeout, survived, no tests, ...)."""
+from __future__ import annotations
+
+import argparse
+import ast
+import difflib
+import fnmatch
+import json
+import sys
+import tomllib
+from collections import Counter, defaultdict
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MUTANTS = ROOT / "mutants"
+CLASSIFICATION = ROOT / "scripts" / "mutation_survivors.toml"
+OUT = ROOT / "tests" / "MUTATION.md"
+# mutmut 3.8's exit codes (mutmut.stats.status_by_exit_code), read here without importing mutmut
+STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 2: "interrupted", None: "not checked",
+          34: "skipped", 35: "suspicious", 36: "timeout", 37: "caught by type check", -24: "timeout", 24: "timeout",
+          152: "timeout", 255: "timeout", -11: "segfault", -9: "segfault"}
+COLUMNS = ["killed", "timeout", "survived", "no tests", "not checked"]
+LATER = "test added after the run"  # a survivor a test written since the run kills (seen by hand, not by mutmut)
+INTRO = """
+# Mutation testing
+
+Written by `scripts/mutation_report.py` from the results in `mutants/` (do not edit by hand: run
+`./scripts/mutation_report.py --write`). The survivors' classification is `scripts/mutation_survivors.toml`.
+
+`./scripts/mutation` runs [mutmut](https://github.com/boxed/mutmut) 3.8.1 over the modules in pyproject.toml's
+`[tool.mutmut]` `only_mutate`: pixart_core's second-wave modules and every module of `nodes/`. Each mutant (one small
+change: an operator, a number, a string, a removed argument, a negated condition, ...) runs the tests that cover the
+mutated function (mutmut records which tests call which function in a first run), narrowed here to the tests that
+executed a statement the mutant changes (`harness/mutation_lines.py`: coverage.py records each test's lines in that
+first run; a test that never executes the changed statement cannot tell the mutant from the original); it is
+*killed* when one fails, *no tests* when no test executed the changed statement.
+
+## What runs against the mutants
+
+The core tier (`tests/core`) and the nodes tier (`tests/nodes`, which starts ComfyUI in the test process), without the
+tests marked `slow`, without `tests/core/test_structure.py` and `tests/nodes/test_comfy_boundary.py` (they read the
+source files, which mutmut rewrites) and without the e2e tier (servers, browsers, installs).
+
+mutmut runs every pytest session of a run in one process tree: its first runs in its own process, then one forked
+child per mutant. `harness/mutation.py`, a pytest plugin the run loads (`-p harness.mutation`), makes the tests that
+start ComfyUI count there:
+- mutmut names a mutant after its file (`nodes.text.x_f__mutmut_3`) and switches it on in the function whose module
+  has that name; ComfyUI imports the pack under its folder's path (`/base/custom_nodes/pixart_sigma_nodes.nodes.text`).
+  Without the plugin no test that goes through ComfyUI is ever recorded as covering a function, and no mutant is
+  switched on inside ComfyUI. The plugin gives the pack's trampolines the file's module name.
+- ComfyUI is initialised once per process (its folder_paths keeps the first base directory): the forked children
+  inherit it started; each session moves ComfyUI's folders to its own base directory (`harness.comfyui.init_comfy`),
+  the tiny models written once and copied.
+- custom_nodes/ links to mutmut's copy of the checkout (`mutants/`, where mutmut runs the tests), so ComfyUI loads
+  the mutated `nodes/` and `pixart_core/`; the plugin stops the run if it loaded the pack from anywhere else.
+- Each session and each test starts as in a fresh process: the pack's caches (the embedding cache, functools caches),
+  the models ComfyUI holds, its file lists and the executor's outputs of earlier tests are cleared (filled by
+  mutmut's process without the mutant, they would hand a child the unmutated result; and mutmut runs a mutant's
+  tests fastest first, not in the suite's order).
+- torch's global switches as each tier sets them: importing ComfyUI lets SDPA's math kernel reduce in fp16/bf16; a
+  core test run after a node test gets the switch back as it was before ComfyUI (the DiT memory test measures it).
+- `OMP_NUM_THREADS=1` (set by `scripts/mutation`): torch's OpenMP pool in mutmut's process makes a forked child hang in
+  its first parallel operation until mutmut's CPU-time limit, a "timeout" that no test earned.
+
+Checks of the setup: a mutant of `nodes/scheduler_labels.py` is killed by the node tests (`nodes/` is reached only
+through ComfyUI); the same mutant file edited back to the original code survives all 97 node tests that cover the
+function, run in a forked child with another child beside it (no kill comes from the setup itself).
+
+Functions that run only while a module is imported (the scheduler table's builder) run before mutmut forks the child,
+so their mutants are switched on only where a test calls them again (`tests/core/test_release_settings.py` does).
+"""
+
+
+def only_mutate() -> list[str]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]["only_mutate"]
+
+
+def modules() -> dict[str, dict]:
+    """{'pixart_core/lora.py': {mutant name: exit code}} for every file [tool.mutmut] mutates."""
+    out = {}
+    for meta in sorted(MUTANTS.rglob("*.py.meta")):
+        rel = str(meta.relative_to(MUTANTS))[: -len(".meta")]
+        if any(fnmatch.fnmatch(rel, p) for p in only_mutate()):
+            out[rel] = json.loads(meta.read_text())
+    return out
+
+
+def status(code) -> str:
+    return STATUS.get(code, "suspicious")
+
+
+def functions(path: Path) -> dict[str, str]:
+    """The mutated file's functions (originals and mutants) by name."""
+    src = path.read_text()
+    return {n.name: ast.get_source_segment(src, n) for n in ast.walk(ast.parse(src))
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and "__mutmut_" in n.name}
+
+
+def change(funcs: dict[str, str], name: str) -> tuple[str, str]:
+    """The mutant's changed lines: (original, mutated), each joined with ' / '."""
+    mangled = name.rsplit(".", 1)[1]
+    orig = funcs.get(mangled.rsplit("__mutmut_", 1)[0] + "__mutmut_orig", "").splitlines()[1:]
+    mutant = funcs.get(mangled, "").splitlines()[1:]
+    diff = list(difflib.ndiff(orig, mutant))
+    return (" / ".join(l[2:].strip() for l in diff if l.startswith("- ")),
+            " / ".join(l[2:].strip() for l in diff if l.startswith("+ ")))
+
+
+def classify(rules: list[dict], name: str, old: str) -> tuple[str, str]:
+    for rule in rules:
+        patterns = rule["match"] if isinstance(rule["match"], list) else [rule["match"]]
+        if any(fnmatch.fnmatchcase(name, p) for p in patterns) and rule.get("old", "") in old:
+            return rule["kind"], rule["reason"]
+    return "unclassified", ""
+
+
+def runs() -> list[dict]:
+    log = MUTANTS / "mutation-runs.jsonl"
+    return [json.loads(l) for l in log.read_text().splitlines() if l.strip()] if log.exists() else []
+
+
+def module_name(rel: str) -> str:
+    return rel[: -len(".py")].replace("/", ".").removesuffix(".__init__")
+
+
+def last_run(rel: str, log: list[dict]) -> dict | None:
+    """The last logged invocation that named some of this module's mutants (or ran everything)."""
+    mod = module_name(rel)
+    for run in reversed(log):
+        if not run["names"] or any(n.startswith(mod + ".") for n in run["names"]):
+            return run
+    return None
+
+
+def seconds(t0: str, t1: str) -> float:
+    f = "%Y-%m-%dT%H:%M:%SZ"
+    return (datetime.strptime(t1, f) - datetime.strptime(t0, f)).total_seconds()
+
+
+def table(results: dict[str, dict], log: list[dict], rules: list[dict]) -> list[str]:
+    """One row per module that has run: its counts, the survivors the classification explains, the raw kill rate."""
+    rows = ["| module | mutants | " + " | ".join(COLUMNS) + " | other | survivors classified | tests added after the "
+            "run | killed % (raw) | mutant time (s) | last run (UTC, commit) |",
+            "|---|---|" + "---|" * len(COLUMNS) + "---|---|---|---|---|---|"]
+    found = survivors(results, rules)
+    for rel, meta in results.items():
+        c = Counter(status(v) for v in meta["exit_code_by_key"].values())
+        decided = c["killed"] + c["timeout"] + c["survived"] + c["no tests"]
+        if not decided:
+            continue
+        other = sum(c.values()) - sum(c[k] for k in COLUMNS)
+        rate = f"{100 * (c['killed'] + c['timeout']) / decided:.1f}%"
+        kinds = Counter(kind for _, kind, *_ in found.get(rel, []))
+        classified = kinds["equivalent"] + kinds["not testable"]
+        spent = sum(v for v in meta.get("durations_by_key", {}).values() if v)
+        run = last_run(rel, log)
+        when = f"{run['end'][:16].replace('T', ' ')} ({run['commit']})" if run else "-"
+        rows.append(f"| {rel} | {sum(c.values())} | " + " | ".join(str(c[k]) for k in COLUMNS) +
+                    f" | {other} | {classified} of {c['survived'] + c['no tests']} | {kinds[LATER]} | {rate} | {spent:.0f} | "
+                    f"{when} |")
+    return rows
+
+
+def not_run(results: dict[str, dict]) -> list[str]:
+    """The mutated modules none of whose mutants has a result yet."""
+    return [rel for rel, meta in results.items()
+            if not any(status(v) in ("killed", "timeout", "survived", "no tests")
+                       for v in meta["exit_code_by_key"].values())]
+
+
+def survivors(results: dict[str, dict], rules: list[dict]) -> dict[str, list[tuple[str, str, str, str, str]]]:
+    """{module: [(mutant, kind, reason, old, new)]} for every survived or no-tests mutant."""
+    out = defaultdict(list)
+    for rel, meta in results.items():
+        funcs = None
+        for name, code in sorted(meta["exit_code_by_key"].items()):
+            if status(code) not in ("survived", "no tests"):
+                continue
+            funcs = funcs if funcs is not None else functions(MUTANTS / rel)
+            old, new = change(funcs, name)
+            kind, reason = classify(rules, name, old)
+            if status(code) == "no tests":
+                reason = f"(no tests) {reason}".strip()
+            out[rel].append((name.rsplit(".", 1)[1], kind, reason, old, new))
+    return out
+
+
+def report(results: dict[str, dict], rules: list[dict], log: list[dict]) -> str:
+    lines = [INTRO.strip(), "", "## Runs", ""]
+    lines += ["| start (UTC) | minutes | commit | uncommitted files | workers | mutants named |", "|---|---|---|---|---|---|"]
+    for r in log:
+        names = ", ".join(f"`{n}`" for n in r["names"]) or "all"
+        lines.append(f"| {r['start'][:16].replace('T', ' ')} | {seconds(r['start'], r['end']) / 60:.1f} | "
+                     f"{r['commit']} | {len(r['uncommitted'])} | {r['children']} | {names} |")
+    lines += ["", "## Results per module", "",
+              "killed % (raw) = (killed + timeout) / (killed + timeout + survived + no tests); *not checked* = not run "
+              "yet; mutant time = the seconds mutmut's workers spent on the module's mutants (summed over workers); "
+              "survivors classified = survived and no-tests mutants that scripts/mutation_survivors.toml explains "
+              "(equivalent or not testable; the rest are listed as unclassified below); tests added after the run = "
+              "survivors a test written after the module's last run kills (each seen to fail with the change applied "
+              "by hand; mutmut has not re-run them, so they still count as survivors in the raw rate); "
+              "last run = the last run that named the module, and its commit. A module whose row has *not checked* "
+              "mutants was run in part.", ""]
+    lines += table(results, log, rules)
+    missing = not_run(results)
+    lines += ["", f"Not run yet ({len(missing)} modules, {sum(len(results[m]['exit_code_by_key']) for m in missing)} "
+              "mutants): " + (", ".join(f"`{m}`" for m in missing) or "none") + "."]
+    found = survivors(results, rules)
+    kinds = sorted({k for rows in found.values() for _, k, *_ in rows})
+    lines += ["", "## Survivors by kind", "", "| module | survivors | " + " | ".join(kinds) + " |",
+              "|---|---|" + "---|" * len(kinds)]
+    for rel, rows in found.items():
+        c = Counter(k for _, k, *_ in rows)
+        lines.append(f"| {rel} | {len(rows)} | " + " | ".join(str(c[k]) for k in kinds) + " |")
+    lines += ["", "## Every survivor", ""]
+    for rel, rows in found.items():
+        lines += [f"### {rel}: {len(rows)}", ""]
+        for mutant, kind, reason, old, new in sorted(rows, key=lambda r: (r[1], r[0])):
+            lines.append(f"- **{kind}** `{mutant}`: `{old[:110]}` → `{new[:110]}`" + (f" — {reason}" if reason else ""))
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--write", action="store_true", help=f"write {OUT.relative_to(ROOT)}")
+    ap.add_argument("--table", action="store_true", help="print the per-module table only")
+    args = ap.parse_args()
+    results = modules()
+    if not results:
+        sys.exit("no results in mutants/: run ./scripts/mutation first")
+    rules = tomllib.loads(CLASSIFICATION.read_text()).get("survivor", [])
+    if args.table:
+        print("\n".join(table(results, runs(), rules)))
+        return
+    text = report(results, rules, runs())
+    if args.write:
+        OUT.write_text(text)
+    else:
+        sys.stdout.write(text)
+
+
+if __name__ == "__main__":
+    main()
