@@ -185,3 +185,15 @@ def test_size_refusal_names_the_side_the_noise_gives():
         with pytest.raises(ValueError) as e:
             sampling.sample(dit, cond, cond, torch.zeros(shape), steps=1, cfg=4.5)
         assert str(e.value) == f"PixArt sampler: {message} is outside 16..4096."
+
+
+def test_half_precision_noise_is_sampled_in_fp32(dit_and_conds):
+    """The loop runs in fp32 whatever the noise's dtype (the pipeline makes its latents in fp32 and the DiT casts
+    them): bf16 noise gives exactly the latents of the same values in fp32, and fp32 latents come back. Euler scales
+    the noise by its init sigma (157.4), a product bf16 would round."""
+    dit, pos, neg = dit_and_conds
+    noise, _ = _noise()
+    half = noise.to(torch.bfloat16)
+    a = sampling.sample(dit, pos, neg, half, steps=3, cfg=4.5, scheduler="euler")
+    b = sampling.sample(dit, pos, neg, half.float(), steps=3, cfg=4.5, scheduler="euler")
+    assert a.dtype == torch.float32 and torch.equal(a, b)

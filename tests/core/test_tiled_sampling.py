@@ -220,3 +220,16 @@ def test_the_4k_guide_tile_counts():
     for (width, height), (count, tile) in (((3840, 2160), (4, (2688, 1536))), ((4096, 4096), (9, (2048, 2048)))):
         layout, size = hires.tiling(width, height, 2048, 0, 0, 256)
         assert (len(layout), size) == (count, tile)
+
+
+def test_a_tiled_canvas_may_be_larger_than_any_trained_bin(dit):
+    """The 4096 px limit is the DiT's (the 2K family's largest bin); tiles are checked where they were laid out, so a
+    tiled canvas 4160 px wide samples, while the same request to the plain DiT is refused before anything runs."""
+    from pixart_core import tiles
+
+    canvas = (8, 520)  # 64 x 4160 px: one side over 4096
+    model = tiles.TiledDiT(dit, tiles.layout(*canvas, 8, 130, 0), canvas)
+    out = _sample(model, size=(64, 4160), steps=1)
+    assert out.shape == (1, 4, 8, 520) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="width 4160 is outside"):
+        _sample(dit, size=(64, 4160), steps=1)
