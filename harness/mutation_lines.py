@@ -6,10 +6,16 @@ survivor would run it for nothing: with the node tests (a whole graph each) that
 mutmut's stats run coverage.py records which test executed which line of the mutated files; a mutant's child then
 runs only the tests that executed a line of a statement it changes. A change in the function's signature (a default)
 or one that moves lines keeps every test. A test the record does not know is kept.
+
+Line numbers are those of the mutated copy under mutants/, which mutmut writes again whenever the source changes; a
+later stats run re-runs only the tests that are new. So the record keeps, per file, the hash of the copy it was
+measured on and the tests measured on it: when the copy changes, what the earlier tests recorded of it is dropped
+(they are then unknown for that file, so kept), and a file whose copy no longer matches its record keeps every test.
 """
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -54,23 +60,43 @@ class Recorder:
         self.cov.switch_context("")
 
     def save(self) -> None:
-        """Merge into mutants/mutmut-lines.json: the tests run now replace what an earlier run recorded of them."""
+        """Merge into mutants/mutmut-lines.json (see merged)."""
         self.cov.stop()
         data = self.cov.get_data()
-        path = self.root / RECORD
-        old = json.loads(path.read_text()) if path.exists() else {"tests": [], "lines": {}}
-        ran = set(self.tests)
-        lines = {rel: {line: set(tests) - ran for line, tests in by_line.items()}
-                 for rel, by_line in old["lines"].items()}
+        measured: dict[str, dict[str, set[str]]] = {}
         for filename in data.measured_files():
             rel = source_file(filename, self.root)
             if rel is None:
                 continue
             for line, contexts in data.contexts_by_lineno(filename).items():
-                lines.setdefault(rel, {}).setdefault(str(line), set()).update(c for c in contexts if c)
-        path.write_text(json.dumps({
-            "tests": sorted(set(old["tests"]) | ran),
-            "lines": {rel: {line: sorted(t) for line, t in by_line.items() if t} for rel, by_line in lines.items()}}))
+                measured.setdefault(rel, {}).setdefault(str(line), set()).update(c for c in contexts if c)
+        path = self.root / RECORD
+        old = json.loads(path.read_text()) if path.exists() else {}
+        files = set(measured) | set(old.get("files", {}))
+        hashes = {rel: file_hash(self.root / rel) for rel in files if (self.root / rel).exists()}
+        path.write_text(json.dumps(merged(old, set(self.tests), measured, hashes)))
+
+
+def file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def merged(old: dict, ran: set[str], measured: dict[str, dict[str, set[str]]], hashes: dict[str, str]) -> dict:
+    """The record after a stats session: per file (path in the checkout), the hash of the mutated copy the lines
+    were measured on, the tests measured on it and, per line, the tests that executed it. `ran` are the session's
+    tests, `measured` their lines, `hashes` the copies now. The tests that ran replace what they recorded before;
+    on a copy that changed since, only the tests that ran now are known."""
+    out = {}
+    for rel, digest in hashes.items():
+        entry = old.get("files", {}).get(rel, {})
+        same = entry.get("hash") == digest
+        lines = {line: set(t) - ran for line, t in entry.get("lines", {}).items()} if same else {}
+        for line, tests in measured.get(rel, {}).items():
+            lines.setdefault(line, set()).update(tests)
+        known = (set(entry.get("tests", ())) if same else set()) | ran
+        out[rel] = {"hash": digest, "tests": sorted(known),
+                    "lines": {line: sorted(t) for line, t in lines.items() if t}}
+    return {"files": out}
 
 
 def _file_of(module: str, root: Path) -> str:
@@ -120,19 +146,21 @@ def changed_statements(source: str, mutant: str) -> list[tuple[int, int]] | None
 
 
 def tests_for(mutant_name: str, root: Path) -> tuple[set[str], set[str]] | None:
-    """(tests that executed a statement the mutant changes, every test the record knows), or None: run them all."""
+    """(tests that executed a statement the mutant changes, every test the record knows for its file), or None: run
+    them all (no record, a copy changed since it was measured, or a change the lines cannot place)."""
     path = root / RECORD
     if not path.exists():
         return None
     module, _, mangled = mutant_name.rpartition(".")
     rel = _file_of(module, root)
+    entry = json.loads(path.read_text()).get("files", {}).get(rel)
+    if entry is None or entry["hash"] != file_hash(root / rel):
+        return None
     spans = changed_statements((root / rel).read_text(), mangled)
     if spans is None:
         return None
-    record = json.loads(path.read_text())
-    by_line = record["lines"].get(rel, {})
     tests = set()
     for lo, hi in spans:
         for line in range(lo, hi + 1):
-            tests.update(by_line.get(str(line), ()))
-    return tests, set(record["tests"])
+            tests.update(entry["lines"].get(str(line), ()))
+    return tests, set(entry["tests"])
