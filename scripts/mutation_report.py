@@ -42,8 +42,9 @@ Written by `scripts/mutation_report.py` from the results in `mutants/` (do not e
 change: an operator, a number, a string, a removed argument, a negated condition, ...) runs the tests that cover the
 mutated function (mutmut records which tests call which function in a first run), narrowed here to the tests that
 executed a statement the mutant changes (`harness/mutation_lines.py`: coverage.py records each test's lines in that
-first run; a test that never executes the changed statement cannot tell the mutant from the original); it is
-*killed* when one fails, *no tests* when no test executed the changed statement.
+first run; a test that never executes the changed statement cannot tell the mutant from the original; lines measured
+on an older mutated copy of the file are not used); it is *killed* when one fails, *no tests* when no test executed
+the changed statement.
 
 ## What runs against the mutants
 
