@@ -233,3 +233,141 @@ def test_a_tiled_canvas_may_be_larger_than_any_trained_bin(dit):
     assert out.shape == (1, 4, 8, 520) and torch.isfinite(out).all()
     with pytest.raises(ValueError, match="width 4160 is outside"):
         _sample(dit, size=(64, 4160), steps=1)
+
+
+def _hand_weights(length: int, starts: list[int], tile: int) -> list[list[float]]:
+    """The normalised 1-D weights of tiles at `starts`, in Python floats (float64): each tile's ramp is
+    min(1, (p + 0.5) / left, (tile - p - 0.5) / right) over the overlaps `left`/`right` it shares with its
+    neighbours, then every pixel's weights are divided by their sum."""
+    raw = []
+    for i, a in enumerate(starts):
+        left = starts[i - 1] + tile - a if i > 0 else 0
+        right = a + tile - starts[i + 1] if i + 1 < len(starts) else 0
+        raw.append([min([1.0] + ([(p + 0.5) / left] if left else []) + ([(tile - p - 0.5) / right] if right else []))
+                    for p in range(tile)])
+    total = [0.0] * length
+    for a, w in zip(starts, raw):
+        for p, v in enumerate(w):
+            total[a + p] += v
+    return [[v / total[a + p] for p, v in enumerate(w)] for a, w in zip(starts, raw)]
+
+
+@pytest.mark.parametrize("length,tile,overlap,starts", [
+    (15, 8, 1, [0, 7]),  # an overlap of one latent pixel: 0.5 each side of the seam
+    (11, 6, 2, [0, 2, 5]),  # three tiles over one pixel
+    (53, 24, 6, [0, 14, 29]),  # ceil((53 - 6) / 18) = 3 at round(0, 14.5, 29), halves to even
+    (37, 16, 6, [0, 7, 14, 21]),  # ceil(31 / 10) = 4 at round(0, 7, 14, 21)
+])
+def test_tile_weights_are_the_hand_computed_ones_rounded_once(length, tile, overlap, starts):
+    """Every weight, exactly: the ramps and their sums in float64 (as the hand computation does), rounded to float32
+    once at the end, so seams add to 1 as closely as float32 allows."""
+    from pixart_core import tiles
+
+    layout = tiles.layout(1, length, 1, tile, overlap)
+    assert [t.x for t in layout] == starts
+    for t, want in zip(layout, _hand_weights(length, starts, tile)):
+        assert t.weight.dtype == torch.float32
+        assert torch.equal(t.weight, torch.tensor([want], dtype=torch.float64).float())
+
+
+@pytest.mark.parametrize("label,args", [("height", (0, 8, 8, 8)), ("width", (8, 0, 8, 8)),
+                                        ("tile height", (8, 8, 0, 8)), ("tile width", (8, 8, 8, -8))])
+def test_a_size_that_is_not_positive_is_refused_by_name(label, args):
+    from pixart_core import tiles
+
+    with pytest.raises(ValueError) as e:
+        tiles.layout(*args, 0)
+    assert str(e.value) == f"Tiled sampling: {label} {min(args)} must be positive."
+
+
+def test_micro_conditioning_of_each_tile_covers_the_whole_batch():
+    """Two images with CFG: the DiT gets four rows, each with the tile's size and aspect ratio (64 x 80 px: 0.8)."""
+    from pixart_core import sampling, tiles
+
+    alpha = tiny.make_dit(variant="alpha-1024")
+    seen = []
+    handle = alpha.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["added_cond_kwargs"]),
+                                             with_kwargs=True)
+    noise, gen = sampling.initial_noise(3, 2, 4, 64, 128)
+    try:
+        sampling.sample(tiles.TiledDiT(alpha, tiles.layout(8, 16, 8, 10, 2), (8, 16)), _cond(1), _cond(2, 3), noise,
+                        steps=1, cfg=4.5, generator=gen)
+    finally:
+        handle.remove()
+    assert len(seen) == 2
+    for added in seen:
+        assert added["resolution"].tolist() == [[64.0, 80.0]] * 4
+        assert torch.equal(added["aspect_ratio"], torch.full((4, 1), 64 / 80, dtype=added["resolution"].dtype))
+
+
+def _forward_inputs(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 12, generator=g).to(dtype)
+    kw = dict(encoder_hidden_states=_cond(4).embeds.repeat(2, 1, 1).to(dtype), timestep=torch.tensor([500, 500]),
+              added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
+    return x, kw
+
+
+def test_a_bf16_dit_blends_its_tiles_in_fp32():
+    """The blend is accumulated in fp32 (a bf16 sum of weighted tiles would round at every seam): the output is the
+    hand blend of the DiT's bf16 predictions, each cast to fp32 and weighted, in fp32."""
+    from pixart_core import tiles
+
+    dit = tiny.make_dit().to(torch.bfloat16)
+    x, kw = _forward_inputs(torch.bfloat16)
+    layout = tiles.layout(8, 12, 8, 8, 4)
+    with torch.no_grad():
+        got = tiles.TiledDiT(dit, layout, (8, 12))(x, **kw)[0]
+        want = torch.zeros(2, 8, 8, 12)
+        for t in layout:
+            want[..., t.x:t.x + t.w] += dit(x[..., t.x:t.x + t.w], **kw)[0].float() * t.weight
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+def test_one_tile_is_the_dits_own_forward_dtype_included():
+    from pixart_core import tiles
+
+    dit = tiny.make_dit().to(torch.bfloat16)
+    x, kw = _forward_inputs(torch.bfloat16)
+    with torch.no_grad():
+        got = tiles.TiledDiT(dit, tiles.layout(8, 12, 8, 12, 2), (8, 12))(x, **kw)[0]
+        want = dit(x, **kw)[0]
+    assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
+def test_progress_per_tile_with_a_controlnet_applied(dit):
+    """A ControlNet makes the guided prediction ask for the DiT's form at each step (TiledDiT.at_step): that form
+    still reports each tile."""
+    from pixart_core import controlnet, tiles
+
+    calls = []
+    layout = tiles.layout(8, 16, 8, 8, 2)
+    model = tiles.TiledDiT(controlnet.ControlledDiT(dit, ()), layout, (8, 16), on_tile=lambda i, n: calls.append(i))
+    _sample(model, size=(64, 128), steps=2)
+    assert calls == [1, 2, 3] * 2
+
+
+def test_the_tile_weights_follow_the_dit_to_its_device():
+    """The layout's weights live on the CPU; the blend moves each to the device the DiT predicts on. A DiT on the
+    meta device stands for a GPU (a CPU weight times a meta prediction is refused as a CPU one times a CUDA one is)."""
+    from pixart_core import tiles
+
+    dit = tiny.make_dit().to("meta")
+    x, kw = _forward_inputs(torch.float32)
+    kw.update(encoder_hidden_states=kw["encoder_hidden_states"].to("meta"), timestep=kw["timestep"].to("meta"))
+    layout = tiles.layout(8, 12, 8, 8, 4)
+    assert {t.weight.device.type for t in layout} == {"cpu"}
+    out = tiles.TiledDiT(dit, layout, (8, 12))(x.to("meta"), **kw)[0]
+    assert out.device.type == "meta" and out.shape == (2, 8, 8, 12) and out.dtype == torch.float32
+
+
+def test_the_tiled_forward_takes_the_dits_positional_arguments(dit):
+    """Same signature as the DiT's: the text embeddings may come second, by position."""
+    from pixart_core import tiles
+
+    x, kw = _forward_inputs(torch.float32)
+    model = tiles.TiledDiT(dit, tiles.layout(8, 12, 8, 8, 4), (8, 12))
+    with torch.no_grad():
+        by_name = model(x, **kw)[0]
+        by_position = model(x, kw.pop("encoder_hidden_states"), **kw)[0]
+    assert torch.equal(by_position, by_name)
