@@ -418,3 +418,39 @@ def test_peft_adalora_is_refused_not_applied_without_its_singular_values(dit_mod
     assert message.startswith("adalora.safetensors: base_model.model.transformer_blocks.0.attn1.to_k (and 7 more) has "
                               "lora_E (PEFT's AdaLoRA) beside the LoRA tensors"), message
     assert "merge_and_unload" in message
+
+
+def test_split_key_cuts_the_longest_adapter_suffix_off_a_module_name():
+    assert lora_keys.split_key("transformer_blocks.0.attn1.to_q.lora_A.default.weight") == (
+        "transformer_blocks.0.attn1.to_q", ".lora_A.default.weight")
+    assert lora_keys.split_key("lora_unet_proj_out.alpha") == ("lora_unet_proj_out", ".alpha")
+    assert lora_keys.split_key(".alpha") is None  # a suffix alone names no module
+    assert lora_keys.split_key("proj_out.weight_scale") is None
+
+
+def test_the_tied_t5_embedding_is_named_once_as_shared():
+    """transformers' T5EncoderModel lists its one embedding twice (shared.weight and encoder.embed_tokens.weight, the
+    same tensor): LoRA names go to shared only, so a patch can never reach that tensor twice."""
+    t5 = tiny.make_t5()
+    shapes = _shapes(t5)
+    assert {"shared.weight", "encoder.embed_tokens.weight"} <= set(shapes)
+    assert t5.shared.weight is t5.encoder.embed_tokens.weight
+    targets = lora_keys.t5_targets(shapes)
+    assert targets["text_encoder.shared"].params == ("shared.weight",)
+    assert not [a for a in targets if "embed_tokens" in a]
+
+
+def test_a_t5_lora_reports_its_formats_with_t5_names(dit_model):
+    t5 = tiny.make_t5()
+    sd, _ = _t5_lora(t5)  # kohya lora_te_ keys and PEFT text_encoder. keys
+    plan = core_lora.prepare(sd, _shapes(dit_model), _shapes(t5))
+    assert plan.formats == ["LoRA (PEFT/diffusers), t5 names", "LoRA, t5 names"]
+
+
+def test_an_sdxl_lora_in_diffusers_form_is_told_from_sd15():
+    """Dots or underscores: a UNet level with a second transformer block is SDXL's (SD1.x/2.x have one per level)."""
+    sdxl = ["unet.down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q.lora_A.weight"]
+    assert lora_keys.describe_lora(sdxl) == "a Stable Diffusion XL LoRA (UNet keys such as input_blocks / down_blocks)"
+    sd15 = ["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"]
+    assert lora_keys.describe_lora(sd15) == \
+        "a Stable Diffusion 1.x/2.x LoRA (UNet keys such as input_blocks / down_blocks)"

@@ -444,3 +444,52 @@ def test_gguf_with_quantization_is_still_refused_with_a_cache(tmp_path):
         _load(path, tmp_path / "cache")
     assert gguf_t5.QUANTIZATION_HINT in str(e.value)
     assert not (tmp_path / "cache").exists()
+
+
+def _mixed_tensors() -> dict[str, torch.Tensor]:
+    """Every element width the cache writes, and an empty tensor among the 4-byte ones (written as nothing)."""
+    g = torch.Generator().manual_seed(0)
+    return {"b.weight": torch.randn(3, 5, generator=g), "a.empty": torch.zeros(0),
+            "c.scale": torch.randn(4, generator=g).to(torch.bfloat16), "e.flag": torch.tensor([True, False, True]),
+            "d.q": torch.randint(-128, 127, (7,), dtype=torch.int8, generator=g), "f.absmax": torch.randn(2).double()}
+
+
+def test_the_weights_file_is_byte_for_byte_the_one_safetensors_writes(tmp_path):
+    """The cache writes its file itself (one tensor at a time, no serialized copy): safetensors' own save_file, with
+    the metadata torch's files carry, gives the same bytes (header, its padding, order, data)."""
+    from transformers import T5Config
+
+    tensors = _mixed_tensors()
+    entry = tmp_path / "entry"
+    t5_cache.write(entry, {"k": 1}, T5Config(), tensors, "cpu")
+    save_file(tensors, str(tmp_path / "reference.safetensors"), metadata={"format": "pt"})
+    assert (entry / t5_cache.WEIGHTS).read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
+
+
+def test_the_manifest_holds_each_files_sha256(tmp_path):
+    """hashlib's sha256 of each file as written; a full check passes on the entry and sees one changed byte of the
+    config (size and mtime kept)."""
+    import hashlib
+
+    from transformers import T5Config
+
+    entry, key = tmp_path / "entry", {"k": 1}
+    t5_cache.write(entry, key, T5Config(), _mixed_tensors(), "cpu")
+    files = json.loads((entry / t5_cache.MANIFEST).read_text())["files"]
+    for name in (t5_cache.WEIGHTS, "config.json"):
+        assert files[name]["sha256"] == hashlib.sha256((entry / name).read_bytes()).hexdigest()
+    assert t5_cache.check(entry, key, verify="full") is None
+    config = entry / "config.json"
+    st = config.stat()
+    config.write_bytes(config.read_bytes().replace(b" ", b"\t", 1))  # an indent: still the same config, same size
+    os.utime(config, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert t5_cache.check(entry, key, verify="full") == "config.json does not match its sha256"
+
+
+def test_a_tensor_safetensors_cannot_hold_is_refused_by_name_and_leaves_nothing(tmp_path):
+    from transformers import T5Config
+
+    with pytest.raises(t5_cache.CacheError) as e:
+        t5_cache.write(tmp_path / "entry", {}, T5Config(), {"x.weight": torch.zeros(2, dtype=torch.complex64)}, "cpu")
+    assert str(e.value) == "tensor x.weight has dtype torch.complex64, which safetensors cannot hold"
+    assert list(tmp_path.iterdir()) == []
