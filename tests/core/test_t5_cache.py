@@ -493,3 +493,123 @@ def test_a_tensor_safetensors_cannot_hold_is_refused_by_name_and_leaves_nothing(
         t5_cache.write(tmp_path / "entry", {}, T5Config(), {"x.weight": torch.zeros(2, dtype=torch.complex64)}, "cpu")
     assert str(e.value) == "tensor x.weight has dtype torch.complex64, which safetensors cannot hold"
     assert list(tmp_path.iterdir()) == []
+
+
+def _small_entry():
+    from transformers import T5Config
+
+    return {"w": torch.ones(4, 4)}, T5Config()  # 64 bytes of tensors
+
+
+def test_a_young_leftover_is_kept_for_the_writer_that_may_still_use_it(tmp_path):
+    """Only leftovers older than an hour are removed: a younger one may be another process's folder in the making;
+    a file with a leftover's name is not touched either."""
+    entry = tmp_path / "cache" / "entry"
+    young = entry.with_name(entry.name + ".tmp-4242-0a1b2c3d")
+    young.mkdir(parents=True)
+    stray = entry.with_name(entry.name + ".old-1-x")
+    stray.write_bytes(b"not ours")
+    old = 10**9 * (int(stray.stat().st_mtime) - 2 * t5_cache._LEFTOVER_AGE_S)
+    os.utime(stray, ns=(old, old))
+    tensors, config = _small_entry()
+    t5_cache.write(entry, {"k": 1}, config, tensors, "cpu")
+    assert young.is_dir() and stray.read_bytes() == b"not ours"
+
+
+@pytest.mark.parametrize("spare,written", [(0, True), (-1, False)])
+def test_free_disk_space_must_hold_the_tensors_and_256_mib(tmp_path, monkeypatch, spare, written):
+    """The disk as the operating system reports it (shutil.disk_usage, the only query stood in for): an entry is
+    written with exactly 64 bytes + 256 MiB free, and refused, whole message, with one byte less."""
+    import collections
+
+    usage = collections.namedtuple("usage", "total used free")
+    free = 64 + (256 << 20) + spare
+    monkeypatch.setattr(t5_cache.shutil, "disk_usage", lambda p: usage(1 << 40, (1 << 40) - free, free))
+    tensors, config = _small_entry()
+    entry = tmp_path / "cache" / "entry"
+    if written:
+        t5_cache.write(entry, {"k": 1}, config, tensors, "cpu")
+        assert t5_cache.check(entry, {"k": 1}) is None
+        return
+    with pytest.raises(t5_cache.CacheError) as e:
+        t5_cache.write(entry, {"k": 1}, config, tensors, "cpu")
+    assert str(e.value) == f"not enough free disk space in {entry.parent} (0.3 GiB free, 0.0 GiB needed)"
+    assert not entry.exists()
+
+
+def test_the_space_message_gives_gib_with_one_decimal(tmp_path, monkeypatch):
+    """3 GiB of tensors (on the meta device: sized, never allocated) against 2.5 GiB free."""
+    import collections
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(t5_cache.shutil, "disk_usage", lambda p: usage(1 << 40, 0, 5 << 29))
+    tensors = {"w": torch.empty(3 << 28, dtype=torch.float32, device="meta")}
+    with pytest.raises(t5_cache.CacheError) as e:
+        t5_cache.write(tmp_path / "entry", {}, _small_entry()[1], tensors, "cpu")
+    assert str(e.value) == f"not enough free disk space in {tmp_path} (2.5 GiB free, 3.0 GiB needed)"
+
+
+def test_the_cache_folder_and_its_parents_are_made(tmp_path):
+    entry = tmp_path / "models" / "pixart" / "t5_cache" / "entry"
+    tensors, config = _small_entry()
+    t5_cache.write(entry, {"k": 1}, config, tensors, "cpu")
+    assert t5_cache.check(entry, {"k": 1}) is None
+
+
+def test_the_manifest_says_when_the_entry_was_made_in_utc(tmp_path, monkeypatch):
+    """ISO 8601 in UTC with a Z, whatever the machine's time zone (here set to Tokyo, 9 hours ahead)."""
+    import datetime
+    import time
+
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        tensors, config = _small_entry()
+        before = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+        t5_cache.write(tmp_path / "entry", {"k": 1}, config, tensors, "cpu")
+        after = datetime.datetime.now(datetime.timezone.utc)
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    created = json.loads((tmp_path / "entry" / t5_cache.MANIFEST).read_text())["created"]
+    stamp = datetime.datetime.strptime(created, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+    assert before <= stamp <= after
+
+
+def test_an_invalid_entry_in_the_way_is_replaced_and_nothing_of_it_stays(tmp_path):
+    entry = tmp_path / "entry"
+    tensors, config = _small_entry()
+    t5_cache.write(entry, {"k": 1}, config, tensors, "cpu")
+    (entry / t5_cache.WEIGHTS).write_bytes(b"garbage")  # invalid now
+    assert t5_cache.check(entry, {"k": 1}) is not None
+    t5_cache.write(entry, {"k": 1}, config, tensors, "cpu")
+    assert t5_cache.check(entry, {"k": 1}) is None
+    assert [p.name for p in tmp_path.iterdir()] == ["entry"]
+
+
+@pytest.mark.parametrize("theirs_valid", [True, False])
+def test_another_process_finishing_the_same_entry_first(tmp_path, monkeypatch, theirs_valid):
+    """Two ComfyUI processes quantizing the same T5: the other one renames its entry into place between our check
+    and our rename (stood in for by doing its write inside ours, just before the rename). A valid entry of theirs is
+    kept and our folder removed; an invalid one is an error, and our folder is still removed."""
+    entry = tmp_path / "entry"
+    tensors, config = _small_entry()
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst) == entry and not entry.exists():
+            monkeypatch.setattr(t5_cache.os, "replace", real_replace)
+            t5_cache.write(entry, {"k": 1}, config, {"w": torch.full((4, 4), 2.0)}, "cpu")
+            if not theirs_valid:
+                (entry / t5_cache.WEIGHTS).write_bytes(b"garbage")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(t5_cache.os, "replace", replace)
+    if theirs_valid:
+        t5_cache.write(entry, {"k": 1}, config, tensors, "cpu")
+        assert t5_cache.check(entry, {"k": 1}) is None
+        assert torch.equal(load_file(str(entry / t5_cache.WEIGHTS))["w"], torch.full((4, 4), 2.0))  # theirs
+    else:
+        with pytest.raises(OSError):
+            t5_cache.write(entry, {"k": 1}, config, tensors, "cpu")
+    assert [p.name for p in tmp_path.iterdir()] == ["entry"]
