@@ -613,3 +613,44 @@ def test_another_process_finishing_the_same_entry_first(tmp_path, monkeypatch, t
         with pytest.raises(OSError):
             t5_cache.write(entry, {"k": 1}, config, tensors, "cpu")
     assert [p.name for p in tmp_path.iterdir()] == ["entry"]
+
+
+def _entry_with_weights(tmp_path, data: bytes) -> Path:
+    """An entry whose manifest describes weights of these bytes (size and mtime as written): only the safetensors
+    layout itself can tell a broken file."""
+    entry = tmp_path / "entry"
+    tensors, config = _small_entry()
+    t5_cache.write(entry, {"k": 1}, config, tensors, "cpu")
+    weights = entry / t5_cache.WEIGHTS
+    weights.write_bytes(data)
+    manifest = json.loads((entry / t5_cache.MANIFEST).read_text())
+    s = weights.stat()
+    manifest["files"][t5_cache.WEIGHTS].update(size=s.st_size, mtime_ns=s.st_mtime_ns)
+    (entry / t5_cache.MANIFEST).write_text(json.dumps(manifest))
+    return entry
+
+
+def _safetensors_bytes(header: bytes, data: bytes = b"") -> bytes:
+    """The safetensors layout (its format description): the header's length as a little-endian u64, the JSON
+    header, the data."""
+    import struct
+
+    return struct.pack("<Q", len(header)) + header + data
+
+
+@pytest.mark.parametrize("data,problem", [
+    (b"\x05\x00\x00", "shorter than a safetensors header"),
+    (b"\x03\x00\x00\x00\x00\x00\x00\x00{}", "header length points past the end of the file"),  # 3 of 2 bytes
+    (b"\x02\x00\x00\x00\x00\x00\x00\x80{}", "header length points past the end of the file"),  # 2**63 + 2: unsigned
+    (_safetensors_bytes(b'{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', bytes(8)) + b"abc",
+     "73 bytes where its header describes 70"),  # 8 + a 54-byte header + 8 bytes of data, and 3 more
+])
+def test_a_weights_file_that_is_not_whole_safetensors_is_named_for_what_is_wrong(tmp_path, data, problem):
+    entry = _entry_with_weights(tmp_path, data)
+    assert t5_cache.check(entry, {"k": 1}) == f"{t5_cache.WEIGHTS} is not a complete safetensors file: {problem}"
+
+
+def test_a_header_that_fills_the_file_exactly_is_whole(tmp_path):
+    """No tensors: the header alone, its length exactly the rest of the file (the boundary of the check above)."""
+    entry = _entry_with_weights(tmp_path, _safetensors_bytes(b'{"__metadata__":{"format":"pt"}}'))
+    assert t5_cache.check(entry, {"k": 1}) is None
