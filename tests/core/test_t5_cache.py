@@ -654,3 +654,55 @@ def test_a_header_that_fills_the_file_exactly_is_whole(tmp_path):
     """No tensors: the header alone, its length exactly the rest of the file (the boundary of the check above)."""
     entry = _entry_with_weights(tmp_path, _safetensors_bytes(b'{"__metadata__":{"format":"pt"}}'))
     assert t5_cache.check(entry, {"k": 1}) is None
+
+
+def test_a_folders_source_files_are_its_config_and_weights_only(tmp_path):
+    """A transformers T5 folder also holds a README, the tokenizer and folders: editing those changes no weight, so
+    they are not in the cache key."""
+    folder = tmp_path / "t5"
+    folder.mkdir()
+    for name in ("config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                 "README.md", "spiece.model"):
+        (folder / name).write_bytes(b"x")
+    (folder / "old.safetensors.d").mkdir()
+    assert [f.name for f in t5_cache.source_files(folder)] == [
+        "config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+
+
+def test_the_entry_folder_is_named_for_the_source_mode_dtype_and_resolved_path(tmp_path):
+    """The file name with every run of other characters than letters, digits, _ . - made one _, cut to 60
+    characters (a root path has no name: t5), then mode, dtype and the first 12 hex digits of the resolved path's
+    sha256 (hashlib)."""
+    import hashlib
+
+    src = tmp_path / "My T5 (fp16)!.safetensors"
+    digest = hashlib.sha256(str(src.resolve()).encode()).hexdigest()[:12]
+    assert t5_cache.entry_dir(tmp_path, src, Q8, torch.bfloat16).name == \
+        f"My_T5_fp16_.safetensors-8bit-bfloat16-{digest}"
+    long = tmp_path / ("a" * 70 + ".safetensors")
+    assert t5_cache.entry_dir(tmp_path, long, NF4, torch.float32).name.startswith("a" * 60 + "-nf4-float32-")
+    assert t5_cache.entry_dir(tmp_path, "/", Q8, torch.float32).name.startswith("t5-8bit-float32-")
+
+
+def test_the_cache_refuses_a_mode_it_does_not_hold():
+    with pytest.raises(ValueError) as e:
+        t5_cache.entry_dir("/tmp", "/tmp/t5.safetensors", "none", torch.float32)
+    assert str(e.value) == "the T5 cache holds quantized modes only (8bit, nf4), not 'none'."
+
+
+def test_check_says_why_an_entry_cannot_be_used(tmp_path):
+    """Each reason in full: no manifest, a key field missing on one side or changed, a manifest listing other
+    files."""
+    entry = tmp_path / "entry"
+    tensors, config = _small_entry()
+    t5_cache.write(entry, {"a": 1, "b": 2}, config, tensors, "cpu")
+    assert t5_cache.check(entry, {"a": 1, "c": 3}) == "made for another source or setting (differs in: b, c)"
+    assert t5_cache.check(entry, {"a": 1}) == "made for another source or setting (differs in: b)"
+    manifest_path = entry / t5_cache.MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["extra.bin"] = manifest["files"]["config.json"]
+    manifest_path.write_text(json.dumps(manifest))
+    assert t5_cache.check(entry, {"a": 1, "b": 2}) == \
+        f"manifest lists ['config.json', 'extra.bin', '{t5_cache.WEIGHTS}']"
+    manifest_path.unlink()
+    assert t5_cache.check(entry, {"a": 1, "b": 2}) == "no manifest (an interrupted write)"
