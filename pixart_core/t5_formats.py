@@ -38,10 +38,6 @@ def scaled_keys(keys) -> set[str]:
     return {k for k in keys if k == MARKER or k.endswith(("." + MARKER, SCALE, INPUT_SCALE))}
 
 
-def is_scaled(keys) -> bool:
-    return bool(scaled_keys(keys))
-
-
 class LazyTensor:
     """A tensor transformers' loader materializes when it reaches it (it reads `t[...]`, as from a safetensors slice)."""
 

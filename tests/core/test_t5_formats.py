@@ -6,6 +6,8 @@ ComfyUI's scaled-fp8 layout (comfy/ops.py scaled_fp8_ops, comfy/text_encoders/sd
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -278,3 +280,35 @@ def test_scaled_fp8_t5_with_scales_missing_is_named(tmp_path):
     save_file(sd, str(path))
     with pytest.raises(files.WeightFileError, match=r"a scaled fp8 file whose per-tensor scales are missing for 13 "):
         ct5.load_t5(path, "none", torch.float32)
+
+
+def test_one_missing_scale_is_named_in_the_whole_message(tmp_path):
+    sd = tiny.t5_scaled_fp8_sd(tiny.make_t5())
+    del sd["encoder.block.1.layer.1.DenseReluDense.wo.scale_weight"]
+    save_file(sd, str(tmp_path / "t5.safetensors"))
+    with pytest.raises(files.WeightFileError) as e:
+        ct5.load_t5(tmp_path / "t5.safetensors", "none", torch.float32)
+    assert str(e.value) == (
+        "t5.safetensors: a scaled fp8 file whose per-tensor scales are missing for 1 weight(s) (e.g. "
+        "encoder.block.1.layer.1.DenseReluDense.wo.scale_weight); without them the weights are wrong by a factor per "
+        "tensor. The file is incomplete or was converted badly: download t5xxl_fp8_e4m3fn_scaled.safetensors again, "
+        "or use t5xxl_fp16.safetensors.")
+
+
+def test_a_scale_of_several_numbers_is_shown_by_its_first_two(tmp_path):
+    sd = tiny.t5_scaled_fp8_sd(tiny.make_t5())
+    sd["encoder.block.0.layer.0.SelfAttention.q.scale_weight"] = torch.tensor([1.0, 2.0, 3.0])
+    save_file(sd, str(tmp_path / "t5.safetensors"))
+    with pytest.raises(files.WeightFileError) as e:
+        ct5.load_t5(tmp_path / "t5.safetensors", "none", torch.float32)
+    assert str(e.value) == (
+        "t5.safetensors: encoder.block.0.layer.0.SelfAttention.q.scale_weight should be one positive finite number "
+        "(a per-tensor scale) but is [3] [1.0, 2.0]. The file is corrupt: download it again.")
+
+
+def test_a_scaled_fp8_load_says_so_in_the_log(scaled_setup, caplog):
+    tmp, _ = scaled_setup
+    with caplog.at_level(logging.INFO, logger="pixart_sigma"):
+        ct5.load_t5(tmp / "t5xxl_fp8_e4m3fn_scaled.safetensors", "none", torch.float32)
+    assert "t5xxl_fp8_e4m3fn_scaled.safetensors: scaled fp8 T5 dequantized with its per-tensor scales" in [
+        r.getMessage() for r in caplog.records]
