@@ -276,3 +276,14 @@ def test_single_file_t5_load_never_holds_the_file_beside_the_model(tmp_path):
     peak, model = (int(v) for v in r.stdout.split())
     assert model == 2 * file_bytes
     assert peak <= model + file_bytes // 2, f"peak {peak / 2**20:.1f} MiB over the start for a {model / 2**20:.0f} MiB model"
+
+
+def test_a_t5_file_with_a_missing_tensor_is_refused_naming_it_and_what_it_should_be():
+    """The whole message: the file, what its weights should match, the count and the name of the missing tensor."""
+    config = tiny.make_t5().config
+    shapes = dict(t5_spec.expected_shapes(config))
+    del shapes["encoder.final_layer_norm.weight"]
+    with pytest.raises(files.WeightFileError) as e:
+        t5_spec.check_against("t5.safetensors", shapes, config)
+    assert str(e.value) == ("t5.safetensors: the weights do not match a T5-v1.1 encoder: 1 missing "
+                            "(e.g. encoder.final_layer_norm.weight).")
