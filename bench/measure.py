@@ -90,6 +90,8 @@ class Timers:
         self.seconds: dict[str, float] = {}
         self.cpu_seconds: dict[str, float] = {}
         self.calls: dict[str, int] = {}
+        self.sys_seconds: dict[str, float] = {}  # kernel CPU time: mostly page faults of new memory
+        self.minor_faults: dict[str, int] = {}  # first touches of new pages (a cold VAE decode: 0 to ~430k)
         self.memory: list[tuple[str, int, int]] = []  # (after what, RSS, peak RSS so far)
 
     def mark(self, label: str) -> None:
@@ -103,11 +105,14 @@ class Timers:
 
         @functools.wraps(fn)
         def timed(*a, **k):
-            t, c = time.perf_counter(), time.process_time()
+            t, c, r = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF)
             try:
                 return fn(*a, **k)
             finally:
                 timers.add(label, time.perf_counter() - t, time.process_time() - c)
+                r1 = resource.getrusage(resource.RUSAGE_SELF)
+                timers.sys_seconds[label] = timers.sys_seconds.get(label, 0.0) + r1.ru_stime - r.ru_stime
+                timers.minor_faults[label] = timers.minor_faults.get(label, 0) + r1.ru_minflt - r.ru_minflt
 
         setattr(owner, name, timed)
 

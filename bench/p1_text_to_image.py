@@ -208,7 +208,8 @@ def worker(a) -> None:
     if not (st["std"] > 0.5 and np.isfinite(st["mean"])):
         raise RuntimeError(f"{a.worker}: degenerate image {st}")
     measure.emit({"system": a.worker, "size": a.size, "steps": a.steps, "total_s": total, "total_cpu_s": total_cpu,
-                 "startup_s": startup, "seconds": timers.seconds, "cpu_seconds": timers.cpu_seconds, "calls": timers.calls, "peak_rss": peak, "baseline_rss": baseline,
+                 "startup_s": startup, "seconds": timers.seconds, "cpu_seconds": timers.cpu_seconds, "sys_seconds": timers.sys_seconds,
+                 "minor_faults": timers.minor_faults, "calls": timers.calls, "peak_rss": peak, "baseline_rss": baseline,
                  "memory_after": [{"after": l, "rss_gib": report.gib(r), "peak_gib": report.gib(p)} for l, r, p in timers.memory],
                  "image": st, "threads": torch.get_num_threads()})
 
