@@ -126,3 +126,32 @@ def unet_controlnet_state_dict(xl: bool = False, seed: int = 0) -> dict[str, tor
         kwargs.update(addition_embed_type="text_time", addition_time_embed_dim=8,
                       projection_class_embeddings_input_dim=8 * 6 + 32)
     return {k: v.contiguous() for k, v in ControlNetModel(**kwargs).state_dict().items()}
+
+
+def ldm_unet_controlnet_state_dict(xl: bool = False) -> dict[str, torch.Tensor]:
+    """A Stable Diffusion ControlNet in the original (ldm) layout, tiny shapes: the module names of lllyasviel/ControlNet
+    cldm/cldm.py `ControlNet` (input_hint_block, input_blocks, zero_convs, middle_block_out, time_embed); SDXL's
+    (Stability generative-models sgm ControlNet, as ComfyUI's comfy/controlnet.py reads it) adds `label_emb`."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {"time_embed.0.weight": (32, 8), "input_hint_block.0.weight": (16, 3, 3, 3),
+              "input_blocks.0.0.weight": (8, 4, 3, 3), "zero_convs.0.0.weight": (8, 8, 1, 1),
+              "middle_block_out.0.weight": (8, 8, 1, 1)}
+    if xl:
+        shapes["label_emb.0.0.weight"] = (32, 16)
+    return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+
+
+def transformer_controlnet_state_dict(kind: str) -> dict[str, torch.Tensor]:
+    """A tiny ControlNet of another transformer from diffusers' own classes: 'sd3' (SD3ControlNetModel: control blocks
+    `controlnet_blocks.N` single linears) or 'flux' (FluxControlNetModel: also `controlnet_single_blocks.N`)."""
+    from diffusers import FluxControlNetModel, SD3ControlNetModel
+
+    torch.manual_seed(0)
+    common = {"num_layers": 1, "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 16,
+              "pooled_projection_dim": 8}
+    if kind == "sd3":
+        model = SD3ControlNetModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, caption_projection_dim=16,
+                                   pos_embed_max_size=8, **common)
+    else:
+        model = FluxControlNetModel(patch_size=1, in_channels=4, num_single_layers=1, axes_dims_rope=[2, 2, 4], **common)
+    return {k: v.contiguous() for k, v in model.state_dict().items()}
