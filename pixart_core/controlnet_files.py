@@ -164,7 +164,12 @@ def load_controlnet(path: str | os.PathLike, dtype: torch.dtype = torch.float32
     what = f"a PixArt ControlNet adapter ({config.blocks} blocks, {config.width} wide)"
     files.check_keys(name, sd, expected, what)
     files.check_shapes(name, files.shapes_of(sd), expected, what)
-    assign_state_dict(adapter, {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()})
+    ints = sorted(k for k, v in sd.items() if not v.is_floating_point())  # the adapter has no integer tensors
+    if ints:
+        raise files.WeightFileError(f"{name}: {len(ints)} tensors are not floating point (e.g. {ints[0]} is "
+                                    f"{sd[ints[0]].dtype}); quantized ControlNets are not supported: use its "
+                                    "fp32/fp16/bf16 file.")
+    assign_state_dict(adapter, {k: v.to(dtype) for k, v in sd.items()})
     log.info("PixArt ControlNet %s: %s, %d control blocks, %d wide%s.", name, layout, config.blocks, config.width,
              f", trained with {variant.name}" if variant else "")
     return adapter.eval().requires_grad_(False), variant, layout

@@ -322,6 +322,18 @@ def test_unknown_missing_or_misshapen_control_keys_are_named(tmp_path, dit, adap
         cnf.load_controlnet(cfiles.write_adapter_file(tmp_path / "bad.safetensors", bad))
 
 
+def test_a_file_with_integer_weights_is_refused(tmp_path, adapter_sd):
+    """Integer tensors where the adapter's float weights go (a quantized file without its scales) are named, not cast
+    to floats nor left to torch's own error."""
+    ints = dict(adapter_sd)
+    for key in ("controlnet_blocks.1.after_proj.weight", "controlnet_blocks.0.after_proj.weight"):
+        ints[key] = torch.zeros(adapter_sd[key].shape, dtype=torch.int8)
+    with pytest.raises(WeightFileError, match=r"int8.safetensors: 2 tensors are not floating point \(e.g. "
+                                              r"controlnet_blocks.0.after_proj.weight is torch.int8\); quantized "
+                                              r"ControlNets are not supported: use its fp32/fp16/bf16 file.$"):
+        cnf.load_controlnet(cfiles.write_adapter_file(tmp_path / "int8.safetensors", ints))
+
+
 def test_adapter_folders_that_disagree_with_their_config_are_refused(tmp_path, adapter_sd):
     folder = cfiles.write_adapter_folder(tmp_path / "f", adapter_sd)
     (folder / "config.json").write_text('{"_class_name": "PixArtControlNetAdapterModel", "num_layers": 13}')
