@@ -17,6 +17,7 @@ from harness.controlnet_reference import ReferenceAdapter, reference_forward
 from pixart_core import controlnet as cn
 from pixart_core import controlnet_files as cnf
 from pixart_core import guidance
+from pixart_core.files import WeightFileError
 
 LAYERS = 4  # the tiny DiT with room for 3 control blocks (they act before blocks 1..3)
 
@@ -49,6 +50,7 @@ def _inputs(dit, n: int, seed: int = 1):
     ("sigma-1024", 1, 1, [(3, 1.0)]),  # CFG batch [uncond, cond] with one hint
     ("alpha-1024", 1, 1, [(3, 0.7)]),  # micro-conditioning, a strength
     ("sigma-1024", 2, 2, [(3, 1.0), (2, 0.5)]),  # two adapters of different depth, one hint per image
+    ("sigma-1024", 1, 1, [(2, 0.5), (3, 1.0)]),  # the shallower first: the deeper one still acts before block 3
 ])
 @torch.no_grad()
 def test_forward_equals_the_published_composition(tmp_path, variant, images, hint_batch, specs):
@@ -133,8 +135,137 @@ def test_hint_of_another_size_or_batch_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"hint is \(8, 8\) latent pixels but the latents are \(8, 12\)"):
         cn.controlled_forward(dit, [cn.Control(adapter, torch.zeros(1, 4, 8, 8))], x, **kwargs)
     x, kwargs = _inputs(dit, 4)
-    with pytest.raises(ValueError, match="hint batch 3 does not divide the model batch 4"):
+    with pytest.raises(ValueError, match=r"^ControlNet hint batch 3 does not divide the model batch 4: give one "
+                                         r"control image, or one per image of the batch\.$"):
         cn.controlled_forward(dit, [cn.Control(adapter, torch.zeros(3, 4, 8, 12))], x, **kwargs)
+
+
+@torch.no_grad()
+def test_controlled_dit_returns_what_the_dit_returns(tmp_path):
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    dit = _dit()
+    sd, adapter = _load(tmp_path, dit, 3, seed=11)
+    hint = torch.randn(1, 4, 8, 12, generator=torch.Generator().manual_seed(11))
+    x, kwargs = _inputs(dit, 2)
+    expected = reference_forward(dit, [ReferenceAdapter(dit, sd, 3, 1.0)], [hint], x, kwargs)
+    base = dit(x, return_dict=False, **kwargs)[0]
+    assert type(dit(x, **kwargs)) is Transformer2DModelOutput and type(dit(x, return_dict=False, **kwargs)) is tuple
+    for strength, want in ((1.0, expected), (0.0, base)):  # the controlled forward, and the DiT's own one
+        controlled = cn.ControlledDiT(dit, [cn.Control(adapter, hint, strength)])
+        out = controlled(x, **kwargs)  # diffusers' default: return_dict=True
+        assert type(out) is Transformer2DModelOutput and torch.equal(out.sample, want)
+        out = controlled(x, return_dict=False, **kwargs)
+        assert type(out) is tuple and len(out) == 1 and torch.equal(out[0], want)
+
+
+@torch.no_grad()
+def test_masks_are_taken_as_diffusers_takes_them(tmp_path):
+    """0/1 masks in another dtype than the DiT's (a half-precision one; a tokenizer's int64), for the image tokens too
+    (attention_mask [N, T]): turned into additive biases in the dtype the DiT computes in, as
+    PixArtTransformer2DModel.forward does."""
+    dit = _dit()
+    sd, adapter = _load(tmp_path, dit, 3, seed=12)
+    hint = torch.randn(1, 4, 8, 12, generator=torch.Generator().manual_seed(12))
+    x, kwargs = _inputs(dit, 2)
+    image_mask = torch.ones(2, 24, dtype=torch.bfloat16)  # 4 x 6 patches of the 8 x 12 latent
+    image_mask[1, ::3] = 0
+    kwargs.update(encoder_attention_mask=kwargs["encoder_attention_mask"].bfloat16(), attention_mask=image_mask)
+    expected = reference_forward(dit, [ReferenceAdapter(dit, sd, 3, 1.0)], [hint], x, kwargs)
+    without = reference_forward(dit, [ReferenceAdapter(dit, sd, 3, 1.0)], [hint], x, {**kwargs, "attention_mask": None})
+    assert not torch.allclose(expected, without, atol=1e-3)  # the image-token mask does something
+    assert torch.equal(cn.controlled_forward(dit, [cn.Control(adapter, hint)], x, **kwargs), expected)
+    # a bf16 DiT: the biases in bf16 (diffusers' own forward; a zero after_proj adds exactly nothing)
+    half = copy.deepcopy(dit).to(torch.bfloat16)
+    _, zero = _load(tmp_path, dit, 3, seed=13, zero_after=True)
+    kwargs.update(encoder_hidden_states=kwargs["encoder_hidden_states"].bfloat16(),
+                  encoder_attention_mask=kwargs["encoder_attention_mask"].long(), attention_mask=image_mask.long())
+    base = half(x.bfloat16(), return_dict=False, **kwargs)[0]
+    assert torch.equal(cn.controlled_forward(half, [cn.Control(zero, hint)], x.bfloat16(), **kwargs), base)
+
+
+def test_missing_micro_conditions_are_refused_as_diffusers_refuses_them(tmp_path):
+    dit = _dit("alpha-1024")  # PixArt-α 1024: resolution and aspect-ratio embeddings
+    _, adapter = _load(tmp_path, dit, 2, seed=14)
+    x, kwargs = _inputs(dit, 2)
+    kwargs["added_cond_kwargs"] = None
+    with pytest.raises(ValueError) as theirs:
+        dit(x, **kwargs)
+    with pytest.raises(ValueError) as ours:
+        cn.controlled_forward(dit, [cn.Control(adapter, torch.zeros(1, 4, 8, 12))], x, **kwargs)
+    assert str(ours.value) == str(theirs.value)
+    assert "`added_cond_kwargs` cannot be None" in str(ours.value)
+
+
+def test_control_blocks_are_set_up_as_diffusers_sets_up_pixart_blocks(tmp_path):
+    """Each control block's transformer_block is configured like the DiT's own blocks (diffusers'
+    PixArtTransformer2DModel builds them from its config: no dropout, 1000 timestep embeddings, no upcast, norms
+    without affine): every plain setting of every submodule equal."""
+    def settings(module):
+        return {name: {k: v for k, v in vars(m).items() if isinstance(v, (bool, int, float, str, type(None)))}
+                for name, m in module.named_modules()}
+
+    dit = _dit()
+    _, adapter = _load(tmp_path, dit, 3, seed=15)
+    for i, block in enumerate(adapter.controlnet_blocks):
+        assert settings(block.transformer_block) == settings(dit.transformer_blocks[i])
+        assert repr(block.transformer_block) == repr(dit.transformer_blocks[i])
+
+
+# --- the adapter's config from its state dict ------------------------------------------------------------------
+
+def _shapes(blocks: int, width: int, cross: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Some of an adapter file's key shapes (the research project's layout): each block's after_proj [width, width]
+    and, with `cross`, block 0's cross-attention key projection [width, cross]."""
+    sd = {f"controlnet_blocks.{i}.after_proj.weight": (width, width) for i in range(blocks)}
+    sd.update({f"controlnet_blocks.{i}.after_proj.bias": (width,) for i in range(blocks)})
+    if cross is not None:
+        sd["controlnet_blocks.0.transformer_block.attn2.to_k.weight"] = (width, cross)
+    return sd
+
+
+def test_config_of_the_released_adapter_from_its_shapes():
+    # PixArt-δ's adapter: 13 copied blocks of PixArt XL/2 (PixArt-alpha diffusion/model/nets/PixArt.py PixArt_XL_2:
+    # hidden_size 1152, num_heads 16, so heads of 72; the captions projected to 1152 before cross-attention)
+    sd = _shapes(13, 1152, cross=1152)
+    sd["transformer_blocks.27.ff.net.2.weight"] = (1152, 4608)  # not a control block: not counted
+    sd["scale_shift_table"] = (2, 1152)
+    config = cn.config_from_state_dict(sd, "adapter.safetensors")
+    assert (config.blocks, config.heads, config.head_dim, config.width) == (13, 16, 72, 1152)
+    assert config.cross_attention_dim == 1152
+    # tensors as well as shapes; the heads a config.json gives split the width
+    sd = {k: torch.zeros(v) for k, v in _shapes(3, 144).items()}
+    config = cn.config_from_state_dict(sd, "folder", heads=4)
+    assert (config.blocks, config.heads, config.head_dim, config.width) == (3, 4, 36, 144)
+    assert config.cross_attention_dim is None
+
+
+def test_state_dicts_that_are_no_whole_adapter_are_refused():
+    sd = {k: v for k, v in _shapes(2, 144).items() if k != "controlnet_blocks.0.after_proj.weight"}
+    with pytest.raises(WeightFileError, match=r"^x.safetensors: no controlnet_blocks.0.after_proj.weight; this is "
+                                              r"not a PixArt ControlNet adapter\.$"):
+        cn.config_from_state_dict(sd, "x.safetensors")
+    sd = {k: v for k, v in _shapes(4, 144).items() if not k.startswith("controlnet_blocks.2.")}
+    with pytest.raises(WeightFileError, match=r"^gap.safetensors: the control blocks are numbered \[0, 1, 3\], not "
+                                              r"0\.\.2; the file is incomplete\. Download it again\.$"):
+        cn.config_from_state_dict(sd, "gap.safetensors")
+    with pytest.raises(WeightFileError, match=r"^odd: control width 100 is not a multiple of PixArt's head size 72\.$"):
+        cn.config_from_state_dict(_shapes(2, 100), "odd")
+    with pytest.raises(WeightFileError, match=r"^odd: control width 144 does not split into 5 heads\.$"):
+        cn.config_from_state_dict(_shapes(2, 144), "odd", heads=5)
+
+
+def test_a_misshapen_anchor_or_missing_cross_attention_is_named_by_the_key_check(tmp_path):
+    dit = _dit()
+    sd = cfiles.adapter_state_dict(dit, 2, seed=16)
+    bad = {**sd, "controlnet_blocks.0.after_proj.weight": torch.zeros(144, 100)}
+    with pytest.raises(WeightFileError, match=r"bad.safetensors: 1 tensor shape.*controlnet_blocks.0.after_proj.weight "
+                                              r"is \[144, 100\], expected \[144, 144\]"):
+        cnf.load_controlnet(cfiles.write_adapter_file(tmp_path / "bad.safetensors", bad))
+    key = "controlnet_blocks.0.transformer_block.attn2.to_k.weight"
+    missing = {k: v for k, v in sd.items() if k != key}
+    with pytest.raises(WeightFileError, match=rf"missing.safetensors: .*1 missing \(e.g. {key}\)"):
+        cnf.load_controlnet(cfiles.write_adapter_file(tmp_path / "missing.safetensors", missing))
 
 
 # --- hint latents: the reference app's preprocessing (PixArt-alpha app/app_controlnet.py generate():
@@ -184,8 +315,24 @@ def test_an_adapter_kept_in_another_dtype_than_the_dit_still_runs(tmp_path):
     x, kwargs = _inputs(dit, 2)
     expected = reference_forward(dit, [ReferenceAdapter(dit, sd, 3, 1.0)], [hint], x, kwargs)  # all fp32
     half = copy.deepcopy(dit).to(torch.bfloat16)
-    kwargs = {k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}
-    got = cn.controlled_forward(half, [cn.Control(adapter, hint)], x.bfloat16(), **kwargs)
+    kw16 = {k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}
+    got = cn.controlled_forward(half, [cn.Control(adapter, hint)], x.bfloat16(), **kw16)
     assert got.dtype == torch.bfloat16
     # bf16 through 4 blocks: 0.01 off here; without the control the output is 0.54 off
     assert (got.float() - expected).abs().max() < 0.05
+    # the other way round: a bf16 adapter on the fp32 DiT
+    adapter16 = cnf.load_controlnet(tmp_path / "adapter-3-9.safetensors", dtype=torch.bfloat16)[0]
+    got = cn.controlled_forward(dit, [cn.Control(adapter16, hint)], x, **kwargs)
+    assert got.dtype == torch.float32 and (got - expected).abs().max() < 0.05
+
+
+def test_fit_image_covers_then_crops_the_centre_like_torchvision():
+    import torchvision.transforms.functional as TF
+
+    images = torch.rand(2, 3, 64, 128, generator=torch.Generator().manual_seed(3))
+    # 64x128 onto 48x64: scaled by 0.75 to 48x96 (covers), the middle 64 columns kept (16 cut on each side)
+    expected = TF.center_crop(TF.resize(images, [48, 96], antialias=True), [48, 64])
+    assert torch.equal(cn.fit_image(images, 48, 64), expected)
+    # 128x64 onto 64x48: scaled to 96x48, the middle 64 rows kept
+    tall = images.transpose(-1, -2)
+    assert torch.equal(cn.fit_image(tall, 64, 48), TF.center_crop(TF.resize(tall, [96, 48], antialias=True), [64, 48]))
