@@ -79,6 +79,67 @@ def test_torch_dequantization_equals_gguf_reference(name, mode, monkeypatch):
     torch.testing.assert_close(got, want.to(dtype), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", COMFYUI_GGUF_TYPES)
+def test_dequantization_stays_on_the_bytes_device(name, monkeypatch):
+    """Every tensor the formulas make is on the bytes' device (the T5 dequantizes on the GPU its input is on): on
+    torch's meta device, where a tensor made on the CPU instead raises, the block function gives float32
+    [n, block] and dequantize the requested dtype and shape, whole and a chunk at a time (several chunks)."""
+    import gguf
+
+    monkeypatch.setattr(gguf_quants, "CHUNK_VALUES", 256)  # 8 blocks of 32 values, or 1 of 256, a chunk
+    qtype = gguf.GGMLQuantizationType[name]
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = torch.empty(12 * size, dtype=torch.uint8, device="meta")
+    values = gguf_quants.TYPES[int(qtype)].blocks(raw.reshape(12, size))
+    assert (values.device.type, values.dtype, tuple(values.shape)) == ("meta", torch.float32, (12, block))
+    for chunked in (False, True):
+        got = gguf_quants.dequantize(raw, int(qtype), (3, 4 * block), torch.bfloat16, chunked=chunked)
+        assert (got.device.type, got.dtype, tuple(got.shape)) == ("meta", torch.bfloat16, (3, 4 * block))
+
+
+class _BlockCalls:
+    """Wraps a TYPES entry's block function (gguf_quants' own, run for real): the number of blocks of each call and
+    the tensor each call returned."""
+
+    def __init__(self, monkeypatch, qtype: int):
+        kind = gguf_quants.TYPES[qtype]
+        self.sizes, self.results = [], []
+
+        def blocks(b: torch.Tensor) -> torch.Tensor:
+            self.sizes.append(b.shape[0])
+            self.results.append(kind.blocks(b))
+            return self.results[-1]
+
+        monkeypatch.setitem(gguf_quants.TYPES, qtype, kind._replace(blocks=blocks))
+
+
+@pytest.mark.parametrize("case", ["default", "whole", "chunked", "one chunk", "under a block"])
+def test_chunks_are_taken_only_when_asked_and_needed(case, monkeypatch):
+    """Q8_0 (32 values, 34 bytes a block) with chunks of 40 blocks: by default and with chunked=False the whole
+    tensor in one call; chunked, 100 blocks as 40 + 40 + 20 into one result, and 40 blocks (exactly one chunk) in
+    one call whose float32 result is returned itself (no second buffer); a chunk smaller than a block (16 values)
+    still takes one block at a time. The values are gguf-py's either way."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType.Q8_0
+    chunk, n, want_sizes = {"default": (40, 100, [100]), "whole": (40, 100, [100]),
+                            "chunked": (40, 100, [40, 40, 20]), "one chunk": (40, 40, [40]),
+                            "under a block": (0.5, 3, [1, 1, 1])}[case]
+    monkeypatch.setattr(gguf_quants, "CHUNK_VALUES", int(chunk * 32))
+    rng = np.random.default_rng(2)
+    raw = rng.integers(0, 256, size=(n, 34), dtype=np.uint8)
+    raw[:, :2] = (rng.standard_normal((n, 1)) * 0.01).astype(np.float16).view(np.uint8)
+    want = torch.from_numpy(gguf.quants.dequantize(raw, qtype).copy())
+    calls = _BlockCalls(monkeypatch, int(qtype))
+    args = (torch.from_numpy(raw.reshape(-1)), int(qtype), (n, 32), torch.float32)
+    got = gguf_quants.dequantize(*args) if case == "default" else \
+        gguf_quants.dequantize(*args, chunked=case not in ("whole", "default"))
+    assert calls.sizes == want_sizes
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    if len(want_sizes) == 1:
+        assert got.data_ptr() == calls.results[0].data_ptr()
+
+
 # Tolerances of harness.gguf_files' quantizers on N(0, 0.05) weights (max |error|): they write valid blocks
 QUANTIZER_ERROR = {"BF16": 0.001, "Q8_0": 0.001, "Q6_K": 0.005, "Q5_K": 0.008, "Q5_1": 0.008, "Q5_0": 0.01,
                    "Q4_K": 0.015, "Q4_1": 0.015, "Q4_0": 0.02, "Q3_K": 0.05, "Q2_K": 0.07, "IQ4_NL": 0.02,
