@@ -153,11 +153,12 @@ def test_each_weight_is_quantized_on_the_device_it_is_given(tiny_file, quant):
     assert gpu.peak >= largest * 2 and gpu.used == 0
 
 
-@pytest.fixture(scope="module")
-def odd_folder(tmp_path_factory):
+@pytest.fixture(scope="module", params=[ODD, tiny.T5_CONFIG], ids=["odd sizes", "tiny"])
+def odd_folder(tmp_path_factory, request):
+    """A T5 folder: the odd sizes, and the tiny T5's even ones (wi_0: 128 x 64 = 8192 values)."""
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("odd") / "t5"
-    T5EncoderModel(T5Config(**ODD)).eval().save_pretrained(folder, safe_serialization=True)
+    T5EncoderModel(T5Config(**request.param)).eval().save_pretrained(folder, safe_serialization=True)
     return folder
 
 
