@@ -326,8 +326,9 @@ def test_a_file_with_integer_weights_is_refused(tmp_path, adapter_sd):
     """Integer tensors where the adapter's float weights go (a quantized file without its scales) are named, not cast
     to floats nor left to torch's own error."""
     ints = dict(adapter_sd)
-    for key in ("controlnet_blocks.1.after_proj.weight", "controlnet_blocks.0.after_proj.weight"):
-        ints[key] = torch.zeros(adapter_sd[key].shape, dtype=torch.int8)
+    for key, dtype in (("controlnet_blocks.1.after_proj.weight", torch.uint8),
+                       ("controlnet_blocks.0.after_proj.weight", torch.int8)):
+        ints[key] = torch.zeros(adapter_sd[key].shape, dtype=dtype)  # the message's dtype is the named key's
     with pytest.raises(WeightFileError, match=r"int8.safetensors: 2 tensors are not floating point \(e.g. "
                                               r"controlnet_blocks.0.after_proj.weight is torch.int8\); quantized "
                                               r"ControlNets are not supported: use its fp32/fp16/bf16 file.$"):
