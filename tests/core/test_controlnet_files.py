@@ -228,23 +228,16 @@ def test_a_dit_without_control_blocks_is_refused(tmp_path, dit):
         cnf.load_controlnet(diffusers_file)
 
 
+@pytest.mark.parametrize("layout", [cfiles.unet_controlnet_state_dict, cfiles.ldm_unet_controlnet_state_dict],
+                         ids=["diffusers", "original"])
 @pytest.mark.parametrize("xl,words", [(False, "Stable Diffusion 1.x/2.x ControlNet"), (True, "Stable Diffusion XL ControlNet")])
-def test_a_unet_controlnet_is_refused(tmp_path, xl, words):
+def test_a_unet_controlnet_is_refused(tmp_path, layout, xl, words):
+    """SD/SDXL ControlNets in diffusers' layout and in the original (lllyasviel's cldm.py) layout."""
     path = tmp_path / "control_canny.safetensors"
-    save_file(cfiles.unet_controlnet_state_dict(xl=xl), str(path))
+    save_file(layout(xl=xl), str(path))
     with pytest.raises(WeightFileError, match=rf"control_canny.safetensors: this is not a PixArt ControlNet; it looks "
                                               rf"like a {words} \(for a UNet\), which does not fit PixArt's "
                                               rf"transformer. Choose a PixArt ControlNet in models/controlnet"):
-        cnf.load_controlnet(path)
-
-
-@pytest.mark.parametrize("xl,words", [(False, "Stable Diffusion 1.x/2.x ControlNet"), (True, "Stable Diffusion XL ControlNet")])
-def test_a_unet_controlnet_in_the_original_layout_is_refused(tmp_path, xl, words):
-    path = tmp_path / "control_v11p_sd15_canny.safetensors"
-    save_file(cfiles.ldm_unet_controlnet_state_dict(xl=xl), str(path))
-    with pytest.raises(WeightFileError, match=rf"control_v11p_sd15_canny.safetensors: this is not a PixArt ControlNet; "
-                                              rf"it looks like a {words} \(for a UNet\), which does not fit PixArt's "
-                                              rf"transformer. Choose a PixArt ControlNet"):
         cnf.load_controlnet(path)
 
 
