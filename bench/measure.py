@@ -83,6 +83,11 @@ class MemoryPeak:
         self._sample()
 
 
+def kernel_usage(before: resource.struct_rusage, after: resource.struct_rusage) -> tuple[float, int]:
+    """Kernel CPU seconds and minor page faults (first touches of new pages) between two getrusage(RUSAGE_SELF)."""
+    return after.ru_stime - before.ru_stime, after.ru_minflt - before.ru_minflt
+
+
 class Timers:
     """Sum of wall time per label, by wrapping methods of classes (e.g. every DiT forward)."""
 
@@ -110,9 +115,9 @@ class Timers:
                 return fn(*a, **k)
             finally:
                 timers.add(label, time.perf_counter() - t, time.process_time() - c)
-                r1 = resource.getrusage(resource.RUSAGE_SELF)
-                timers.sys_seconds[label] = timers.sys_seconds.get(label, 0.0) + r1.ru_stime - r.ru_stime
-                timers.minor_faults[label] = timers.minor_faults.get(label, 0) + r1.ru_minflt - r.ru_minflt
+                sys_s, faults = kernel_usage(r, resource.getrusage(resource.RUSAGE_SELF))
+                timers.sys_seconds[label] = timers.sys_seconds.get(label, 0.0) + sys_s
+                timers.minor_faults[label] = timers.minor_faults.get(label, 0) + faults
 
         setattr(owner, name, timed)
 

@@ -21,15 +21,15 @@ from pathlib import Path
 from harness import models
 from harness.comfyui import init_comfy, pack
 
-from .measure import emit, log
+from .measure import emit, kernel_usage, log
 from .weights import SEEDS, VAE_FILE
 
 def timed(fn) -> dict:
     r0, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     fn()
     wall, r1 = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF)
-    return {"wall": wall, "cpu": r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime,
-            "sys": r1.ru_stime - r0.ru_stime, "faults": r1.ru_minflt - r0.ru_minflt}
+    sys_s, faults = kernel_usage(r0, r1)
+    return {"wall": wall, "cpu": r1.ru_utime - r0.ru_utime + sys_s, "sys": sys_s, "faults": faults}
 
 
 def op_shares(fn, top: int = 6) -> dict:

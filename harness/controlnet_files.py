@@ -144,14 +144,18 @@ def ldm_unet_controlnet_state_dict(xl: bool = False) -> dict[str, torch.Tensor]:
 def transformer_controlnet_state_dict(kind: str) -> dict[str, torch.Tensor]:
     """A tiny ControlNet of another transformer from diffusers' own classes: 'sd3' (SD3ControlNetModel: control blocks
     `controlnet_blocks.N` single linears) or 'flux' (FluxControlNetModel: also `controlnet_single_blocks.N`)."""
-    from diffusers import FluxControlNetModel, SD3ControlNetModel
-
-    torch.manual_seed(0)
     common = {"num_layers": 1, "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 16,
               "pooled_projection_dim": 8}
-    if kind == "sd3":
-        model = SD3ControlNetModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, caption_projection_dim=16,
-                                   pos_embed_max_size=8, **common)
-    else:
-        model = FluxControlNetModel(patch_size=1, in_channels=4, num_single_layers=1, axes_dims_rope=[2, 2, 4], **common)
+    with torch.random.fork_rng(devices=[]):  # diffusers initialises from torch's global RNG: leave the caller's alone
+        torch.manual_seed(0)
+        model = _transformer_controlnet(kind, common)
     return {k: v.contiguous() for k, v in model.state_dict().items()}
+
+
+def _transformer_controlnet(kind: str, common: dict):
+    from diffusers import FluxControlNetModel, SD3ControlNetModel
+
+    if kind == "sd3":
+        return SD3ControlNetModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, caption_projection_dim=16,
+                                   pos_embed_max_size=8, **common)
+    return FluxControlNetModel(patch_size=1, in_channels=4, num_single_layers=1, axes_dims_rope=[2, 2, 4], **common)
