@@ -3,6 +3,7 @@ when it still does not fit, and retry in tiles after an out-of-memory error. Sha
 from __future__ import annotations
 
 import logging
+import traceback
 
 from .comfy import devices, loading
 from .types import VAEHandle
@@ -26,6 +27,9 @@ def run_tiled(job, tiled: bool, tiling: str, what: str, size: str):
     except Exception as e:
         if not loading.is_oom(e):
             raise
+        # Free the failed attempt's tensors now: its frames hold them, and ComfyUI keeps the error it reports in a
+        # reference cycle that only the garbage collector breaks, seconds later (on a GPU, that is VRAM).
+        traceback.clear_frames(e.__traceback__)
         if tiled:
             raise _oom(e, f"PixArt VAE {what} ran out of memory at {size} even in tiles. Free memory (close other "
                           f"programs, or unload models from ComfyUI's menu) or {what} a smaller image.") from e
