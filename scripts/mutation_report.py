@@ -103,7 +103,8 @@ def status(code) -> str:
 def functions(path: Path) -> dict[str, str]:
     """The mutated file's functions (originals and mutants) by name."""
     src = path.read_text()
-    return {n.name: ast.get_source_segment(src, n) for n in ast.walk(ast.parse(src))
+    lines = src.splitlines()  # sliced by line numbers: ast.get_source_segment splits the whole file on every call
+    return {n.name: "\n".join(lines[n.lineno - 1:n.end_lineno]) for n in ast.walk(ast.parse(src))
             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and "__mutmut_" in n.name}
 
 
