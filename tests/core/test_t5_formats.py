@@ -245,7 +245,7 @@ def test_gguf_of_a_compatibility_mode_image_model_is_named(t5_sd, tmp_path, arch
 
 
 def test_gguf_of_another_architecture_is_named(t5_sd, tmp_path):
-    """A llama.cpp architecture that is neither (gguf-py MODEL_ARCH.MMPROJ, "clip": a vision projector) is named as it is."""
+    """An architecture of neither kind (gguf-py MODEL_ARCH.MMPROJ, "clip": a vision projector) is named as it is."""
     import gguf
 
     arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ]
