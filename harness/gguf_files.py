@@ -280,12 +280,13 @@ def layout_bytes(config: dict, file_type: str, recipe_layers: int, dtype_bytes: 
     return file_bytes, memory
 
 
-def write_t5_gguf(model_or_sd, path: Path, file_type: str = "Q8_0", arch: str = "t5encoder",
+def write_t5_gguf(model_or_sd, path: Path, file_type: str = "Q8_0", arch: str | None = "t5encoder",
                   shapes: dict[str, tuple[int, ...]] | None = None, extra: dict[str, np.ndarray] | None = None,
                   recipe_layers: int | None = None) -> Path:
     """A GGUF T5 encoder file of a T5EncoderModel (or its state dict): `file_type` one of TYPES; `arch` the
-    general.architecture written; `shapes` overrides the shape a tensor is written with (a broken file); `extra`
-    more tensors by GGUF name (e.g. a full T5's decoder, `dec.blk.0.attn_q.weight`), written as F32;
+    general.architecture written (None: none, as stable-diffusion.cpp writes); `shapes` overrides the shape a
+    tensor is written with (a broken file); `extra` more tensors by GGUF name (e.g. a full T5's decoder,
+    `dec.blk.0.attn_q.weight`), written as F32;
     `recipe_layers` the block count whose mix the types follow (default: the model's; 24 gives the first blocks of
     a T5-XXL file)."""
     import gguf
@@ -297,7 +298,9 @@ def write_t5_gguf(model_or_sd, path: Path, file_type: str = "Q8_0", arch: str = 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
-    writer = gguf.GGUFWriter(str(tmp), arch)
+    writer = gguf.GGUFWriter(str(tmp), arch or "")
+    if arch is None:
+        writer.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name("tiny T5-v1.1 encoder")
     for key, value in sd.items():

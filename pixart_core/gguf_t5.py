@@ -110,12 +110,16 @@ def struct_error():
 
 
 def _describe_arch(arch: str | None) -> str:
-    if arch in ("llama", "qwen2", "qwen2vl", "qwen3", "gemma", "gemma2", "gemma3", "mistral"):
+    """What a GGUF that is no T5 encoder holds, from its general.architecture: llama.cpp's names of language models
+    (gguf-py MODEL_ARCH_NAMES; ComfyUI-GGUF's text encoders, loader.py TXT_ARCH_LIST) and ComfyUI-GGUF's image models
+    (loader.py IMG_ARCH_LIST; no architecture, "pig" and "cow" are its compatibility mode, read by tensor names)."""
+    if arch in ("llama", "qwen2", "qwen2vl", "qwen3", "qwen3vl", "gemma", "gemma2", "gemma3", "mistral3"):
         return f"a {arch} language model"
-    if arch in ("flux", "sd1", "sdxl", "sd3", "aura", "hidream", "ltxv", "hyvid", "wan", "cosmos", "lumina2"):
+    if arch in ("flux", "sd1", "sdxl", "sd3", "aura", "hidream", "ltxv", "hyvid", "wan", "cosmos", "lumina2",
+                "qwen_image"):
         return f"a {arch} diffusion model (load it with ComfyUI-GGUF's Unet Loader)"
-    if arch is None:
-        return "a GGUF without an architecture (a stable-diffusion.cpp/ComfyUI-GGUF image model)"
+    if arch in (None, "pig", "cow"):
+        return "a stable-diffusion.cpp/ComfyUI-GGUF image model (load it with ComfyUI-GGUF's Unet Loader)"
     return f"a {arch!r} model"
 
 

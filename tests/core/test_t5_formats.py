@@ -7,6 +7,7 @@ ComfyUI's scaled-fp8 layout (comfy/ops.py scaled_fp8_ops, comfy/text_encoders/sd
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -201,12 +202,54 @@ def test_gguf_key_names_are_llama_cpps():
 
 # ------------------------------------------------------------------------------------------------ GGUF hostile
 
-def test_gguf_of_another_model_is_named(tmp_path):
-    sd = tiny.make_t5().state_dict()
-    for arch, fragment in (("llama", "a llama language model"), ("flux", "a flux diffusion model")):
-        path = gguf_files.write_t5_gguf(sd, tmp_path / f"{arch}.gguf", "Q8_0", arch=arch)
-        with pytest.raises(files.WeightFileError, match=f"{arch}.gguf: this GGUF holds {fragment}.*not a T5 encoder"):
-            ct5.load_t5(path, "none", torch.float32)
+# The GGUFs a user may put among text encoders by mistake. Language models by llama.cpp's names (gguf-py's
+# MODEL_ARCH members): ComfyUI-GGUF's text encoders besides T5 (city96/ComfyUI-GGUF loader.py TXT_ARCH_LIST at
+# 795e451, 2025-12-18: t5, t5encoder, llama, qwen2vl, qwen3, qwen3vl) and the chat models users hold most.
+LANGUAGE_ARCHS = ["LLAMA", "QWEN2VL", "QWEN3", "QWEN3VL", "QWEN2", "GEMMA", "GEMMA2", "GEMMA3", "MISTRAL3"]
+# ComfyUI-GGUF's image models (loader.py IMG_ARCH_LIST at 795e451), and the files its compatibility mode reads by
+# tensor names (gguf_sd_loader: no general.architecture, as stable-diffusion.cpp writes, or "pig" / "cow")
+IMAGE_ARCHS = ["flux", "sd1", "sdxl", "sd3", "aura", "hidream", "cosmos", "ltxv", "hyvid", "wan", "lumina2",
+               "qwen_image"]
+COMPAT_ARCHS = [None, "pig", "cow"]
+
+
+@pytest.fixture(scope="module")
+def t5_sd():
+    return tiny.make_t5().state_dict()
+
+
+def _refused_as(t5_sd, tmp_path, arch: str | None, holds: str) -> None:
+    path = gguf_files.write_t5_gguf(t5_sd, tmp_path / f"{arch}-Q8_0.gguf", "Q8_0", arch=arch)
+    message = f"{path.name}: this GGUF holds {holds} (general.architecture = {arch!r}), not a T5 encoder."
+    with pytest.raises(files.WeightFileError, match=re.escape(message)):
+        ct5.load_t5(path, "none", torch.float32)
+
+
+@pytest.mark.parametrize("member", LANGUAGE_ARCHS)
+def test_gguf_of_a_language_model_is_named(t5_sd, tmp_path, member):
+    import gguf
+
+    arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[member]]
+    _refused_as(t5_sd, tmp_path, arch, f"a {arch} language model")
+
+
+@pytest.mark.parametrize("arch", IMAGE_ARCHS)
+def test_gguf_of_an_image_model_is_named(t5_sd, tmp_path, arch):
+    _refused_as(t5_sd, tmp_path, arch, f"a {arch} diffusion model (load it with ComfyUI-GGUF's Unet Loader)")
+
+
+@pytest.mark.parametrize("arch", COMPAT_ARCHS, ids=str)
+def test_gguf_of_a_compatibility_mode_image_model_is_named(t5_sd, tmp_path, arch):
+    _refused_as(t5_sd, tmp_path, arch,
+                "a stable-diffusion.cpp/ComfyUI-GGUF image model (load it with ComfyUI-GGUF's Unet Loader)")
+
+
+def test_gguf_of_another_architecture_is_named(t5_sd, tmp_path):
+    """An architecture of neither kind (gguf-py MODEL_ARCH.MMPROJ, "clip": a vision projector) is named as it is."""
+    import gguf
+
+    arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ]
+    _refused_as(t5_sd, tmp_path, arch, f"a {arch!r} model")
 
 
 def test_gguf_umt5_is_named(tmp_path):
