@@ -12,10 +12,11 @@ from safetensors.torch import save_file
 
 from harness import models as tiny
 from harness.lora_files import (ALPHA_PATTERN, ORIGINAL_PLAIN, diffusers_file, kohya_diffusers, kohya_lora,
-                                kohya_original, peft_adapter, peft_bare, peft_folder, peft_patterns)
+                                kohya_original, peft_adapter, peft_bare, peft_deltas, peft_folder, peft_patterns)
 from harness.lora_files import rand as _rand
 from harness.lora_files import shapes_of as _shapes
 from harness.lora_files import t5_lora as _t5_lora
+from pixart_core import files
 from pixart_core import lora as core_lora
 from pixart_core import lora_keys
 
@@ -454,3 +455,62 @@ def test_an_sdxl_lora_in_diffusers_form_is_told_from_sd15():
     sd15 = ["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"]
     assert lora_keys.describe_lora(sd15) == \
         "a Stable Diffusion 1.x/2.x LoRA (UNet keys such as input_blocks / down_blocks)"
+
+
+def _comfy_lycoris_change(t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The change ComfyUI 0.3.75 makes at strength 1 from one module's LoHa or LoKr tensors, in float32
+    (comfy/weight_adapter/loha.py and lokr.py, calculate_weight; comfy/lora.py reads `.alpha` as a float): LoHa
+    (w1a·w1b)⊙(w2a·w2b)·alpha/rows(w1b); LoKr kron(w1, w2), each factor whole or a·b, ·alpha/dim where dim is the
+    rows of w2_b (else of w1_b) and the scale is 1 without an alpha or without a factored factor."""
+    f = {s: v.float() for s, v in t.items()}
+    alpha = f[".alpha"].item() if ".alpha" in f else None
+    if ".hada_w1_a" in f:
+        scale = alpha / f[".hada_w1_b"].shape[0] if alpha is not None else 1.0
+        return (f[".hada_w1_a"] @ f[".hada_w1_b"]) * (f[".hada_w2_a"] @ f[".hada_w2_b"]) * scale
+    dim, w1, w2 = None, f.get(".lokr_w1"), f.get(".lokr_w2")
+    if w1 is None:
+        dim, w1 = f[".lokr_w1_b"].shape[0], f[".lokr_w1_a"] @ f[".lokr_w1_b"]
+    if w2 is None:
+        dim, w2 = f[".lokr_w2_b"].shape[0], f[".lokr_w2_a"] @ f[".lokr_w2_b"]
+    return torch.kron(w1, w2) * (alpha / dim if alpha is not None and dim is not None else 1.0)
+
+
+def _lycoris_config(kind: str):
+    """PEFT LoHa / LoKr configs whose scaling alpha / r is no power of two where the file keeps both factors whole
+    (a bf16 factor scaled by it would round), with each layout PEFT's LoKr writes: w2 low-rank (r 4), both low-rank
+    (decompose_both), w1 low-rank and w2 whole (decompose_factor 36 makes w2 small), both whole (r 16, rank_pattern)."""
+    from peft import LoHaConfig, LoKrConfig
+
+    common = {"target_modules": ["to_q", "to_v", "proj_out"], "init_weights": False}
+    return {"loha": lambda: LoHaConfig(r=4, alpha=3, alpha_pattern={"to_v": 12}, **common),
+            "lokr_w2_low_rank": lambda: LoKrConfig(r=4, alpha=3, alpha_pattern={"to_v": 12}, **common),
+            "lokr_both_low_rank": lambda: LoKrConfig(r=2, alpha=3, decompose_both=True, **common),
+            "lokr_w1_low_rank": lambda: LoKrConfig(r=4, alpha=3, decompose_both=True, decompose_factor=36, **common),
+            "lokr_both_whole": lambda: LoKrConfig(r=16, alpha=2, rank_pattern={"to_q": 32}, **common)}[kind]()
+
+
+@pytest.mark.filterwarnings(r"ignore:Unexpected keyword arguments \['use_rslora'\]")  # PEFT drops it: the point
+@pytest.mark.parametrize("kind", ["loha", "lokr_w2_low_rank", "lokr_both_low_rank", "lokr_w1_low_rank", "lokr_both_whole"])
+def test_peft_loha_and_lokr_scaling_reaches_comfyui_exactly(dit_model, tmp_path, kind):
+    """A PEFT LoHa / LoKr saved in bf16 with its adapter_config.json (alpha only there): the change ComfyUI makes
+    from the plan is PEFT's own get_delta_weight of the same bf16 factors, to float32 rounding, for every factor
+    layout PEFT writes. The config carries a stray `use_rslora` (a LoRA field): PEFT's loader drops it, its LoHa and
+    LoKr have no rsLoRA, so the scaling stays alpha / r."""
+    from peft import PeftConfig, get_peft_model_state_dict
+
+    _, config, model = peft_adapter(dit_model, _lycoris_config(kind))
+    with torch.no_grad():  # the adapter as a bf16 file holds it: PEFT's factors rounded to bf16 values
+        for p in (p for p in model.parameters() if p.requires_grad):
+            p.copy_(p.to(torch.bfloat16).float())
+    save_file({k: v.to(torch.bfloat16) for k, v in get_peft_model_state_dict(model).items()},
+              str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config.to_dict(), "use_rslora": True}, default=list))
+    assert PeftConfig.from_pretrained(str(tmp_path)).to_dict() == config.to_dict()  # PEFT drops use_rslora
+    path = tmp_path / "adapter_model.safetensors"
+    plan = core_lora.prepare(files.read_state_dict(path), _shapes(dit_model), metadata=core_lora.read_metadata(path))
+    deltas = peft_deltas(model)
+    assert {p for p in plan.dit_map.values()} == set(deltas) and len(deltas) == 9
+    for canon, param in plan.dit_map.items():
+        part = {k[len(canon):]: v for k, v in plan.dit.items() if k.startswith(canon + ".")}
+        torch.testing.assert_close(_comfy_lycoris_change(part).reshape(deltas[param].shape), deltas[param],
+                                   rtol=1e-5, atol=1e-7, msg=param)
