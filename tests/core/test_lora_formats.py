@@ -232,6 +232,9 @@ def test_peft_settings_read_both_metadata_forms():
         {"r": 4, "lora_alpha": 16}
     assert core_lora.peft_settings({"lora_adapter_metadata": "{not json"}, "transformer") is None
     assert core_lora.peft_settings({"ss_network_alpha": "4"}, "transformer") is None
+    # a header's own "alpha" is no LoRA config: a LoRA's is lora_alpha, and diffusers reads only lora_adapter_metadata
+    # (diffusers/utils/state_dict_utils.py, _load_sft_state_dict_metadata)
+    assert core_lora.peft_settings({"format": "pt", "alpha": "2"}, "transformer") is None
     assert core_lora.peft_settings(None, "transformer") is None
     conf = {"lora_alpha": 8, "alpha_pattern": {"attn2.to_k": 3}}
     assert core_lora.peft_alpha(conf, "transformer_blocks.0.attn2.to_k", 4) == 3.0
@@ -478,7 +481,8 @@ def _comfy_lycoris_change(t: dict[str, torch.Tensor]) -> torch.Tensor:
 def _lycoris_config(kind: str):
     """PEFT LoHa / LoKr configs whose scaling alpha / r is no power of two where the file keeps both factors whole
     (a bf16 factor scaled by it would round), with each layout PEFT's LoKr writes: w2 low-rank (r 4), both low-rank
-    (decompose_both), w1 low-rank and w2 whole (decompose_factor 36 makes w2 small), both whole (r 16, rank_pattern)."""
+    (decompose_both), w1 low-rank and w2 whole (decompose_factor 36 makes w2 small), both whole (r 16, rank_pattern;
+    PEFT's default r 8)."""
     from peft import LoHaConfig, LoKrConfig
 
     common = {"target_modules": ["to_q", "to_v", "proj_out"], "init_weights": False}
@@ -486,16 +490,18 @@ def _lycoris_config(kind: str):
             "lokr_w2_low_rank": lambda: LoKrConfig(r=4, alpha=3, alpha_pattern={"to_v": 12}, **common),
             "lokr_both_low_rank": lambda: LoKrConfig(r=2, alpha=3, decompose_both=True, **common),
             "lokr_w1_low_rank": lambda: LoKrConfig(r=4, alpha=3, decompose_both=True, decompose_factor=36, **common),
-            "lokr_both_whole": lambda: LoKrConfig(r=16, alpha=2, rank_pattern={"to_q": 32}, **common)}[kind]()
+            "lokr_both_whole": lambda: LoKrConfig(r=16, alpha=2, rank_pattern={"to_q": 32}, **common),
+            "lokr_default_r": lambda: LoKrConfig(alpha=2, **common)}[kind]()
 
 
 @pytest.mark.filterwarnings(r"ignore:Unexpected keyword arguments \['use_rslora'\]")  # PEFT drops it: the point
-@pytest.mark.parametrize("kind", ["loha", "lokr_w2_low_rank", "lokr_both_low_rank", "lokr_w1_low_rank", "lokr_both_whole"])
+@pytest.mark.parametrize("kind", ["loha", "lokr_w2_low_rank", "lokr_both_low_rank", "lokr_w1_low_rank", "lokr_both_whole",
+                                  "lokr_default_r"])
 def test_peft_loha_and_lokr_scaling_reaches_comfyui_exactly(dit_model, tmp_path, kind):
     """A PEFT LoHa / LoKr saved in bf16 with its adapter_config.json (alpha only there): the change ComfyUI makes
     from the plan is PEFT's own get_delta_weight of the same bf16 factors, to float32 rounding, for every factor
     layout PEFT writes. The config carries a stray `use_rslora` (a LoRA field): PEFT's loader drops it, its LoHa and
-    LoKr have no rsLoRA, so the scaling stays alpha / r."""
+    LoKr have no rsLoRA, so the scaling stays alpha / r. A minimal config may leave r out: PEFT's default (8) holds."""
     from peft import PeftConfig, get_peft_model_state_dict
 
     _, config, model = peft_adapter(dit_model, _lycoris_config(kind))
@@ -504,7 +510,8 @@ def test_peft_loha_and_lokr_scaling_reaches_comfyui_exactly(dit_model, tmp_path,
             p.copy_(p.to(torch.bfloat16).float())
     save_file({k: v.to(torch.bfloat16) for k, v in get_peft_model_state_dict(model).items()},
               str(tmp_path / "adapter_model.safetensors"))
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**config.to_dict(), "use_rslora": True}, default=list))
+    written = {k: v for k, v in config.to_dict().items() if not (kind == "lokr_default_r" and k == "r")}
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**written, "use_rslora": True}, default=list))
     assert PeftConfig.from_pretrained(str(tmp_path)).to_dict() == config.to_dict()  # PEFT drops use_rslora
     path = tmp_path / "adapter_model.safetensors"
     plan = core_lora.prepare(files.read_state_dict(path), _shapes(dit_model), metadata=core_lora.read_metadata(path))
@@ -514,3 +521,38 @@ def test_peft_loha_and_lokr_scaling_reaches_comfyui_exactly(dit_model, tmp_path,
         part = {k[len(canon):]: v for k, v in plan.dit.items() if k.startswith(canon + ".")}
         torch.testing.assert_close(_comfy_lycoris_change(part).reshape(deltas[param].shape), deltas[param],
                                    rtol=1e-5, atol=1e-7, msg=param)
+
+
+# One PEFT adapter module of each kind on proj_out ([32, 144]) at rank 2: LoRA (lora_A / lora_B, without .weight as
+# some writers name them), LoHa, LoKr (w1 [4, 12] whole, w2 [8, 12] = w2_a·w2_b).
+PEFT_PARTS = {"LORA": {".lora_A": (2, 144), ".lora_B": (32, 2)},
+              "LOHA": {".hada_w1_a": (32, 2), ".hada_w1_b": (2, 144), ".hada_w2_a": (32, 2), ".hada_w2_b": (2, 144)},
+              "LOKR": {".lokr_w1": (4, 12), ".lokr_w2_a": (8, 2), ".lokr_w2_b": (2, 12)}}
+
+
+def _peft_type_spellings():
+    from peft import PeftType
+
+    return {"as_saved": lambda k: k, "lower": str.lower, "str_of_the_enum": lambda k: str(PeftType[k]),
+            "qualified_name": lambda k: f"{PeftType.__module__}.{PeftType[k]}"}
+
+
+@pytest.mark.parametrize("spelling", ["as_saved", "lower", "str_of_the_enum", "qualified_name"])
+@pytest.mark.parametrize("kind", list(PEFT_PARTS))
+def test_a_peft_config_gives_its_alpha_to_its_own_adapter_only(dit_model, kind, spelling):
+    """A PEFT config (LoRA, LoHa, LoKr; peft_type as saved, lower case, or str() of PEFT's PeftType enum with its
+    class or module path in front) gives its alpha to that adapter's module: PEFT's scaling is alpha / r = 3 / 2,
+    ComfyUI's alpha / the factors' rank 2, so alpha 3. A full difference beside it (`.diff`: a layer trained whole,
+    which ComfyUI adds unscaled) is no part of the adapter and gets none."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    config = {"LORA": LoraConfig(r=2, lora_alpha=3), "LOHA": LoHaConfig(r=2, alpha=3), "LOKR": LoKrConfig(r=2, alpha=3)}[kind]
+    meta = json.loads(json.dumps(config.to_dict(), default=list))
+    meta["peft_type"] = _peft_type_spellings()[spelling](meta["peft_type"])
+    sd = {f"proj_out{s}": _rand(*shape, seed=i) for i, (s, shape) in enumerate(PEFT_PARTS[kind].items())}
+    diff = _rand(144, 144, seed=9)
+    plan = core_lora.prepare({**sd, "transformer_blocks.0.attn1.to_q.diff": diff}, _shapes(dit_model),
+                             metadata={"lora_adapter_metadata": meta})
+    assert plan.dit["proj_out.alpha"].item() == 3.0
+    assert set(plan.dit) == {k for k in sd} | {"proj_out.alpha", "transformer_blocks.0.attn1.to_q.diff"}
+    assert plan.dit["transformer_blocks.0.attn1.to_q.diff"] is diff and not plan.unplaced
