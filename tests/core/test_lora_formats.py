@@ -147,8 +147,10 @@ def test_t5_names_and_text_encoder_keys_without_a_t5(dit_model):
                                                      "encoder.block.1.layer.1.DenseReluDense.wi_0",
                                                      "encoder.block.0.layer.1.DenseReluDense.wo")}
     assert sorted(plan.t5_keys) == sorted(sd) and plan.unplaced == [] and plan.dit_map == {}
-    with pytest.raises(core_lora.LoraError, match="only text-encoder"):
-        core_lora.prepare(sd, _shapes(dit_model))  # no T5 to put them on
+    with pytest.raises(core_lora.LoraError) as e:
+        core_lora.prepare(sd, _shapes(dit_model), name="te.safetensors")  # no T5 to put them on
+    assert str(e.value) == ("te.safetensors: this LoRA has only text-encoder (T5) keys. Connect the T5 from PixArt-Σ T5 "
+                            "Loader to this node's t5 input (and use its t5 output for Text Encode).")
     kohya, _, _ = kohya_diffusers(dit_model)
     plan = core_lora.prepare({**kohya, **sd}, _shapes(dit_model))
     assert len(plan.dit_map) == 7 and plan.t5_map == {} and sorted(plan.t5_keys) == sorted(sd) and not plan.unplaced
@@ -208,6 +210,8 @@ def test_lokr_and_loha_split_on_fused_layers_as_their_products_do():
     assert all(torch.equal(prod(p), prod(h)[144 * i:144 * (i + 1)]) for i, p in enumerate(parts))
     assert core_lora.split_fused({**h, ".dora_scale": torch.ones(288, 1)}, (144, 144)) == \
         ".dora_scale on a fused layer cannot be split into its q/k/v parts"
+    assert core_lora.split_fused({**h, ".hada_t1": torch.ones(2, 2), ".dora_scale": torch.ones(288, 1)}, (144, 144)) == \
+        ".dora_scale, .hada_t1 on a fused layer cannot be split into its q/k/v parts"
     assert core_lora.split_fused({".lora_up.weight": _rand(200, 2, seed=1), ".lora_down.weight": _rand(2, 144, seed=2)},
                                  (144, 144)) == ".lora_up.weight has 200 rows, the fused layer 288"
 
@@ -556,3 +560,57 @@ def test_a_peft_config_gives_its_alpha_to_its_own_adapter_only(dit_model, kind, 
     assert plan.dit["proj_out.alpha"].item() == 3.0
     assert set(plan.dit) == {k for k in sd} | {"proj_out.alpha", "transformer_blocks.0.attn1.to_q.diff"}
     assert plan.dit["transformer_blocks.0.attn1.to_q.diff"] is diff and not plan.unplaced
+
+
+def test_a_clip_text_encoder_lora_is_named_even_with_a_t5_connected(dit_model):
+    """An SD text-encoder-only LoRA (lora_te_ keys, as T5 LoRAs have) with a T5 connected names none of its modules:
+    the refusal says what the file is and lists its first keys, not "connect the T5"."""
+    sd = {f"lora_te_text_model_encoder_layers_{n}_mlp_fc1.lora_{w}.weight": torch.zeros(1) for n in range(3)
+          for w in ("down", "up")}
+    with pytest.raises(core_lora.LoraError) as e:
+        core_lora.prepare(sd, _shapes(dit_model), _shapes(tiny.make_t5()), name="clip.safetensors")
+    assert str(e.value) == (
+        "clip.safetensors: no key of this file names a module of the PixArt DiT or T5 (it looks like a LoRA for a CLIP "
+        "text encoder only; first keys: lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight, "
+        "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight, "
+        "lora_te_text_model_encoder_layers_1_mlp_fc1.lora_down.weight). Choose a LoRA trained on PixArt-Σ/α.")
+
+
+def test_a_umt5_encoder_chosen_as_a_lora_is_named_by_its_vocabulary(dit_model):
+    """A text encoder file picked in the LoRA list is told by its shapes: umT5's 256384-token embedding (shapes are all
+    that is read, so the tensors sit on the meta device)."""
+    sd = {"encoder.block.0.layer.0.SelfAttention.q.weight": torch.empty(8, 8, device="meta"),
+          "shared.weight": torch.empty(256384, 8, device="meta")}
+    with pytest.raises(core_lora.LoraError, match=r"it looks like a umT5 text encoder \(256384-token vocabulary; PixArt "
+                                                  r"needs T5-v1\.1-XXL with 32128 tokens\); first keys"):
+        core_lora.prepare(sd, _shapes(dit_model), name="umt5.safetensors")
+
+
+def test_peft_vera_is_refused_naming_each_of_its_tensors(dit_model):
+    """PEFT's VeRA (a shared random projection scaled per layer by vera_lambda_b / vera_lambda_d) is no form a weight
+    adapter of ComfyUI reads: the refusal names both tensors and says what to do."""
+    from peft import VeraConfig
+
+    sd, _, _ = peft_adapter(dit_model, VeraConfig(r=4, target_modules=["to_q", "to_k"]))
+    with pytest.raises(core_lora.LoraError) as e:
+        core_lora.prepare(sd, _shapes(dit_model), name="vera.safetensors")
+    assert str(e.value) == (
+        "vera.safetensors: its tensors name PixArt layers, but in a form no weight adapter of ComfyUI reads: "
+        "vera_lambda_b (PEFT's VeRA), vera_lambda_d (PEFT's VeRA). ComfyUI applies LoRA/LoCon, LoHa, LoKr, LyCORIS's "
+        "OFT and BOFT, GLoRA, DoRA and full differences (diff); merge this adapter into the DiT (PEFT: "
+        "merge_and_unload()) and load the merged checkpoint instead.")
+
+
+@pytest.mark.filterwarnings(r"ignore:Adapter .default.. 4 LoRA tensor\(s\) have invalid shape")  # PEFT: the 1-D bias
+def test_peft_lora_bias_is_refused_naming_the_tensor(dit_model):
+    """PEFT's lora_bias (a trained bias beside lora_B, LoraConfig(lora_bias=True)) is read by no weight adapter of
+    ComfyUI (comfy/weight_adapter/lora.py reads up, down, mid and alpha): without it the change is wrong, so the
+    file is refused, naming the tensor as the file has it."""
+    from peft import LoraConfig
+
+    sd, _, _ = peft_adapter(dit_model, LoraConfig(r=2, target_modules=["to_q"], lora_bias=True, init_lora_weights=False))
+    assert "base_model.model.transformer_blocks.0.attn1.to_q.lora_B.bias" in sd
+    with pytest.raises(core_lora.LoraError) as e:
+        core_lora.prepare(sd, _shapes(dit_model), name="bias.safetensors")
+    assert str(e.value).startswith("bias.safetensors: base_model.model.transformer_blocks.0.attn1.to_q (and 3 more) has "
+                                   "lora_B.bias beside the LoRA tensors; no weight adapter of ComfyUI reads it"), str(e.value)
