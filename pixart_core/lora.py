@@ -75,9 +75,9 @@ def _split_lokr(tensors: dict[str, torch.Tensor], parts: int) -> list[dict[str, 
         return f"its LoKr factors ({a} x {c} rows) cannot be split into {parts} equal parts exactly"
     out: list[dict[str, torch.Tensor]] = [{} for _ in range(parts)]
     for s, t in tensors.items():
-        chunks = t.chunk(parts, dim=0) if s in split else [t] * parts
-        for o, ch in zip(out, chunks):
-            o[s] = ch.contiguous() if s in split else ch
+        t = t.contiguous()  # a pickle keeps strides, and torch.kron (ComfyUI's LoKr) fails on factors of mixed layouts
+        for o, ch in zip(out, t.chunk(parts, dim=0) if s in split else [t] * parts):
+            o[s] = ch
     return out
 
 

@@ -614,3 +614,21 @@ def test_peft_lora_bias_is_refused_naming_the_tensor(dit_model):
         core_lora.prepare(sd, _shapes(dit_model), name="bias.safetensors")
     assert str(e.value).startswith("bias.safetensors: base_model.model.transformer_blocks.0.attn1.to_q (and 3 more) has "
                                    "lora_B.bias beside the LoRA tensors; no weight adapter of ComfyUI reads it"), str(e.value)
+
+
+
+@pytest.mark.parametrize("strided", [("w1",), ("w2",), ("w1", "w2")])
+def test_a_fused_lokr_from_a_pickle_splits_into_factors_torch_kron_takes(tmp_path, strided):
+    """A pickled LoRA (.pt) keeps a tensor's strides (here transposed LoKr factors), and torch.kron, which ComfyUI's
+    LoKr adapter calls (comfy/weight_adapter/lokr.py), fails on factors of mixed layouts: each part of a fused qkv
+    gets factors it takes, whose product is the fused change's rows, and every part the same whole factor (not one
+    copy each)."""
+    w = {"w1": _rand(6, 4, seed=1), "w2": _rand(72, 36, seed=2)}
+    torch.save({k: v.t().contiguous().t() if k in strided else v for k, v in w.items()}, tmp_path / "lokr.pt")
+    sd = files.read_state_dict(tmp_path / "lokr.pt")
+    assert [k for k in sd if not sd[k].is_contiguous()] == list(strided)
+    parts = core_lora.split_fused({".lokr_w1": sd["w1"], ".lokr_w2": sd["w2"]}, (144, 144, 144))
+    whole = torch.kron(w["w1"], w["w2"])
+    for i, part in enumerate(parts):
+        assert torch.equal(torch.kron(part[".lokr_w1"], part[".lokr_w2"]), whole[144 * i:144 * (i + 1)])
+    assert parts[0][".lokr_w2"] is parts[1][".lokr_w2"] is parts[2][".lokr_w2"]
