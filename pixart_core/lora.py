@@ -75,9 +75,9 @@ def _split_lokr(tensors: dict[str, torch.Tensor], parts: int) -> list[dict[str, 
         return f"its LoKr factors ({a} x {c} rows) cannot be split into {parts} equal parts exactly"
     out: list[dict[str, torch.Tensor]] = [{} for _ in range(parts)]
     for s, t in tensors.items():
-        chunks = t.chunk(parts, dim=0) if s in split else [t] * parts
-        for o, ch in zip(out, chunks):
-            o[s] = ch.contiguous() if s in split else ch
+        t = t.contiguous()  # a pickle keeps strides, and torch.kron (ComfyUI's LoKr) fails on factors of mixed layouts
+        for o, ch in zip(out, t.chunk(parts, dim=0) if s in split else [t] * parts):
+            o[s] = ch
     return out
 
 
@@ -191,11 +191,12 @@ def _pattern_value(patterns: dict | None, module: str, default):
     return default
 
 
-def peft_alpha(conf: dict, module: str, rank: int) -> float:
-    """The `.alpha` ComfyUI needs (it scales by alpha / rank) for PEFT's scaling of a module: alpha / r, or
-    alpha / sqrt(r) with use_rslora; alpha_pattern entries override the config's alpha by module name."""
+def peft_alpha(conf: dict, module: str, rank: int | None = None) -> float:
+    """The `.alpha` ComfyUI needs (it scales by alpha / rank) for PEFT's scaling of a module: alpha / r, or for a
+    LoRA of that rank alpha / sqrt(r) with use_rslora (PEFT's LoHa and LoKr have no rsLoRA); alpha_pattern entries
+    override the config's alpha by module name."""
     alpha = float(_pattern_value(conf.get("alpha_pattern"), module, conf[_alpha_key(conf)]))
-    return alpha * math.sqrt(rank) if conf.get("use_rslora") else alpha
+    return alpha * math.sqrt(rank) if rank is not None and conf.get("use_rslora") else alpha
 
 
 @dataclasses.dataclass
@@ -263,17 +264,14 @@ def _with_peft_alpha(part: dict[str, torch.Tensor], conf: dict | None, canon: st
     kind = _peft_kind(conf)
     if kind == "LORA" and set(part) & set(PEFT_SUFFIXES):
         rank = next(part[s] for s in (".lora_A.weight", ".lora_A.default.weight", ".lora_A") if s in part).shape[0]
-    elif kind == "LOHA" and ".hada_w1_b" in part:
-        rank = part[".hada_w1_b"].shape[0]
-    elif kind == "LOKR" and (".lokr_w1" in part or ".lokr_w1_a" in part):
-        factor = part.get(".lokr_w1_b", part.get(".lokr_w2_b"))
-        if factor is None:  # both factors whole: ComfyUI scales them by 1, PEFT by alpha / r (8: PEFT's default r)
-            r = int(_pattern_value(conf.get("rank_pattern"), canon, conf.get("r", 8)))
-            return {**part, ".lokr_w1": part[".lokr_w1"] * (peft_alpha(conf, canon, r) / r)}
-        rank = factor.shape[0]
-    else:
-        return part
-    return {**part, ".alpha": torch.tensor(peft_alpha(conf, canon, rank))}
+        return {**part, ".alpha": torch.tensor(peft_alpha(conf, canon, rank))}
+    # PEFT scales LoHa and LoKr by alpha / r, ComfyUI by alpha / the rank of the file's factors (which is r)
+    if kind == "LOHA" and ".hada_w1_b" in part or kind == "LOKR" and {".lokr_w1_b", ".lokr_w2_b"} & set(part):
+        return {**part, ".alpha": torch.tensor(peft_alpha(conf, canon))}
+    if kind == "LOKR" and ".lokr_w1" in part:  # both whole: ComfyUI scales them by 1, PEFT by alpha / r (8: its default)
+        r = int(_pattern_value(conf.get("rank_pattern"), canon, conf.get("r", 8)))
+        return {**part, ".lokr_w1": part[".lokr_w1"] * (peft_alpha(conf, canon) / r)}
+    return part
 
 
 def _magnitude_as_dora_scale(part: dict[str, torch.Tensor], want: tuple[int, ...]) -> dict[str, torch.Tensor] | str:

@@ -12,10 +12,11 @@ from safetensors.torch import save_file
 
 from harness import models as tiny
 from harness.lora_files import (ALPHA_PATTERN, ORIGINAL_PLAIN, diffusers_file, kohya_diffusers, kohya_lora,
-                                kohya_original, peft_adapter, peft_bare, peft_folder, peft_patterns)
+                                kohya_original, peft_adapter, peft_bare, peft_deltas, peft_folder, peft_patterns)
 from harness.lora_files import rand as _rand
 from harness.lora_files import shapes_of as _shapes
 from harness.lora_files import t5_lora as _t5_lora
+from pixart_core import files
 from pixart_core import lora as core_lora
 from pixart_core import lora_keys
 
@@ -146,8 +147,10 @@ def test_t5_names_and_text_encoder_keys_without_a_t5(dit_model):
                                                      "encoder.block.1.layer.1.DenseReluDense.wi_0",
                                                      "encoder.block.0.layer.1.DenseReluDense.wo")}
     assert sorted(plan.t5_keys) == sorted(sd) and plan.unplaced == [] and plan.dit_map == {}
-    with pytest.raises(core_lora.LoraError, match="only text-encoder"):
-        core_lora.prepare(sd, _shapes(dit_model))  # no T5 to put them on
+    with pytest.raises(core_lora.LoraError) as e:
+        core_lora.prepare(sd, _shapes(dit_model), name="te.safetensors")  # no T5 to put them on
+    assert str(e.value) == ("te.safetensors: this LoRA has only text-encoder (T5) keys. Connect the T5 from PixArt-Σ T5 "
+                            "Loader to this node's t5 input (and use its t5 output for Text Encode).")
     kohya, _, _ = kohya_diffusers(dit_model)
     plan = core_lora.prepare({**kohya, **sd}, _shapes(dit_model))
     assert len(plan.dit_map) == 7 and plan.t5_map == {} and sorted(plan.t5_keys) == sorted(sd) and not plan.unplaced
@@ -207,6 +210,8 @@ def test_lokr_and_loha_split_on_fused_layers_as_their_products_do():
     assert all(torch.equal(prod(p), prod(h)[144 * i:144 * (i + 1)]) for i, p in enumerate(parts))
     assert core_lora.split_fused({**h, ".dora_scale": torch.ones(288, 1)}, (144, 144)) == \
         ".dora_scale on a fused layer cannot be split into its q/k/v parts"
+    assert core_lora.split_fused({**h, ".hada_t1": torch.ones(2, 2), ".dora_scale": torch.ones(288, 1)}, (144, 144)) == \
+        ".dora_scale, .hada_t1 on a fused layer cannot be split into its q/k/v parts"
     assert core_lora.split_fused({".lora_up.weight": _rand(200, 2, seed=1), ".lora_down.weight": _rand(2, 144, seed=2)},
                                  (144, 144)) == ".lora_up.weight has 200 rows, the fused layer 288"
 
@@ -231,6 +236,9 @@ def test_peft_settings_read_both_metadata_forms():
         {"r": 4, "lora_alpha": 16}
     assert core_lora.peft_settings({"lora_adapter_metadata": "{not json"}, "transformer") is None
     assert core_lora.peft_settings({"ss_network_alpha": "4"}, "transformer") is None
+    # a header's own "alpha" is no LoRA config: a LoRA's is lora_alpha, and diffusers reads only lora_adapter_metadata
+    # (diffusers/utils/state_dict_utils.py, _load_sft_state_dict_metadata)
+    assert core_lora.peft_settings({"format": "pt", "alpha": "2"}, "transformer") is None
     assert core_lora.peft_settings(None, "transformer") is None
     conf = {"lora_alpha": 8, "alpha_pattern": {"attn2.to_k": 3}}
     assert core_lora.peft_alpha(conf, "transformer_blocks.0.attn2.to_k", 4) == 3.0
@@ -454,3 +462,173 @@ def test_an_sdxl_lora_in_diffusers_form_is_told_from_sd15():
     sd15 = ["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"]
     assert lora_keys.describe_lora(sd15) == \
         "a Stable Diffusion 1.x/2.x LoRA (UNet keys such as input_blocks / down_blocks)"
+
+
+def _comfy_lycoris_change(t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The change ComfyUI 0.3.75 makes at strength 1 from one module's LoHa or LoKr tensors, in float32
+    (comfy/weight_adapter/loha.py and lokr.py, calculate_weight; comfy/lora.py reads `.alpha` as a float): LoHa
+    (w1a·w1b)⊙(w2a·w2b)·alpha/rows(w1b); LoKr kron(w1, w2), each factor whole or a·b, ·alpha/dim where dim is the
+    rows of w2_b (else of w1_b) and the scale is 1 without an alpha or without a factored factor."""
+    f = {s: v.float() for s, v in t.items()}
+    alpha = f[".alpha"].item() if ".alpha" in f else None
+    if ".hada_w1_a" in f:
+        scale = alpha / f[".hada_w1_b"].shape[0] if alpha is not None else 1.0
+        return (f[".hada_w1_a"] @ f[".hada_w1_b"]) * (f[".hada_w2_a"] @ f[".hada_w2_b"]) * scale
+    dim, w1, w2 = None, f.get(".lokr_w1"), f.get(".lokr_w2")
+    if w1 is None:
+        dim, w1 = f[".lokr_w1_b"].shape[0], f[".lokr_w1_a"] @ f[".lokr_w1_b"]
+    if w2 is None:
+        dim, w2 = f[".lokr_w2_b"].shape[0], f[".lokr_w2_a"] @ f[".lokr_w2_b"]
+    return torch.kron(w1, w2) * (alpha / dim if alpha is not None and dim is not None else 1.0)
+
+
+def _lycoris_config(kind: str):
+    """PEFT LoHa / LoKr configs whose scaling alpha / r is no power of two where the file keeps both factors whole
+    (a bf16 factor scaled by it would round), with each layout PEFT's LoKr writes: w2 low-rank (r 4), both low-rank
+    (decompose_both), w1 low-rank and w2 whole (decompose_factor 36 makes w2 small), both whole (r 16, rank_pattern;
+    PEFT's default r 8)."""
+    from peft import LoHaConfig, LoKrConfig
+
+    common = {"target_modules": ["to_q", "to_v", "proj_out"], "init_weights": False}
+    return {"loha": lambda: LoHaConfig(r=4, alpha=3, alpha_pattern={"to_v": 12}, **common),
+            "lokr_w2_low_rank": lambda: LoKrConfig(r=4, alpha=3, alpha_pattern={"to_v": 12}, **common),
+            "lokr_both_low_rank": lambda: LoKrConfig(r=2, alpha=3, decompose_both=True, **common),
+            "lokr_w1_low_rank": lambda: LoKrConfig(r=4, alpha=3, decompose_both=True, decompose_factor=36, **common),
+            "lokr_both_whole": lambda: LoKrConfig(r=16, alpha=2, rank_pattern={"to_q": 32}, **common),
+            "lokr_default_r": lambda: LoKrConfig(alpha=2, **common)}[kind]()
+
+
+@pytest.mark.filterwarnings(r"ignore:Unexpected keyword arguments \['use_rslora'\]")  # PEFT drops it: the point
+@pytest.mark.parametrize("kind", ["loha", "lokr_w2_low_rank", "lokr_both_low_rank", "lokr_w1_low_rank", "lokr_both_whole",
+                                  "lokr_default_r"])
+def test_peft_loha_and_lokr_scaling_reaches_comfyui_exactly(dit_model, tmp_path, kind):
+    """A PEFT LoHa / LoKr saved in bf16 with its adapter_config.json (alpha only there): the change ComfyUI makes
+    from the plan is PEFT's own get_delta_weight of the same bf16 factors, to float32 rounding, for every factor
+    layout PEFT writes. The config carries a stray `use_rslora` (a LoRA field): PEFT's loader drops it, its LoHa and
+    LoKr have no rsLoRA, so the scaling stays alpha / r. A minimal config may leave r out: PEFT's default (8) holds."""
+    from peft import PeftConfig, get_peft_model_state_dict
+
+    _, config, model = peft_adapter(dit_model, _lycoris_config(kind))
+    with torch.no_grad():  # the adapter as a bf16 file holds it: PEFT's factors rounded to bf16 values
+        for p in (p for p in model.parameters() if p.requires_grad):
+            p.copy_(p.to(torch.bfloat16).float())
+    save_file({k: v.to(torch.bfloat16) for k, v in get_peft_model_state_dict(model).items()},
+              str(tmp_path / "adapter_model.safetensors"))
+    written = {k: v for k, v in config.to_dict().items() if not (kind == "lokr_default_r" and k == "r")}
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**written, "use_rslora": True}, default=list))
+    assert PeftConfig.from_pretrained(str(tmp_path)).to_dict() == config.to_dict()  # PEFT drops use_rslora
+    path = tmp_path / "adapter_model.safetensors"
+    plan = core_lora.prepare(files.read_state_dict(path), _shapes(dit_model), metadata=core_lora.read_metadata(path))
+    deltas = peft_deltas(model)
+    assert {p for p in plan.dit_map.values()} == set(deltas) and len(deltas) == 9
+    for canon, param in plan.dit_map.items():
+        part = {k[len(canon):]: v for k, v in plan.dit.items() if k.startswith(canon + ".")}
+        torch.testing.assert_close(_comfy_lycoris_change(part).reshape(deltas[param].shape), deltas[param],
+                                   rtol=1e-5, atol=1e-7, msg=param)
+
+
+# One PEFT adapter module of each kind on proj_out ([32, 144]) at rank 2: LoRA (lora_A / lora_B, without .weight as
+# some writers name them), LoHa, LoKr (w1 [4, 12] whole, w2 [8, 12] = w2_a·w2_b).
+PEFT_PARTS = {"LORA": {".lora_A": (2, 144), ".lora_B": (32, 2)},
+              "LOHA": {".hada_w1_a": (32, 2), ".hada_w1_b": (2, 144), ".hada_w2_a": (32, 2), ".hada_w2_b": (2, 144)},
+              "LOKR": {".lokr_w1": (4, 12), ".lokr_w2_a": (8, 2), ".lokr_w2_b": (2, 12)}}
+
+
+def _peft_type_spellings():
+    from peft import PeftType
+
+    return {"as_saved": lambda k: k, "lower": str.lower, "str_of_the_enum": lambda k: str(PeftType[k]),
+            "qualified_name": lambda k: f"{PeftType.__module__}.{PeftType[k]}"}
+
+
+@pytest.mark.parametrize("spelling", ["as_saved", "lower", "str_of_the_enum", "qualified_name"])
+@pytest.mark.parametrize("kind", list(PEFT_PARTS))
+def test_a_peft_config_gives_its_alpha_to_its_own_adapter_only(dit_model, kind, spelling):
+    """A PEFT config (LoRA, LoHa, LoKr; peft_type as saved, lower case, or str() of PEFT's PeftType enum with its
+    class or module path in front) gives its alpha to that adapter's module: PEFT's scaling is alpha / r = 3 / 2,
+    ComfyUI's alpha / the factors' rank 2, so alpha 3. A full difference beside it (`.diff`: a layer trained whole,
+    which ComfyUI adds unscaled) is no part of the adapter and gets none."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    config = {"LORA": LoraConfig(r=2, lora_alpha=3), "LOHA": LoHaConfig(r=2, alpha=3), "LOKR": LoKrConfig(r=2, alpha=3)}[kind]
+    meta = json.loads(json.dumps(config.to_dict(), default=list))
+    meta["peft_type"] = _peft_type_spellings()[spelling](meta["peft_type"])
+    sd = {f"proj_out{s}": _rand(*shape, seed=i) for i, (s, shape) in enumerate(PEFT_PARTS[kind].items())}
+    diff = _rand(144, 144, seed=9)
+    plan = core_lora.prepare({**sd, "transformer_blocks.0.attn1.to_q.diff": diff}, _shapes(dit_model),
+                             metadata={"lora_adapter_metadata": meta})
+    assert plan.dit["proj_out.alpha"].item() == 3.0
+    assert set(plan.dit) == {k for k in sd} | {"proj_out.alpha", "transformer_blocks.0.attn1.to_q.diff"}
+    assert plan.dit["transformer_blocks.0.attn1.to_q.diff"] is diff and not plan.unplaced
+
+
+def test_a_clip_text_encoder_lora_is_named_even_with_a_t5_connected(dit_model):
+    """An SD text-encoder-only LoRA (lora_te_ keys, as T5 LoRAs have) with a T5 connected names none of its modules:
+    the refusal says what the file is and lists its first keys, not "connect the T5"."""
+    sd = {f"lora_te_text_model_encoder_layers_{n}_mlp_fc1.lora_{w}.weight": torch.zeros(1) for n in range(3)
+          for w in ("down", "up")}
+    with pytest.raises(core_lora.LoraError) as e:
+        core_lora.prepare(sd, _shapes(dit_model), _shapes(tiny.make_t5()), name="clip.safetensors")
+    assert str(e.value) == (
+        "clip.safetensors: no key of this file names a module of the PixArt DiT or T5 (it looks like a LoRA for a CLIP "
+        "text encoder only; first keys: lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight, "
+        "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight, "
+        "lora_te_text_model_encoder_layers_1_mlp_fc1.lora_down.weight). Choose a LoRA trained on PixArt-Σ/α.")
+
+
+def test_a_umt5_encoder_chosen_as_a_lora_is_named_by_its_vocabulary(dit_model):
+    """A text encoder file picked in the LoRA list is told by its shapes: umT5's 256384-token embedding (shapes are all
+    that is read, so the tensors sit on the meta device)."""
+    sd = {"encoder.block.0.layer.0.SelfAttention.q.weight": torch.empty(8, 8, device="meta"),
+          "shared.weight": torch.empty(256384, 8, device="meta")}
+    with pytest.raises(core_lora.LoraError, match=r"it looks like a umT5 text encoder \(256384-token vocabulary; PixArt "
+                                                  r"needs T5-v1\.1-XXL with 32128 tokens\); first keys"):
+        core_lora.prepare(sd, _shapes(dit_model), name="umt5.safetensors")
+
+
+def test_peft_vera_is_refused_naming_each_of_its_tensors(dit_model):
+    """PEFT's VeRA (a shared random projection scaled per layer by vera_lambda_b / vera_lambda_d) is no form a weight
+    adapter of ComfyUI reads: the refusal names both tensors and says what to do."""
+    from peft import VeraConfig
+
+    sd, _, _ = peft_adapter(dit_model, VeraConfig(r=4, target_modules=["to_q", "to_k"]))
+    with pytest.raises(core_lora.LoraError) as e:
+        core_lora.prepare(sd, _shapes(dit_model), name="vera.safetensors")
+    assert str(e.value) == (
+        "vera.safetensors: its tensors name PixArt layers, but in a form no weight adapter of ComfyUI reads: "
+        "vera_lambda_b (PEFT's VeRA), vera_lambda_d (PEFT's VeRA). ComfyUI applies LoRA/LoCon, LoHa, LoKr, LyCORIS's "
+        "OFT and BOFT, GLoRA, DoRA and full differences (diff); merge this adapter into the DiT (PEFT: "
+        "merge_and_unload()) and load the merged checkpoint instead.")
+
+
+@pytest.mark.filterwarnings(r"ignore:Adapter .default.. 4 LoRA tensor\(s\) have invalid shape")  # PEFT: the 1-D bias
+def test_peft_lora_bias_is_refused_naming_the_tensor(dit_model):
+    """PEFT's lora_bias (a trained bias beside lora_B, LoraConfig(lora_bias=True)) is read by no weight adapter of
+    ComfyUI (comfy/weight_adapter/lora.py reads up, down, mid and alpha): without it the change is wrong, so the
+    file is refused, naming the tensor as the file has it."""
+    from peft import LoraConfig
+
+    sd, _, _ = peft_adapter(dit_model, LoraConfig(r=2, target_modules=["to_q"], lora_bias=True, init_lora_weights=False))
+    assert "base_model.model.transformer_blocks.0.attn1.to_q.lora_B.bias" in sd
+    with pytest.raises(core_lora.LoraError) as e:
+        core_lora.prepare(sd, _shapes(dit_model), name="bias.safetensors")
+    assert str(e.value).startswith("bias.safetensors: base_model.model.transformer_blocks.0.attn1.to_q (and 3 more) has "
+                                   "lora_B.bias beside the LoRA tensors; no weight adapter of ComfyUI reads it"), str(e.value)
+
+
+
+@pytest.mark.parametrize("strided", [("w1",), ("w2",), ("w1", "w2")])
+def test_a_fused_lokr_from_a_pickle_splits_into_factors_torch_kron_takes(tmp_path, strided):
+    """A pickled LoRA (.pt) keeps a tensor's strides (here transposed LoKr factors), and torch.kron, which ComfyUI's
+    LoKr adapter calls (comfy/weight_adapter/lokr.py), fails on factors of mixed layouts: each part of a fused qkv
+    gets factors it takes, whose product is the fused change's rows, and every part the same whole factor (not one
+    copy each)."""
+    w = {"w1": _rand(6, 4, seed=1), "w2": _rand(72, 36, seed=2)}
+    torch.save({k: v.t().contiguous().t() if k in strided else v for k, v in w.items()}, tmp_path / "lokr.pt")
+    sd = files.read_state_dict(tmp_path / "lokr.pt")
+    assert [k for k in sd if not sd[k].is_contiguous()] == list(strided)
+    parts = core_lora.split_fused({".lokr_w1": sd["w1"], ".lokr_w2": sd["w2"]}, (144, 144, 144))
+    whole = torch.kron(w["w1"], w["w2"])
+    for i, part in enumerate(parts):
+        assert torch.equal(torch.kron(part[".lokr_w1"], part[".lokr_w2"]), whole[144 * i:144 * (i + 1)])
+    assert parts[0][".lokr_w2"] is parts[1][".lokr_w2"] is parts[2][".lokr_w2"]
