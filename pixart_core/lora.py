@@ -36,6 +36,7 @@ from .lora_keys import (
     Target,
     describe_lora,
     dit_targets,
+    missing_factor,
     split_key,
     t5_targets,
 )
@@ -359,8 +360,12 @@ def _refuse_unmatched(sd: dict[str, torch.Tensor], g: _Groups, with_t5: bool, na
 
 
 def _refuse_incomplete(name: str, g: _Groups) -> None:
-    """A module whose adapter has, beside tensors we read, one we cannot (PEFT's AdaLoRA `lora_E` beside its
-    `lora_A`/`lora_B`): applied without it, that module's change would be wrong, not smaller."""
+    """A LoHa/LoKr module without a factor of its product, or a module whose adapter has, beside tensors we read,
+    one we cannot (PEFT's AdaLoRA `lora_E` beside its `lora_A`/`lora_B`): applied, its change would be wrong."""
+    half = sorted((m, miss) for (_, m), t in g.tensors.items() if (miss := missing_factor(t)))
+    if half:
+        raise LoraError(f"{name}: {half[0][0]} (and {len(half) - 1} more) has no {half[0][1]}, which its LoHa/LoKr "
+                        "product needs: the file is damaged or cut short. Download or export it again.")
     both = sorted(m for (_, m) in g.tensors if m in g.unread_modules)
     if both:
         raise LoraError(f"{name}: {both[0]} (and {len(both) - 1} more) has {g.unread_modules[both[0]]} beside the "

@@ -58,6 +58,17 @@ class Target:
     layout: str = "diffusers"  # "diffusers", "kohya", "original", "t5"
 
 
+def missing_factor(suffixes: Iterable[str]) -> str | None:
+    """The first tensor a LoHa or LoKr module lacks for its product, or None. LoHa needs both factor pairs; LoKr
+    needs each factor whole (.lokr_wN) or as both halves (.lokr_wN_a, .lokr_wN_b), as ComfyUI's adapters read them
+    (without one, they fail at sampling)."""
+    have = set(suffixes)
+    needs = [".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b"] if any(s.startswith(".hada_") for s in have) else []
+    if any(s.startswith(".lokr_") for s in have):
+        needs += [half for n in "12" if f".lokr_w{n}" not in have for half in (f".lokr_w{n}_a", f".lokr_w{n}_b")]
+    return next((s for s in needs if s not in have), None)
+
+
 def split_key(key: str) -> tuple[str, str] | None:
     """(module, suffix) for a tensor name with a suffix the weight adapters know; None otherwise."""
     for s in BY_LENGTH:

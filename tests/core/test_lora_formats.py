@@ -632,3 +632,29 @@ def test_a_fused_lokr_from_a_pickle_splits_into_factors_torch_kron_takes(tmp_pat
     for i, part in enumerate(parts):
         assert torch.equal(torch.kron(part[".lokr_w1"], part[".lokr_w2"]), whole[144 * i:144 * (i + 1)])
     assert parts[0][".lokr_w2"] is parts[1][".lokr_w2"] is parts[2][".lokr_w2"]
+
+
+@pytest.mark.parametrize("kind, missing", [
+    ("loha", ".hada_w1_a"), ("loha", ".hada_w1_b"), ("loha", ".hada_w2_a"), ("loha", ".hada_w2_b"),
+    ("lokr", ".lokr_w1"), ("lokr", ".lokr_w2"),
+    ("lokr_factored", ".lokr_w1_a"), ("lokr_factored", ".lokr_w1_b"),
+    ("lokr_factored", ".lokr_w2_a"), ("lokr_factored", ".lokr_w2_b")])
+def test_a_loha_or_lokr_without_a_factor_is_refused_naming_it(kind, missing):
+    """ComfyUI's LoHa adapter reads all four hada tensors and its LoKr adapter each factor whole or as both halves
+    (comfy/weight_adapter/loha.py, lokr.py); a module without one would fail at sampling, so loading refuses it,
+    naming the module and the tensor it lacks (for a missing whole LoKr factor, its first half)."""
+    r = lambda *s: torch.zeros(*s)  # noqa: E731
+    full = {
+        "loha": {".hada_w1_a": r(32, 2), ".hada_w1_b": r(2, 144), ".hada_w2_a": r(32, 2), ".hada_w2_b": r(2, 144)},
+        "lokr": {".lokr_w1": r(4, 8), ".lokr_w2": r(8, 18)},
+        "lokr_factored": {".lokr_w1_a": r(4, 1), ".lokr_w1_b": r(1, 8), ".lokr_w2_a": r(8, 2), ".lokr_w2_b": r(2, 18)},
+    }[kind]
+    named = {missing.replace(".lokr_w1", ".lokr_w1_a").replace(".lokr_w2", ".lokr_w2_a") if kind == "lokr" else missing}
+    sd = {f"lora_unet_proj_out{s}": t for s, t in full.items() if s != missing}
+    with pytest.raises(core_lora.LoraError) as e:
+        core_lora.prepare(sd, {"proj_out.weight": (32, 144)}, name="cut.safetensors")
+    assert str(e.value).startswith(f"cut.safetensors: lora_unet_proj_out (and 0 more) has no {named.pop()}, which its LoHa/LoKr")
+    # one whole and one factored LoKr factor make a product (ComfyUI's lokr.py takes either form per factor)
+    mixed = {".lokr_w1": r(4, 8), ".lokr_w2_a": r(8, 2), ".lokr_w2_b": r(2, 18)}
+    plan = core_lora.prepare({f"lora_unet_proj_out{s}": t for s, t in mixed.items()}, {"proj_out.weight": (32, 144)})
+    assert plan.dit_map == {"proj_out": "proj_out.weight"}
