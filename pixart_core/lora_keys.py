@@ -61,7 +61,7 @@ class Target:
 def missing_factor(suffixes: Iterable[str]) -> str | None:
     """The first tensor a LoHa or LoKr module lacks for its product, or None. LoHa needs both factor pairs; LoKr
     needs each factor whole (.lokr_wN) or as both halves (.lokr_wN_a, .lokr_wN_b), as ComfyUI's adapters read them
-    (without one, they fail at sampling)."""
+    (without one, they fail or skip the layer)."""
     have = set(suffixes)
     needs = [".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b"] if any(s.startswith(".hada_") for s in have) else []
     if any(s.startswith(".lokr_") for s in have):

@@ -641,7 +641,7 @@ def test_a_fused_lokr_from_a_pickle_splits_into_factors_torch_kron_takes(tmp_pat
     ("lokr_factored", ".lokr_w2_a"), ("lokr_factored", ".lokr_w2_b")])
 def test_a_loha_or_lokr_without_a_factor_is_refused_naming_it(kind, missing):
     """ComfyUI's LoHa adapter reads all four hada tensors and its LoKr adapter each factor whole or as both halves
-    (comfy/weight_adapter/loha.py, lokr.py); a module without one would fail at sampling, so loading refuses it,
+    (comfy/weight_adapter/loha.py, lokr.py); they fail on a module without one or skip it, so loading refuses it,
     naming the module and the tensor it lacks (for a missing whole LoKr factor, its first half)."""
     r = lambda *s: torch.zeros(*s)  # noqa: E731
     full = {
