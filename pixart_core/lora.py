@@ -76,7 +76,7 @@ def _split_lokr(tensors: dict[str, torch.Tensor], parts: int) -> list[dict[str, 
         return f"its LoKr factors ({a} x {c} rows) cannot be split into {parts} equal parts exactly"
     out: list[dict[str, torch.Tensor]] = [{} for _ in range(parts)]
     for s, t in tensors.items():
-        t = t.contiguous()  # a pickle keeps strides, and torch.kron (ComfyUI's LoKr) fails on factors of mixed layouts
+        t = t.contiguous()  # a pickle keeps strides, and torch.kron (ComfyUI's LoKr) fails on a strided factor
         for o, ch in zip(out, t.chunk(parts, dim=0) if s in split else [t] * parts):
             o[s] = ch
     return out
@@ -308,7 +308,8 @@ def prepare(sd: dict[str, torch.Tensor], dit_shapes: dict[str, tuple[int, ...]],
     for (model, m), tensors in g.tensors.items():
         target = (dit_t if model == "dit" else t5_t)[m]
         formats.add(_format_of("original-layout" if target.layout == "original" else target.layout, tensors))
-        parts = split_fused(tensors, target.rows) if target.rows is not None else [tensors]
+        # contiguous: a pickle keeps strides, and torch.kron (ComfyUI's LoKr) fails on a strided factor
+        parts = split_fused(tensors, target.rows) if target.rows else [{s: t.contiguous() for s, t in tensors.items()}]
         if isinstance(parts, str):
             g.unplaced.extend(f"{k}: {parts}" for k in g.keys[(model, m)])
             continue

@@ -634,6 +634,19 @@ def test_a_fused_lokr_from_a_pickle_splits_into_factors_torch_kron_takes(tmp_pat
     assert parts[0][".lokr_w2"] is parts[1][".lokr_w2"] is parts[2][".lokr_w2"]
 
 
+@pytest.mark.parametrize("strided", [("w1",), ("w2",)])
+def test_a_lokr_from_a_pickle_reaches_comfyui_with_factors_torch_kron_takes(tmp_path, strided):
+    """The same on a plain layer: torch.kron (ComfyUI's LoKr adapter) fails on a strided factor (torch 2.14: "view
+    size is not compatible"), so the factors it gets are its own values, laid out contiguously."""
+    w = {"w1": _rand(4, 8, seed=3), "w2": _rand(8, 18, seed=4)}
+    torch.save({k: v.t().contiguous().t() if k in strided else v for k, v in w.items()}, tmp_path / "lokr.pt")
+    sd = files.read_state_dict(tmp_path / "lokr.pt")
+    assert [k for k in sd if not sd[k].is_contiguous()] == list(strided)
+    plan = core_lora.prepare({f"lora_unet_proj_out.lokr_{k}": v for k, v in sd.items()}, {"proj_out.weight": (32, 144)})
+    w1, w2 = plan.dit["proj_out.lokr_w1"], plan.dit["proj_out.lokr_w2"]
+    assert torch.equal(torch.kron(w1, w2), torch.kron(w["w1"], w["w2"]))
+
+
 @pytest.mark.parametrize("kind, missing", [
     ("loha", ".hada_w1_a"), ("loha", ".hada_w1_b"), ("loha", ".hada_w2_a"), ("loha", ".hada_w2_b"),
     ("lokr", ".lokr_w1"), ("lokr", ".lokr_w2"),
