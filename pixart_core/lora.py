@@ -299,7 +299,8 @@ def prepare(sd: dict[str, torch.Tensor], dit_shapes: dict[str, tuple[int, ...]],
     dit_t = dit_targets(dit_shapes)
     t5_t = t5_targets(t5_shapes) if t5_shapes is not None else {}
     g = _group(sd, dit_t, t5_t, t5_shapes is not None)
-    _refuse_foreign(name, [u.split(":", 1)[0] for u in g.unplaced if not T5_LIKE.match(u)], len(sd) - len(g.t5_keys))
+    placed = {k for keys in g.keys.values() for k in keys}
+    _refuse_foreign(name, [k for k in sd if k not in placed and not T5_LIKE.match(k)], len(sd) - len(g.t5_keys))
     _refuse_incomplete(name, g)
     out = {"dit": ({}, {}), "t5": ({}, {})}
     shape_errors: list[str] = []

@@ -228,6 +228,8 @@ def test_describe_lora_names_other_models():
 
 
 def test_peft_settings_read_both_metadata_forms():
+    from peft import LoraConfig
+
     header = {"lora_adapter_metadata": json.dumps({"transformer.r": 4, "transformer.lora_alpha": 8,
                                                    "text_encoder.r": 2, "text_encoder.lora_alpha": 1})}
     assert core_lora.peft_settings(header, "transformer") == {"r": 4, "lora_alpha": 8}
@@ -240,6 +242,11 @@ def test_peft_settings_read_both_metadata_forms():
     # (diffusers/utils/state_dict_utils.py, _load_sft_state_dict_metadata)
     assert core_lora.peft_settings({"format": "pt", "alpha": "2"}, "transformer") is None
     assert core_lora.peft_settings(None, "transformer") is None
+    # PEFT's adapter_config.json itself, as read from the file, is a config; another component's keys are not its own
+    config = json.loads(json.dumps(LoraConfig(r=4, lora_alpha=8).to_dict(), default=list))
+    assert core_lora.peft_settings(config, "transformer") == config
+    assert core_lora.peft_settings({"r": 4, "lora_alpha": 8, "text_encoder.r": 2, "text_encoder.lora_alpha": 1},
+                                   "transformer") == {"r": 4, "lora_alpha": 8}
     conf = {"lora_alpha": 8, "alpha_pattern": {"attn2.to_k": 3}}
     assert core_lora.peft_alpha(conf, "transformer_blocks.0.attn2.to_k", 4) == 3.0
     assert core_lora.peft_alpha(conf, "transformer_blocks.0.attn1.to_k", 4) == 8.0  # the pattern must end the name
@@ -281,8 +288,14 @@ def test_shape_check_reads_every_adapter_form():
     assert core_lora.delta_shape({".lokr_w1": r(4, 8), ".lokr_w2_a": r(8, 2), ".lokr_w2_b": r(2, 18), ".lokr_t2": r(1)}) is None
     assert core_lora.delta_shape({".lokr_w1": r(4, 8), ".lokr_w2_a": r(8, 2), ".lokr_w2_b": r(2, 18)}) == (32, 144)
     assert core_lora.delta_shape({".lora_up.weight": r(32, 2)}) is None
+    # a LoKr half that is no matrix (ComfyUI multiplies the halves with torch.mm) states no shape either
+    assert core_lora.delta_shape({".lokr_w1": r(4, 8), ".lokr_w2_a": r(8, 2, 1), ".lokr_w2_b": r(2, 18)}) is None
+    with pytest.raises(core_lora.LoraError, match=r"proj_out makes a \[1, 144\] change for proj_out.weight \[32, 144\]"):
+        core_lora.prepare({"lora_unet_proj_out.diff": r(1, 144)}, shapes)  # one row: a diff cut short
     fmt = lambda kind: core_lora.prepare({f"lora_unet_proj_out{s}": t for s, t in good[kind].items()}, shapes).formats  # noqa: E731
     assert fmt("loha") == ["LoHa, kohya names"] and fmt("lokr") == ["LoKr, kohya names"] and fmt("diff") == ["diff, kohya names"]
+    assert core_lora.prepare({"lora_unet_proj_out.diff": r(32, 144), "lora_unet_proj_out.diff_b": r(32)},
+                             {**shapes, "proj_out.bias": (32,)}).formats == ["diff/diff_b, kohya names"]
 
 
 def test_lokr_factored_forms_split_on_fused_layers():
@@ -330,8 +343,12 @@ def test_foreign_refusal_needs_most_keys_to_be_foreign():
     stray = {f"lora_unet_down_blocks_0_attentions_0_proj_in.lora_{w}.weight": torch.zeros(1) for w in ("up", "down")}
     plan = core_lora.prepare({**ours, "lora_unet_down_blocks_x.alpha": torch.zeros(1)}, shapes)  # 1 of 3 foreign
     assert plan.unplaced == ["lora_unet_down_blocks_x.alpha: no module of the PixArt DiT has this name"]
-    with pytest.raises(core_lora.LoraError, match=r"1\.x/2\.x LoRA .*\(e\.g\. lora_unet_down_blocks_0_attentions_0_proj_in\.lora_down"):
+    with pytest.raises(core_lora.LoraError) as e:
         core_lora.prepare({**ours, **stray}, shapes, name="mixed.safetensors")  # 2 of 4: half
+    assert str(e.value) == (
+        "mixed.safetensors: this is a Stable Diffusion 1.x/2.x LoRA (UNet keys such as input_blocks / down_blocks), not "
+        "a PixArt LoRA (e.g. lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight). Use it with the model it "
+        "was made for; PixArt-Σ/α needs a LoRA trained on PixArt.")
     assert lora_keys.describe_lora(["unet.down_blocks.1.attentions.0.proj_in", "text_encoder_2.x"]).startswith(
         "a Stable Diffusion XL LoRA")  # diffusers' SDXL naming: a second text encoder
 
@@ -671,3 +688,85 @@ def test_a_loha_or_lokr_without_a_factor_is_refused_naming_it(kind, missing):
     mixed = {".lokr_w1": r(4, 8), ".lokr_w2_a": r(8, 2), ".lokr_w2_b": r(2, 18)}
     plan = core_lora.prepare({f"lora_unet_proj_out{s}": t for s, t in mixed.items()}, {"proj_out.weight": (32, 144)})
     assert plan.dit_map == {"proj_out": "proj_out.weight"}
+
+
+_TAIL = ("The LoRA was made for a PixArt of another size (or another model): use a LoRA trained on this checkpoint's "
+         "architecture.")
+# Files of layers that do not fit, and the whole refusal (no name given: "LoRA"). A fused qkv whose down weight has
+# 100 columns for 144 is three misfits, its q, k and v parts, listed in that order, then a fourth past the first three.
+_MISFITS = {
+    "another_width": (
+        {"blocks.0.attn.qkv.lora_up.weight": (432, 2), "blocks.0.attn.qkv.lora_down.weight": (2, 100),
+         "lora_unet_proj_out.lora_up.weight": (32, 2), "lora_unet_proj_out.lora_down.weight": (2, 143)}, None,
+        "LoRA: 4 layer(s) of this LoRA do not fit this model, e.g. "
+        + "; ".join(f"blocks.0.attn.qkv makes a [144, 100] change for transformer_blocks.0.attn1.to_{c}.weight [144, 144]"
+                    for c in "qkv") + ". " + _TAIL),
+    # T5 layers have no bias: a bias difference for one has nothing to change
+    "t5_bias": (
+        {"lora_te_encoder_block_0_layer_0_SelfAttention_q.diff_b": (64,)}, "t5",
+        "LoRA: 1 layer(s) of this LoRA do not fit this model, e.g. lora_te_encoder_block_0_layer_0_SelfAttention_q makes "
+        "a [64] change for encoder.block.0.layer.0.SelfAttention.q.bias (none). " + _TAIL),
+    # a DiT whose q, k, v have no bias: each part of a fused bias difference is a misfit
+    "fused_bias": (
+        {"blocks.0.attn.qkv.diff_b": (18,)}, "no_bias",
+        "LoRA: 3 layer(s) of this LoRA do not fit this model, e.g. "
+        + "; ".join(f"blocks.0.attn.qkv makes a [6] change for transformer_blocks.0.attn1.to_{c}.bias (none)" for c in "qkv")
+        + ". " + _TAIL),
+}
+
+
+@pytest.mark.parametrize("case", list(_MISFITS))
+def test_layers_that_do_not_fit_are_refused_saying_each_one(dit_model, case):
+    """The refusal counts every misfit (each part of a fused layer: one is enough to stop, but the user sees them
+    all counted), shows the first three, says `(none)` for a bias the layer does not have, and calls an unnamed file
+    LoRA."""
+    keys, other, message = _MISFITS[case]
+    shapes = {"t5": _shapes(dit_model), "no_bias": {f"transformer_blocks.0.attn1.to_{c}.weight": (6, 4) for c in "qkv"},
+              None: _shapes(dit_model)}[other]
+    t5_shapes = _shapes(tiny.make_t5()) if other == "t5" else None
+    with pytest.raises(core_lora.LoraError) as e:
+        core_lora.prepare({k: torch.zeros(*s) for k, s in keys.items()}, shapes, t5_shapes)
+    assert str(e.value) == message
+
+
+@pytest.mark.filterwarnings(r"ignore:Adapter .default.. 1 LoRA tensor\(s\) have invalid shape")  # PEFT: the 1-D bias
+def test_one_layer_with_a_tensor_no_adapter_reads_is_refused_saying_what_to_do(dit_model):
+    """PEFT's lora_bias on a single layer: the refusal names that layer, the tensor, and what to do, whole."""
+    from peft import LoraConfig
+
+    sd, _, _ = peft_adapter(dit_model, LoraConfig(r=2, target_modules=["proj_out"], lora_bias=True, init_lora_weights=False))
+    with pytest.raises(core_lora.LoraError) as e:
+        core_lora.prepare(sd, _shapes(dit_model), name="bias.safetensors")
+    assert str(e.value) == (
+        "bias.safetensors: base_model.model.proj_out (and 0 more) has lora_B.bias beside the LoRA tensors; no weight "
+        "adapter of ComfyUI reads it, and without it the change is wrong. Merge this adapter into the DiT (PEFT: "
+        "merge_and_unload()) and load the merged checkpoint.")
+
+
+def test_a_fused_layer_beside_a_lora_of_one_part_patches_the_other_parts():
+    """A plain to_q LoRA before an original-layout qkv LoRA in the file: to_q keeps the first patch, and to_k and to_v
+    still get their rows of the fused change (rows 6-11 and 12-17 of its up weight)."""
+    shapes = {f"transformer_blocks.0.attn1.to_{c}.weight": (6, 4) for c in "qkv"}
+    up, down, q_up, q_down = _rand(18, 1, seed=1), _rand(1, 4, seed=2), _rand(6, 1, seed=3), _rand(1, 4, seed=4)
+    sd = {"lora_unet_transformer_blocks_0_attn1_to_q.lora_up.weight": q_up,
+          "lora_unet_transformer_blocks_0_attn1_to_q.lora_down.weight": q_down,
+          "blocks.0.attn.qkv.lora_up.weight": up, "blocks.0.attn.qkv.lora_down.weight": down}
+    plan = core_lora.prepare(sd, shapes)
+    assert plan.dit_map == {f"transformer_blocks.0.attn1.to_{c}": f"transformer_blocks.0.attn1.to_{c}.weight" for c in "qkv"}
+    assert torch.equal(plan.dit["transformer_blocks.0.attn1.to_q.lora_up.weight"], q_up)
+    assert torch.equal(plan.dit["transformer_blocks.0.attn1.to_k.lora_up.weight"], up[6:12])
+    assert torch.equal(plan.dit["transformer_blocks.0.attn1.to_v.lora_up.weight"], up[12:18])
+    assert plan.unplaced == [f"blocks.0.attn.qkv.lora_{w}.weight: transformer_blocks.0.attn1.to_q.weight is already "
+                             "patched by another key of this file" for w in ("down", "up")]
+
+
+def test_another_models_lora_is_named_by_its_whole_keys():
+    """A tensor name may hold any character (a safetensors name is any string): the example key in the refusal is
+    the file's key whole, colon and all."""
+    sd = {f"lora_unet_down_blocks_0:attentions_0_proj_in.lora_{w}.weight": torch.zeros(1) for w in ("up", "down")}
+    with pytest.raises(core_lora.LoraError) as e:
+        core_lora.prepare(sd, {"proj_out.weight": (2, 2)}, name="sd.safetensors")
+    assert str(e.value) == (
+        "sd.safetensors: this is a Stable Diffusion 1.x/2.x LoRA (UNet keys such as input_blocks / down_blocks), not a "
+        "PixArt LoRA (e.g. lora_unet_down_blocks_0:attentions_0_proj_in.lora_down.weight). Use it with the model it was "
+        "made for; PixArt-Σ/α needs a LoRA trained on PixArt.")
