@@ -329,12 +329,11 @@ def prepare(sd: dict[str, torch.Tensor], dit_shapes: dict[str, tuple[int, ...]],
             part = _magnitude_as_dora_scale(part, want)
             if isinstance(part, str):
                 shape_errors.append(f"{m}: {part} of {param} {list(want)}")
-                continue
-            if canon in key_map:
+            elif canon in key_map:
                 g.unplaced.extend(f"{k}: {param} is already patched by another key of this file" for k in g.keys[(model, m)])
-                continue
-            tensors_out.update({canon + s: t for s, t in _with_peft_alpha(part, peft[model], canon).items()})
-            key_map[canon] = param
+            else:
+                tensors_out.update({canon + s: t for s, t in _with_peft_alpha(part, peft[model], canon).items()})
+                key_map[canon] = param
     if shape_errors:
         raise LoraError(f"{name}: {len(shape_errors)} layer(s) of this LoRA do not fit this model, e.g. "
                         f"{'; '.join(shape_errors[:3])}. The LoRA was made for a PixArt of another size (or another "
