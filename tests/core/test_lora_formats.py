@@ -717,12 +717,11 @@ _MISFITS = {
 
 @pytest.mark.parametrize("case", list(_MISFITS))
 def test_layers_that_do_not_fit_are_refused_saying_each_one(dit_model, case):
-    """The refusal counts every misfit (each part of a fused layer: one is enough to stop, but the user sees them
-    all counted), shows the first three, says `(none)` for a bias the layer does not have, and calls an unnamed file
-    LoRA."""
+    """The refusal counts every part that does not fit (a fused layer's q, k and v each), shows the first three,
+    says `(none)` for a bias the layer does not have, and calls a file given no name LoRA."""
     keys, other, message = _MISFITS[case]
-    shapes = {"t5": _shapes(dit_model), "no_bias": {f"transformer_blocks.0.attn1.to_{c}.weight": (6, 4) for c in "qkv"},
-              None: _shapes(dit_model)}[other]
+    no_bias = {f"transformer_blocks.0.attn1.to_{c}.weight": (6, 4) for c in "qkv"}
+    shapes = no_bias if other == "no_bias" else _shapes(dit_model)
     t5_shapes = _shapes(tiny.make_t5()) if other == "t5" else None
     with pytest.raises(core_lora.LoraError) as e:
         core_lora.prepare({k: torch.zeros(*s) for k, s in keys.items()}, shapes, t5_shapes)
