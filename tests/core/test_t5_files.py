@@ -287,3 +287,18 @@ def test_a_t5_file_with_a_missing_tensor_is_refused_naming_it_and_what_it_should
         t5_spec.check_against("t5.safetensors", shapes, config)
     assert str(e.value) == ("t5.safetensors: the weights do not match a T5-v1.1 encoder: 1 missing "
                             "(e.g. encoder.final_layer_norm.weight).")
+
+
+def test_a_t5_file_with_a_tensor_of_another_shape_is_refused_naming_it_and_what_it_should_be():
+    """The whole message: the file, what its weights should match, the count and the first tensor with its shape and
+    the shape transformers' T5EncoderModel gives it."""
+    config = tiny.make_t5().config
+    shapes = _t5_shapes(config.to_dict())
+    del shapes["encoder.embed_tokens.weight"]  # tied to shared.weight: a file stores it once (save_pretrained too)
+    want = shapes["encoder.block.1.layer.1.DenseReluDense.wo.weight"]
+    shapes["encoder.block.1.layer.1.DenseReluDense.wo.weight"] = (want[0], want[1] + 1)
+    with pytest.raises(files.WeightFileError) as e:
+        t5_spec.check_against("t5.safetensors", shapes, config)
+    assert str(e.value) == ("t5.safetensors: 1 tensor shape(s) do not match a T5-v1.1 encoder, e.g. "
+                            f"encoder.block.1.layer.1.DenseReluDense.wo.weight is [{want[0]}, {want[1] + 1}], "
+                            f"expected [{want[0]}, {want[1]}].")
