@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from cases import cosine as _cos
 from harness import gguf_files
 from harness import models as tiny
+from harness.fake_cuda import CUDA, FakeCuda
 from harness.gguf_files import GGUF_WIDTH_CONFIG
 from harness.models import make_t5_from_config as _t5
 from pixart_core import files
@@ -134,6 +135,34 @@ def test_gguf_t5_matches_the_unquantized_t5(tmp_path, gguf_model, file_type):
         if isinstance(m, gguf_t5.GGUFLinear):
             t = by_name[name + ".weight"]
             assert m.qtype == int(t.tensor_type) and m.qweight.numel() * m.qweight.element_size() == int(t.n_bytes)
+
+
+@pytest.mark.parametrize("file_type", ["F32", "F16"])
+def test_big_endian_gguf_t5_matches_the_unquantized_t5(tmp_path, gguf_model, file_type):
+    """A big-endian GGUF (gguf-py's writer with GGUFEndian.BIG, as llama.cpp's converter writes for s390x): gguf-py
+    reads its F32/F16 values in the file's byte order, and the T5 loads as from the little-endian file."""
+    path = gguf_files.write_t5_gguf(gguf_model, tmp_path / f"t5-{file_type}-be.gguf", file_type, big_endian=True)
+    loaded = ct5.load_t5(path, "none", torch.float32)
+    assert _cos(_hidden(loaded.model), _hidden(gguf_model)) >= GGUF_FLOORS[file_type]
+
+
+def test_a_gguf_load_says_what_the_file_holds_in_the_log(tmp_path, gguf_model, caplog):
+    """The console names the file and counts its encoder tensors per GGUF type (counted here with gguf-py's reader
+    over the same file, a llama.cpp Q4_K_M mix of four types; the decoder tensors of a whole T5 are not loaded, so
+    not counted), after the warning that the width is not T5-XXL's 4096 (google/t5-v1_1-xxl config.json d_model)."""
+    import gguf
+
+    name = "t5-v1_1-xxl-encoder-Q4_K_M.gguf"
+    path = gguf_files.write_t5_gguf(gguf_model, tmp_path / name, "Q4_K_M", recipe_layers=24,
+                                    extra={"dec.blk.0.attn_q.weight": np.zeros((256, 256))})
+    types = [t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors if not t.name.startswith("dec.")]
+    counts = ", ".join(f"{k} x{types.count(k)}" for k in sorted(set(types)))
+    assert len(set(types)) == 4 and max(types.count(k) for k in types) > 1, counts
+    with caplog.at_level(logging.INFO, logger="pixart_sigma"):
+        ct5.load_t5(path, "none", torch.float32)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{name}: T5 width 256, not T5-v1.1-XXL's 4096: the DiT's caption projection must match it.",
+        f"{name}: GGUF T5 ({counts}), linear weights kept quantized"]
 
 
 def test_gguf_t5_memory_is_the_files(tmp_path, gguf_model):
