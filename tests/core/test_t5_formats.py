@@ -210,12 +210,33 @@ def test_gguf_layer_computes_in_the_inputs_dtype(tmp_path):
     assert torch.equal(out, torch.nn.functional.linear(x, weight.to(torch.bfloat16)))
 
 
-def test_gguf_of_a_whole_t5_uses_its_encoder(tmp_path):
-    """A GGUF of an encoder-decoder T5 (decoder tensors `dec.*`): the encoder loads, the decoder is left out."""
+def test_gguf_layer_dequantizes_on_its_inputs_device(tmp_path):
+    """ComfyUI streams a GGUF layer: its bytes stay in system memory and its input comes on the GPU. The layer
+    dequantizes there (a fake CUDA GPU, harness.fake_cuda: its peak held the bytes' copy and the float32 weight)
+    and gives what a plain torch Linear holding gguf-py's dequantized weight gives, on the GPU."""
+    import gguf
+
+    path = gguf_files.write_t5_gguf(tiny.make_t5(), tmp_path / "t5-Q8_0.gguf", "Q8_0")
+    layer = ct5.load_t5(path, "none", torch.float32).model.encoder.block[0].layer[1].DenseReluDense.wi_0
+    t = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == "enc.blk.0.ffn_gate.weight")
+    plain = torch.nn.Linear(layer.in_features, layer.out_features, bias=False)
+    plain.weight.data = torch.from_numpy(gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).copy())
+    x = torch.randn(3, layer.in_features)
+    with FakeCuda(1 << 30) as gpu, torch.no_grad():
+        out = layer(x.to(CUDA))
+        assert out.device == CUDA and gpu.holds(out) and not gpu.holds(layer.qweight)
+    assert gpu.peak >= int(t.n_bytes) + plain.weight.numel() * 4
+    assert torch.equal(out, plain(x).detach())
+
+
+@pytest.mark.parametrize("decoder_first", [False, True], ids=["decoder last", "decoder first"])
+def test_gguf_of_a_whole_t5_uses_its_encoder(tmp_path, decoder_first):
+    """A GGUF of an encoder-decoder T5 (decoder tensors `dec.*`, after the encoder's or before them, as in the
+    sorted order of the keys in transformers' safetensors files): the encoder loads, the decoder is left out."""
     model = tiny.make_t5()
     path = gguf_files.write_t5_gguf(model, tmp_path / "t5-Q8_0.gguf", "Q8_0",
                                     extra={"dec.blk.0.attn_q.weight": np.zeros((64, 64)), "dec.output_norm.weight":
-                                           np.ones(64)})
+                                           np.ones(64)}, extra_first=decoder_first)
     assert _cos(_hidden(ct5.load_t5(path, "none", torch.float32).model), _hidden(model)) >= 0.999
 
 
