@@ -280,15 +280,17 @@ def layout_bytes(config: dict, file_type: str, recipe_layers: int, dtype_bytes: 
     return file_bytes, memory
 
 
-def write_t5_gguf(model_or_sd, path: Path, file_type: str = "Q8_0", arch: str | None = "t5encoder",
+def write_t5_gguf(model_or_sd, path: Path, file_type: str = "Q8_0", arch: str | bytes | int | None = "t5encoder",
                   shapes: dict[str, tuple[int, ...]] | None = None, extra: dict[str, np.ndarray] | None = None,
-                  recipe_layers: int | None = None) -> Path:
+                  recipe_layers: int | None = None, big_endian: bool = False, extra_first: bool = False) -> Path:
     """A GGUF T5 encoder file of a T5EncoderModel (or its state dict): `file_type` one of TYPES; `arch` the
-    general.architecture written (None: none, as stable-diffusion.cpp writes); `shapes` overrides the shape a
-    tensor is written with (a broken file); `extra` more tensors by GGUF name (e.g. a full T5's decoder,
-    `dec.blk.0.attn_q.weight`), written as F32;
+    general.architecture written (None: none, as stable-diffusion.cpp writes; bytes: a string of those bytes,
+    UTF-8 or not; an int: a uint32 field); `shapes` overrides the shape a tensor is written with (a broken file);
+    `extra` more tensors by GGUF name (e.g. a full T5's decoder, `dec.blk.0.attn_q.weight`), written as F32 after
+    the model's (before them with `extra_first`);
     `recipe_layers` the block count whose mix the types follow (default: the model's; 24 gives the first blocks of
-    a T5-XXL file)."""
+    a T5-XXL file); `big_endian` a big-endian file (gguf-py's writer byte-swaps the values, as llama.cpp's converter
+    does with --bigendian for s390x)."""
     import gguf
     import torch
 
@@ -298,11 +300,21 @@ def write_t5_gguf(model_or_sd, path: Path, file_type: str = "Q8_0", arch: str | 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
-    writer = gguf.GGUFWriter(str(tmp), arch or "")
-    if arch is None:
+    endian = gguf.GGUFEndian.BIG if big_endian else gguf.GGUFEndian.LITTLE
+    writer = gguf.GGUFWriter(str(tmp), arch if isinstance(arch, (str, bytes)) else "", endianess=endian)
+    if not isinstance(arch, (str, bytes)):
         writer.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)
+    if isinstance(arch, int):
+        writer.add_uint32(gguf.Keys.General.ARCHITECTURE, arch)
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name("tiny T5-v1.1 encoder")
+
+    def add_extra() -> None:
+        for name, values in (extra or {}).items():
+            writer.add_tensor(name, np.ascontiguousarray(values, dtype=np.float32))
+
+    if extra_first:
+        add_extra()
     for key, value in sd.items():
         if key == "encoder.embed_tokens.weight":
             continue  # tied to shared.weight
@@ -313,8 +325,8 @@ def write_t5_gguf(model_or_sd, path: Path, file_type: str = "Q8_0", arch: str | 
             values = np.resize(values, shapes[key]).astype(np.float32)
         data, qtype = quantize(values, tensor_type(key, values.shape, file_type, recipe_layers or n_blocks))
         writer.add_tensor(name, data, raw_dtype=qtype)
-    for name, values in (extra or {}).items():
-        writer.add_tensor(name, np.ascontiguousarray(values, dtype=np.float32))
+    if not extra_first:
+        add_extra()
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

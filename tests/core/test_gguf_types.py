@@ -140,6 +140,25 @@ def test_chunks_are_taken_only_when_asked_and_needed(case, monkeypatch):
         assert got.data_ptr() == calls.results[0].data_ptr()
 
 
+def test_the_load_dequantizes_the_embedding_a_chunk_at_a_time(tmp_path, monkeypatch):
+    """The token embedding (T5-XXL's: 32128 x 4096 values, 0.5 GB of float32 made whole) is dequantized at load a
+    chunk at a time into the compute dtype, to gguf-py's values; the linear weights are not dequantized at load.
+    A Q8_0 file of the tiny T5 (its other non-linear tensors F32/F16, no blocks), chunks of 1000 blocks."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType.Q8_0
+    monkeypatch.setattr(gguf_quants, "CHUNK_VALUES", 1000 * 32)
+    path = gguf_files.write_t5_gguf(tiny.make_t5(), tmp_path / "t5-Q8_0.gguf", "Q8_0")
+    embd = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == "token_embd.weight")
+    assert embd.tensor_type == qtype
+    n = int(embd.n_bytes) // 34  # ggml block_q8_0: 34 bytes
+    calls = _BlockCalls(monkeypatch, int(qtype))
+    model = gguf_t5.load(path, torch.bfloat16)
+    assert calls.sizes == [1000] * (n // 1000) + [n % 1000]
+    want = torch.from_numpy(gguf.quants.dequantize(np.asarray(embd.data), qtype).copy())
+    torch.testing.assert_close(model.shared.weight, want.to(torch.bfloat16), rtol=0, atol=0)
+
+
 # Tolerances of harness.gguf_files' quantizers on N(0, 0.05) weights (max |error|): they write valid blocks
 QUANTIZER_ERROR = {"BF16": 0.001, "Q8_0": 0.001, "Q6_K": 0.005, "Q5_K": 0.008, "Q5_1": 0.008, "Q5_0": 0.01,
                    "Q4_K": 0.015, "Q4_1": 0.015, "Q4_0": 0.02, "Q3_K": 0.05, "Q2_K": 0.07, "IQ4_NL": 0.02,

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from cases import cosine as _cos
 from harness import gguf_files
 from harness import models as tiny
+from harness.fake_cuda import CUDA, FakeCuda
 from harness.gguf_files import GGUF_WIDTH_CONFIG
 from harness.models import make_t5_from_config as _t5
 from pixart_core import files
@@ -136,6 +137,34 @@ def test_gguf_t5_matches_the_unquantized_t5(tmp_path, gguf_model, file_type):
             assert m.qtype == int(t.tensor_type) and m.qweight.numel() * m.qweight.element_size() == int(t.n_bytes)
 
 
+@pytest.mark.parametrize("file_type", ["F32", "F16"])
+def test_big_endian_gguf_t5_matches_the_unquantized_t5(tmp_path, gguf_model, file_type):
+    """A big-endian GGUF (gguf-py's writer with GGUFEndian.BIG, as llama.cpp's converter writes for s390x): gguf-py
+    reads its F32/F16 values in the file's byte order, and the T5 loads as from the little-endian file."""
+    path = gguf_files.write_t5_gguf(gguf_model, tmp_path / f"t5-{file_type}-be.gguf", file_type, big_endian=True)
+    loaded = ct5.load_t5(path, "none", torch.float32)
+    assert _cos(_hidden(loaded.model), _hidden(gguf_model)) >= GGUF_FLOORS[file_type]
+
+
+def test_a_gguf_load_says_what_the_file_holds_in_the_log(tmp_path, gguf_model, caplog):
+    """The console names the file and counts its encoder tensors per GGUF type (counted here with gguf-py's reader
+    over the same file, a llama.cpp Q4_K_M mix of four types; the decoder tensors of a whole T5 are not loaded, so
+    not counted), after the warning that the width is not T5-XXL's 4096 (google/t5-v1_1-xxl config.json d_model)."""
+    import gguf
+
+    name = "t5-v1_1-xxl-encoder-Q4_K_M.gguf"
+    path = gguf_files.write_t5_gguf(gguf_model, tmp_path / name, "Q4_K_M", recipe_layers=24,
+                                    extra={"dec.blk.0.attn_q.weight": np.zeros((256, 256))})
+    types = [t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors if not t.name.startswith("dec.")]
+    counts = ", ".join(f"{k} x{types.count(k)}" for k in sorted(set(types)))
+    assert len(set(types)) == 4 and max(types.count(k) for k in types) > 1, counts
+    with caplog.at_level(logging.INFO, logger="pixart_sigma"):
+        ct5.load_t5(path, "none", torch.float32)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{name}: T5 width 256, not T5-v1.1-XXL's 4096: the DiT's caption projection must match it.",
+        f"{name}: GGUF T5 ({counts}), linear weights kept quantized"]
+
+
 def test_gguf_t5_memory_is_the_files(tmp_path, gguf_model):
     """A Q8_0 T5 holds its linear weights in ~8.5 bits per value, not 16 (bf16) or 32."""
     from pixart_core.quant import unique_bytes
@@ -181,12 +210,33 @@ def test_gguf_layer_computes_in_the_inputs_dtype(tmp_path):
     assert torch.equal(out, torch.nn.functional.linear(x, weight.to(torch.bfloat16)))
 
 
-def test_gguf_of_a_whole_t5_uses_its_encoder(tmp_path):
-    """A GGUF of an encoder-decoder T5 (decoder tensors `dec.*`): the encoder loads, the decoder is left out."""
+def test_gguf_layer_dequantizes_on_its_inputs_device(tmp_path):
+    """ComfyUI streams a GGUF layer: its bytes stay in system memory and its input comes on the GPU. The layer
+    dequantizes there (a fake CUDA GPU, harness.fake_cuda: its peak held the bytes' copy and the float32 weight)
+    and gives what a plain torch Linear holding gguf-py's dequantized weight gives, on the GPU."""
+    import gguf
+
+    path = gguf_files.write_t5_gguf(tiny.make_t5(), tmp_path / "t5-Q8_0.gguf", "Q8_0")
+    layer = ct5.load_t5(path, "none", torch.float32).model.encoder.block[0].layer[1].DenseReluDense.wi_0
+    t = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == "enc.blk.0.ffn_gate.weight")
+    plain = torch.nn.Linear(layer.in_features, layer.out_features, bias=False)
+    plain.weight.data = torch.from_numpy(gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).copy())
+    x = torch.randn(3, layer.in_features)
+    with FakeCuda(1 << 30) as gpu, torch.no_grad():
+        out = layer(x.to(CUDA))
+        assert out.device == CUDA and gpu.holds(out) and not gpu.holds(layer.qweight)
+    assert gpu.peak >= int(t.n_bytes) + plain.weight.numel() * 4
+    assert torch.equal(out, plain(x).detach())
+
+
+@pytest.mark.parametrize("decoder_first", [False, True], ids=["decoder last", "decoder first"])
+def test_gguf_of_a_whole_t5_uses_its_encoder(tmp_path, decoder_first):
+    """A GGUF of an encoder-decoder T5 (decoder tensors `dec.*`, after the encoder's or before them, as in the
+    sorted order of the keys in transformers' safetensors files): the encoder loads, the decoder is left out."""
     model = tiny.make_t5()
     path = gguf_files.write_t5_gguf(model, tmp_path / "t5-Q8_0.gguf", "Q8_0",
                                     extra={"dec.blk.0.attn_q.weight": np.zeros((64, 64)), "dec.output_norm.weight":
-                                           np.ones(64)})
+                                           np.ones(64)}, extra_first=decoder_first)
     assert _cos(_hidden(ct5.load_t5(path, "none", torch.float32).model), _hidden(model)) >= 0.999
 
 
@@ -218,11 +268,16 @@ def t5_sd():
     return tiny.make_t5().state_dict()
 
 
-def _refused_as(t5_sd, tmp_path, arch: str | None, holds: str) -> None:
-    path = gguf_files.write_t5_gguf(t5_sd, tmp_path / f"{arch}-Q8_0.gguf", "Q8_0", arch=arch)
-    message = f"{path.name}: this GGUF holds {holds} (general.architecture = {arch!r}), not a T5 encoder."
-    with pytest.raises(files.WeightFileError, match=re.escape(message)):
+def _refused_as(t5_sd, tmp_path, arch: str | bytes | int | None, holds: str, read_as: str | None = "arch") -> None:
+    """The whole refusal of a GGUF whose general.architecture is `arch`, read as `read_as` ("arch": arch itself)."""
+    path = gguf_files.write_t5_gguf(t5_sd, tmp_path / "model-Q8_0.gguf", "Q8_0", arch=arch)
+    read_as = arch if read_as == "arch" else read_as
+    with pytest.raises(files.WeightFileError) as e:
         ct5.load_t5(path, "none", torch.float32)
+    assert str(e.value) == (
+        f"model-Q8_0.gguf: this GGUF holds {holds} (general.architecture = {read_as!r}), not a T5 encoder. Choose a "
+        "T5-v1.1-XXL GGUF (e.g. t5-v1_1-xxl-encoder-Q8_0.gguf from city96/t5-v1_1-xxl-encoder-gguf) or a T5 "
+        "safetensors file.")
 
 
 @pytest.mark.parametrize("member", LANGUAGE_ARCHS)
@@ -252,6 +307,14 @@ def test_gguf_of_another_architecture_is_named(t5_sd, tmp_path):
     _refused_as(t5_sd, tmp_path, arch, f"a {arch!r} model")
 
 
+def test_gguf_architecture_that_is_not_utf8_text_is_named(t5_sd, tmp_path):
+    """A general.architecture string of bytes that are not UTF-8 is shown with U+FFFD (Python's "replace" error
+    handler) for each bad byte; one that is no string (a uint32) is read as absent, as stable-diffusion.cpp's."""
+    _refused_as(t5_sd, tmp_path, b"t5\xffenc\xc3", "a 't5\ufffdenc\ufffd' model", "t5\ufffdenc\ufffd")
+    _refused_as(t5_sd, tmp_path, 5, "a stable-diffusion.cpp/ComfyUI-GGUF image model (load it with ComfyUI-GGUF's "
+                "Unet Loader)", None)
+
+
 def test_gguf_umt5_is_named(tmp_path):
     sd = dict(tiny.make_t5().state_dict())
     sd["shared.weight"] = torch.zeros(256384, tiny.T5_WIDTH)
@@ -262,21 +325,39 @@ def test_gguf_umt5_is_named(tmp_path):
 
 @pytest.mark.parametrize("keep", [0.02, 0.5, 0.999])
 def test_truncated_gguf_is_named(tmp_path, keep):
+    """The whole message names the file and what gguf-py's reader raised on it."""
+    import gguf
+
     path = gguf_files.write_t5_gguf(tiny.make_t5(), tmp_path / "t5-Q8_0.gguf", "Q8_0")
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
-    with pytest.raises(files.WeightFileError, match="t5-Q8_0.gguf: cannot read this GGUF file.*truncated"):
+    with pytest.raises(Exception) as raised:
+        gguf.GGUFReader(str(path))
+    with pytest.raises(files.WeightFileError) as e:
         ct5.load_t5(path, "none", torch.float32)
+    assert str(e.value) == (
+        f"t5-Q8_0.gguf: cannot read this GGUF file ({type(raised.value).__name__}: {raised.value}). It is truncated, "
+        "corrupt or not a GGUF file: download it again (city96/t5-v1_1-xxl-encoder-gguf on Hugging Face).")
 
 
-def test_gguf_with_wrong_tensor_shapes_is_named(tmp_path):
-    sd = tiny.make_t5().state_dict()
+WO_1 = "encoder.block.1.layer.1.DenseReluDense.wo.weight"
+NORM_1 = "encoder.block.1.layer.1.layer_norm.weight"
+
+
+@pytest.mark.parametrize("case", ["wrong shape", "missing"])
+def test_gguf_with_wrong_tensors_is_named(t5_sd, tmp_path, case):
+    """The whole message: the file, what does not match (the tiny T5's wo is d_model x d_ff, 64 x 128) and the
+    model it should be."""
+    sd = {k: v for k, v in t5_sd.items() if case != "missing" or k != NORM_1}
     path = gguf_files.write_t5_gguf(sd, tmp_path / "t5-Q8_0.gguf", "Q8_0",
-                                    shapes={"encoder.block.1.layer.1.DenseReluDense.wo.weight": (32, 128)})
-    with pytest.raises(files.WeightFileError,
-                       match=r"1 tensor shape\(s\) do not match a T5-v1.1 encoder, e.g. encoder.block.1.layer.1."
-                             r"DenseReluDense.wo.weight is \[32, 128\], expected \[64, 128\]"):
+                                    shapes={WO_1: (32, 128)} if case == "wrong shape" else None)
+    with pytest.raises(files.WeightFileError) as e:
         ct5.load_t5(path, "none", torch.float32)
+    assert str(e.value) == {
+        "wrong shape": f"t5-Q8_0.gguf: 1 tensor shape(s) do not match a T5-v1.1 encoder, e.g. {WO_1} is [32, 128], "
+                       "expected [64, 128].",
+        "missing": f"t5-Q8_0.gguf: the weights do not match a T5-v1.1 encoder: 1 missing (e.g. {NORM_1}).",
+    }[case]
 
 
 def test_gguf_of_an_unread_type_is_named(tmp_path):
@@ -286,8 +367,13 @@ def test_gguf_of_an_unread_type_is_named(tmp_path):
     w = gguf.GGUFWriter(str(path), "t5encoder")
     w.add_tensor("token_embd.weight", np.zeros((4, 40), dtype=np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q8_1)
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
-    with pytest.raises(files.WeightFileError, match="token_embd.weight has GGUF type Q8_1, which this loader does not read"):
+    with pytest.raises(files.WeightFileError) as e:
         ct5.load_t5(path, "none", torch.float32)
+    # the whole message; the types it lists are checked against ComfyUI-GGUF's in test_gguf_types.py
+    assert re.fullmatch(
+        r"t5-Q8_1\.gguf: tensor token_embd\.weight has GGUF type Q8_1, which this loader does not read \(it reads "
+        r"(?:[A-Z0-9_]+, )+[A-Z0-9_]+\)\. Choose a file of one of those types, e\.g\. t5-v1_1-xxl-encoder-Q3_K_M\.gguf "
+        r"\(city96/t5-v1_1-xxl-encoder-gguf\)\.", str(e.value)), str(e.value)
 
 
 def test_bitsandbytes_quantization_of_a_gguf_is_refused(tmp_path):
