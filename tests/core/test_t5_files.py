@@ -89,6 +89,44 @@ def test_t5_config_from_shapes_when_heads_times_d_kv_is_not_the_width(caplog):
     assert "T5 width" not in caplog.text
 
 
+def test_t5_config_from_shapes_reads_the_position_buckets():
+    """The relative-position bucket count is read from the bias table's rows (T5-v1.1 has 32, transformers' default,
+    so only another count shows it is read)."""
+    cfg = t5_spec.config_from_shapes(_t5_shapes({**T5_SMALL, "relative_attention_num_buckets": 16}), "t5.safetensors")
+    assert cfg.relative_attention_num_buckets == 16
+
+
+def _umt5_shapes() -> dict[str, tuple[int, ...]]:
+    """A small umT5 encoder's shapes as transformers lays them out, with google/umt5-xxl's 256384-token vocabulary
+    (its config.json's vocab_size)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from pixart_core.meta import empty_weights
+
+    with empty_weights():
+        model = UMT5EncoderModel(UMT5Config(vocab_size=256384, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "encoder.embed_tokens.weight"}
+
+
+def test_t5_files_of_other_t5_kinds_are_refused_with_the_whole_message():
+    """umT5 (its vocabulary), an original T5 (relu feed-forward: one `wi`, no gated `wi_0`/`wi_1`) and a umT5 cut
+    short (no query in block 0), which is described as the umT5 it is, from the shapes."""
+    cases = {
+        "umt5": (_umt5_shapes(), "this is a umT5 encoder (256384-token vocabulary); PixArt needs T5-v1.1-XXL "
+                                 "(32128 tokens), e.g. t5xxl_fp16.safetensors."),
+        "t5": (_t5_shapes({**T5_SMALL, "feed_forward_proj": "relu", "dense_act_fn": "relu", "is_gated_act": False}),
+               "this is an original T5 (no gated feed-forward), not T5-v1.1; PixArt needs T5-v1.1-XXL."),
+        "cut": ({k: v for k, v in _umt5_shapes().items() if k != "encoder.block.0.layer.0.SelfAttention.q.weight"},
+                "this is not a T5 encoder; it looks like a umT5 text encoder (256384-token vocabulary; PixArt needs "
+                "T5-v1.1-XXL with 32128 tokens). Choose a T5-v1.1-XXL file (e.g. t5xxl_fp16.safetensors) in "
+                "models/text_encoders."),
+    }
+    for what, (shapes, message) in cases.items():
+        with pytest.raises(files.WeightFileError) as e:
+            t5_spec.config_from_shapes(shapes, f"{what}.safetensors")
+        assert str(e.value) == f"{what}.safetensors: {message}", what
+
+
 def test_t5_shapes_missing_one_anchor_are_not_a_t5():
     from pixart_core import files
 
@@ -245,6 +283,27 @@ print((kib("VmHWM") - base) * 1024, sum(p.numel() * p.element_size() for p in mo
 
 @pytest.mark.skipif(not __import__("pathlib").Path("/proc/self/clear_refs").exists(),
                     reason="needs Linux's peak-RSS reset")
+def test_a_t5_file_with_two_different_embeddings_encodes_as_transformers_does(tmp_path):
+    """A file whose `shared.weight` and `encoder.embed_tokens.weight` differ: transformers then leaves them untied
+    (it warns) and its encoder embeds with `encoder.embed_tokens`; the encodings are equal."""
+    from transformers import T5EncoderModel
+
+    t5 = tiny.make_t5()
+    sd = tiny.t5_single_file_sd(t5)  # shared.weight only
+    other = torch.randn(sd["shared.weight"].shape, generator=torch.Generator().manual_seed(3)).half()
+    sd["encoder.embed_tokens.weight"] = other
+    assert not torch.equal(sd["shared.weight"], sd["encoder.embed_tokens.weight"])
+    save_file(sd, str(tmp_path / "t5.safetensors"))
+    folder = tmp_path / "transformers"
+    t5.config.save_pretrained(folder)
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    want = T5EncoderModel.from_pretrained(str(folder), dtype=torch.float32).eval()
+    got = ct5.load_t5(tmp_path / "t5.safetensors", "none", torch.float32).model
+    ids = torch.tensor([[5, 17, 3, 1]])
+    with torch.no_grad():
+        assert torch.equal(got(input_ids=ids).last_hidden_state, want(input_ids=ids).last_hidden_state)
+
+
 def test_single_file_t5_load_never_holds_the_file_beside_the_model(tmp_path):
     """A 16-block, 512-wide T5-v1.1 (32128-token vocabulary) in an fp16 file of 159.4 MiB, loaded in fp32 (318.8 MiB)
     in a fresh process: the peak resident memory over the start stays under the model plus half the file. Keeping
