@@ -683,7 +683,8 @@ def test_a_loha_or_lokr_without_a_factor_is_refused_naming_it(kind, missing):
     sd = {f"lora_unet_proj_out{s}": t for s, t in full.items() if s != missing}
     with pytest.raises(core_lora.LoraError) as e:
         core_lora.prepare(sd, {"proj_out.weight": (32, 144)}, name="cut.safetensors")
-    assert str(e.value).startswith(f"cut.safetensors: lora_unet_proj_out (and 0 more) has no {named.pop()}, which its LoHa/LoKr")
+    assert str(e.value) == (f"cut.safetensors: lora_unet_proj_out (and 0 more) has no {named.pop()}, which its LoHa/LoKr "
+                            "product needs: the file is damaged or cut short. Download or export it again.")
     # one whole and one factored LoKr factor make a product (ComfyUI's lokr.py takes either form per factor)
     mixed = {".lokr_w1": r(4, 8), ".lokr_w2_a": r(8, 2), ".lokr_w2_b": r(2, 18)}
     plan = core_lora.prepare({f"lora_unet_proj_out{s}": t for s, t in mixed.items()}, {"proj_out.weight": (32, 144)})

@@ -82,6 +82,15 @@ def test_scaled_fp8_without_its_scales_is_refused(scaled_setup):
         ct5.load_t5(tmp / "t5xxl_noscales.safetensors", "none", torch.float32)
 
 
+def test_scaled_fp8_with_a_prefix_and_no_scales_is_refused(tmp_path):
+    """The same with ComfyUI's key prefix: its marker `<prefix>scaled_fp8` still says the weights need scales."""
+    sd = tiny.t5_scaled_fp8_sd(tiny.make_t5(), scales=False)
+    save_file({"text_encoders.t5xxl.transformer." + k: v for k, v in sd.items()}, str(tmp_path / "t5.safetensors"))
+    with pytest.raises(files.WeightFileError, match=r"t5.safetensors: a scaled fp8 file whose per-tensor "
+                                                    r"scales are missing for 14 weight\(s\)"):
+        ct5.load_t5(tmp_path / "t5.safetensors", "none", torch.float32)
+
+
 @pytest.mark.parametrize("bad", [0.0, float("nan"), -1.0])
 def test_scaled_fp8_with_a_broken_scale_is_refused(tmp_path, bad):
     sd = tiny.t5_scaled_fp8_sd(tiny.make_t5())
