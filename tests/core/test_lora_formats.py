@@ -674,17 +674,22 @@ def test_a_loha_or_lokr_without_a_factor_is_refused_naming_it(kind, missing):
     (comfy/weight_adapter/loha.py, lokr.py); they fail on a module without one or skip it, so loading refuses it,
     naming the module and the tensor it lacks (for a missing whole LoKr factor, its first half)."""
     r = lambda *s: torch.zeros(*s)  # noqa: E731
-    full = {
+    full_of = {
         "loha": {".hada_w1_a": r(32, 2), ".hada_w1_b": r(2, 144), ".hada_w2_a": r(32, 2), ".hada_w2_b": r(2, 144)},
         "lokr": {".lokr_w1": r(4, 8), ".lokr_w2": r(8, 18)},
         "lokr_factored": {".lokr_w1_a": r(4, 1), ".lokr_w1_b": r(1, 8), ".lokr_w2_a": r(8, 2), ".lokr_w2_b": r(2, 18)},
-    }[kind]
+    }.get
+    full = full_of(kind)
     named = {missing.replace(".lokr_w1", ".lokr_w1_a").replace(".lokr_w2", ".lokr_w2_a") if kind == "lokr" else missing}
     sd = {f"lora_unet_proj_out{s}": t for s, t in full.items() if s != missing}
     with pytest.raises(core_lora.LoraError) as e:
         core_lora.prepare(sd, {"proj_out.weight": (32, 144)}, name="cut.safetensors")
     assert str(e.value) == (f"cut.safetensors: lora_unet_proj_out (and 0 more) has no {named.pop()}, which its LoHa/LoKr "
                             "product needs: the file is damaged or cut short. Download or export it again.")
+    # a layer with LoHa tensors beside a whole LoKr (ComfyUI's loader tries each adapter in turn): LoHa's needs count
+    loha_cut = {s: t for s, t in {**full_of("loha"), **full_of("lokr")}.items() if s != ".hada_w2_b"}
+    with pytest.raises(core_lora.LoraError, match="lora_unet_proj_out .and 0 more. has no .hada_w2_b,"):
+        core_lora.prepare({f"lora_unet_proj_out{s}": t for s, t in loha_cut.items()}, {"proj_out.weight": (32, 144)})
     # one whole and one factored LoKr factor make a product (ComfyUI's lokr.py takes either form per factor)
     mixed = {".lokr_w1": r(4, 8), ".lokr_w2_a": r(8, 2), ".lokr_w2_b": r(2, 18)}
     plan = core_lora.prepare({f"lora_unet_proj_out{s}": t for s, t in mixed.items()}, {"proj_out.weight": (32, 144)})
