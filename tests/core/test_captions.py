@@ -105,4 +105,4 @@ def test_encoding_matches_diffusers_encode_prompt(tokenizer, pipeline, limit, cl
     got, mask = ct5.encode(ct5.LoadedT5(t5, torch.float32, "none", "tiny"), tokenizer, HOSTILE[key], limit, CPU,
                            pad=True, cleaning=mode)
     assert torch.equal(mask, want_mask)
-    assert (got - want).abs().max() <= 1e-5
+    torch.testing.assert_close(got, want, rtol=1.3e-6, atol=1e-5)  # fp32 defaults: the sums run in another order
