@@ -1,6 +1,10 @@
 #!/usr/bin/env python3
-"""tests/MUTATION.md from a mutation run's results (mutants/: mutmut's own result files) and the survivors'
-classification (scripts/mutation_survivors.toml).
+"""tests/MUTATION.md from the mutation runs' results and the survivors' classification (scripts/mutation_survivors.toml).
+
+mutants/ (mutmut's own result files) is git-ignored and lives only in the checkout that ran it, so each --write also
+keeps a summary per module in tests/mutation_results.json (committed): the counts, the survivors with their changed
+lines, the last run. A later run in a fresh checkout replaces the summary of each module it has results for and keeps
+the others as they were, with their own date and commit.
 
     .venv/bin/python scripts/mutation_report.py --write    # tests/MUTATION.md
     .venv/bin/python scripts/mutation_report.py --table    # the per-module table only (scripts/mutation prints it)
@@ -25,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MUTANTS = ROOT / "mutants"
 CLASSIFICATION = ROOT / "scripts" / "mutation_survivors.toml"
 OUT = ROOT / "tests" / "MUTATION.md"
+STORE = ROOT / "tests" / "mutation_results.json"
 # mutmut 3.8's exit codes (mutmut.stats.status_by_exit_code), read here without importing mutmut
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 2: "interrupted", None: "not checked",
           34: "skipped", 35: "suspicious", 36: "timeout", 37: "caught by type check", -24: "timeout", 24: "timeout",
@@ -34,8 +39,9 @@ LATER = "test added after the run"  # a survivor a test written since the run ki
 INTRO = """
 # Mutation testing
 
-Written by `scripts/mutation_report.py` from the results in `mutants/` (do not edit by hand: run
-`./scripts/mutation_report.py --write`). The survivors' classification is `scripts/mutation_survivors.toml`.
+Written by `scripts/mutation_report.py` from the results in `mutants/` and the summaries of earlier runs kept in
+`tests/mutation_results.json` (do not edit either by hand: run `./scripts/mutation_report.py --write`). The survivors'
+classification is `scripts/mutation_survivors.toml`.
 
 `./scripts/mutation` runs [mutmut](https://github.com/boxed/mutmut) 3.8.1 over the modules in pyproject.toml's
 `[tool.mutmut]` `only_mutate`: pixart_core's second-wave modules and every module of `nodes/`. Each mutant (one small
@@ -127,8 +133,16 @@ def classify(rules: list[dict], name: str, old: str) -> tuple[str, str]:
 
 
 def runs() -> list[dict]:
+    """The invocations logged in mutants/ (scripts/mutation), in the store's form."""
     log = MUTANTS / "mutation-runs.jsonl"
-    return [json.loads(l) for l in log.read_text().splitlines() if l.strip()] if log.exists() else []
+    out = []
+    for line in (log.read_text().splitlines() if log.exists() else []):
+        if line.strip():
+            r = json.loads(line)
+            out.append({"start": r["start"][:16].replace("T", " "), "minutes": round(seconds(r["start"], r["end"]) / 60, 1),
+                        "commit": r["commit"], "uncommitted": len(r["uncommitted"]), "workers": r["children"],
+                        "names": r["names"], "end": r["end"][:16].replace("T", " ")})
+    return out
 
 
 def module_name(rel: str) -> str:
@@ -149,61 +163,77 @@ def seconds(t0: str, t1: str) -> float:
     return (datetime.strptime(t1, f) - datetime.strptime(t0, f)).total_seconds()
 
 
-def table(results: dict[str, dict], log: list[dict], rules: list[dict]) -> list[str]:
+def summarize(results: dict[str, dict], log: list[dict]) -> dict[str, dict]:
+    """{module: summary} for each module of mutants/ with at least one decided mutant: counts, mutant time, last run,
+    and every survived or no-tests mutant with its changed lines."""
+    out = {}
+    for rel, meta in results.items():
+        codes = meta["exit_code_by_key"]
+        c = Counter(status(v) for v in codes.values())
+        if not c["killed"] + c["timeout"] + c["survived"] + c["no tests"]:
+            continue
+        funcs = None
+        found = []
+        for name, code in sorted(codes.items()):
+            if status(code) in ("survived", "no tests"):
+                funcs = funcs if funcs is not None else functions(MUTANTS / rel)
+                found.append([name, status(code), *change(funcs, name)])
+        run = last_run(rel, log)
+        out[rel] = {"mutants": len(codes), "counts": {k: c[k] for k in COLUMNS},
+                    "other": len(codes) - sum(c[k] for k in COLUMNS),
+                    "seconds": round(sum(v for v in meta.get("durations_by_key", {}).values() if v)),
+                    "last_run": f"{run.get('end', run['start'])} ({run['commit']})" if run else "-", "survivors": found}
+    return out
+
+
+def stored() -> dict:
+    return json.loads(STORE.read_text()) if STORE.exists() else {"runs": [], "modules": {}}
+
+
+def merged(results: dict[str, dict]) -> dict:
+    """The store with this checkout's runs added and its modules' summaries replaced by those of mutants/; the
+    modules mutmut mutates that no run has decided yet, with their mutant counts, under "not_run"."""
+    store = stored()
+    seen = {(r["start"], tuple(r["names"])) for r in store["runs"]}
+    log = store["runs"] + [r for r in runs() if (r["start"], tuple(r["names"])) not in seen]
+    modules = {**store["modules"], **summarize(results, log)}
+    not_run = {rel: n for rel, n in store.get("not_run", {}).items() if rel not in modules}
+    not_run.update({rel: len(meta["exit_code_by_key"]) for rel, meta in results.items() if rel not in modules})
+    return {"runs": log, "modules": dict(sorted(modules.items())), "not_run": dict(sorted(not_run.items()))}
+
+
+def classified(summary: dict, rules: list[dict]) -> list[tuple[str, str, str, str, str]]:
+    """[(mutant, kind, reason, old, new)] for a module's survivors."""
+    rows = []
+    for mutant, how, old, new in summary["survivors"]:
+        kind, reason = classify(rules, mutant, old)
+        rows.append((mutant.rsplit(".", 1)[1], kind, f"(no tests) {reason}".strip() if how == "no tests" else reason, old, new))
+    return rows
+
+
+def table(data: dict, rules: list[dict]) -> list[str]:
     """One row per module that has run: its counts, the survivors the classification explains, the raw kill rate."""
     rows = ["| module | mutants | " + " | ".join(COLUMNS) + " | other | survivors classified | tests added after the "
             "run | killed % (raw) | mutant time (s) | last run (UTC, commit) |",
             "|---|---|" + "---|" * len(COLUMNS) + "---|---|---|---|---|---|"]
-    found = survivors(results, rules)
-    for rel, meta in results.items():
-        c = Counter(status(v) for v in meta["exit_code_by_key"].values())
+    for rel, m in data["modules"].items():
+        c = m["counts"]
         decided = c["killed"] + c["timeout"] + c["survived"] + c["no tests"]
-        if not decided:
-            continue
-        other = sum(c.values()) - sum(c[k] for k in COLUMNS)
-        rate = f"{100 * (c['killed'] + c['timeout']) / decided:.1f}%"
-        kinds = Counter(kind for _, kind, *_ in found.get(rel, []))
-        classified = kinds["equivalent"] + kinds["not testable"]
-        spent = sum(v for v in meta.get("durations_by_key", {}).values() if v)
-        run = last_run(rel, log)
-        when = f"{run['end'][:16].replace('T', ' ')} ({run['commit']})" if run else "-"
-        rows.append(f"| {rel} | {sum(c.values())} | " + " | ".join(str(c[k]) for k in COLUMNS) +
-                    f" | {other} | {classified} of {c['survived'] + c['no tests']} | {kinds[LATER]} | {rate} | {spent:.0f} | "
-                    f"{when} |")
+        kinds = Counter(kind for _, kind, *_ in classified(m, rules))
+        rows.append(f"| {rel} | {m['mutants']} | " + " | ".join(str(c[k]) for k in COLUMNS) +
+                    f" | {m['other']} | {kinds['equivalent'] + kinds['not testable']} of {c['survived'] + c['no tests']} | "
+                    f"{kinds[LATER]} | {100 * (c['killed'] + c['timeout']) / decided:.1f}% | {m['seconds']} | "
+                    f"{m['last_run']} |")
     return rows
 
 
-def not_run(results: dict[str, dict]) -> list[str]:
-    """The mutated modules none of whose mutants has a result yet."""
-    return [rel for rel, meta in results.items()
-            if not any(status(v) in ("killed", "timeout", "survived", "no tests")
-                       for v in meta["exit_code_by_key"].values())]
-
-
-def survivors(results: dict[str, dict], rules: list[dict]) -> dict[str, list[tuple[str, str, str, str, str]]]:
-    """{module: [(mutant, kind, reason, old, new)]} for every survived or no-tests mutant."""
-    out = defaultdict(list)
-    for rel, meta in results.items():
-        funcs = None
-        for name, code in sorted(meta["exit_code_by_key"].items()):
-            if status(code) not in ("survived", "no tests"):
-                continue
-            funcs = funcs if funcs is not None else functions(MUTANTS / rel)
-            old, new = change(funcs, name)
-            kind, reason = classify(rules, name, old)
-            if status(code) == "no tests":
-                reason = f"(no tests) {reason}".strip()
-            out[rel].append((name.rsplit(".", 1)[1], kind, reason, old, new))
-    return out
-
-
-def report(results: dict[str, dict], rules: list[dict], log: list[dict]) -> str:
+def report(data: dict, rules: list[dict]) -> str:
     lines = [INTRO.strip(), "", "## Runs", ""]
     lines += ["| start (UTC) | minutes | commit | uncommitted files | workers | mutants named |", "|---|---|---|---|---|---|"]
-    for r in log:
+    for r in data["runs"]:
         names = ", ".join(f"`{n}`" for n in r["names"]) or "all"
-        lines.append(f"| {r['start'][:16].replace('T', ' ')} | {seconds(r['start'], r['end']) / 60:.1f} | "
-                     f"{r['commit']} | {len(r['uncommitted'])} | {r['children']} | {names} |")
+        lines.append(f"| {r['start']} | {r['minutes']:.1f} | {r['commit']} | {r['uncommitted']} | {r['workers']} | "
+                     f"{names} |")
     lines += ["", "## Results per module", "",
               "killed % (raw) = (killed + timeout) / (killed + timeout + survived + no tests); *not checked* = not run "
               "yet; mutant time = the seconds mutmut's workers spent on the module's mutants (summed over workers); "
@@ -213,11 +243,11 @@ def report(results: dict[str, dict], rules: list[dict], log: list[dict]) -> str:
               "by hand; mutmut has not re-run them, so they still count as survivors in the raw rate); "
               "last run = the last run that named the module, and its commit. A module whose row has *not checked* "
               "mutants was run in part.", ""]
-    lines += table(results, log, rules)
-    missing = not_run(results)
-    lines += ["", f"Not run yet ({len(missing)} modules, {sum(len(results[m]['exit_code_by_key']) for m in missing)} "
-              "mutants): " + (", ".join(f"`{m}`" for m in missing) or "none") + "."]
-    found = survivors(results, rules)
+    lines += table(data, rules)
+    missing = data["not_run"]
+    lines += ["", f"Not run yet ({len(missing)} modules, {sum(missing.values())} mutants): " +
+              (", ".join(f"`{m}`" for m in missing) or "none") + "."]
+    found = {rel: classified(m, rules) for rel, m in data["modules"].items() if m["survivors"]}
     kinds = sorted({k for rows in found.values() for _, k, *_ in rows})
     lines += ["", "## Survivors by kind", "", "| module | survivors | " + " | ".join(kinds) + " |",
               "|---|---|" + "---|" * len(kinds)]
@@ -235,19 +265,21 @@ def report(results: dict[str, dict], rules: list[dict], log: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--write", action="store_true", help=f"write {OUT.relative_to(ROOT)}")
+    ap.add_argument("--write", action="store_true", help=f"write {OUT.relative_to(ROOT)} and {STORE.relative_to(ROOT)}")
     ap.add_argument("--table", action="store_true", help="print the per-module table only")
     args = ap.parse_args()
-    results = modules()
-    if not results:
-        sys.exit("no results in mutants/: run ./scripts/mutation first")
+    results = modules() if MUTANTS.exists() else {}
+    if not results and not STORE.exists():
+        sys.exit("no results in mutants/ and no tests/mutation_results.json: run ./scripts/mutation first")
     rules = tomllib.loads(CLASSIFICATION.read_text()).get("survivor", [])
+    data = merged(results)
     if args.table:
-        print("\n".join(table(results, runs(), rules)))
+        print("\n".join(table(data, rules)))
         return
-    text = report(results, rules, runs())
+    text = report(data, rules)
     if args.write:
         OUT.write_text(text)
+        STORE.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
     else:
         sys.stdout.write(text)
 
