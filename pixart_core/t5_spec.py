@@ -71,11 +71,13 @@ def encoder_prefix(keys) -> str | None:
 
 def model_keys(tensors: dict[str, V], prefix: str) -> dict[str, V]:
     """`tensors` (anything keyed by a file's names) under T5EncoderModel's names: the prefix removed, keys of other
-    parts (a decoder, an LM head) dropped, and the embedding once, as `shared.weight`."""
+    parts (a decoder, an LM head) dropped, and the embedding once, as `shared.weight`. A file with both names gives
+    the encoder's own (`encoder.embed_tokens.weight`): the one transformers' encoder reads, as it leaves the two untied
+    when they differ."""
     out = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     out = {k: v for k, v in out.items() if k.startswith("encoder.") or k == EMBEDDING}
     alias = out.pop(EMBEDDING_ALIAS, None)
-    if EMBEDDING not in out and alias is not None:
+    if alias is not None:
         out[EMBEDDING] = alias
     return out
 

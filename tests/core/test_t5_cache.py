@@ -414,6 +414,27 @@ def test_gpu_path_writes_the_per_tensor_result_and_loads_it_from_the_cache(tmp_p
     assert again.cache.hit and again.cache.quantized_on == "cuda:0"
 
 
+@pytest.mark.parametrize("quant", [Q8, NF4], ids=["8bit", "nf4"])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_a_file_with_two_different_embeddings_embeds_as_transformers_quantized_load(tmp_path, tok, monkeypatch,
+                                                                                    quant, device):
+    """A file holding both `shared.weight` and `encoder.embed_tokens.weight`, with different values: transformers
+    leaves them untied and its encoder reads `encoder.embed_tokens` (its load warns so). Quantized into the cache on
+    the CPU (transformers' load) and on a GPU (the per-tensor quantizer, which reads the file itself; run on the CPU
+    as above), the T5 embeds as transformers' own quantized load."""
+    sd = tiny.t5_single_file_sd(tiny.make_t5(seed=0))
+    sd["encoder.embed_tokens.weight"] = tiny.make_t5(seed=1).shared.weight.detach().to(torch.float16).contiguous()
+    assert not torch.equal(sd["shared.weight"], sd["encoder.embed_tokens.weight"])
+    src = tmp_path / "t5xxl_two_embeddings.safetensors"
+    save_file(sd, str(src))
+    real = t5_quantize.quantize_per_tensor
+    monkeypatch.setattr(t5_quantize, "quantize_per_tensor", lambda path, q, dtype, _: real(path, q, dtype, CPU))
+    loaded = ct5.load_t5(src, quant, torch.float32, cache_dir=tmp_path / "cache",
+                         quantize_device=torch.device(device, 0) if device == "cuda" else None)
+    assert loaded.cache.written and loaded.cache.quantized_on == (f"{device}:0" if device == "cuda" else "cpu")
+    assert torch.equal(embeds(loaded, tok), reference(src, quant, torch.float32, tok))
+
+
 # -------------------------------------------------------------------------------------------------- other formats
 
 
