@@ -25,3 +25,61 @@ def test_help_page_describes_the_node_comfyui_lists(comfy, node_id):
     inputs = page.split("## Input", 1)[1].split("\n## ", 1)[0]
     listed = {line.split("`")[1] for line in inputs.splitlines() if line.startswith("- `")}
     assert listed <= set(names), (node_id, listed - set(names))
+
+
+def _spec(info: dict, name: str) -> tuple[str, dict]:
+    """(type, options) of an input in an /object_info answer: a combo as ("COMBO", {"options": [...], ...}) in both
+    the V1 form (a list of choices) and the V3 one."""
+    inputs = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
+    kind, *rest = inputs[name]
+    opts = dict(rest[0]) if rest else {}
+    if isinstance(kind, list):
+        kind, opts["options"] = "COMBO", kind
+    return kind, opts
+
+
+ALL = ("default", "min", "max", "step", "round", "control_after_generate", "options")
+# Widgets that do what a ComfyUI core widget does take that widget's spec (ComfyUI's nodes.py, read in this
+# process): (our node, our input, ComfyUI's node, its input, the fields compared). The sampler's steps and cfg
+# defaults are PixArt's (below); its steps stop at 1000, the scheduler's training timesteps.
+COMFY_TWINS = [
+    *[(node, "seed", "KSampler", "seed", ALL)
+      for node in ("PixArtSigmaSampler", "PixArtSigmaSamplerAdvanced", "PixArtSigmaTiledRefine")],
+    *[(node, "cfg", "KSampler", "cfg", ("min", "max", "step", "round"))
+      for node in ("PixArtSigmaSampler", "PixArtSigmaSamplerAdvanced", "PixArtSigmaTiledRefine")],
+    *[(node, "steps", "KSampler", "steps", ("default", "min"))
+      for node in ("PixArtSigmaSampler", "PixArtSigmaSamplerAdvanced", "PixArtSigmaTiledRefine")],
+    ("PixArtSigmaSampler", "denoise", "KSampler", "denoise", ALL),
+    ("PixArtSigmaSamplerAdvanced", "add_noise", "KSamplerAdvanced", "add_noise", ALL),
+    ("PixArtSigmaSamplerAdvanced", "start_step", "KSamplerAdvanced", "start_at_step", ALL),
+    ("PixArtSigmaSamplerAdvanced", "end_step", "KSamplerAdvanced", "end_at_step", ALL),
+    ("PixArtSigmaSamplerAdvanced", "return_with_leftover_noise", "KSamplerAdvanced", "return_with_leftover_noise", ALL),
+    ("PixArtSigmaLoraLoader", "strength", "LoraLoader", "strength_model", ALL),
+    ("PixArtSigmaLoraLoader", "t5_strength", "LoraLoader", "strength_clip", ALL),
+    ("PixArtSigmaControlNetApply", "strength", "ControlNetApplyAdvanced", "strength", ALL),
+    ("PixArtSigmaControlNetApply", "start_percent", "ControlNetApplyAdvanced", "start_percent", ALL),
+    ("PixArtSigmaControlNetApply", "end_percent", "ControlNetApplyAdvanced", "end_percent", ALL),
+]
+
+
+@pytest.mark.parametrize("node,name,twin,twin_name,fields", COMFY_TWINS, ids=lambda v: v if isinstance(v, str) else "")
+def test_widgets_that_mirror_comfyui_take_its_spec(comfy, node, name, twin, twin_name, fields):
+    kind, ours = _spec(comfyui.node_info(comfy, node), name)
+    twin_kind, theirs = _spec(comfyui.node_info(comfy, twin), twin_name)
+    assert kind == twin_kind
+    if twin_kind == "COMBO" and "default" not in theirs:
+        theirs["default"] = theirs["options"][0]  # the frontend's default for a V1 combo: its first choice
+    assert {f: ours.get(f) for f in fields} == {f: theirs.get(f) for f in fields}
+
+
+@pytest.mark.parametrize("node", ["PixArtSigmaSampler", "PixArtSigmaSamplerAdvanced", "PixArtSigmaTiledRefine"])
+def test_sampler_defaults_are_diffusers_pixart_sigma_pipeline_defaults(comfy, node):
+    """steps and cfg as diffusers' PixArtSigmaPipeline.__call__ defaults them (20 and 4.5, the release's)."""
+    import inspect
+
+    from diffusers import PixArtSigmaPipeline
+
+    call = inspect.signature(PixArtSigmaPipeline.__call__).parameters
+    info = comfyui.node_info(comfy, node)
+    assert _spec(info, "steps")[1]["default"] == call["num_inference_steps"].default
+    assert _spec(info, "cfg")[1]["default"] == call["guidance_scale"].default
