@@ -188,3 +188,63 @@ def test_clip_without_t5_xxl_is_named(comfy):
     holder.umt5xxl.transformer = comfy.text_encoders.t5.T5(cfg, torch.float32, "meta", comfy.ops.manual_cast)
     with pytest.raises(ValueError, match=r"a T5 with a 32000-token vocabulary .*32128 tokens"):
         _encode(nodes, clip_l)
+
+
+HINT = ("PixArt needs T5-v1.1-XXL: load t5xxl_fp16.safetensors (or t5xxl_fp8_e4m3fn.safetensors) with CLIPLoader "
+        "type 'sd3' or 'pixart', or use PixArt-Σ T5 Loader.")
+
+
+def _holding(clip, part: str, module):
+    """`clip` with its text encoder model replaced by one holding `module` as `<part>.transformer`, as ComfyUI's
+    SD1ClipModel names its encoders."""
+    holder = torch.nn.Module()
+    setattr(holder, part, torch.nn.Module())
+    getattr(holder, part).transformer = module
+    clip.cond_stage_model = holder
+    return clip
+
+
+def test_clip_refusals_say_what_the_input_holds_and_what_to_load(comfy):
+    """The whole messages: what the t5 input is, and the T5-v1.1-XXL file and loaders to use instead (the umT5
+    vocabulary, 256384 tokens, is named even where the layers do not show a umT5)."""
+    nodes = comfy
+    import comfy.ops
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+    import comfy.text_encoders.t5
+
+    with pytest.raises(TypeError) as e:
+        _encode(nodes, torch.nn.Linear(1, 1))
+    assert str(e.value) == ("PixArt-Σ Text Encode: the t5 input is a Linear, neither a PixArt-Σ T5 Loader output nor "
+                            "a ComfyUI CLIP.")
+
+    clip = comfy.sd.CLIP(comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer,
+                                                                comfy.sd1_clip.SD1ClipModel),
+                         model_options={"initial_device": torch.device("meta")})
+    with pytest.raises(ValueError) as e:
+        _encode(nodes, clip)
+    assert str(e.value) == f"PixArt-Σ Text Encode: this CLIP holds CLIP-L, no T5-XXL. {HINT}"
+
+    def t5(**over):
+        cfg = {**tiny.T5_CONFIG, "dense_act_fn": "gelu_pytorch_tanh", "is_gated_act": True, "model_type": "t5", **over}
+        return comfy.text_encoders.t5.T5(cfg, torch.float32, "meta", comfy.ops.manual_cast)
+
+    for vocab, what in ((256384, "a umT5 encoder"), (32000, "a T5 with a 32000-token vocabulary")):
+        with pytest.raises(ValueError) as e:
+            _encode(nodes, _holding(clip, "t5xxl", t5(vocab_size=vocab)))
+        assert str(e.value) == (f"PixArt-Σ Text Encode: this CLIP holds {what} (t5xxl); PixArt needs T5-v1.1-XXL's "
+                                f"32128 tokens. {HINT}")
+
+
+def test_a_clip_t5_of_another_width_is_used_with_a_warning(comfy, t5_and_clip, caplog):
+    """T5-v1.1-XXL is 4096 wide (its config on the hub: d_model 4096); a narrower T5 encodes, with a warning that the
+    DiT's caption projection must match its width (the tiny T5 here is narrower)."""
+    _, clip = t5_and_clip
+    caplog.set_level("WARNING")
+    _encode(comfy, clip)
+    width = tiny.T5_CONFIG["d_model"]
+    assert width != 4096
+    assert [r.getMessage() for r in caplog.records if "wide" in r.getMessage()] == [
+        f"PixArt-Σ Text Encode: the CLIP's T5 is {width} wide, not T5-v1.1-XXL's 4096: the DiT's caption projection "
+        "must match it."]
