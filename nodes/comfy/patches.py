@@ -32,18 +32,16 @@ def with_weight_patches(patcher: comfy.model_patcher.ModelPatcher, tensors: dict
 
 def carry_weight_patches(src: comfy.model_patcher.ModelPatcher, dst: comfy.model_patcher.ModelPatcher,
                          target: Callable[[str], tuple[str, tuple[int, int, int] | None]]) -> int:
-    """Add `src`'s weight patches (one of our models: keys `inner.<parameter>`) to `dst` (a ComfyUI MODEL) with the
-    same strengths, at the key and rows `target(parameter)` names there. Returns the number of weights patched."""
+    """Add `src`'s weight patches (one of our models: keys `inner.<parameter>`, each on a whole parameter, as
+    with_weight_patches adds them) to `dst` (a ComfyUI MODEL) with the same strengths, at the key and rows
+    `target(parameter)` names there. Returns the number of weights patched."""
     done = set()
     for key, entries in src.patches.items():
-        name, base = target(key[len("inner."):])
+        name, rows = target(key[len("inner."):])
+        k = "diffusion_model." + name if rows is None else ("diffusion_model." + name, rows)
         for strength_patch, patch, strength_model, offset, function in entries:
-            rows = base
-            if offset is not None:  # a patch on rows of a parameter: the same rows inside the target's
-                if rows is not None and (offset[0] != 0 or offset[1] + offset[2] > rows[2]):
-                    raise ValueError(f"{key}: a weight patch on rows {offset} cannot be carried over")
-                rows = offset if rows is None else (0, rows[1] + offset[1], offset[2])
-            k = "diffusion_model." + name
-            k = k if rows is None and function is None else (k, rows) if function is None else (k, rows, function)
+            if offset is not None or function is not None:  # ComfyUI's patches on rows or through a function
+                raise ValueError(f"{key}: a weight patch on part of a weight or through a function cannot be "
+                                 "carried over to a ComfyUI MODEL")
             done.update(dst.add_patches({k: patch}, strength_patch, strength_model))
     return len(done)

@@ -3,6 +3,7 @@ ComfyUI's own KSampler / sample_custom / LoraLoaderModelOnly / UNETLoader in thi
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -406,3 +407,19 @@ def test_original_target_names_the_rows_to_original_writes(comfy):
         assert torch.equal(got, value), key
     with pytest.raises(KeyError, match="not a parameter"):
         core_dit.original_target("transformer_blocks.0.attn1.nonsense.weight", 4)
+
+
+def test_a_weight_patch_on_rows_or_through_a_function_is_refused_by_the_bridge(comfy):
+    """PixArt-Σ LoRA Loader patches whole parameters; a patch ComfyUI's ModelPatcher.add_patches holds on rows of a
+    weight (a (key, offset) key) or through a function (a (key, offset, function) key) is refused by name, not
+    carried to the wrong rows."""
+    handle, _ = _handle(comfy, "sigma-1024", seed=3)
+    key = "inner.transformer_blocks.0.attn1.to_q.weight"
+    rows = handle.patcher.model.inner.get_parameter(key[len("inner."):]).shape[0]
+    for patch_key in ((key, (0, 0, rows // 2)), (key, None, lambda w: w)):
+        patched = handle.patcher.clone()
+        assert patched.add_patches({patch_key: ("diff", (torch.zeros(rows // 2, 1),))}, 0.5) == [patch_key]
+        with pytest.raises(ValueError) as e:
+            _bridge(comfy).to_model(dataclasses.replace(handle, patcher=patched))
+        assert str(e.value) == (f"{key}: a weight patch on part of a weight or through a function cannot be carried "
+                                "over to a ComfyUI MODEL")
