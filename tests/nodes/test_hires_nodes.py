@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -287,3 +288,41 @@ def test_hires_upscale_latent_modes_as_torch_and_comfyui(comfy, mode):
     assert torch.equal(upscale(96, 128), common_upscale(z, 12, 16, mode, "disabled"))
     want = torch.nn.functional.interpolate(z, size=(21, 16), mode=mode)[..., 2:18, :]
     assert torch.equal(upscale(128, 128), want)
+
+
+def test_tiled_refine_previews_the_whole_canvas_after_each_step(executor, comfy, comfy_base):
+    """With ComfyUI's latent2rgb previews on, the tiled node's bar gets one preview per step (after the step's 9
+    tiles: values 9 and 18), each of the whole 128 px canvas (16 x 16 latent pixels), and the last is ComfyUI's
+    SDXL latent2rgb preview of the node's output latent (latent_preview.get_previewer, comfy.latent_formats.SDXL)."""
+    import comfy.latent_formats
+    import comfy.utils
+    import latent_preview
+    from comfy.cli_args import LatentPreviewMethod, args
+    from safetensors.torch import load_file
+
+    seen = []
+
+    def record(value, total, preview, node_id=None):
+        if total == 18 and preview is not None:
+            seen.append((value, preview))
+
+    p = tiled_graph(seed=5, prefix="tiled_preview")
+    p["11"] = {"class_type": "SaveLatent", "inputs": {"samples": ["10", 0], "filename_prefix": "tiled_preview_latent"}}
+    comfy.utils.set_progress_bar_global_hook(record)
+    saved, args.preview_method = args.preview_method, LatentPreviewMethod.Latent2RGB
+    try:
+        result = executor.run(p)
+    finally:
+        args.preview_method = saved
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert result["ok"], result["error"]
+    assert [v for v, _ in seen] == [9, 18]
+    assert all(kind == "JPEG" and image.size == (16, 16) for _, (kind, image, _) in seen)
+    latent_file = max((comfy_base / "output").glob("tiled_preview_latent*.latent"), key=lambda f: f.stat().st_mtime)
+    out = load_file(str(latent_file))["latent_tensor"]
+    fmt = comfy.latent_formats.SDXL()
+    previewer = latent_preview.Latent2RGBPreviewer(fmt.latent_rgb_factors, fmt.latent_rgb_factors_bias)
+    expected = previewer.decode_latent_to_preview(fmt.process_in(out))
+    got = seen[-1][1][1]
+    diff = np.abs(np.asarray(got, dtype=np.int16) - np.asarray(expected, dtype=np.int16)).max()
+    assert diff <= 1, diff
