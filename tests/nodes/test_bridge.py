@@ -175,9 +175,21 @@ def test_padding_changes_nothing(comfy):
     assert (masked - _eps(ref, x, torch.tensor([500]), padded.embeds)).abs().max() > 1e-2
 
 
-def test_conditioning_bridge_refuses_an_empty_mask(comfy):
-    with pytest.raises(ValueError, match="no real token"):
+def test_conditioning_bridge_refuses_an_empty_mask_or_a_batch(comfy):
+    with pytest.raises(ValueError) as e:
         _bridge(comfy).to_conditioning(_cond(torch.zeros(1, 3, tiny.T5_WIDTH), torch.zeros(1, 3, dtype=torch.long)))
+    assert str(e.value) == ("PixArt-Σ Conditioning → CONDITIONING: the attention mask has no real token; re-encode "
+                            "the prompt with PixArt-Σ Text Encode.")
+    with pytest.raises(ValueError) as e:  # ComfyUI's CONDITIONING holds one prompt per entry
+        _bridge(comfy).to_conditioning(_cond(torch.zeros(2, 3, tiny.T5_WIDTH), torch.ones(2, 3, dtype=torch.long)))
+    assert str(e.value) == "PixArt-Σ Conditioning → CONDITIONING: expected one prompt, got 2."
+
+
+def test_conditioning_bridge_adds_nothing_for_a_prompt_without_other_limits(comfy):
+    """ComfyUI's CONDITIONING entry is [tensor, options]: a prompt encoded at one token limit gives empty options."""
+    embeds = torch.randn(1, 3, tiny.T5_WIDTH)
+    out = _bridge(comfy).to_conditioning(_cond(embeds, torch.tensor([[1, 1, 0]])))
+    assert len(out) == 1 and out[0][1] == {} and torch.equal(out[0][0], embeds[:, :2])
 
 
 def test_alpha_model_reads_the_conditioning_at_its_token_limit(comfy):

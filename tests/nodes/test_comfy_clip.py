@@ -248,3 +248,33 @@ def test_a_clip_t5_of_another_width_is_used_with_a_warning(comfy, t5_and_clip, c
     assert [r.getMessage() for r in caplog.records if "wide" in r.getMessage()] == [
         f"PixArt-Σ Text Encode: the CLIP's T5 is {width} wide, not T5-v1.1-XXL's 4096: the DiT's caption projection "
         "must match it."]
+
+
+def test_what_the_clip_reader_accepts_and_how_it_names_a_clip(comfy):
+    """nodes/comfy/clip.py on ComfyUI's own classes (meta device): an object with a text model but no ModelPatcher
+    is no CLIP; a T5 beside other encoders, and a one-layer T5, are found; the parts are named as ComfyUI's loaders
+    name them (SDXL's CLIP-L + CLIP-G), an unknown part by its attribute name, an empty model by its class."""
+    nodes = comfy
+    import types
+
+    import comfy.ops
+    import comfy.text_encoders.t5
+
+    from harness.comfyui import pack
+
+    reader, clip_t5 = pack("nodes.comfy.clip"), pack("nodes.clip_t5")
+    cfg = {**tiny.T5_CONFIG, "dense_act_fn": "gelu_pytorch_tanh", "is_gated_act": True, "model_type": "t5"}
+    one_layer = comfy.text_encoders.t5.T5({**cfg, "num_layers": 1}, torch.float32, "meta", comfy.ops.manual_cast)
+    holder = torch.nn.Module()
+    holder.clip_l, holder.t5xxl = torch.nn.Linear(1, 1), torch.nn.Module()
+    holder.t5xxl.transformer = one_layer
+    assert reader.text_model(types.SimpleNamespace(cond_stage_model=holder)) is None  # no patcher: not a CLIP
+    with pytest.raises(TypeError, match="the t5 input is a SimpleNamespace, neither"):
+        _encode(nodes, types.SimpleNamespace(cond_stage_model=holder))
+    clip = types.SimpleNamespace(cond_stage_model=holder, patcher=object())
+    assert clip_t5.find_t5(clip) is one_layer
+    assert reader.describe(holder) == "CLIP-L + t5xxl"
+    named = torch.nn.Module()
+    named.clip_l, named.clip_g, named.mystery = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    assert reader.describe(named) == "CLIP-L + CLIP-G + mystery"
+    assert reader.describe(torch.nn.Module()) == "Module"

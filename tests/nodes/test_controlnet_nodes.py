@@ -407,8 +407,12 @@ def test_dit_to_model_refuses_a_controlled_dit_and_says_what_to_do(executor, fil
     p["4"] = {"class_type": "KSampler", "inputs": {"model": ["9", 0], "positive": ["10", 0], "negative": ["11", 0],
                                                    "latent_image": ["12", 0], "seed": 43, "steps": 2, "cfg": 4.5,
                                                    "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}}
-    _refused(executor, p, ADAPTER, "ComfyUI's PixArt model has no ControlNet hook", "PixArt-Σ Sampler",
-             "before PixArt-Σ ControlNet Apply")
+    error = _refused(executor, p, ADAPTER)
+    assert error["exception_message"].rstrip("\n") == (  # ComfyUI ends the message with a newline
+        f"PixArt-Σ DiT → MODEL: this DiT has ControlNets applied ({ADAPTER}), which ComfyUI's samplers cannot run: "
+        "ComfyUI's PixArt model has no ControlNet hook. Sample the controlled DiT with PixArt-Σ Sampler or PixArt-Σ "
+        "Sampler (Advanced) (Tiled Refine for tiles), or connect DiT → MODEL to the DiT before PixArt-Σ ControlNet "
+        "Apply.")
 
 
 def test_vae_of_the_other_latent_space_is_refused_at_apply(executor, files, comfy_base, tiny_models):

@@ -117,3 +117,10 @@ def test_sampler_sends_progress_with_latent_previews(executor, comfy):
     assert steps == [(1, 4), (2, 4), (3, 4), (4, 4)]
     previews = [p for v, t, p in seen if t == 4]
     assert all(p is not None and p[0] == "JPEG" and p[1].size[0] > 0 for p in previews)
+
+
+def test_resolution_from_dit_without_a_dit_says_what_to_do(comfy):
+    with pytest.raises(ValueError) as e:
+        comfy.NODE_CLASS_MAPPINGS["PixArtSigmaResolution"].execute(width=1000, height=1000, family="from dit")
+    assert str(e.value) == ("PixArt resolution: family is 'from dit' but no DiT is connected; connect one or pick a "
+                            "family.")
