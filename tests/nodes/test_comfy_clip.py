@@ -18,7 +18,8 @@ from harness import models as tiny
 PROMPT = "A small cabin on top of a snowy mountain in the style of Disney, artstation"
 
 
-def comfy_clip(tmp_path, state_dict: dict, config: dict, part: str = "t5xxl", model_type: str = "t5"):
+def comfy_clip(tmp_path, state_dict: dict, config: dict, part: str = "t5xxl", model_type: str = "t5",
+               dtype: torch.dtype = torch.float32):
     """A ComfyUI CLIP holding a T5-family encoder built by ComfyUI's classes from `config` (a transformers T5
     config), named `part` inside the text encoder model as ComfyUI names it, with `state_dict` loaded by
     ComfyUI's load_sd."""
@@ -43,7 +44,7 @@ def comfy_clip(tmp_path, state_dict: dict, config: dict, part: str = "t5xxl", mo
             super().__init__(device=device, dtype=dtype, name=part, clip_model=TinyT5, model_options=model_options)
 
     target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.pixart_t5.PixArtTokenizer, TinyTE)
-    clip = comfy.sd.CLIP(target, model_options={"dtype": torch.float32})
+    clip = comfy.sd.CLIP(target, model_options={"dtype": dtype})
     missing, unexpected = clip.load_sd(state_dict)
     assert not unexpected and not [k for k in missing if "embed_tokens" not in k], (missing, unexpected)
     return clip
@@ -278,3 +279,19 @@ def test_what_the_clip_reader_accepts_and_how_it_names_a_clip(comfy):
     named.clip_l, named.clip_g, named.mystery = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
     assert reader.describe(named) == "CLIP-L + CLIP-G + mystery"
     assert reader.describe(torch.nn.Module()) == "Module"
+
+
+def test_a_bf16_clip_computes_in_float32_as_comfyuis_text_encode(comfy, tmp_path):
+    """A CLIP whose T5 weights are bf16 (CLIPLoader on a bf16 file): the encoder runs in float32 with the weights
+    cast up, as ComfyUI's SDClipModel runs it, so it equals transformers' float32 T5 with the same (bf16-rounded)
+    weights; computed in bf16 it would differ by ~1e-2."""
+    t5 = tiny.make_t5()
+    sd = {k: v.to(torch.bfloat16) for k, v in tiny.t5_single_file_sd(t5, dtype=torch.float32).items()}
+    clip = comfy_clip(tmp_path, sd, tiny.T5_CONFIG, dtype=torch.bfloat16)
+    rounded = tiny.make_t5()
+    rounded.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
+    rounded.encoder.embed_tokens.weight = rounded.shared.weight
+    got = _encode(comfy, clip, max_tokens=300)[0].embeds
+    want = _reference(rounded, PROMPT, 300)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got[:, :want.shape[1]], want, atol=1e-5, rtol=1e-5)
