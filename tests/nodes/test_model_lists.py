@@ -1,0 +1,43 @@
+"""The loader widgets' lists and the VAE job's tiling decision, on ComfyUI's own folder_paths and model management
+in this process: diffusers component folders in a model folder (a ControlNet adapter folder in models/controlnet)
+and when a VAE job tiles."""
+from __future__ import annotations
+
+import torch
+
+from harness import models as tiny
+from harness.comfyui import pack
+
+
+def test_model_folders_lists_the_diffusers_component_folders_of_every_root(comfy, tmp_path, monkeypatch):
+    import folder_paths
+
+    missing, first, second = tmp_path / "missing", tmp_path / "a", tmp_path / "b"
+    for d in ("top", "nested/controlnet", "empty", "other/unet"):
+        (first / d).mkdir(parents=True)
+    (first / "top" / "config.json").write_text("{}")  # a component folder: config.json in it
+    (first / "nested" / "controlnet" / "config.json").write_text("{}")  # a pipeline-like folder: <subfolder>/config.json
+    (first / "other" / "unet" / "config.json").write_text("{}")  # another subfolder: not this kind
+    (first / "loose.safetensors").write_text("")  # a file, not a folder
+    (first / "file_with_config").write_text("")
+    (second / "late").mkdir(parents=True)
+    (second / "late" / "config.json").write_text("{}")
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "controlnet",
+                        ([str(missing), str(first), str(second)], {".safetensors"}))
+    assert pack("nodes.comfy.paths").model_folders(("controlnet",), "controlnet") == ["late", "nested", "top"]
+
+
+def test_a_vae_job_tiles_when_told_or_when_it_does_not_fit(comfy):
+    """load_for: 'always' tiles, 'never' does not, 'auto' tiles only when the job needs more than ComfyUI says is
+    free on the VAE's device (model_management.get_free_memory: this machine's RAM on the CPU)."""
+    import comfy.model_management as mm
+
+    jobs, loading, types_ = pack("nodes.vae_jobs"), pack("nodes.comfy.loading"), pack("nodes.types")
+    cpu = torch.device("cpu")
+    handle = types_.VAEHandle(loading.wrap(tiny.make_vae(), cpu, cpu), "tiny_sdxl_vae.safetensors", "sdxl")
+    more_than_free = mm.get_free_memory(cpu) * 4
+    for tiling, need, tiles in (("always", 1, True), ("never", more_than_free, False), ("auto", 1, False),
+                                ("auto", more_than_free, True)):
+        ready, tiled = jobs.load_for(handle, need, tiling)
+        assert tiled == tiles, (tiling, need)
+        assert ready.device == cpu
