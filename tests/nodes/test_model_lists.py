@@ -41,3 +41,17 @@ def test_a_vae_job_tiles_when_told_or_when_it_does_not_fit(comfy):
         ready, tiled = jobs.load_for(handle, need, tiling)
         assert tiled == tiles, (tiling, need)
         assert ready.device == cpu
+
+
+def test_auto_tiles_only_past_the_free_memory_comfyui_reports(comfy, monkeypatch):
+    """The boundary, with ComfyUI's free-memory query patched to a fixed figure: a job that needs exactly what is free
+    runs whole; one byte more tiles."""
+    import comfy.model_management as mm
+
+    jobs, loading, types_ = pack("nodes.vae_jobs"), pack("nodes.comfy.loading"), pack("nodes.types")
+    cpu = torch.device("cpu")
+    handle = types_.VAEHandle(loading.wrap(tiny.make_vae(), cpu, cpu), "tiny_sdxl_vae.safetensors", "sdxl")
+    free = 3 * 2**30
+    monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False: (free, free) if torch_free_too else free)
+    assert jobs.load_for(handle, free, "auto")[1] is False
+    assert jobs.load_for(handle, free + 1, "auto")[1] is True

@@ -101,22 +101,33 @@ def test_batch_of_four_with_long_negative_and_same_seed_repeats(executor, comfy_
     assert [a.tobytes() for a in images] == [b.tobytes() for b in _saved_images(second, comfy_base)]
 
 
-def test_sampler_sends_progress_with_latent_previews(executor, comfy):
+def test_sampler_sends_progress_with_latent_previews(executor, comfy, comfy_base):
+    """A preview per step; the last is ComfyUI's SDXL latent2rgb preview (latent_preview.Latent2RGBPreviewer with
+    comfy.latent_formats.SDXL's factors; what --preview-method auto gives without TAESD files) of the output latent."""
+    import comfy.latent_formats
     import comfy.utils
+    import latent_preview
     from comfy.cli_args import LatentPreviewMethod, args
+    from safetensors.torch import load_file
 
     seen = []
     comfy.utils.set_progress_bar_global_hook(lambda v, t, preview, node_id=None: seen.append((v, t, preview)))
     saved, args.preview_method = args.preview_method, LatentPreviewMethod.Auto
     try:
-        assert executor.run(graph(seed=31, steps=4))["ok"]
+        assert executor.run(graph(seed=31, steps=4, save_latent=True, prefix="previewed"))["ok"]
     finally:
         args.preview_method = saved
         comfy.utils.set_progress_bar_global_hook(None)
     steps = [(v, t) for v, t, p in seen if t == 4]
     assert steps == [(1, 4), (2, 4), (3, 4), (4, 4)]
     previews = [p for v, t, p in seen if t == 4]
-    assert all(p is not None and p[0] == "JPEG" and p[1].size[0] > 0 for p in previews)
+    assert all(p is not None and p[0] == "JPEG" and p[1].size == (8, 8) for p in previews)
+    latent = max((comfy_base / "output").glob("previewed*.latent"), key=lambda f: f.stat().st_mtime)
+    fmt = comfy.latent_formats.SDXL()
+    want = latent_preview.Latent2RGBPreviewer(fmt.latent_rgb_factors, fmt.latent_rgb_factors_bias
+                                              ).decode_latent_to_preview(fmt.process_in(load_file(str(latent))["latent_tensor"]))
+    diff = np.abs(np.asarray(previews[-1][1], dtype=np.int16) - np.asarray(want, dtype=np.int16)).max()
+    assert diff <= 1, diff
 
 
 def test_resolution_from_dit_without_a_dit_says_what_to_do(comfy):
