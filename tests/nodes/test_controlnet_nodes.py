@@ -399,8 +399,8 @@ def test_adapter_folder_loads_like_its_file(executor, comfy_base, files):
 
 def test_dit_to_model_refuses_a_controlled_dit_and_says_what_to_do(executor, files):
     p = graph(seed=43, steps=2)
-    p["9"] = {"class_type": "PixArtSigmaDiTToModel",
-              "inputs": {"dit": _apply(p, "2", ["3", 0], ADAPTER, "control_a.png")}}
+    twice = _apply(p, "3", _apply(p, "2", ["3", 0], ADAPTER, "control_a.png"), ADAPTER, "control_a.png")
+    p["9"] = {"class_type": "PixArtSigmaDiTToModel", "inputs": {"dit": twice}}
     p["10"] = {"class_type": "PixArtSigmaConditioningToComfy", "inputs": {"conditioning": ["2", 0]}}
     p["11"] = {"class_type": "PixArtSigmaConditioningToComfy", "inputs": {"conditioning": ["2", 1]}}
     p["12"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
@@ -409,7 +409,8 @@ def test_dit_to_model_refuses_a_controlled_dit_and_says_what_to_do(executor, fil
                                                    "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}}
     error = _refused(executor, p, ADAPTER)
     assert error["exception_message"].rstrip("\n") == (  # ComfyUI ends the message with a newline
-        f"PixArt-Σ DiT → MODEL: this DiT has ControlNets applied ({ADAPTER}), which ComfyUI's samplers cannot run: "
+        f"PixArt-Σ DiT → MODEL: this DiT has ControlNets applied ({ADAPTER}, {ADAPTER}), which ComfyUI's samplers "
+        "cannot run: "
         "ComfyUI's PixArt model has no ControlNet hook. Sample the controlled DiT with PixArt-Σ Sampler or PixArt-Σ "
         "Sampler (Advanced) (Tiled Refine for tiles), or connect DiT → MODEL to the DiT before PixArt-Σ ControlNet "
         "Apply.")
