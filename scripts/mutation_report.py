@@ -163,26 +163,56 @@ def seconds(t0: str, t1: str) -> float:
     return (datetime.strptime(t1, f) - datetime.strptime(t0, f)).total_seconds()
 
 
-def summarize(results: dict[str, dict], log: list[dict]) -> dict[str, dict]:
-    """{module: summary} for each module of mutants/ with at least one decided mutant: counts, mutant time, last run,
-    and every survived or no-tests mutant with its changed lines."""
+LETTER = {"killed": "K", "timeout": "T", "survived": "S", "no tests": "N", "not checked": "."}  # the store's codes
+STATUS_OF = {v: k for k, v in LETTER.items()} | {"O": "other"}
+
+
+def per_function(meta: dict, kept: dict | None) -> dict[str, dict]:
+    """{function: {"hash", "codes": one letter per mutant (LETTER; O = other), "seconds"}} from mutants/' meta,
+    with the results `kept` (the store's functions of the module) holds for the mutants this checkout has not run
+    where the function is unchanged (same hash as mutmut computed it)."""
+    out: dict[str, dict] = {}
+    for key, code in meta["exit_code_by_key"].items():
+        func, num = key.rsplit(".", 1)[1].rsplit("__mutmut_", 1)
+        entry = out.setdefault(func, {"hash": meta.get("hash_by_function_name", {}).get(func, ""), "codes": {},
+                                      "seconds": 0.0})
+        entry["codes"][int(num)] = LETTER.get(status(code), "O")
+        entry["seconds"] += meta.get("durations_by_key", {}).get(key) or 0.0
+    for func, entry in out.items():
+        prev = (kept or {}).get(func)
+        same = prev is not None and prev["hash"] == entry["hash"] != ""
+        for i, letter in enumerate(prev["codes"] if same else "", 1):
+            if entry["codes"].get(i) == "." and letter != ".":
+                entry["codes"][i] = letter
+        entry["codes"] = "".join(entry["codes"].get(i, ".") for i in range(1, max(entry["codes"]) + 1))
+        entry["seconds"] = round(entry["seconds"] + (prev["seconds"] if same else 0.0), 1)
+    return dict(sorted(out.items()))
+
+
+def summarize(results: dict[str, dict], log: list[dict], store: dict[str, dict]) -> dict[str, dict]:
+    """{module: summary} for each module of mutants/ with at least one decided mutant, this checkout's results
+    merged with the store's for unchanged functions: counts, mutant time, last run, every survived or no-tests
+    mutant with its changed lines, and the per-function codes a later run merges with."""
     out = {}
     for rel, meta in results.items():
-        codes = meta["exit_code_by_key"]
-        c = Counter(status(v) for v in codes.values())
+        kept = store.get(rel, {})
+        funcs = per_function(meta, kept.get("functions"))
+        letters = "".join(f["codes"] for f in funcs.values())
+        c = Counter(STATUS_OF[x] for x in letters)
         if not c["killed"] + c["timeout"] + c["survived"] + c["no tests"]:
             continue
-        funcs = None
-        found = []
-        for name, code in sorted(codes.items()):
-            if status(code) in ("survived", "no tests"):
-                funcs = funcs if funcs is not None else functions(MUTANTS / rel)
-                found.append([name, status(code), *change(funcs, name)])
+        fresh = any(status(v) != "not checked" for v in meta["exit_code_by_key"].values())
+        if not fresh and "functions" not in kept:
+            continue  # a summary from before per-function codes were kept: nothing here to replace it with
+        mutated = functions(MUTANTS / rel) if {"S", "N"} & set(letters) else {}
+        found = [[f"{module_name(rel)}.{func}__mutmut_{i}", STATUS_OF[x],
+                  *change(mutated, f"{module_name(rel)}.{func}__mutmut_{i}")]
+                 for func, f in funcs.items() for i, x in enumerate(f["codes"], 1) if x in "SN"]
         run = last_run(rel, log)
-        out[rel] = {"mutants": len(codes), "counts": {k: c[k] for k in COLUMNS},
-                    "other": len(codes) - sum(c[k] for k in COLUMNS),
-                    "seconds": round(sum(v for v in meta.get("durations_by_key", {}).values() if v)),
-                    "last_run": f"{run.get('end', run['start'])} ({run['commit']})" if run else "-", "survivors": found}
+        out[rel] = {"mutants": len(letters), "counts": {k: c[k] for k in COLUMNS}, "other": c["other"],
+                    "seconds": round(sum(f["seconds"] for f in funcs.values())),
+                    "last_run": f"{run.get('end', run['start'])} ({run['commit']})" if run else kept.get("last_run", "-"),
+                    "survivors": found, "functions": funcs}
     return out
 
 
@@ -196,7 +226,7 @@ def merged(results: dict[str, dict]) -> dict:
     store = stored()
     seen = {(r["start"], tuple(r["names"])) for r in store["runs"]}
     log = store["runs"] + [r for r in runs() if (r["start"], tuple(r["names"])) not in seen]
-    modules = {**store["modules"], **summarize(results, log)}
+    modules = {**store["modules"], **summarize(results, log, store["modules"])}
     not_run = {rel: n for rel, n in store.get("not_run", {}).items() if rel not in modules}
     not_run.update({rel: len(meta["exit_code_by_key"]) for rel, meta in results.items() if rel not in modules})
     return {"runs": log, "modules": dict(sorted(modules.items())), "not_run": dict(sorted(not_run.items()))}
