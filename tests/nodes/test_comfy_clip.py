@@ -231,6 +231,10 @@ def test_clip_refusals_say_what_the_input_holds_and_what_to_load(comfy):
         cfg = {**tiny.T5_CONFIG, "dense_act_fn": "gelu_pytorch_tanh", "is_gated_act": True, "model_type": "t5", **over}
         return comfy.text_encoders.t5.T5(cfg, torch.float32, "meta", comfy.ops.manual_cast)
 
+    with pytest.raises(ValueError) as e:  # as ComfyUI builds a umT5 (model_type umt5): a position bias in every layer
+        _encode(nodes, _holding(clip, "umt5xxl", t5(model_type="umt5")))
+    assert str(e.value) == ("PixArt-Σ Text Encode: this CLIP holds a umT5 encoder (umT5-XXL; a relative position bias "
+                            f"in every layer), not T5-v1.1-XXL. {HINT}")
     for vocab, what in ((256384, "a umT5 encoder"), (32000, "a T5 with a 32000-token vocabulary")):
         with pytest.raises(ValueError) as e:
             _encode(nodes, _holding(clip, "t5xxl", t5(vocab_size=vocab)))
