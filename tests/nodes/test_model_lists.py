@@ -3,6 +3,9 @@ in this process: diffusers component folders in a model folder (a ControlNet ada
 and when a VAE job tiles."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 
 from harness import models as tiny
@@ -55,3 +58,49 @@ def test_auto_tiles_only_past_the_free_memory_comfyui_reports(comfy, monkeypatch
     monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False: (free, free) if torch_free_too else free)
     assert jobs.load_for(handle, free, "auto")[1] is False
     assert jobs.load_for(handle, free + 1, "auto")[1] is True
+
+
+def test_lists_and_lookups_follow_comfyuis_folders(comfy, tmp_path, monkeypatch):
+    """files(): the weight files ComfyUI's own list has (its extensions filtered to ours) plus .gguf files, which
+    ComfyUI's lists leave out, found below every root; choices(): those, then the diffusers folders holding the
+    component; resolve(): a diffusers folder first, then a file ComfyUI finds, then a component folder, else the
+    whole advice; t5_cache_dir(): the configured pixart_t5_cache path, else models/pixart_t5_cache."""
+    import folder_paths
+
+    paths = pack("nodes.comfy.paths")
+    te, te2, diff = tmp_path / "te", tmp_path / "te2", tmp_path / "diffusers"
+    (te / "sub").mkdir(parents=True)
+    te2.mkdir()
+    for f in ("t5.safetensors", "notes.txt", "sub/t5-q8.gguf", "UPPER.SAFETENSORS"):
+        (te / f).write_text("")
+    (te2 / "t5-q4.GGUF").write_text("")
+    (te / "folder_t5" / "text_encoder").mkdir(parents=True)
+    (te / "folder_t5" / "text_encoder" / "config.json").write_text("{}")
+    for d in ("pipe/text_encoder", "bare", "other/unet"):
+        (diff / d).mkdir(parents=True)
+        (diff / d / "config.json").write_text("{}")
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "text_encoders",
+                        ([str(te), str(te2)], set(folder_paths.supported_pt_extensions)))
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusers", ([str(diff), str(tmp_path / "gone")], set()))
+    folder_paths.filename_list_cache.clear()
+    try:
+        assert paths.files("text_encoders", ext=paths.WEIGHT_EXT) == ["UPPER.SAFETENSORS", "t5.safetensors"]
+        assert paths.files("text_encoders", ext=paths.WEIGHT_EXT + paths.GGUF_EXT) == [
+            "UPPER.SAFETENSORS", "sub/t5-q8.gguf", "t5-q4.GGUF", "t5.safetensors"]
+        assert paths.diffusers_folders("text_encoder") == ["bare", "pipe"]
+        assert paths.choices(("text_encoders",), "text_encoder") == ["UPPER.SAFETENSORS", "t5.safetensors", "bare",
+                                                                    "pipe"]
+        assert paths.resolve("pipe", ("text_encoders",)) == diff / "pipe"
+        assert paths.resolve("t5.safetensors", ("text_encoders",)) == te / "t5.safetensors"
+        assert paths.resolve("folder_t5", ("text_encoders",)) == te / "folder_t5"
+        with pytest.raises(FileNotFoundError) as e:
+            paths.resolve("gone.safetensors", ("text_encoders", "clip"))
+        assert str(e.value) == ("gone.safetensors: not found in models/text_encoders or models/clip or models/diffusers. "
+                                "It may have been moved or deleted since the list was made: press 'r' (refresh) in "
+                                "ComfyUI and pick the file again.")
+    finally:
+        folder_paths.filename_list_cache.clear()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "pixart_t5_cache", ([str(tmp_path / "cache")], set()))
+    assert paths.t5_cache_dir() == tmp_path / "cache"
+    monkeypatch.delitem(folder_paths.folder_names_and_paths, "pixart_t5_cache")
+    assert paths.t5_cache_dir() == Path(folder_paths.models_dir) / "pixart_t5_cache"
