@@ -104,3 +104,21 @@ def test_lists_and_lookups_follow_comfyuis_folders(comfy, tmp_path, monkeypatch)
     assert paths.t5_cache_dir() == tmp_path / "cache"
     monkeypatch.delitem(folder_paths.folder_names_and_paths, "pixart_t5_cache")
     assert paths.t5_cache_dir() == Path(folder_paths.models_dir) / "pixart_t5_cache"
+
+
+def test_dit_loader_says_what_it_loaded(comfy, caplog):
+    """The DiT Loader's text in the UI and the log: the file, the variant and how it was decided, its resolution family,
+    token limit and VAE, as the Σ release publishes them for Σ-1024 ([Σ-repo] configs/pixart_sigma_config/
+    PixArt_sigma_xl2_img1024_internalms.py; scripts/inference.py:156: 300 tokens; the SDXL VAE)."""
+    import logging
+
+    from harness.graphs import DIT_FILE
+
+    caplog.set_level(logging.INFO)
+    out = comfy.NODE_CLASS_MAPPINGS["PixArtSigmaDiTLoader"].execute(dit_name=DIT_FILE, variant="auto", dtype="fp32")
+    text = f"{DIT_FILE}: sigma-1024 (from the file name); 1024px family, 300 tokens, SDXL VAE"
+    assert out.ui.as_dict() == {"text": (text,)}
+    assert f"PixArt DiT {text}" in [r.getMessage() for r in caplog.records]
+    handle = out.result[0]
+    assert (handle.name, handle.detected, handle.variant.name) == (DIT_FILE, "from the file name", "sigma-1024")
+    assert handle.patcher.model.inner.dtype == torch.float32
