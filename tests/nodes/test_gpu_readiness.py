@@ -312,3 +312,28 @@ def test_partial_load_gives_the_same_output_as_a_whole_load(comfy, kind):
         finally:
             patcher.unpatch_model(CPU)
     assert torch.equal(whole, partial)
+
+
+def test_each_model_kind_goes_where_comfyui_puts_its_own(comfy, monkeypatch):
+    """The DiT on ComfyUI's torch device / UNet offload device, the T5 on its text-encoder devices (both the CPU
+    for device 'cpu', as CLIPLoader's device option does), the VAE on its VAE devices, node outputs on its
+    intermediate device; ComfyUI's answers are patched to distinct fake devices so each pairing shows. An unknown
+    model kind is refused by name."""
+    import comfy.model_management as mm
+
+    devices = pack("nodes.comfy.devices")
+    fake = {name: torch.device(f"cuda:{i}") for i, name in enumerate(
+        ["get_torch_device", "unet_offload_device", "text_encoder_device", "text_encoder_offload_device",
+         "vae_device", "vae_offload_device", "intermediate_device"])}
+    for name, dev in fake.items():
+        monkeypatch.setattr(mm, name, lambda dev=dev: dev)
+    assert devices.dit_devices() == (fake["get_torch_device"], fake["unet_offload_device"])
+    assert devices.t5_devices() == (fake["text_encoder_device"], fake["text_encoder_offload_device"])
+    assert devices.t5_devices(cpu=True) == (CPU, CPU)
+    assert devices.vae_devices() == (fake["vae_device"], fake["vae_offload_device"])
+    assert devices.intermediate_device() == fake["intermediate_device"]
+    monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False: 12345 if dev == CPU else 0)
+    assert devices.free_memory(CPU) == 12345
+    with pytest.raises(ValueError) as e:
+        devices.auto_dtype("controlnet", CPU)
+    assert str(e.value) == "unknown model kind 'controlnet'"
