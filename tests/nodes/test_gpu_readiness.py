@@ -337,3 +337,30 @@ def test_each_model_kind_goes_where_comfyui_puts_its_own(comfy, monkeypatch):
     with pytest.raises(ValueError) as e:
         devices.auto_dtype("controlnet", CPU)
     assert str(e.value) == "unknown model kind 'controlnet'"
+
+
+
+def test_fused_attention_reads_the_capability_of_the_models_gpu(comfy, monkeypatch):
+    """SDPA's memory-efficient kernel from sm50 in fp16/fp32 (and sm80 for bf16): the capability asked of the GPU the
+    model runs on, not the current one (two GPUs: cuda:0 a Maxwell sm50, cuda:1 a Kepler sm37)."""
+    devices = pack("nodes.comfy.devices")
+    caps = {0: (5, 0), 1: (3, 7)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability",
+                        lambda device=None: caps[0 if device is None else torch.device(device).index])
+    assert devices.fused_attention(torch.device("cuda", 0), torch.float16)
+    assert not devices.fused_attention(torch.device("cuda", 0), torch.bfloat16)
+    assert not devices.fused_attention(torch.device("cuda", 1), torch.float16)
+
+
+@pytest.mark.parametrize("family,fmt", [("sdxl", "SDXL"), ("sd", "SD15")])
+def test_latent_previews_use_the_latent_space_of_the_models_vae(comfy, monkeypatch, family, fmt):
+    """ComfyUI's latent2rgb previewer with the factors of comfy.latent_formats' SDXL (PixArt-Σ) or SD15 (PixArt-α)."""
+    import comfy.latent_formats
+    import latent_preview
+    from comfy.cli_args import LatentPreviewMethod, args
+
+    monkeypatch.setattr(args, "preview_method", LatentPreviewMethod.Latent2RGB)
+    previewer = pack("nodes.comfy.progress")._previewer(family, CPU)
+    want = getattr(comfy.latent_formats, fmt)()
+    assert isinstance(previewer, latent_preview.Latent2RGBPreviewer)
+    assert torch.equal(previewer.latent_rgb_factors, torch.tensor(want.latent_rgb_factors).transpose(0, 1))

@@ -3,6 +3,7 @@ in this process: diffusers component folders in a model folder (a ControlNet ada
 and when a VAE job tiles."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,8 @@ def test_lists_and_lookups_follow_comfyuis_folders(comfy, tmp_path, monkeypatch)
     for f in ("t5.safetensors", "notes.txt", "sub/t5-q8.gguf", "UPPER.SAFETENSORS"):
         (te / f).write_text("")
     (te2 / "t5-q4.GGUF").write_text("")
+    (te2 / ".git").mkdir()
+    (te2 / ".git" / "stale.gguf").write_text("")  # below .git: left out, as ComfyUI's own lists leave it
     (te / "folder_t5" / "text_encoder").mkdir(parents=True)
     (te / "folder_t5" / "text_encoder" / "config.json").write_text("{}")
     for d in ("pipe/text_encoder", "bare", "other/unet"):
@@ -122,3 +125,26 @@ def test_dit_loader_says_what_it_loaded(comfy, caplog):
     handle = out.result[0]
     assert (handle.name, handle.detected, handle.variant.name) == (DIT_FILE, "from the file name", "sigma-1024")
     assert handle.patcher.model.inner.dtype == torch.float32
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["cpu-native-bf16", "cpu-without-bf16"])
+def test_dit_loader_auto_dtype_and_devices_are_comfyuis(comfy, monkeypatch, native):
+    """dtype 'auto' on a CPU: bf16 where the CPU computes bf16 natively (AVX512-BF16/AMX), else fp32 (the rule of
+    test_gpu_readiness' table, by hand from ComfyUI 0.3.75's); the patcher loads on ComfyUI's torch device and
+    offloads to its UNet offload device."""
+    import comfy.model_management as mm
+
+    from harness.graphs import DIT_FILE
+
+    dtypes = sys.modules[pack("nodes.comfy.devices").dtypes.__name__]
+    monkeypatch.setattr(dtypes, "_cpu_flags", lambda *a: {"avx512f"} | ({"avx512_bf16"} if native else set()))
+    monkeypatch.setattr(dtypes.sys, "platform", "linux")
+    dtypes.cpu_native_bf16.cache_clear()
+    try:
+        handle = comfy.NODE_CLASS_MAPPINGS["PixArtSigmaDiTLoader"].execute(dit_name=DIT_FILE, variant="auto",
+                                                                            dtype="auto").result[0]
+    finally:
+        dtypes.cpu_native_bf16.cache_clear()
+    assert handle.patcher.model.inner.dtype == (torch.bfloat16 if native else torch.float32)
+    assert (handle.patcher.load_device, handle.patcher.offload_device) == (mm.get_torch_device(),
+                                                                           mm.unet_offload_device())

@@ -135,3 +135,21 @@ def test_resolution_from_dit_without_a_dit_says_what_to_do(comfy):
         comfy.NODE_CLASS_MAPPINGS["PixArtSigmaResolution"].execute(width=1000, height=1000, family="from dit")
     assert str(e.value) == ("PixArt resolution: family is 'from dit' but no DiT is connected; connect one or pick a "
                             "family.")
+
+
+def test_img2img_progress_counts_the_steps_that_run(executor, comfy):
+    """denoise 0.5 of 4 steps runs 2 steps (diffusers' img2img rule: int(4 * 0.5) timesteps, its get_timesteps): the
+    bar goes 1/2, 2/2, not to 2 of 4."""
+    import comfy.utils
+
+    seen = []
+    p = graph(seed=33, steps=4, prefix="img2img_progress")
+    p["12"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+    p["4"]["inputs"].update(latent=["12", 0], denoise=0.5)
+    comfy.utils.set_progress_bar_global_hook(lambda v, t, preview, node_id=None: seen.append((v, t)))
+    try:
+        result = executor.run(p)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert result["ok"], result["error"]
+    assert [s for s in seen if s[1] in (2, 4)][:2] == [(1, 2), (2, 2)]

@@ -18,6 +18,7 @@ import torch
 
 from conftest import COMFY, EXAMPLES, REPO
 from harness import comfyui
+from harness.comfyui import pack
 from harness.workflow import ui_to_api
 
 T5_FILE = "tiny_t5xxl_fp16.safetensors"
@@ -165,3 +166,13 @@ def test_saved_scheduler_labels_map_to_an_id_and_back(comfy):
     for c in ("PixArtSigmaSampler", "PixArtSigmaSamplerAdvanced"):
         assert offered[c][1]["options"] == SAVED_SCHEDULER_LABELS and offered[c][1]["default"] == "dpm++ 2m"
     assert offered["PixArtSigmaTiledRefine"][1]["options"] == SAVED_SCHEDULER_LABELS[:-1]  # no one-step DMD
+
+
+
+def test_an_unknown_scheduler_label_is_refused_with_the_choices(comfy):
+    """A label no saved workflow holds (e.g. ComfyUI's own 'karras'): refused, listing every label saved workflows use."""
+    with pytest.raises(ValueError) as e:
+        pack("nodes.scheduler_labels").to_id("karras")
+    text = str(e.value)
+    assert text.startswith("Unknown scheduler 'karras'; choose one of [") and text.endswith("].")
+    assert all(repr(label) in text for label in SAVED_SCHEDULER_LABELS)
