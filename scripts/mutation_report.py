@@ -19,6 +19,7 @@ import ast
 import difflib
 import fnmatch
 import json
+import re
 import sys
 import tomllib
 from collections import Counter, defaultdict
@@ -117,8 +118,10 @@ def functions(path: Path) -> dict[str, str]:
 def change(funcs: dict[str, str], name: str) -> tuple[str, str]:
     """The mutant's changed lines: (original, mutated), each joined with ' / '."""
     mangled = name.rsplit(".", 1)[1]
-    orig = funcs.get(mangled.rsplit("__mutmut_", 1)[0] + "__mutmut_orig", "").splitlines()[1:]
-    mutant = funcs.get(mangled, "").splitlines()[1:]
+    unnamed = lambda src: [re.sub(r"def \w+\(", "def (", l, count=1) if i == 0 else l  # noqa: E731
+                           for i, l in enumerate(src.splitlines())]  # the signature too (a default's mutants)
+    orig = unnamed(funcs.get(mangled.rsplit("__mutmut_", 1)[0] + "__mutmut_orig", ""))
+    mutant = unnamed(funcs.get(mangled, ""))
     diff = list(difflib.ndiff(orig, mutant))
     return (" / ".join(l[2:].strip() for l in diff if l.startswith("- ")),
             " / ".join(l[2:].strip() for l in diff if l.startswith("+ ")))

@@ -1,6 +1,6 @@
 """What the node definitions tell a user beyond inputs: a tooltip on every output (the server's /object_info
-`output_tooltips`), and search aliases where the running ComfyUI's V3 schema has the field (added in 2026; 0.3.75
-has none, and the pack must still load there)."""
+`output_tooltips`), and no search aliases where the running ComfyUI's V3 schema lacks the field (0.3.75: the pack
+must still load there; tests/nodes/test_node_schemas.py gives a newer schema, which has it, the aliases)."""
 from __future__ import annotations
 
 import dataclasses
@@ -37,19 +37,3 @@ def test_on_a_comfyui_without_search_aliases_the_nodes_load_without_them(comfy, 
         schema = comfy.NODE_CLASS_MAPPINGS[node_id].define_schema()  # builds: no unknown keyword reached it
         assert not hasattr(schema, "search_aliases")
         assert "search_aliases" not in object_info[node_id]
-
-
-def test_a_schema_with_search_aliases_gets_them(comfy, monkeypatch):
-    """A newer ComfyUI, simulated: io.Schema with the field 2026 builds added (`search_aliases: list[str]`)."""
-    from comfy_api.v0_0_2 import io
-
-    if "search_aliases" not in _schema_fields():
-        newer = dataclasses.make_dataclass("Schema", [("search_aliases", list, dataclasses.field(default=None))],
-                                           bases=(io.Schema,))
-        monkeypatch.setattr(io, "Schema", newer)
-    for node_id in NODE_IDS:
-        schema = comfy.NODE_CLASS_MAPPINGS[node_id].define_schema()
-        aliases = schema.search_aliases
-        assert aliases and all(isinstance(a, str) and a for a in aliases), (node_id, aliases)
-        # the plain-letters name: users type "sigma", the display names say "Σ"
-        assert any(a.startswith("pixart sigma") for a in aliases), (node_id, aliases)

@@ -364,3 +364,15 @@ def test_latent_previews_use_the_latent_space_of_the_models_vae(comfy, monkeypat
     want = getattr(comfy.latent_formats, fmt)()
     assert isinstance(previewer, latent_preview.Latent2RGBPreviewer)
     assert torch.equal(previewer.latent_rgb_factors, torch.tensor(want.latent_rgb_factors).transpose(0, 1))
+
+
+def test_fp32_unet_flag_gives_an_fp32_dit_on_a_gpu_too(comfy, monkeypatch):
+    """--fp32-unet on an H100, whose own choice would be fp16: ComfyUI's unet_dtype stores fp32, which computes as it
+    is (unet_manual_cast gives no cast), so `auto` is fp32 there too."""
+    from comfy.cli_args import args
+
+    devices = pack("nodes.comfy.devices")
+    kind, name, version, native, _ = DTYPE_CASES["H100 (sm90)"]
+    with device_kind(monkeypatch, kind, name, version, native) as device:
+        monkeypatch.setattr(args, "fp32_unet", True)
+        assert devices.auto_dtype("dit", device) == torch.float32

@@ -1,8 +1,12 @@
 """Each node's definition as ComfyUI builds it in this process (what GET /object_info/<node> answers, without the
 server) against the node's help page in web/docs/, which the frontend's help panel shows: the page's title is the
 node's display name and it names every input and output the definition has. The e2e tier checks the same pages
-over HTTP in the real frontend; this one runs beside the other node tests (and in the mutation run)."""
+over HTTP in the real frontend; this one runs beside the other node tests (and in the mutation run). Also: the
+widgets that mirror ComfyUI's own take their spec, and a ComfyUI whose io.Schema has `search_aliases` (2026 builds,
+simulated) gets every node's aliases."""
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 
@@ -83,3 +87,25 @@ def test_sampler_defaults_are_diffusers_pixart_sigma_pipeline_defaults(comfy, no
     info = comfyui.node_info(comfy, node)
     assert _spec(info, "steps")[1]["default"] == call["num_inference_steps"].default
     assert _spec(info, "cfg")[1]["default"] == call["guidance_scale"].default
+
+
+def _schema_fields() -> set[str]:
+    from comfy_api.v0_0_2 import io
+
+    return {f.name for f in dataclasses.fields(io.Schema)}
+
+
+def test_a_schema_with_search_aliases_gets_them(comfy, monkeypatch):
+    """A newer ComfyUI, simulated: io.Schema with the field 2026 builds added (`search_aliases: list[str]`)."""
+    from comfy_api.v0_0_2 import io
+
+    if "search_aliases" not in _schema_fields():
+        newer = dataclasses.make_dataclass("Schema", [("search_aliases", list, dataclasses.field(default=None))],
+                                           bases=(io.Schema,))
+        monkeypatch.setattr(io, "Schema", newer)
+    for node_id in NODE_IDS:
+        schema = comfy.NODE_CLASS_MAPPINGS[node_id].define_schema()
+        aliases = schema.search_aliases
+        assert aliases and all(isinstance(a, str) and a for a in aliases), (node_id, aliases)
+        # the plain-letters name: users type "sigma", the display names say "Σ"
+        assert any(a.startswith("pixart sigma") for a in aliases), (node_id, aliases)
