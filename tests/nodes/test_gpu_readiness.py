@@ -376,3 +376,32 @@ def test_fp32_unet_flag_gives_an_fp32_dit_on_a_gpu_too(comfy, monkeypatch):
     with device_kind(monkeypatch, kind, name, version, native) as device:
         monkeypatch.setattr(args, "fp32_unet", True)
         assert devices.auto_dtype("dit", device) == torch.float32
+
+
+def test_auto_dtype_asks_about_the_models_own_gpu(comfy, monkeypatch):
+    """Two GPUs of different classes (cuda:0 a GTX 1660, sm75 with broken fp16; cuda:1 an H100, sm90): `auto` for a
+    model on cuda:1 is the H100's answer (DTYPE_CASES, by hand from ComfyUI's rules), not that of ComfyUI's current
+    device."""
+    import comfy.model_management as mm
+
+    devices = pack("nodes.comfy.devices")
+    props = {0: types.SimpleNamespace(major=7, minor=5, name="NVIDIA GeForce GTX 1660", total_memory=6 * GiB),
+             1: types.SimpleNamespace(major=9, minor=0, name="NVIDIA H100 80GB HBM3", total_memory=80 * GiB)}
+
+    def index(device=None) -> int:
+        if device is None:
+            return 0
+        return device if isinstance(device, int) else (torch.device(device).index or 0)
+
+    monkeypatch.setattr(mm, "cpu_state", mm.CPUState.GPU)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props[index(device)])
+    monkeypatch.setattr(torch.cuda, "get_device_capability",
+                        lambda device=None: (props[index(device)].major, props[index(device)].minor))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(mm, "get_total_memory", lambda dev=None, torch_total_too=False: props[index(dev)].total_memory)
+    for i, case in ((1, "H100 (sm90)"), (0, "GTX 1660 (sm75, fp16 broken)")):
+        want = DTYPE_CASES[case][4]
+        got = tuple(devices.auto_dtype(k, torch.device("cuda", i)) for k in ("dit", "t5", "vae"))
+        assert got == want, (case, got)
