@@ -232,6 +232,7 @@ def merged(results: dict[str, dict]) -> dict:
     modules = {**store["modules"], **summarize(results, log, store["modules"])}
     not_run = {rel: n for rel, n in store.get("not_run", {}).items() if rel not in modules}
     not_run.update({rel: len(meta["exit_code_by_key"]) for rel, meta in results.items() if rel not in modules})
+    not_run = {rel: n for rel, n in not_run.items() if n}  # a module mutmut finds nothing to mutate in is no gap
     return {"runs": log, "modules": dict(sorted(modules.items())), "not_run": dict(sorted(not_run.items()))}
 
 
