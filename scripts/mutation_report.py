@@ -171,24 +171,25 @@ STATUS_OF = {v: k for k, v in LETTER.items()} | {"O": "other"}
 
 
 def per_function(meta: dict, kept: dict | None) -> dict[str, dict]:
-    """{function: {"hash", "codes": one letter per mutant (LETTER; O = other), "seconds"}} from mutants/' meta,
-    with the results `kept` (the store's functions of the module) holds for the mutants this checkout has not run
-    where the function is unchanged (same hash as mutmut computed it)."""
+    """{function: {"hash", "codes": one letter per mutant (LETTER; O = other), "seconds": one figure per mutant}} from
+    mutants/' meta, with the results `kept` (the store's functions of the module) holds for the mutants this checkout
+    has not run where the function is unchanged (same hash as mutmut computed it)."""
     out: dict[str, dict] = {}
     for key, code in meta["exit_code_by_key"].items():
         func, num = key.rsplit(".", 1)[1].rsplit("__mutmut_", 1)
         entry = out.setdefault(func, {"hash": meta.get("hash_by_function_name", {}).get(func, ""), "codes": {},
-                                      "seconds": 0.0})
+                                      "seconds": {}})
         entry["codes"][int(num)] = LETTER.get(status(code), "O")
-        entry["seconds"] += meta.get("durations_by_key", {}).get(key) or 0.0
+        entry["seconds"][int(num)] = round(meta.get("durations_by_key", {}).get(key) or 0.0, 1)
     for func, entry in out.items():
         prev = (kept or {}).get(func)
         same = prev is not None and prev["hash"] == entry["hash"] != ""
         for i, letter in enumerate(prev["codes"] if same else "", 1):
             if entry["codes"].get(i) == "." and letter != ".":
-                entry["codes"][i] = letter
-        entry["codes"] = "".join(entry["codes"].get(i, ".") for i in range(1, max(entry["codes"]) + 1))
-        entry["seconds"] = round(entry["seconds"] + (prev["seconds"] if same else 0.0), 1)
+                entry["codes"][i], entry["seconds"][i] = letter, prev["seconds"][i - 1]
+        n = max(entry["codes"])
+        entry["codes"] = "".join(entry["codes"].get(i, ".") for i in range(1, n + 1))
+        entry["seconds"] = [entry["seconds"].get(i, 0.0) for i in range(1, n + 1)]
     return dict(sorted(out.items()))
 
 
@@ -213,7 +214,7 @@ def summarize(results: dict[str, dict], log: list[dict], store: dict[str, dict])
                  for func, f in funcs.items() for i, x in enumerate(f["codes"], 1) if x in "SN"]
         run = last_run(rel, log)
         out[rel] = {"mutants": len(letters), "counts": {k: c[k] for k in COLUMNS}, "other": c["other"],
-                    "seconds": round(sum(f["seconds"] for f in funcs.values())),
+                    "seconds": round(sum(sum(f["seconds"]) for f in funcs.values())),
                     "last_run": f"{run.get('end', run['start'])} ({run['commit']})" if run else kept.get("last_run", "-"),
                     "survivors": found, "functions": funcs}
     return out
