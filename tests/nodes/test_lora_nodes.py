@@ -469,8 +469,10 @@ def test_quantized_t5_warns_and_the_dit_part_still_applies(comfy, comfy_base, ti
     with caplog.at_level(logging.WARNING):
         dit, same_t5 = apply(comfy, load_dit(comfy), name, t5=t5)
     assert same_t5 is t5 and not t5.patcher.patches
-    text = caplog.text
-    assert "T5" in text and "NOT applied" in text and "quantized" in text and "quantization 'none'" in text
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "PixArt LoRA" in r.getMessage()] == [
+        "PixArt LoRA lora_quant_t5.safetensors: its 8 T5 (text encoder) keys were NOT applied: the T5 is quantized "
+        "(8-bit (bitsandbytes)), and a LoRA cannot be merged into bitsandbytes weights. Load the T5 with quantization "
+        "'none' to use the LoRA's T5 part (the DiT part is applied)."]
     got = loaded_weights(dit)
     base = tiny_models["dit"].state_dict()
     want = merge(base, (STRENGTH, deltas))
@@ -482,9 +484,18 @@ def test_t5_keys_without_a_t5_are_reported(comfy, comfy_base, tiny_models, caplo
     t5_sd, _ = _t5_lora(tiny_models["t5"])
     sd, _, _ = kohya_diffusers(tiny_models["dit"])
     name = write_lora(comfy_base, "lora_t5_unconnected", {**sd, **t5_sd})
-    with caplog.at_level(logging.WARNING):
-        apply(comfy, load_dit(comfy), name)
-    assert "8 T5 (text encoder) keys were NOT applied: no T5 is connected" in caplog.text
+    with caplog.at_level(logging.INFO):
+        dit = load_dit(comfy)
+        out = _node(comfy, "PixArtSigmaLoraLoader").execute(dit=dit, lora_name=name, strength=STRENGTH, t5=None,
+                                                            t5_strength=1.0)
+    assert out.result[1] is None  # no T5 in, none out: Text Encode then says what to connect
+    text = ("lora_t5_unconnected.safetensors: LoRA, kohya names; DiT: 7 weights patched (strength 0.7); T5: 8 keys "
+            "not applied (no T5 connected)")
+    assert out.ui.as_dict() == {"text": (text,)}
+    assert [r.getMessage() for r in caplog.records if "PixArt LoRA" in r.getMessage()] == [
+        "PixArt LoRA lora_t5_unconnected.safetensors: its 8 T5 (text encoder) keys were NOT applied: no T5 is "
+        "connected to the LoRA loader. Connect the T5 loader to its t5 input and use its t5 output.",
+        f"PixArt LoRA {text}"]
 
 
 def test_unplaceable_keys_are_listed(comfy, comfy_base, tiny_models, caplog):
@@ -498,7 +509,10 @@ def test_unplaceable_keys_are_listed(comfy, comfy_base, tiny_models, caplog):
     assert "DiT: 7 weights patched (strength 0.7); T5: no T5 keys in this LoRA" in caplog.text
     for k in extra:
         assert k in caplog.text
-    assert "3 keys NOT applied" in caplog.text
+    warning = next(r.getMessage() for r in caplog.records if "NOT applied" in r.getMessage())
+    assert warning.startswith("PixArt LoRA lora_extra_keys.safetensors: 3 keys NOT applied (they match no PixArt "
+                              "layer):\n  ")
+    assert len(warning.splitlines()) == 4  # one line per key, after the heading
     assert len(dit.patcher.patches) == 7
 
 
