@@ -54,7 +54,7 @@ class LoraLoader(io.ComfyNode):
         t5_shapes = patches.param_shapes(t5.patcher) if t5 is not None else None
         plan = core_lora.prepare(sd, patches.param_shapes(dit.patcher), t5_shapes, core_lora.read_metadata(path),
                                  lora_name)
-        lines = [f"{lora_name}: {', '.join(plan.formats)}"]
+        lines = [f"{lora_name}: {' + '.join(plan.formats)}"]
         new_dit = dit
         if strength != 0 and plan.dit_map:
             patcher, n, unread = patches.with_weight_patches(dit.patcher, plan.dit, plan.dit_map, strength)

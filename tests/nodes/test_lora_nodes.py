@@ -345,9 +345,23 @@ def test_strength_zero_is_the_base_model(comfy, comfy_base, tiny_models):
     sd, _, _ = kohya_diffusers(tiny_models["dit"])
     name = write_lora(comfy_base, "lora_zero", sd)
     dit = load_dit(comfy)
-    out, _ = apply(comfy, dit, name, strength=0.0)
+    result = _node(comfy, "PixArtSigmaLoraLoader").execute(dit=dit, lora_name=name, strength=0.0, t5=None)
+    out = result.result[0]
+    assert out is dit  # nothing patched: the same DiT, no clone
+    assert result.ui.as_dict() == {"text": ("lora_zero.safetensors: LoRA, kohya names; DiT: 0 weights patched "
+                                            "(strength 0); T5: no T5 keys in this LoRA",)}
     for k, v in loaded_weights(out).items():
         assert torch.equal(v, tiny_models["dit"].state_dict()[k]), k
+
+
+def test_t5_strength_left_out_of_a_prompt_is_one(comfy, comfy_base, tiny_models):
+    """An API prompt written before t5_strength existed has no such input: ComfyUI then passes none, and the T5 part
+    applies at 1, as the widget's default (and as ComfyUI's LoraLoader's strength_clip defaults)."""
+    t5_sd, _ = _t5_lora(tiny_models["t5"])
+    name = write_lora(comfy_base, "lora_t5_default", t5_sd)
+    t5 = _node(comfy, "PixArtSigmaT5Loader").execute(t5_name=T5_FILE, quantization="none", dtype="fp32").result[0]
+    out = _node(comfy, "PixArtSigmaLoraLoader").execute(dit=load_dit(comfy), lora_name=name, strength=STRENGTH, t5=t5)
+    assert {e[0] for entries in out.result[1].patcher.patches.values() for e in entries} == {1.0}
 
 
 def test_two_stacked_loras_add_up(comfy, comfy_base, tiny_models):
@@ -401,7 +415,8 @@ def test_t5_part_equals_hand_merged_t5_and_gets_its_own_embeddings(comfy, comfy_
     base_cond = _encode(comfy, t5)
     with caplog.at_level(logging.INFO):
         dit, new_t5 = apply(comfy, load_dit(comfy), name, t5=t5, t5_strength=0.5)
-    assert "DiT: 7 weights patched (strength 0.7); T5: 3 weights patched (strength 0.5)" in caplog.text
+    assert ("PixArt LoRA lora_with_t5.safetensors: LoRA (PEFT/diffusers), t5 names + LoRA, kohya names + LoRA, t5 names; "
+            "DiT: 7 weights patched (strength 0.7); T5: 3 weights patched (strength 0.5)") in [r.getMessage() for r in caplog.records]
     assert new_t5.identity != t5.identity and not t5.patcher.patches
     got = loaded_weights(new_t5)
     fp16_base = {k: v.half().float() for k, v in t5_model.state_dict().items()}  # the file is fp16
@@ -509,10 +524,11 @@ def test_unplaceable_keys_are_listed(comfy, comfy_base, tiny_models, caplog):
     assert "DiT: 7 weights patched (strength 0.7); T5: no T5 keys in this LoRA" in caplog.text
     for k in extra:
         assert k in caplog.text
-    warning = next(r.getMessage() for r in caplog.records if "NOT applied" in r.getMessage())
-    assert warning.startswith("PixArt LoRA lora_extra_keys.safetensors: 3 keys NOT applied (they match no PixArt "
-                              "layer):\n  ")
-    assert len(warning.splitlines()) == 4  # one line per key, after the heading
+    assert [r.getMessage() for r in caplog.records if "NOT applied" in r.getMessage()] == [
+        "PixArt LoRA lora_extra_keys.safetensors: 3 keys NOT applied (they match no PixArt layer):\n"
+        "  lora_unet_transformer_blocks_7_attn1_to_q.lora_down.weight: no module of the PixArt DiT has this name\n"
+        "  lora_unet_transformer_blocks_7_attn1_to_q.lora_up.weight: no module of the PixArt DiT has this name\n"
+        "  some_counter: not a tensor name a LoRA adapter reads"]
     assert len(dit.patcher.patches) == 7
 
 
