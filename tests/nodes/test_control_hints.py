@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 
 from harness import models as tiny
@@ -68,3 +69,20 @@ def test_an_image_of_the_generations_size_is_encoded_as_it_is(comfy, caplog):
         want = vae.encode(image.movedim(-1, 1) * 2 - 1).latent_dist.mean * SCALE
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert not [r for r in caplog.records if "ControlNet" in r.getMessage()]  # nothing scaled, nothing said
+
+
+def test_a_batch_of_control_images_that_does_not_divide_the_generations_is_refused(comfy):
+    """Two control images for a batch of three: neither one for all nor one each (ControlNet Apply's rule)."""
+    import dataclasses
+
+    from harness.graphs import DIT_FILE
+
+    jobs = pack("nodes.control_jobs")
+    dit = comfy.NODE_CLASS_MAPPINGS["PixArtSigmaDiTLoader"].execute(dit_name=DIT_FILE, variant="auto",
+                                                                     dtype="fp32").result[0]
+    applied = _applied(torch.rand(2, 48, 64, 3), tiny.make_vae())
+    controlled = dataclasses.replace(dit, controls=(applied,))
+    with pytest.raises(ValueError) as e:
+        jobs.load(controlled, (6, 8), 3, (3, 6, 8), 0)
+    assert str(e.value) == ("PixArt ControlNet tiny-controlnet.safetensors: 2 control images for a batch of 3: give "
+                            "one control image for the whole batch, or one per image.")

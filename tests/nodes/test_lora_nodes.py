@@ -592,3 +592,23 @@ def test_t5_output_without_t5_input_fails_text_encode_clearly(executor, comfy_ba
     assert not result["ok"]
     assert "the t5 output of PixArt-Σ LoRA Loader carries a T5 only when its t5 input is connected" in \
         result["error"]["exception_message"]
+
+
+def test_two_lora_files_of_the_same_size_and_time_get_their_own_t5_embeddings(comfy, comfy_base, tiny_models):
+    """The LoRA'd T5's embedding-cache identity names the file: two T5 LoRA files of equal size and modification time
+    (same layout, other values), at the same strength, must not share cached embeddings."""
+    import os
+
+    t5_sd, _ = _t5_lora(tiny_models["t5"])
+    other = {k: v * 2 for k, v in t5_sd.items()}
+    names = [write_lora(comfy_base, "lora_same_a", t5_sd), write_lora(comfy_base, "lora_same_b", other)]
+    loras = comfy_base / "models" / "loras"
+    stamp = (loras / names[0]).stat().st_mtime_ns
+    for n in names:
+        os.utime(loras / n, ns=(stamp, stamp))
+    assert (loras / names[0]).stat().st_size == (loras / names[1]).stat().st_size
+    t5 = _node(comfy, "PixArtSigmaT5Loader").execute(t5_name=T5_FILE, quantization="none", dtype="fp32").result[0]
+    dit = load_dit(comfy)
+    a, b = (apply(comfy, dit, n, t5=t5, t5_strength=0.5)[1] for n in names)
+    assert a.identity != b.identity
+    assert not torch.equal(_encode(comfy, a).embeds, _encode(comfy, b).embeds)
