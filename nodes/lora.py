@@ -11,7 +11,7 @@ from ..pixart_core import files, t5_spec
 from ..pixart_core import lora as core_lora
 from .comfy import patches, paths
 from .search_aliases import search_aliases
-from .text import QUANTIZATION_LABELS
+from .text import QUANTIZATION_NAMES
 from .types import CATEGORY, T5, DiT, DiTHandle, T5Handle
 from ..pixart_core.logs import logger_name
 
@@ -87,7 +87,7 @@ class LoraLoader(io.ComfyNode):
             log.warning("PixArt LoRA %s: its %d T5 (text encoder) keys were NOT applied: the T5 is quantized (%s), and "
                         "a LoRA cannot be merged into bitsandbytes weights. Load the T5 with quantization 'none' to "
                         "use the LoRA's T5 part (the DiT part is applied).", path.name, len(plan.t5_keys),
-                        next(label for label, q in QUANTIZATION_LABELS.items() if q == t5.quantization))
+                        QUANTIZATION_NAMES[t5.quantization])
             return t5, f"T5: {len(plan.t5_keys)} keys NOT applied (T5 is quantized: use quantization 'none')"
         if strength == 0 or not plan.t5_map:
             return t5, f"T5: 0 weights patched (t5_strength {strength:g})"

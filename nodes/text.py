@@ -25,6 +25,7 @@ DEVICES = ("default", "cpu")  # as ComfyUI's CLIPLoader
 # Widget labels -> the core's ids. Saved workflows hold the labels: keep every label (and its order) as it is.
 QUANTIZATION_LABELS = {"none": t5_spec.QUANT_NONE, "8-bit (bitsandbytes)": t5_spec.QUANT_8BIT,
                        "4-bit nf4 (bitsandbytes)": t5_spec.QUANT_NF4}
+QUANTIZATION_NAMES = {q: label for label, q in QUANTIZATION_LABELS.items()}  # for messages: as the widget says
 CLEANING_LABELS = {"diffusers": captions.DIFFUSERS, "lowercase": captions.LOWERCASE, "none": captions.NONE}
 DEFAULT_QUANTIZATION, DEFAULT_CLEANING = "none", "diffusers"
 

@@ -3,8 +3,10 @@
 
 mutants/ (mutmut's own result files) is git-ignored and lives only in the checkout that ran it, so each --write also
 keeps a summary per module in tests/mutation_results.json (committed): the counts, the survivors with their changed
-lines, the last run. A later run in a fresh checkout replaces the summary of each module it has results for and keeps
-the others as they were, with their own date and commit.
+lines, the last run, and a result letter and time per mutant with mutmut's hash of its function. A later run in a
+fresh checkout keeps the stored results of every function whose hash is unchanged and that it did not run again; a
+module it did not run keeps its summary as it was, with its own date and commit. (Modules summarised before the
+per-mutant letters were kept are replaced whole by a run that reaches them.)
 
     .venv/bin/python scripts/mutation_report.py --write    # tests/MUTATION.md
     .venv/bin/python scripts/mutation_report.py --table    # the per-module table only (scripts/mutation prints it)
