@@ -129,6 +129,13 @@ def change(funcs: dict[str, str], name: str) -> tuple[str, str]:
             " / ".join(l[2:].strip() for l in diff if l.startswith("+ ")))
 
 
+def declared(module: dict, patterns: list[str]) -> int:
+    """How many of a module's mutants are in declaration functions (the classification file's [declarations]) and
+    not run."""
+    return sum(f["codes"].count(".") for func, f in module.get("functions", {}).items()
+               if any(fnmatch.fnmatchcase(func, p) for p in patterns))
+
+
 def classify(rules: list[dict], name: str, old: str) -> tuple[str, str]:
     for rule in rules:
         patterns = rule["match"] if isinstance(rule["match"], list) else [rule["match"]]
@@ -248,23 +255,25 @@ def classified(summary: dict, rules: list[dict]) -> list[tuple[str, str, str, st
     return rows
 
 
-def table(data: dict, rules: list[dict]) -> list[str]:
+def table(data: dict, rules: list[dict], declarations: list[str]) -> list[str]:
     """One row per module that has run: its counts, the survivors the classification explains, the raw kill rate."""
-    rows = ["| module | mutants | " + " | ".join(COLUMNS) + " | other | survivors classified | tests added after the "
-            "run | killed % (raw) | mutant time (s) | last run (UTC, commit) |",
-            "|---|---|" + "---|" * len(COLUMNS) + "---|---|---|---|---|---|"]
+    rows = ["| module | mutants | " + " | ".join(COLUMNS) + " | declarations (not run) | other | survivors classified | "
+            "tests added after the run | killed % (raw) | mutant time (s) | last run (UTC, commit) |",
+            "|---|---|" + "---|" * len(COLUMNS) + "---|---|---|---|---|---|---|"]
     for rel, m in data["modules"].items():
-        c = m["counts"]
+        c = dict(m["counts"])
         decided = c["killed"] + c["timeout"] + c["survived"] + c["no tests"]
         kinds = Counter(kind for _, kind, *_ in classified(m, rules))
-        rows.append(f"| {rel} | {m['mutants']} | " + " | ".join(str(c[k]) for k in COLUMNS) +
-                    f" | {m['other']} | {kinds['equivalent'] + kinds['not testable']} of {c['survived'] + c['no tests']} | "
+        skipped = declared(m, declarations)
+        c["not checked"] -= skipped
+        rows.append(f"| {rel} | {m['mutants']} | " + " | ".join(str(c[k]) for k in COLUMNS) + f" | {skipped} "
+                    f"| {m['other']} | {kinds['equivalent'] + kinds['not testable']} of {c['survived'] + c['no tests']} | "
                     f"{kinds[LATER]} | {100 * (c['killed'] + c['timeout']) / decided:.1f}% | {m['seconds']} | "
                     f"{m['last_run']} |")
     return rows
 
 
-def report(data: dict, rules: list[dict]) -> str:
+def report(data: dict, rules: list[dict], declarations: dict) -> str:
     lines = [INTRO.strip(), "", "## Runs", ""]
     lines += ["| start (UTC) | minutes | commit | uncommitted files | workers | mutants named |", "|---|---|---|---|---|---|"]
     for r in data["runs"]:
@@ -278,9 +287,11 @@ def report(data: dict, rules: list[dict]) -> str:
               "(equivalent or not testable; the rest are listed as unclassified below); tests added after the run = "
               "survivors a test written after the module's last run kills (each seen to fail with the change applied "
               "by hand; mutmut has not re-run them, so they still count as survivors in the raw rate); "
-              "last run = the last run that named the module, and its commit. A module whose row has *not checked* "
-              "mutants was run in part.", ""]
-    lines += table(data, rules)
+              "last run = the last run that named the module, and its commit; declarations (not run) = mutants of "
+              "the functions below, left out by choice. A module whose row has *not checked* mutants was run in part.",
+              "", "Declarations, not run: " + ", ".join(f"`{p}`" for p in declarations.get("functions", [])) + ". " +
+              declarations.get("reason", ""), ""]
+    lines += table(data, rules, declarations.get("functions", []))
     missing = data["not_run"]
     lines += ["", f"Not run yet ({len(missing)} modules, {sum(missing.values())} mutants): " +
               (", ".join(f"`{m}`" for m in missing) or "none") + "."]
@@ -308,12 +319,13 @@ def main() -> None:
     results = modules() if MUTANTS.exists() else {}
     if not results and not STORE.exists():
         sys.exit("no results in mutants/ and no tests/mutation_results.json: run ./scripts/mutation first")
-    rules = tomllib.loads(CLASSIFICATION.read_text()).get("survivor", [])
+    classification = tomllib.loads(CLASSIFICATION.read_text())
+    rules, declarations = classification.get("survivor", []), classification.get("declarations", {})
     data = merged(results)
     if args.table:
-        print("\n".join(table(data, rules)))
+        print("\n".join(table(data, rules, declarations.get("functions", []))))
         return
-    text = report(data, rules)
+    text = report(data, rules, declarations)
     if args.write:
         OUT.write_text(text)
         STORE.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")

@@ -31,6 +31,56 @@ def test_help_page_describes_the_node_comfyui_lists(comfy, node_id):
     assert listed <= set(names), (node_id, listed - set(names))
 
 
+def _stated_defaults(page: str) -> dict[str, str]:
+    """{input: the default its help page states} from the page's Inputs list, in the forms the pages use:
+    "(default 20, as ...)", "(default 1024 × 1024)" and "(default 0 to 1)" for a pair, "(default `dpm++ 2m`)",
+    "`auto` (default)" / "`auto` (default: ...)" / "`dpm++ 2m` (default, ...)" / "0 (default)", "(default empty)"."""
+    import re
+
+    out = {}
+    for line in page.split("## Input", 1)[1].split("\n## ", 1)[0].splitlines():
+        if not line.startswith("- `") or "(default" not in line:
+            continue
+        names = re.findall(r"`([a-z_0-9]+)`", line.split(":", 1)[0])
+        after = re.search(r"\(default ([^,;:)]+)", line)
+        before = re.search(r"(`[^`]+`|-?[\d.]+) \(default[):,]", line)
+        assert after or before, f"a default the test cannot read: {line}"
+        text = after.group(1) if after else before.group(1)
+        values = [v.strip().strip("`") for v in re.split(r" × | to ", text)]
+        values = ["" if v == "empty" else v for v in values]
+        assert len(values) in (1, len(names)), line
+        out.update({n: values[0] if len(values) == 1 else values[i] for i, n in enumerate(names)})
+    return out
+
+
+@pytest.mark.parametrize("node_id", NODE_IDS)
+def test_every_default_a_help_page_states_is_the_widgets_default(comfy, node_id):
+    """What the help panel says a widget starts at is what the node gives it (numbers compared as numbers)."""
+    page = (DOCS / f"{node_id}.md").read_text()
+    info = comfyui.node_info(comfy, node_id)
+    wrong = {}
+    for name, stated in _stated_defaults(page).items():
+        default = _spec(info, name)[1].get("default")
+        try:
+            same = float(stated) == float(default)
+        except (TypeError, ValueError):
+            same = stated == default
+        if not same:
+            wrong[name] = (stated, default)
+    assert wrong == {}, f"{node_id}: (page, node) {wrong}"
+
+
+def test_the_help_pages_state_the_defaults_users_change_most():
+    """The reading above finds the sampler's and the LoRA loader's stated defaults (a page rewritten in another
+    form would otherwise check nothing)."""
+    sampler = _stated_defaults((DOCS / "PixArtSigmaSampler.md").read_text())
+    assert {k: sampler[k] for k in ("seed", "steps", "cfg", "scheduler", "width", "height", "denoise")} == {
+        "seed": "0", "steps": "20", "cfg": "4.5", "scheduler": "dpm++ 2m", "width": "1024", "height": "1024",
+        "denoise": "1.0"}
+    assert _stated_defaults((DOCS / "PixArtSigmaLoraLoader.md").read_text()) == {"strength": "1.0",
+                                                                                 "t5_strength": "1.0"}
+
+
 def _spec(info: dict, name: str) -> tuple[str, dict]:
     """(type, options) of an input in an /object_info answer: a combo as ("COMBO", {"options": [...], ...}) in both
     the V1 form (a list of choices) and the V3 one."""
