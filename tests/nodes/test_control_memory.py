@@ -15,50 +15,15 @@ from harness import models as tiny
 from harness.comfyui import pack
 from harness.fake_cuda import CUDA, FakeCuda, comfy_sees
 from harness.fake_gpu import META, fake_gpu
+from harness.recording import record_calls, record_loads, wide_first_vae
 
 CPU = torch.device("cpu")
 SCALE = 0.13025  # the SDXL VAE's latent scale, which PixArt-Σ uses ([Σ-repo] configs/PixArt_xl2_internal.py:58)
-# An encoder whose first width (32) is neither its second (64) nor the released VAE's 128, so an estimate scaled by
-# the wrong width, or not scaled, shows.
-CHANNELS = [32, 64, 64, 64]
-
-
-def _vae(dtype: torch.dtype = torch.float32):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    return AutoencoderKL(**{**tiny.vae_config(), "block_out_channels": CHANNELS}).to(dtype).eval()
-
-
 def _applied(image: torch.Tensor, vae, load_device: torch.device = CPU):
     loading, types_ = pack("nodes.comfy.loading"), pack("nodes.types")
     handle = types_.VAEHandle(loading.wrap(vae, load_device, CPU), "tiny_sdxl_vae.safetensors", "sdxl")
     controlnet = types_.ControlNetHandle(None, "tiny-controlnet.safetensors", None, "")  # only its name is read here
     return types_.AppliedControl(controlnet, image, handle, 1.0, 0.0, 1.0)
-
-
-def _record_loads(mm, monkeypatch) -> list[tuple[list[str], int]]:
-    """ComfyUI's load_models_gpu, recording (the models' classes, memory_required) of each call, then loading."""
-    calls, real = [], mm.load_models_gpu
-
-    def recording(models, memory_required=0, **kwargs):
-        calls.append((sorted(type(m.model.inner).__name__ for m in models), memory_required))
-        return real(models, memory_required=memory_required, **kwargs)
-
-    monkeypatch.setattr(mm, "load_models_gpu", recording)
-    return calls
-
-
-def _record_tiled_encodes(vae) -> list[tuple[int, ...]]:
-    """The inputs diffusers' tiled encoder (AutoencoderKL._tiled_encode) gets from now on; it still runs."""
-    calls, real = [], vae._tiled_encode
-
-    def recording(x):
-        calls.append(tuple(x.shape))
-        return real(x)
-
-    vae._tiled_encode = recording
-    return calls
 
 
 def _tiled_reference(vae, images: torch.Tensor, tile: int) -> torch.Tensor:
@@ -79,11 +44,11 @@ def test_the_hint_asks_comfyui_for_its_encode_estimate_and_tiles_only_past_free_
     import comfy.model_management as mm
 
     jobs = pack("nodes.control_jobs")
-    vae = _vae(torch.bfloat16)
+    vae = wide_first_vae(torch.bfloat16)
     images = torch.rand(2, 48, 64, 3, generator=torch.Generator().manual_seed(1))
     need = 2 * (1767 * 48 * 64 * 2 * 32 // 128)  # two images, 2 bytes (bf16), width 32 of 128
     assert need == 5_428_224
-    loads, tiled = _record_loads(mm, monkeypatch), _record_tiled_encodes(vae)
+    loads, tiled = record_loads(mm, monkeypatch), record_calls(vae, "_tiled_encode")
     got = {}
     for free in (need, need - 1):
         monkeypatch.setattr(mm, "get_free_memory",
@@ -102,7 +67,7 @@ def test_a_hint_encode_that_runs_out_of_memory_retries_in_tiles_and_says_so(comf
     import comfy.model_management as mm
 
     jobs, core_vae = pack("nodes.control_jobs"), pack("pixart_core.vae")
-    vae = _vae()
+    vae = wide_first_vae()
     images = torch.rand(1, 768, 640, 3, generator=torch.Generator().manual_seed(2))
     weights = sum(p.numel() * p.element_size() for p in vae.parameters())
     peaks = {}
@@ -131,7 +96,7 @@ def test_a_vae_loaded_in_part_encodes_the_hint_on_the_gpu(comfy):
     import comfy.model_management as mm
 
     jobs, loading = pack("nodes.control_jobs"), pack("nodes.comfy.loading")
-    vae = _vae()
+    vae = wide_first_vae()
     images = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want = vae.encode(images.movedim(-1, 1) * 2 - 1).latent_dist.mean * SCALE
@@ -172,7 +137,7 @@ def test_the_dit_and_its_controlnets_load_together_asking_for_their_streams(comf
     assert inner == 144
     # batch 2 (CFG) of 48x64 pixels: (48 // 16) * (64 // 16) = 12 tokens; 2 tensors x 2 x 12 x 144 x 2 bytes (bf16)
     extra = 2 * 2 * 12 * 144 * 2
-    loads = _record_loads(mm, monkeypatch)
+    loads = record_loads(mm, monkeypatch)
     with fake_gpu(mm.VRAMState.NORMAL_VRAM, 64 << 30):
         ready = jobs.load(controlled, (6, 8), 1, (2, 48, 64), 1000)
     assert loads[-1] == (["ControlNetAdapter", "PixArtTransformer2DModel"], 1000 + extra)

@@ -79,3 +79,18 @@ def test_other_errors_pass_through_without_a_retry(comfy):
     with pytest.raises(ValueError) as e:
         pack("nodes.vae_jobs").run_tiled(job, False, "auto", "decode", "1024x1024")
     assert e.value is error and calls == [False]
+
+
+def test_what_counts_as_out_of_memory(comfy):
+    """nodes/comfy/loading.is_oom, which decides the retry in tiles (and the advice of the loaders): torch's
+    OutOfMemoryError whatever its words, the CPU allocator's own failure (a real one: torch asked for 2**62 bytes),
+    a backend's error that says "out of memory"; nothing else."""
+    is_oom = pack("nodes.comfy.loading").is_oom
+    with pytest.raises(RuntimeError) as cpu:
+        torch.empty(2**62, dtype=torch.uint8)
+    assert type(cpu.value) is RuntimeError and "can't allocate memory" in str(cpu.value)  # torch's CPU allocator
+    assert is_oom(cpu.value)
+    assert is_oom(torch.OutOfMemoryError("Tried to allocate 2.00 GiB"))  # the type alone
+    assert is_oom(RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB)"))
+    assert not is_oom(RuntimeError("Expected all tensors to be on the same device, but found cuda:0 and cpu"))
+    assert not is_oom(MemoryError())  # Python's own, which no allocation on a device raises
