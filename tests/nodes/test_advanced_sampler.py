@@ -15,6 +15,7 @@ import reference_settings as reference
 from cases import SIZE
 from cases import noise as _noise
 from harness import models as tiny
+from harness.graphs import ADVANCED
 from harness.graphs import advanced_sampler as _advanced
 from harness.graphs import graph
 from pixart_core import inpaint, sampling, schedulers
@@ -48,10 +49,18 @@ def test_inpainting_through_nodes_mask_input_equals_noise_mask(executor, comfy_b
     p["13"] = {"class_type": "PixArtSigmaSampler", "inputs": {**p["4"]["inputs"], "latent": ["11", 0], "mask": ["10", 1]}}
     p["14"] = {"class_type": "SaveLatent", "inputs": {"samples": ["13", 0], "filename_prefix": "inpaint_mask"}}
     p["15"] = {"class_type": "SaveLatent", "inputs": {"samples": ["11", 0], "filename_prefix": "inpaint_src"}}
+    # the Advanced sampler's mask input, against its own noise_mask run (denoise 1: the whole schedule)
+    p["16"] = _advanced(latent=["12", 0], steps=3)
+    p["17"] = _advanced(latent=["11", 0], mask=["10", 1], steps=3)
+    for node in ("16", "17"):
+        p[f"save_{node}"] = {"class_type": "SaveLatent", "inputs": {"samples": [node, 0], "filename_prefix": f"adv_{node}"}}
     r = executor.run(p)
     assert r["ok"], r["error"]
     via_noise_mask, via_mask, source = (_latent(r, n, comfy_base) for n in ("8", "14", "15"))
     assert torch.equal(via_noise_mask, via_mask)
+    advanced_noise_mask, advanced_mask = (_latent(r, f"save_{n}", comfy_base) for n in ("16", "17"))
+    assert torch.equal(advanced_noise_mask, advanced_mask)
+    assert torch.allclose(advanced_mask[..., 6:, 6:], source[..., 6:, 6:], rtol=1e-6, atol=1e-7)  # kept outside
     # the transparent square (pixels 16:40 x 8:32) is latent rows 2:5, columns 1:4; far from it nothing changes
     keep = torch.ones(8, 8, dtype=torch.bool)
     keep[1:6, 0:5] = False
@@ -79,6 +88,43 @@ def test_two_advanced_stages_equal_one_sampler_run(executor, comfy_base):
     cached = next(d["nodes"] for e, d in again["messages"] if e == "execution_cached")
     assert "11" in cached and "12" not in cached
     assert torch.equal(_latent(again, "13", comfy_base), one)
+
+
+def test_advanced_cfg_interval_reaches_the_loop(comfy, conds):
+    """cfg_start 0.2 and cfg_end 0.6 of 10 steps: the negative pass runs on the steps that start at 0.2 ... 0.5 of
+    the schedule, 2 to 5 (a forward pre-hook counts the DiT's batch per step: 2 = negative and positive)."""
+    from harness.graphs import DIT_FILE
+
+    node = comfy.NODE_CLASS_MAPPINGS["PixArtSigmaSamplerAdvanced"]
+    dit = comfy.NODE_CLASS_MAPPINGS["PixArtSigmaDiTLoader"].execute(dit_name=DIT_FILE, variant="auto",
+                                                                     dtype="fp32").result[0]
+    sizes = []
+    hook = dit.patcher.model.inner.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    try:
+        node.execute(dit=dit, positive=conds[0], negative=conds[1], latent={"samples": torch.zeros(1, 4, 8, 8)},
+                     **{**ADVANCED, "steps": 10, "cfg_start": 0.2, "cfg_end": 0.6})
+    finally:
+        hook.remove()
+    assert sizes == [1, 1, 2, 2, 2, 2, 1, 1, 1, 1]
+
+
+def test_advanced_from_step_0_on_an_image_latent_noises_it_as_ksampler_advanced(executor, comfy_base, inpaint_image):
+    """An encoded image (not an empty latent) sampled from step 0 with add_noise: the image latent plus the seed's
+    noise, as ComfyUI's KSamplerAdvanced (euler, 'normal' schedule: diffusers' Euler timesteps) does on the bridged
+    model; agrees to 5e-5 of the range (diffusers' Euler starts from sigma_max * noise added, ComfyUI's from
+    sqrt(1 + sigma_max²) * noise, 2e-5 apart). Sampling the empty latent instead is 10 times further off."""
+    p = _bridged_graph(steps=10, seed=9, scheduler="euler", prefix="adv_from_0")
+    p["10"] = {"class_type": "LoadImage", "inputs": {"image": inpaint_image}}
+    p["11"] = {"class_type": "PixArtSigmaVAEEncode", "inputs": {"vae": ["5", 0], "image": ["10", 0]}}
+    p["30"] = _advanced(latent=["11", 0], seed=9, steps=10, scheduler="euler")
+    p["31"] = _ksampler_advanced(["11", 0])
+    for node in ("4", "30", "31"):
+        _save(p, node, f"adv_from_0_{node}")
+    r = executor.run(p)
+    assert r["ok"], r["error"]
+    empty, ours, theirs = (_saved(r, comfy_base, n) for n in ("4", "30", "31"))
+    assert _close(ours, theirs, 5e-5)
+    assert not _close(empty, theirs, 1e-4)  # 1.9e-4 measured: the image weighs 1 / sigma_max of the start
 
 
 def test_advanced_node_inputs(comfy):
