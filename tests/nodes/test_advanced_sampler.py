@@ -53,7 +53,8 @@ def test_inpainting_through_nodes_mask_input_equals_noise_mask(executor, comfy_b
     p["16"] = _advanced(latent=["12", 0], steps=3)
     p["17"] = _advanced(latent=["11", 0], mask=["10", 1], steps=3)
     for node in ("16", "17"):
-        p[f"save_{node}"] = {"class_type": "SaveLatent", "inputs": {"samples": [node, 0], "filename_prefix": f"adv_{node}"}}
+        p[f"save_{node}"] = {"class_type": "SaveLatent",
+                             "inputs": {"samples": [node, 0], "filename_prefix": f"adv_{node}"}}
     r = executor.run(p)
     assert r["ok"], r["error"]
     via_noise_mask, via_mask, source = (_latent(r, n, comfy_base) for n in ("8", "14", "15"))

@@ -121,6 +121,48 @@ def test_bridged_model_shares_the_dit_weights(comfy):
     assert torch.equal(_eps(dit, x, torch.tensor([500]), ctx), _eps(ref, x, torch.tensor([500]), ctx))
 
 
+def test_a_bf16_bridged_model_computes_its_blocks_in_bf16_as_comfyuis_pixart_does(comfy):
+    """A bf16 DiT bridged to a MODEL: its blocks get the image tokens, the caption and the timestep embedding in
+    bf16, as ComfyUI's own PixArtMS.forward_orig (run on the same network) gives them. The position table is added in
+    fp32 (diffusers' rounding) and the sum cast back; left in fp32, every block would compute in fp32."""
+    import comfy.ldm.pixart.pixartms as comfy_pixart
+
+    handle, _ = _handle(comfy, "sigma-1024")
+    handle.patcher.model.inner.to(torch.bfloat16)
+    net = _bridge(comfy).to_model(handle).model.diffusion_model
+    seen = []
+    hook = net.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(tuple(a.dtype for a in args[:3])))
+    torch.manual_seed(2)
+    x, t = torch.randn(1, 4, 64, 64, dtype=torch.bfloat16), torch.tensor([500.0])  # 512 px: ComfyUI's own fails below
+    ctx = torch.randn(1, 5, tiny.T5_WIDTH, dtype=torch.bfloat16)
+    try:
+        with torch.no_grad():
+            net(x, t, ctx)
+            comfy_pixart.PixArtMS.forward_orig(net, x, t, ctx.unsqueeze(1))
+    finally:
+        hook.remove()
+    assert seen == [(torch.bfloat16,) * 3] * 2
+
+
+def test_a_bridged_model_without_its_dit_shares_nothing(comfy):
+    """Once the DiT it came from is gone (its loader's output dropped and collected), a move of the MODEL shares
+    nothing and frees nothing: 0 bytes (and no error, also before the bridge has recorded a DiT)."""
+    import gc
+    import weakref
+
+    handle, _ = _handle(comfy, "sigma-1024")
+    model = _bridge(comfy).to_model(handle).model
+    gone = torch.nn.Linear(2, 2)
+    model.dit = weakref.ref(gone)
+    del gone
+    gc.collect()
+    assert model.share_with_dit() == 0
+    model.dit = None
+    assert model.share_with_dit() == 0
+    model.to(torch.float32)  # a whole move calls it
+    assert model.share_with_dit() == 0
+
+
 def test_bridge_takes_the_unpatched_weights_of_a_loaded_patched_dit(comfy):
     """The DiT loaded by ComfyUI with a weight patch merged (as a LoRA on our loader leaves it): the MODEL is built
     from the original weights (ComfyUI unloads and restores them first), not the merged ones."""

@@ -75,7 +75,8 @@ def test_a_vae_job_that_runs_out_of_memory_retries_in_tiles_and_says_which_and_w
             with FakeCuda(1 << 40) as gpu:
                 run(copy.deepcopy(vae).to(CUDA))
                 peaks[job, tiles] = gpu.peak - weights
-    tiled, whole = max(peaks["decode", True], peaks["encode", True]), min(peaks["decode", False], peaks["encode", False])
+    tiled = max(peaks["decode", True], peaks["encode", True])
+    whole = min(peaks["decode", False], peaks["encode", False])
     assert whole > 1.2 * tiled, peaks
     caplog.set_level(logging.INFO)
     with comfy_sees(FakeCuda(weights + (tiled + whole) // 2)):
