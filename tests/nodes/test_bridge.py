@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -107,6 +108,60 @@ def test_bridged_model_forward_equals_our_dit(comfy, variant):
         assert (eps - want).abs().max() <= 1e-5, (variant, h, w, (eps - want).abs().max())
 
 
+@pytest.mark.parametrize("layout", [dict(out_channels=4), dict(patch_size=1), dict(in_channels=8, out_channels=16)],
+                         ids=["no-sigma-channels", "patch-1", "8-channels"])
+def test_bridged_model_takes_its_layout_from_the_dit_not_comfyuis_defaults(comfy, layout):
+    """ComfyUI's PixArtMS defaults to the released layout (patch 2, 4 channels in, 8 out: the learned sigma); a DiT
+    built otherwise (diffusers' PixArtTransformer2DModel accepts any) still bridges to a MODEL whose epsilon is
+    diffusers' (fp32, to 1e-5)."""
+    import sys
+
+    from diffusers import PixArtTransformer2DModel
+
+    from pixart_core.variants import PRESETS
+
+    base = _bridge(comfy).__name__.rsplit(".", 1)[0]
+    types, management = sys.modules[base + ".types"], sys.modules[base + ".comfy.loading"]
+    torch.manual_seed(0)
+    dit = PixArtTransformer2DModel(**{**tiny.dit_config(), **layout}).eval()
+    ref = copy.deepcopy(dit)
+    cpu = torch.device("cpu")
+    handle = types.DiTHandle(management.wrap(dit, cpu, cpu), PRESETS["sigma-1024"], "tiny-odd", "test")
+    model = _bridge(comfy).to_model(handle)
+    channels = dit.config.in_channels
+    torch.manual_seed(1)
+    x, ctx, t = torch.randn(2, channels, 8, 8), torch.randn(1, 7, tiny.T5_WIDTH), torch.tensor([999, 421])
+    sigma = model.model.model_sampling.sigma(t.float())[:, None, None, None]
+    conds = model.model.extra_conds(cross_attn=ctx, width=64, height=64, device=cpu)
+    kwargs = {k: v.process_cond(batch_size=2, device="cpu", area=None).cond for k, v in conds.items()}
+    with torch.no_grad():
+        denoised = model.model.apply_model(x * (sigma ** 2 + 1) ** 0.5, sigma[:, 0, 0, 0], **kwargs)
+    eps = (x * (sigma ** 2 + 1) ** 0.5 - denoised) / sigma
+    with torch.no_grad():
+        want = ref(x, encoder_hidden_states=ctx.repeat(2, 1, 1), timestep=t, return_dict=False,
+                   added_cond_kwargs={"resolution": None, "aspect_ratio": None})[0][:, :channels]
+    assert (eps - want).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("variant", ["alpha-512", "sigma-1024"])
+def test_bridged_model_is_comfyuis_model_of_its_family(comfy, variant, caplog):
+    """PixArt-α bridges as ComfyUI's PixArtAlpha (the SD 1.x latent format), PixArt-Σ as its PixArtSigma (SDXL's):
+    KSampler scales latents by the family's format. The log line says what was built, whole."""
+    import logging
+
+    import comfy.supported_models as models
+
+    family = models.PixArtAlpha if variant.startswith("alpha") else models.PixArtSigma
+    handle, _ = _handle(comfy, variant)
+    caplog.set_level(logging.INFO)
+    model = _bridge(comfy).to_model(handle)
+    assert type(model.model.model_config) is family
+    assert type(model.model.latent_format) is family.latent_format
+    lines = [r.getMessage() for r in caplog.records if "DiT -> MODEL" in r.getMessage()]
+    assert len(lines) == 1 and re.fullmatch(rf"PixArt DiT -> MODEL: tiny-{variant} \({variant}\) as ComfyUI's PixArt, 2 "
+                                            r"blocks; \d+ MiB shared with the DiT instead of copied", lines[0]), lines
+
+
 def test_bridged_model_shares_the_dit_weights(comfy):
     """The MODEL holds no second copy: every one of its tensors lies in the DiT's storage (fused q/k/v included),
     except the original layout's null-caption table; and the DiT still computes what it did."""
@@ -117,6 +172,7 @@ def test_bridged_model_shares_the_dit_weights(comfy):
     own = [k for k, t in model.model.diffusion_model.state_dict().items()
            if t.untyped_storage().data_ptr() not in dit_storages]
     assert own == ["y_embedder.y_embedding"]
+    assert not [k for k, p in model.model.named_parameters() if p.requires_grad]  # inference weights, as the DiT's
     x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 5, tiny.T5_WIDTH)
     assert torch.equal(_eps(dit, x, torch.tensor([500]), ctx), _eps(ref, x, torch.tensor([500]), ctx))
 
@@ -129,7 +185,9 @@ def test_a_bf16_bridged_model_computes_its_blocks_in_bf16_as_comfyuis_pixart_doe
 
     handle, _ = _handle(comfy, "sigma-1024")
     handle.patcher.model.inner.to(torch.bfloat16)
-    net = _bridge(comfy).to_model(handle).model.diffusion_model
+    bridged = _bridge(comfy).to_model(handle)
+    assert bridged.model.get_dtype() == torch.bfloat16  # ComfyUI casts the sampler's input to it (apply_model)
+    net = bridged.model.diffusion_model
     seen = []
     hook = net.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(tuple(a.dtype for a in args[:3])))
     torch.manual_seed(2)
