@@ -93,7 +93,8 @@ def test_two_advanced_stages_equal_one_sampler_run(executor, comfy_base):
 
 def test_advanced_cfg_interval_reaches_the_loop(comfy, conds):
     """cfg_start 0.2 and cfg_end 0.6 of 10 steps: the negative pass runs on the steps that start at 0.2 ... 0.5 of
-    the schedule, 2 to 5 (a forward pre-hook counts the DiT's batch per step: 2 = negative and positive)."""
+    the schedule, 2 to 5 (a forward pre-hook counts the DiT's batch per step: 2 = negative and positive). The
+    output LATENT keeps the input's other keys (batch_index here)."""
     from harness.graphs import DIT_FILE
 
     node = comfy.NODE_CLASS_MAPPINGS["PixArtSigmaSamplerAdvanced"]
@@ -102,11 +103,13 @@ def test_advanced_cfg_interval_reaches_the_loop(comfy, conds):
     sizes = []
     hook = dit.patcher.model.inner.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
     try:
-        node.execute(dit=dit, positive=conds[0], negative=conds[1], latent={"samples": torch.zeros(1, 4, 8, 8)},
-                     **{**ADVANCED, "steps": 10, "cfg_start": 0.2, "cfg_end": 0.6})
+        out = node.execute(dit=dit, positive=conds[0], negative=conds[1],
+                           latent={"samples": torch.zeros(1, 4, 8, 8), "batch_index": [0]},
+                           **{**ADVANCED, "steps": 10, "cfg_start": 0.2, "cfg_end": 0.6}).result[0]
     finally:
         hook.remove()
     assert sizes == [1, 1, 2, 2, 2, 2, 1, 1, 1, 1]
+    assert out["batch_index"] == [0]  # the input LATENT's other keys kept, as KSamplerAdvanced keeps them
 
 
 def test_advanced_from_step_0_on_an_image_latent_noises_it_as_ksampler_advanced(executor, comfy_base, inpaint_image):
