@@ -224,6 +224,27 @@ def test_a_bridged_model_without_its_dit_shares_nothing(comfy):
     assert model.share_with_dit() == 0
 
 
+@pytest.mark.parametrize("dit_first", [True, False], ids=["dit-loaded-first", "dit-loaded-last"])
+def test_the_bridge_unloads_its_dit_and_leaves_other_models_loaded(comfy, dit_first):
+    """DiT → MODEL first has ComfyUI unload the DiT (loading.unload: it takes the unpatched weights); another model
+    ComfyUI holds stays loaded, whichever of the two was loaded last (ComfyUI lists the newest first)."""
+    import sys
+
+    import comfy.model_management as mm
+
+    loading = sys.modules[_bridge(comfy).__name__.rsplit(".", 1)[0] + ".comfy.loading"]
+    mm.unload_all_models()
+    handle, _ = _handle(comfy, "sigma-1024")
+    other = loading.wrap(tiny.make_vae(), torch.device("cpu"), torch.device("cpu"))
+    for patcher in ((handle.patcher, other) if dit_first else (other, handle.patcher)):
+        loading.use(patcher)
+    loaded = lambda: [m.model for m in mm.current_loaded_models]  # noqa: E731
+    assert handle.patcher in loaded() and other in loaded()
+    _bridge(comfy).to_model(handle)
+    assert handle.patcher not in loaded() and other in loaded()
+    mm.unload_all_models()
+
+
 def test_bridge_takes_the_unpatched_weights_of_a_loaded_patched_dit(comfy):
     """The DiT loaded by ComfyUI with a weight patch merged (as a LoRA on our loader leaves it): the MODEL is built
     from the original weights (ComfyUI unloads and restores them first), not the merged ones."""
