@@ -20,27 +20,33 @@ def load_for(vae: VAEHandle, need: int, tiling: str) -> tuple[loading.Loaded, bo
 
 
 def run_tiled(job, tiled: bool, tiling: str, what: str, size: str):
-    """`job(tiled)`; on an out-of-memory error without tiles, again in tiles (unless tiling is 'never')."""
-    result = None
+    """`job(tiled)`; on an out-of-memory error without tiles, again in tiles (unless tiling is 'never'); one in tiles
+    says what to do."""
+    if not tiled:
+        try:
+            return job(False)
+        except Exception as e:
+            _freed_if_oom(e)
+            if tiling == "never":
+                raise _oom(e, f"PixArt VAE {what} ran out of memory at {size}. Set tiling to 'auto' ({what}s in "
+                              "tiles when memory runs short) or 'always'.") from e
+            log.warning("PixArt VAE %s ran out of memory at %s; retrying in tiles.", what, size)
+        devices.soft_empty_cache()  # retried outside the except block, so the failed attempt's tensors are freed first
     try:
-        result = job(tiled)
+        return job(True)
     except Exception as e:
-        if not loading.is_oom(e):
-            raise
-        # Free the failed attempt's tensors now: its frames hold them, and ComfyUI keeps the error it reports in a
-        # reference cycle that only the garbage collector breaks, seconds later (on a GPU, that is VRAM).
-        traceback.clear_frames(e.__traceback__)
-        if tiled:
-            raise _oom(e, f"PixArt VAE {what} ran out of memory at {size} even in tiles. Free memory (close other "
-                          f"programs, or unload models from ComfyUI's menu) or {what} a smaller image.") from e
-        if tiling == "never":
-            raise _oom(e, f"PixArt VAE {what} ran out of memory at {size}. Set tiling to 'auto' ({what}s in "
-                          "tiles when memory runs short) or 'always'.") from e
-        log.warning("PixArt VAE %s ran out of memory at %s; retrying in tiles.", what, size)
-    if result is None:  # retried outside the except block, so the failed attempt's tensors are freed first
-        devices.soft_empty_cache()
-        result = job(True)
-    return result
+        _freed_if_oom(e)
+        raise _oom(e, f"PixArt VAE {what} ran out of memory at {size} even in tiles. Free memory (close other "
+                      f"programs, or unload models from ComfyUI's menu) or {what} a smaller image.") from e
+
+
+def _freed_if_oom(error: Exception) -> None:
+    """Re-raise an error that is not out-of-memory; free the failed attempt's tensors of one that is: its frames hold
+    them, and ComfyUI keeps the error it reports in a reference cycle that only the garbage collector breaks, seconds
+    later (on a GPU, that is VRAM)."""
+    if not loading.is_oom(error):
+        raise error
+    traceback.clear_frames(error.__traceback__)
 
 
 def _oom(error: Exception, message: str) -> Exception:

@@ -491,3 +491,73 @@ def test_partially_loaded_adapter_gives_the_whole_adapters_output(comfy, tmp_pat
         patcher.unpatch_model(CPU)
     assert torch.equal(whole, partial)
     assert (whole - dit(**inputs)[0]).abs().max() > 1e-4  # the control acts
+
+
+# --- the nodes' own outputs: what the loader loaded, what Apply says, dtype and devices ------------------------------
+
+VAE_NAME = "tiny_sdxl_vae.safetensors"  # the tiny graph's VAE
+
+
+def _loaded(comfy, name: str, dtype: str = "fp32"):
+    return comfy.NODE_CLASS_MAPPINGS["PixArtSigmaControlNetLoader"].execute(controlnet_name=name, dtype=dtype)
+
+
+@pytest.mark.parametrize("name,text", [
+    (ADAPTER, f"{ADAPTER}: adapter layout, 1 control blocks, 144 wide"),
+    ("PixArt-XL-2-1024-ControlNet.pth", "PixArt-XL-2-1024-ControlNet.pth: the authors' checkpoint (original layout), 1 "
+                                        "control blocks, 144 wide, trained with PixArt alpha-1024"),
+])
+def test_controlnet_loader_says_what_it_loaded(comfy, files, name, text):
+    """The Loader's text in the UI: the file, what it was, its control blocks and width (the tiny DiT's 144:
+    2 heads x 72), and the DiT it was trained with where the file says (the authors' checkpoints do)."""
+    out = _loaded(comfy, name)
+    assert out.ui.as_dict() == {"text": (text,)}
+    assert out.result[0].layout in text
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["cpu-native-bf16", "cpu-without-bf16"])
+def test_controlnet_loader_auto_dtype_and_devices_are_the_dit_loaders(comfy, files, monkeypatch, native):
+    """dtype 'auto' gives the ControlNet the DiT Loader's dtype on this device (bf16 where the CPU computes bf16
+    natively, else fp32: ComfyUI 0.3.75's rule, by hand in test_gpu_readiness' table); a set dtype is kept; the
+    patcher loads on ComfyUI's torch device and offloads to its UNet offload device, as the DiT's does."""
+    import sys
+
+    import comfy.model_management as mm
+
+    dtypes = sys.modules[pack("nodes.comfy.devices").dtypes.__name__]
+    monkeypatch.setattr(dtypes, "_cpu_flags", lambda *a: {"avx512f"} | ({"avx512_bf16"} if native else set()))
+    monkeypatch.setattr(dtypes.sys, "platform", "linux")
+    dtypes.cpu_native_bf16.cache_clear()
+    try:
+        auto = _loaded(comfy, ADAPTER, "auto").result[0]
+    finally:
+        dtypes.cpu_native_bf16.cache_clear()
+    assert auto.patcher.model.inner.parameters().__next__().dtype == (torch.bfloat16 if native else torch.float32)
+    assert _loaded(comfy, ADAPTER, "bf16").result[0].patcher.model.inner.parameters().__next__().dtype == torch.bfloat16
+    assert (auto.patcher.load_device, auto.patcher.offload_device) == (mm.get_torch_device(), mm.unet_offload_device())
+
+
+@pytest.mark.parametrize("strength,start,end,acts", [(1.0, 0.5, 0.5, False), (0.0, 0.0, 1.0, False),
+                                                     (1.0, 0.2, 0.5, True)])
+def test_controlnet_apply_says_what_it_applied_and_warns_when_it_acts_on_no_step(comfy, files, caplog, strength,
+                                                                                  start, end, acts):
+    """Apply's UI text (the ControlNet on the DiT, strength and range, how many are applied); an empty range (start
+    equal to end, allowed: ComfyUI's ControlNetApplyAdvanced allows it too) or strength 0 is applied with a warning
+    that it acts on no step."""
+    import logging
+
+    from harness.graphs import DIT_FILE
+
+    dit = comfy.NODE_CLASS_MAPPINGS["PixArtSigmaDiTLoader"].execute(dit_name=DIT_FILE, variant="auto",
+                                                                     dtype="fp32").result[0]
+    vae = comfy.NODE_CLASS_MAPPINGS["PixArtSigmaVAELoader"].execute(vae_name=VAE_NAME, dtype="fp32").result[0]
+    caplog.set_level(logging.INFO)
+    out = comfy.NODE_CLASS_MAPPINGS["PixArtSigmaControlNetApply"].execute(
+        dit=dit, controlnet=_loaded(comfy, ADAPTER).result[0], image=torch.rand(1, 64, 64, 3), vae=vae,
+        strength=strength, start_percent=start, end_percent=end)
+    assert out.ui.as_dict() == {"text": (f"{ADAPTER} on {DIT_FILE}: strength {strength:g} from {start:g} to {end:g} "
+                                         "of the schedule; 1 ControlNet(s) applied",)}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ([] if acts else [f"PixArt ControlNet {ADAPTER}: strength {strength:g}, from {start:g} to "
+                                         f"{end:g} of the schedule: it acts on no step."])
+    assert len(out.result[0].controls) == 1
