@@ -108,3 +108,54 @@ def test_latents_of_the_other_latent_space_are_refused_before_decoding(comfy, sp
                             f"{other}. Load {wanted}: sdxl_vae.safetensors for PixArt-Σ, "
                             "vae-ft-mse-840000-ema-pruned.safetensors for PixArt-α.")
     assert decodes == []
+
+
+def test_a_vae_loaded_in_part_runs_both_jobs_on_the_gpu(comfy):
+    """On a fake GPU with room for about half the VAE beside ComfyUI's inference reserve, ComfyUI leaves the smaller
+    layers (the VAE's first parameter among them) in system memory to stream: the latents and then the upscaled image
+    still go to the GPU (on a real one, a CPU input meeting the loaded layers' CUDA weights fails)."""
+    import comfy.model_management as mm
+
+    loading = pack("nodes.comfy.loading")
+    vae = wide_first_vae()
+    handle = _handle(vae, CUDA)
+    size = handle.patcher.model_size()
+    inputs = {"decode": [], "encode": []}
+    vae.post_quant_conv.register_forward_pre_hook(lambda m, args: inputs["decode"].append(args[0].device))
+    vae.encoder.register_forward_pre_hook(lambda m, args: inputs["encode"].append(args[0].device))
+    with comfy_sees(FakeCuda(int(mm.minimum_inference_memory()) + size // 2)) as gpu:
+        loading.use(handle.patcher)
+        assert handle.patcher.loaded_size() < size
+        assert not gpu.holds(next(vae.parameters())), "the VAE's first parameter was loaded: nothing to show"
+        _upscale(comfy, torch.randn(1, 4, 6, 8), handle, 64, 48)
+    assert inputs == {"decode": [CUDA], "encode": [CUDA]}
+
+
+def test_the_upscale_between_decode_and_encode_uses_the_mode_chosen(comfy):
+    """'nearest-exact' (not the default bicubic) between diffusers' decode and encode, to a size of the same aspect
+    ratio: ComfyUI's own comfy.utils.common_upscale (no crop), as the latent path's modes are tested."""
+    from comfy.utils import common_upscale
+
+    vae = wide_first_vae()
+    z = torch.randn(1, 4, 6, 8, generator=torch.Generator().manual_seed(4))
+    node = comfy.NODE_CLASS_MAPPINGS["PixArtSigmaHiresUpscale"]
+    out = node.execute(samples={"samples": z}, family="2048", method=VIA_VAE, upscale_mode="nearest-exact",
+                       width=128, height=96, vae=_handle(vae)).result[0]
+    with torch.no_grad():
+        image = (vae.decode(z).sample / 2 + 0.5).clamp(0, 1)  # [1, 3, 48, 64]
+        image = common_upscale(image, 128, 96, "nearest-exact", "disabled")
+        want = vae.encode(image.clamp(0, 1) * 2 - 1).latent_dist.mode()
+    torch.testing.assert_close(out["samples"], want, atol=1e-5, rtol=1e-5)
+
+
+def test_the_upscaled_latent_goes_to_comfyuis_intermediate_device(comfy, monkeypatch):
+    """ComfyUI started with --gpu-only keeps node outputs on the GPU (model_management.intermediate_device answers
+    its torch device): the upscaled LATENT goes there (a fake GPU here)."""
+    import comfy.model_management as mm
+
+    monkeypatch.setattr(mm, "intermediate_device", lambda: CUDA)
+    node = comfy.NODE_CLASS_MAPPINGS["PixArtSigmaHiresUpscale"]
+    with FakeCuda(1 << 40) as gpu:
+        out = node.execute(samples={"samples": torch.randn(1, 4, 6, 8)}, family="2048", method="latent",
+                           upscale_mode="bicubic", width=96, height=80).result[0]
+        assert out["samples"].device == CUDA and gpu.holds(out["samples"])
