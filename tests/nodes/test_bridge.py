@@ -488,7 +488,7 @@ def test_native_unet_loader_model_runs_with_our_conditioning(comfy, comfy_base):
     assert (out[0] - out[1]).abs().max() <= 1e-4 * out[1].abs().max()
 
 
-def test_our_lora_loader_and_comfyuis_agree_on_the_bridged_model(comfy, comfy_base):
+def test_our_lora_loader_and_comfyuis_agree_on_the_bridged_model(comfy, comfy_base, caplog):
     """The same LoRA file two ways: PixArt-Σ LoRA Loader on our DiT and then DiT → MODEL (its patches carried onto
     the MODEL's fused keys), and DiT → MODEL and then ComfyUI's LoraLoaderModelOnly. Both MODELs, and our own DiT
     with our loader's patches, give the hand-merged model's epsilon (W + strength·(alpha/rank)·B·A) to 1e-5."""
@@ -513,7 +513,10 @@ def test_our_lora_loader_and_comfyuis_agree_on_the_bridged_model(comfy, comfy_ba
                                                          strength=strength).result[0]
     ready = management.use(ours.patcher)
     assert (_eps(ready.model, x, t, ctx) - want).abs().max() <= 1e-5
+    caplog.set_level("INFO")
     ours_model = _bridge(comfy).to_model(ours)
+    carried = [r.getMessage() for r in caplog.records if "carried over" in r.getMessage()]
+    assert carried == [f"PixArt DiT -> MODEL: {len(delta)} LoRA-patched weights carried over"]  # one per weight
     theirs_model = _node(comfy, "LoraLoaderModelOnly")().load_lora_model_only(
         _bridge(comfy).to_model(handle), "tiny_bridge_lora_2.safetensors", strength)[0]
     for model in (ours_model, theirs_model):

@@ -176,3 +176,13 @@ def test_an_unknown_scheduler_label_is_refused_with_the_choices(comfy):
     text = str(e.value)
     assert text.startswith("Unknown scheduler 'karras'; choose one of [") and text.endswith("].")
     assert all(repr(label) in text for label in SAVED_SCHEDULER_LABELS)
+
+
+def test_a_caption_cleaning_value_that_is_no_label_is_refused(comfy, tiny_models):
+    """A saved prompt holding the core's own name for a cleaning mode (not its label) fails in Text Encode, naming
+    the input and the labels, before any text is encoded."""
+    node = comfy.NODE_CLASS_MAPPINGS[ENCODE]
+    t5 = comfy.NODE_CLASS_MAPPINGS[LOADER].execute(t5_name=T5_FILE, quantization="none", dtype="auto").result[0]
+    with pytest.raises(ValueError) as e:
+        node.execute(t5=t5, positive="a cat", negative="", max_tokens=0, caption_cleaning="DIFFUSERS")
+    assert str(e.value) == "PixArt: caption_cleaning 'DIFFUSERS' is not one of ['diffusers', 'lowercase', 'none']."
