@@ -530,6 +530,31 @@ def test_our_lora_loader_and_comfyuis_agree_on_the_bridged_model(comfy, comfy_ba
     assert (base - _eps(ref, x, t, ctx)).abs().max() <= 1e-5
 
 
+def test_a_bias_patch_on_fused_rows_is_carried_to_the_model(comfy, comfy_base):
+    """A LoRA holding only a bias difference on the original layout's fused self-attention qkv (`diff_b`, as ComfyUI
+    reads it: b + strength·diff_b) through PixArt-Σ LoRA Loader, then DiT → MODEL: the loaded MODEL's qkv bias is
+    the base bias plus strength times the file's difference, rows for q, k and v alike."""
+    import comfy.model_management as mm
+    from safetensors.torch import save_file as save
+
+    handle, ref = _handle(comfy, "sigma-1024", seed=4)
+    loras = comfy_base / "models" / "loras"
+    loras.mkdir(parents=True, exist_ok=True)
+    diff = torch.randn(3 * 144, generator=torch.Generator().manual_seed(8))
+    save({"diffusion_model.blocks.0.attn.qkv.diff_b": diff}, str(loras / "tiny_qkv_bias.safetensors"))
+    ours = _node(comfy, "PixArtSigmaLoraLoader").execute(dit=handle, lora_name="tiny_qkv_bias.safetensors",
+                                                         strength=0.5).result[0]
+    model = _bridge(comfy).to_model(ours)
+    attn = ref.transformer_blocks[0].attn1
+    base = torch.cat([attn.to_q.bias, attn.to_k.bias, attn.to_v.bias]).detach()
+    mm.load_models_gpu([model])
+    try:
+        got = model.model.diffusion_model.blocks[0].attn.qkv.bias.detach().clone()
+    finally:
+        mm.unload_all_models()
+    torch.testing.assert_close(got, base + 0.5 * diff, atol=1e-6, rtol=1e-6)
+
+
 def test_original_target_names_the_rows_to_original_writes(comfy):
     """Every parameter of a diffusers PixArt is found in to_original's output at the key and rows original_target
     names (the fused q/k/v and k/v rows included), with the same values."""
