@@ -119,3 +119,44 @@ def test_text_encode_cleans_each_prompt_once_at_every_limit(comfy, monkeypatch):
     again = encode.execute(t5=t5, positive=positive, negative=negative, max_tokens=0, caption_cleaning="diffusers")
     assert again.result[0] is pos  # read from the embedding cache, keyed by the cleaned text
     assert len(passes) == 2 * PASSES_PER_CLEANING, len(passes)
+
+
+def _encode_node(comfy, t5, positive: str, max_tokens: int = 0):
+    return comfy.NODE_CLASS_MAPPINGS["PixArtSigmaTextEncode"].execute(t5=t5, positive=positive, negative="",
+                                                                       max_tokens=max_tokens).result
+
+
+def test_the_shorter_limits_encode_without_a_cut_off_warning(comfy, caplog):
+    """max_tokens 0 with a prompt of about 150 tokens: it fits Σ's 300, so nothing is cut and nothing is said; the
+    encoding at α's 120 (made because the prompt is longer) cuts it silently: α's DiT reads it, and the sampler says
+    so when it uses it."""
+    import logging
+
+    t5 = comfy.NODE_CLASS_MAPPINGS["PixArtSigmaT5Loader"].execute(t5_name=T5_FILE, quantization="none",
+                                                                  dtype="auto").result[0]
+    prompt = " ".join(["a red fox in the snow"] * 25) + f" {uuid.uuid4().hex}"  # not in the embedding cache
+    caplog.set_level(logging.WARNING)
+    positive, _ = _encode_node(comfy, t5, prompt)
+    assert 120 < positive.mask.shape[1] <= 300 and 120 in positive.at_limit
+    assert [r.getMessage() for r in caplog.records if "T5 takes" in r.getMessage()] == []
+
+
+def test_a_t5_on_the_gpu_gets_its_tokens_there_and_gives_embeddings_on_comfyuis_intermediate_device(comfy,
+                                                                                                    monkeypatch):
+    """ComfyUI's text-encoder device is a (fake) GPU: the T5 loads there and the token ids go there too (on a real
+    GPU, ids left on the CPU fail in the embedding); the conditioning comes back on ComfyUI's intermediate device
+    (the CPU here, as with --cpu or the default), masks included."""
+    import comfy.model_management as mm
+
+    from harness.fake_cuda import CUDA, FakeCuda, comfy_sees
+
+    seen = []
+    with comfy_sees(FakeCuda(1 << 40)):
+        monkeypatch.setattr(mm, "text_encoder_device", lambda: CUDA)
+        t5 = comfy.NODE_CLASS_MAPPINGS["PixArtSigmaT5Loader"].execute(t5_name=T5_FILE, quantization="none",
+                                                                      dtype="fp32").result[0]
+        t5.patcher.model.inner.get_input_embeddings().register_forward_pre_hook(
+            lambda m, args: seen.append(args[0].device))
+        positive, negative = _encode_node(comfy, t5, f"a red fox {uuid.uuid4().hex}")
+        assert {t.device for c in (positive, negative) for t in (c.embeds, c.mask)} == {mm.intermediate_device()}
+    assert seen and set(seen) == {CUDA}
