@@ -37,7 +37,7 @@ def img2img_timesteps(scheduler, steps: int, denoise: float) -> tuple[torch.Tens
     """The part of the schedule that img2img runs, as diffusers' strength does: (timesteps, steps run)."""
     init = min(int(steps * denoise), steps)
     start = max(steps - init, 0)
-    order = getattr(scheduler, "order", 1)
+    order = scheduler.order
     timesteps = scheduler.timesteps[start * order:]
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start * order)
@@ -81,7 +81,7 @@ class Plan:
 def _stage_start(r: Request, scheduler, init: torch.Tensor, noise: torch.Tensor, generator, device) -> tuple:
     """(scheduler, latents, known, blend noise) of a stage starting at r.start_step: the previous stage's solver
     state when the input is its own output, else the solver restarted there (as KSamplerAdvanced)."""
-    first, order, resume = r.start_step, getattr(scheduler, "order", 1), r.resume
+    first, order, resume = r.start_step, scheduler.order, r.resume
     if resume is not None and not r.add_noise and resume.continues(r.scheduler, r.steps, first, init):
         if generator is not None and resume.generator_state is not None:
             generator.set_state(resume.generator_state)
@@ -109,7 +109,7 @@ def prepare(r: Request, noise: torch.Tensor, generator: torch.Generator | None,
         scheduler.set_timesteps(timesteps=[r.dmd_timestep], device=device)
     else:
         scheduler.set_timesteps(r.steps, device=device)
-    order, steps, end = getattr(scheduler, "order", 1), r.schedule_steps, r.end
+    order, steps, end = scheduler.order, r.schedule_steps, r.end
     noise = noise.to(device=device, dtype=torch.float32)
     batch, blend_noise, init = noise.shape[0], noise, None
     if r.init_latents is not None:
@@ -142,7 +142,7 @@ def loop(predict: Predict, plan: Plan, latents: torch.Tensor, on_step: OnStep | 
     """Step the plan's solver through its timesteps from `latents` with the guided prediction; returns its latents.
     Inpainting gives the model the image outside the mask and blends its clean estimate with the image."""
     s, timesteps = plan.scheduler, plan.timesteps
-    order = getattr(s, "order", 1)
+    order = s.order
     step_kwargs = {"generator": plan.generator} if "generator" in inspect.signature(s.step).parameters else {}
     # NaN/inf check per step: at once on the CPU; on a GPU without a host sync per step (the first bad step is
     # kept on the device and read once at the end).
@@ -177,7 +177,7 @@ def finish(r: Request, plan: Plan, latents: torch.Tensor) -> tuple[torch.Tensor,
     if not leftover:
         return (latents if plan.inpainting is None else plan.inpainting.result(latents)), None
     s, solver = plan.scheduler, latents
-    level = level_after(s, plan.timesteps[-1], s.timesteps[r.end * getattr(s, "order", 1)])
+    level = level_after(s, plan.timesteps[-1], s.timesteps[r.end * s.order])
     latents = solver * ve_factor(s, level)
     cpu = torch.device("cpu")
     state = SolverState(r.scheduler, r.steps, r.end, moved_history(s, cpu),
