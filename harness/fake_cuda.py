@@ -3,7 +3,9 @@
 Inside `FakeCuda(total)` (a torch function mode), tensors moved to "cuda:0" are copies in host memory that the mode
 counts as allocated on the fake GPU: they report `device == cuda:0`, a move back to the CPU copies them again (as a
 real transfer does; the fake GPU's copy lives on while anything references it), and the operations on them give
-fake-GPU results. The GPU's memory in use is the bytes of its live storages (each freed when torch frees it), and an
+fake-GPU results; an operation that mixes fake-GPU tensors with CPU tensors (other than 0-dim ones, which CUDA
+kernels take as scalars) raises CUDA's "Expected all tensors to be on the same device" error, as on a real GPU. The
+GPU's memory in use is the bytes of its live storages (each freed when torch frees it), and an
 allocation that would pass `total` raises torch.OutOfMemoryError with CUDA's message. So a reference that keeps a
 "GPU" tensor alive after a move keeps its bytes counted, as on a real GPU.
 
@@ -27,6 +29,9 @@ _MOVES = {torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.cpu}
 # what a tensor on the fake GPU answers (the descriptors' __get__ compare equal, not identical, on each access)
 _DEVICE_QUERIES = {torch.Tensor.device.__get__: CUDA, torch.Tensor.is_cuda.__get__: True,
                    torch.Tensor.is_cpu.__get__: False}
+# operations that take their operands from either device on a real GPU (a copy across devices, indexing a GPU tensor
+# with CPU indices or writing CPU values into it)
+_CROSS_DEVICE = {torch.Tensor.copy_, torch.Tensor.__getitem__, torch.Tensor.__setitem__, torch.Tensor.set_}
 
 
 def _is_cuda(device) -> bool:
@@ -85,6 +90,16 @@ class FakeCuda(TorchFunctionMode):
         self.peak = max(self.peak, self.used)
         return t
 
+    def _check_one_device(self, func, tensors: list[torch.Tensor]) -> None:
+        """Raise as CUDA does when an operation gets GPU tensors and CPU tensors that are not 0-dim scalars."""
+        gpu = [t for t in tensors if self.holds(t)]
+        cpu = [t for t in tensors if not self.holds(t) and t.device.type == "cpu" and t.dim() > 0]
+        if gpu and cpu:
+            name = getattr(func, "__name__", repr(func))
+            raise RuntimeError("Expected all tensors to be on the same device, but found at least two devices, "
+                               f"cuda:0 and cpu! (in {name} on the fake GPU: a CPU tensor of shape "
+                               f"{tuple(cpu[0].shape)})")
+
     def _move(self, func, args, kwargs):
         src, rest = args[0], args[1:]
         if func is torch.Tensor.cuda:
@@ -117,8 +132,11 @@ class FakeCuda(TorchFunctionMode):
             out = func(*args, **{**kwargs, "device": "cpu"})
             return self._adopt(out) if isinstance(out, torch.Tensor) else out
         out = func(*args, **kwargs)
+        outs = list(_tensors(out if isinstance(out, (list, tuple)) else (out,)))
+        if outs and func not in _CROSS_DEVICE:  # a computation (not a query such as nn.Module's shallow-copy check)
+            self._check_one_device(func, [*_tensors(args), *_tensors(kwargs.values())])
         if any(self.holds(a) for a in _tensors(args)):  # an operation on GPU tensors gives GPU tensors
-            for t in _tensors(out if isinstance(out, (list, tuple)) else (out,)):
+            for t in outs:
                 self._adopt(t)
         return out
 
