@@ -50,8 +50,9 @@ def defers_nan_check(device: torch.device) -> bool:
 
 
 def _x0(scheduler, model_input: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
-    """Clean-latent estimate from the (VP-scaled) model input and epsilon at the step being run."""
-    a, b = (c.to(model_input.device) for c in input_scales(scheduler, t))
+    """Clean-latent estimate from the (VP-scaled) model input and epsilon at the step being run (the scales are 0-dim
+    tensors, which CUDA kernels take as scalars from the CPU)."""
+    a, b = input_scales(scheduler, t)
     return (model_input - b * eps) / a
 
 
@@ -154,7 +155,7 @@ def loop(predict: Predict, plan: Plan, latents: torch.Tensor, on_step: OnStep | 
         x = s.scale_model_input(latents, t)
         eps = predict(x if plan.inpainting is None else x_in, t, plan.first + i // order)
         if plan.inpainting is not None:
-            eps = plan.inpainting.prediction(eps, x_in, x, *(c.to(x.device) for c in input_scales(s, t)))
+            eps = plan.inpainting.prediction(eps, x_in, x, *input_scales(s, t))
         if on_step is not None:
             on_step(i + 1, len(timesteps), lambda: _x0(s, x, eps, t))  # noqa: B023 (called at once)
         if plan.to_x0 and i == len(timesteps) - 1:  # the last step goes to sigma 0: the clean estimate

@@ -587,3 +587,23 @@ def test_a_weight_patch_on_rows_or_through_a_function_is_refused_by_the_bridge(c
             _bridge(comfy).to_model(dataclasses.replace(handle, patcher=patched))
         assert str(e.value) == (f"{key}: a weight patch on part of a weight or through a function cannot be carried "
                                 "over to a ComfyUI MODEL")
+
+
+@pytest.mark.parametrize("variant", ["sigma-1024", "alpha-512"])
+def test_a_bridged_network_on_the_gpu_computes_there(comfy, variant):
+    """The bridged network moved to a GPU (simulated: harness/fake_cuda.py refuses an operation that mixes GPU and
+    CPU tensors, as CUDA does) makes its position table and every other tensor there: the same noise prediction as
+    on the CPU, on the GPU. Both families: Σ and α-512 (micro-conditions off) read the table at their own grid."""
+    from harness.fake_cuda import CUDA, FakeCuda, comfy_sees
+
+    handle, _ = _handle(comfy, variant)
+    net = _bridge(comfy).to_model(handle).model.diffusion_model
+    torch.manual_seed(4)
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([500.0]), torch.randn(1, 5, tiny.T5_WIDTH)
+    with torch.no_grad():
+        want = net(x, t, ctx)
+        with comfy_sees(FakeCuda(1 << 30)) as fake:  # ComfyUI's attention asks it for free memory
+            gpu_net = copy.deepcopy(net).to(CUDA)
+            got = gpu_net(x.cuda(), t.cuda(), ctx.cuda())
+            assert fake.holds(got)
+    assert torch.equal(got, want)
