@@ -336,3 +336,27 @@ def test_fit_image_covers_then_crops_the_centre_like_torchvision():
     # 128x64 onto 64x48: scaled to 96x48, the middle 64 rows kept
     tall = images.transpose(-1, -2)
     assert torch.equal(cn.fit_image(tall, 64, 48), TF.center_crop(TF.resize(tall, [96, 48], antialias=True), [64, 48]))
+
+
+@torch.no_grad()
+def test_a_partly_loaded_dit_runs_the_controlled_forward_on_the_gpu(tmp_path):
+    """The DiT and its ControlNet on a GPU, but the DiT's output scale_shift_table left in system memory (a partly
+    loaded DiT; diffusers' forward moves it to the stream and back the same way): the result is on the GPU and
+    equal to the CPU's. The GPU is simulated (harness/fake_cuda.py refuses an operation that mixes GPU and CPU
+    tensors, as CUDA does)."""
+    from harness.fake_cuda import CUDA, FakeCuda
+
+    dit = _dit()
+    x, kwargs = _inputs(dit, 2)
+    _, adapter = _load(tmp_path, dit, 3, seed=5)
+    hint = torch.randn(1, 4, 8, 12, generator=torch.Generator().manual_seed(6))
+    want = cn.controlled_forward(dit, [cn.Control(adapter, hint)], x, **kwargs)
+    with FakeCuda(1 << 30) as fake:
+        gpu_dit, gpu_adapter = copy.deepcopy(dit).to(CUDA), copy.deepcopy(adapter).to(CUDA)
+        gpu_dit.scale_shift_table.data = gpu_dit.scale_shift_table.data.cpu()
+        assert not fake.holds(gpu_dit.scale_shift_table)
+        moved = {k: v.cuda() if torch.is_tensor(v) else v for k, v in kwargs.items() if k != "added_cond_kwargs"}
+        got = cn.controlled_forward(gpu_dit, [cn.Control(gpu_adapter, hint.cuda())], x.cuda(),
+                                    added_cond_kwargs=kwargs["added_cond_kwargs"], **moved)
+        assert fake.holds(got)
+    assert torch.equal(got, want)
