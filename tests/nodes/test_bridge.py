@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 
 import pytest
 import torch
@@ -607,3 +608,42 @@ def test_a_bridged_network_on_the_gpu_computes_there(comfy, variant):
             got = gpu_net(x.cuda(), t.cuda(), ctx.cuda())
             assert fake.holds(got)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("variant", ["sigma-512", "sigma-1024", "sigma-2k", "alpha-512", "alpha-1024"])
+def test_the_bridged_models_config_is_what_comfyui_detects_from_the_released_checkpoint(comfy, variant):
+    """What the bridged MODEL tells ComfyUI and other nodes about itself (model_config.unet_config) is what ComfyUI's
+    own loader detects from the released checkpoint of that variant (comfy.model_detection.detect_unet_config on
+    its keys and shapes: the original keys with `pos_embed` of the trained grid, as the release files have it),
+    with the defaults of ComfyUI's PixArtMS for what detection leaves out (learn_sigma). ComfyUI guesses
+    pe_interpolation as input_size // 64, right for these variants (not for the 256 ones); it names a checkpoint
+    pixart_alpha only when it has the micro-conditioning embedders, which α-512 lacks (the bridge names α-512
+    pixart_alpha: its latents are SD's, comfy.supported_models.PixArtAlpha's). Full-size DiTs, on the meta device."""
+    import inspect
+
+    import comfy.ldm.pixart.pixartms as comfy_pixart
+    from comfy.model_detection import detect_unet_config
+    from diffusers import PixArtTransformer2DModel
+
+    from pixart_core import transformer as core_dit
+    from pixart_core.variants import PRESETS
+
+    native = sys.modules[_bridge(comfy).__name__.rsplit(".", 1)[0] + ".comfy.native_pixart"]
+    preset = PRESETS[variant]
+    with torch.device("meta"):
+        dit = PixArtTransformer2DModel(**tiny.dit_config("full", variant))
+    checkpoint = core_dit.to_original(dit.state_dict(), preset.max_tokens)
+    grid = dit.config.sample_size // dit.config.patch_size
+    checkpoint["pos_embed"] = torch.empty(1, grid * grid, 1152, device="meta")
+    detected = detect_unet_config(checkpoint, "")
+    defaults = {k: p.default for k, p in inspect.signature(comfy_pixart.PixArtMS.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    comfys = {**defaults, **detected}
+    if variant == "alpha-512":
+        assert comfys["image_model"] == "pixart_sigma" and not comfys["micro_condition"]
+        comfys["image_model"] = "pixart_alpha"
+    ours = native.unet_config(dit, preset)
+    shared = sorted(set(ours) & set(comfys))
+    assert {"image_model", "input_size", "pe_interpolation", "learn_sigma", "pred_sigma", "micro_condition", "depth",
+            "model_max_length", "hidden_size", "num_heads", "patch_size", "in_channels"} <= set(shared)
+    assert {k: ours[k] for k in shared} == {k: comfys[k] for k in shared}
