@@ -72,6 +72,6 @@ def source(clip) -> Source:
 
     def load() -> tuple[core_t5.LoadedT5, torch.device]:
         device = comfy_clip.load(clip, transformer)
-        return core_t5.LoadedT5(ComfyT5(transformer), torch.float32, "ComfyUI CLIP", "CLIP"), device
+        return core_t5.LoadedT5(ComfyT5(transformer)), device
 
     return Source(identity, _tokenizer(), load)

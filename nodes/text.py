@@ -163,6 +163,6 @@ def _source(t5) -> clip_t5.Source:
 
     def load():
         ready = loading.use(t5.patcher)
-        return core_t5.LoadedT5(ready.model, t5.dtype, t5.quantization, t5.name), ready.device
+        return core_t5.LoadedT5(ready.model), ready.device
 
     return clip_t5.Source(t5.identity, t5.tokenizer, load)

@@ -36,9 +36,6 @@ class LoadedT5:
     """A loaded T5 encoder and what the encoder node needs to use it."""
 
     model: torch.nn.Module  # transformers T5EncoderModel
-    compute_dtype: torch.dtype
-    quantization: str
-    source: str
     cache: Outcome | None = None  # where the quantized-T5 cache was used
 
     def __post_init__(self):
@@ -79,9 +76,9 @@ def load_t5(path: str | os.PathLike, quantization: str, dtype: torch.dtype, *, c
     if gguf_t5.is_gguf(path):  # already quantized: its linear weights stay so, dequantized per layer at forward
         if quantization != t5_spec.QUANT_NONE:
             raise ValueError(f"{path.name}: quantization {quantization!r} on a GGUF file. {gguf_t5.QUANTIZATION_HINT}")
-        return LoadedT5(gguf_t5.load(path, dtype), dtype, quantization, str(path))
+        return LoadedT5(gguf_t5.load(path, dtype))
     if quantization == t5_spec.QUANT_NONE:
-        return LoadedT5(_load(path, dtype, None), dtype, quantization, str(path))
+        return LoadedT5(_load(path, dtype, None))
     qconfig = t5_spec.bnb_config(quantization, dtype)  # without bitsandbytes: say how to install it before anything else
     outcome = None
     if cache_dir is None:
@@ -91,7 +88,7 @@ def load_t5(path: str | os.PathLike, quantization: str, dtype: torch.dtype, *, c
                                               make_room)
     if unquantized_dtype is not None:
         store_unquantized(model, unquantized_dtype)
-    return LoadedT5(model, dtype, quantization, str(path), outcome)
+    return LoadedT5(model, outcome)
 
 
 class WideningLinear(torch.nn.Linear):

@@ -102,7 +102,7 @@ def test_encoding_matches_diffusers_encode_prompt(tokenizer, pipeline, limit, cl
         kw["max_sequence_length"] = limit
     want, want_mask, _, _ = pipe.encode_prompt(HOSTILE[key], **kw)
     mode = "diffusers" if clean else "lowercase"
-    got, mask = ct5.encode(ct5.LoadedT5(t5, torch.float32, "none", "tiny"), tokenizer, HOSTILE[key], limit, CPU,
+    got, mask = ct5.encode(ct5.LoadedT5(t5), tokenizer, HOSTILE[key], limit, CPU,
                            pad=True, cleaning=mode)
     assert torch.equal(mask, want_mask)
     torch.testing.assert_close(got, want, rtol=1.3e-6, atol=1e-5)  # fp32 defaults: the sums run in another order

@@ -50,7 +50,7 @@ def test_t5_folder_and_encode_match_diffusers_padding(tmp_path, tiny_models, tok
 
 def test_trimmed_padding_is_exact_for_t5_and_the_dit(tiny_models, tokenizer):
     """Encoding only the real tokens (our default) gives what the masked DiT reads from diffusers' 300 pads."""
-    loaded = ct5.LoadedT5(tiny_models["t5"], torch.float32, "none", "ref")
+    loaded = ct5.LoadedT5(tiny_models["t5"])
     full, full_mask = ct5.encode(loaded, tokenizer, "a red fox in the snow", 300, CPU, pad=True)
     short, short_mask = ct5.encode(loaded, tokenizer, "a red fox in the snow", 300, CPU)
     n = int(full_mask.sum())
@@ -72,7 +72,7 @@ def test_trimmed_padding_is_exact_for_t5_and_the_dit(tiny_models, tokenizer):
 
 
 def test_t5_truncates_long_prompt_with_warning(tiny_models, tokenizer, caplog):
-    loaded = ct5.LoadedT5(tiny_models["t5"], torch.float32, "none", "ref")
+    loaded = ct5.LoadedT5(tiny_models["t5"])
     emb, mask = ct5.encode(loaded, tokenizer, "word " * 400, 300, CPU)
     assert emb.shape[1] == 300 and int(mask.sum()) == 300
     assert "cut off" in caplog.text
@@ -93,7 +93,7 @@ def test_t5_bitsandbytes_quantized_from_file_and_folder(tmp_path, tiny_models, t
     layer = loaded.model.encoder.block[0].layer[1].DenseReluDense.wi_0
     assert isinstance(layer, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))
     emb, _ = ct5.encode(loaded, tokenizer, "a red fox in the snow", 300, CPU)
-    want, _ = ct5.encode(ct5.LoadedT5(tiny_models["t5"], torch.float32, "none", "ref"), tokenizer, "a red fox in the snow", 300, CPU)
+    want, _ = ct5.encode(ct5.LoadedT5(tiny_models["t5"]), tokenizer, "a red fox in the snow", 300, CPU)
     assert torch.isfinite(emb).all()
     assert torch.nn.functional.cosine_similarity(emb.flatten(), want.flatten(), dim=0) >= min_cos
 

@@ -26,7 +26,7 @@ def test_truncation_keeps_eos_at_the_last_position(tokenizer, limit, n):
     kept = full if n <= limit else full[:limit - 1] + [tokenizer.eos_token_id]
     with torch.no_grad():
         want = t5(input_ids=torch.tensor([kept])).last_hidden_state
-    got, mask = ct5.encode(ct5.LoadedT5(t5, torch.float32, "none", "tiny"), tokenizer, prompt, limit, CPU,
+    got, mask = ct5.encode(ct5.LoadedT5(t5), tokenizer, prompt, limit, CPU,
                            cleaning="none")
     assert got.shape[1] == len(kept) == min(n, limit) and int(mask.sum()) == len(kept)
     assert (got - want).abs().max() <= 1e-5
@@ -40,7 +40,7 @@ def test_cache_key_changes_with_every_input_that_changes_the_encoding(tokenizer)
     changes = {"identity": ("t5-b",), "prompt": LONG + " at night", "cleaning": "none", "max_tokens": 120}
 
     def encoding(s):
-        t5 = ct5.LoadedT5(models[s["identity"]], torch.float32, "none", "tiny")
+        t5 = ct5.LoadedT5(models[s["identity"]])
         return ct5.encode(t5, tokenizer, s["prompt"], s["max_tokens"], CPU, cleaning=s["cleaning"])[0]
 
     def key(s):
