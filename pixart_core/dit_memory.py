@@ -12,9 +12,10 @@ def inference_memory(batch: int, height: int, width: int, inner: int, dtype: tor
     a block's two phases, counted in rows of `inner` values per token and image, plus RESERVE.
 
     Feed-forward: the residual stream, the modulated norm, the 4x projection and its GELU (12 rows). Attention with
-    a fused SDPA kernel (flash / memory-efficient: O(tokens) memory): the residual, the norm, q, k, v and the output
-    in `dtype`, an fp32 accumulator the output's size and the fp32 logsumexp per head, within the feed-forward's
-    12 rows. SDPA's math kernel computes in fp32 (torch upcasts fp16/bf16 inputs unless
+    a fused SDPA kernel (flash / memory-efficient: O(tokens) memory) stays within that: the residual, the norm, q,
+    k, v and the output in `dtype`, an fp32 accumulator the output's size and the fp32 logsumexp per head, i.e.
+    rows * (6 * size + 4) + n * heads * tokens * 4 bytes, below 12 rows for heads of 4 values or more. SDPA's math
+    kernel computes in fp32 (torch upcasts fp16/bf16 inputs unless
     allow_fp16_bf16_reduction_math_sdp is set) and holds each head's tokens x tokens scores and their softmax at
     once: counted whole (16 GiB at 2K with CFG), with the residual, norm, q, k, v and output in `dtype`, their fp32
     copies, the scaled q and k and the fp32 output. Measured against torch's CPU allocator in
@@ -26,10 +27,9 @@ def inference_memory(batch: int, height: int, width: int, inner: int, dtype: tor
     rows = n * tokens * inner  # one [n, tokens, inner] tensor, in values
     feed_forward = rows * 12 * size
     if fused_attention:
-        attention = rows * (6 * size + 4) + n * heads * tokens * 4
-    else:
-        upcast = 0 if size == 4 else 3 * 4  # fp32 copies of q, k and v
-        attention = rows * (6 * size + upcast + 3 * 4) + 2 * n * heads * tokens * tokens * 4
+        return feed_forward + RESERVE
+    upcast = 0 if size == 4 else 3 * 4  # fp32 copies of q, k and v
+    attention = rows * (6 * size + upcast + 3 * 4) + 2 * n * heads * tokens * tokens * 4
     return max(feed_forward, attention) + RESERVE
 
 
