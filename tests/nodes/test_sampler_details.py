@@ -144,7 +144,7 @@ def _fused(n: int, tokens: int, size: int) -> int:
     return rows * 12 * size + RESERVE
 
 
-@pytest.mark.parametrize("cfg,pag,passes", [(1.0, 0.0, 1), (1.5, 0.0, 2), (1.0, 3.0, 2), (4.5, 3.0, 3)])
+@pytest.mark.parametrize("cfg,pag,passes", [(1.0, 0.0, 1), (1.5, 0.0, 2), (1.0, 0.5, 2), (4.5, 3.0, 3)])
 def test_the_memory_asked_counts_each_pass_in_the_dits_dtype(comfy, conds, monkeypatch, cfg, pag, passes):
     """A bf16 DiT on the CPU (fused SDPA), 64x64 (16 tokens): ComfyUI is asked for one forward whose batch has a pass
     for the prompt, one more when cfg > 1 and one more with PAG (Sampler (Advanced) from an Empty Latent Image)."""
