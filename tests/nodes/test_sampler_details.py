@@ -192,3 +192,35 @@ def test_on_a_gpu_without_bf16_kernels_the_dit_computes_there_and_the_latent_com
     assert [m for names, m in loads if names == DIT] == [math + RESERVE]
     assert previewers == [CUDA]
     assert set(inputs) == {CUDA} and len(inputs) == 2
+
+
+def test_with_a_controlnet_the_sampler_asks_for_its_streams_per_pass_and_hints_at_the_latent_size(comfy, conds,
+                                                                                                 tmp_path, monkeypatch):
+    """An fp32 DiT with one ControlNet on the CPU, 64x48 (12 tokens), batch 2, cfg 4.5: DiT and ControlNet load in one
+    call asking for the sampler's forward (fused SDPA: 12 rows of 4 bytes per pass and image) plus the ControlNet's
+    control stream and block output beside the DiT's stream: 2 tensors x (2 images x 2 passes) x 12 x 144 x 4 bytes.
+    The hint is encoded once for the batch, at the latent's size (6 x 8, whole numbers)."""
+    import dataclasses
+
+    import comfy.model_management as mm
+
+    from harness import controlnet_files as cfiles
+
+    loading, types_, cn_files = pack("nodes.comfy.loading"), pack("nodes.types"), pack("pixart_core.controlnet_files")
+    dit = tiny.make_dit()
+    path = cfiles.write_adapter_file(tmp_path / "tiny-controlnet.safetensors", cfiles.adapter_state_dict(dit, 1))
+    adapter = cn_files.load_controlnet(path)[0]
+    handle = dit_handle(dit, "sigma-1024")
+    controlnet = types_.ControlNetHandle(loading.wrap(adapter, CPU, CPU), "tiny-controlnet.safetensors", None, "")
+    vae = types_.VAEHandle(loading.wrap(tiny.make_vae(), CPU, CPU), "tiny_sdxl_vae.safetensors", "sdxl")
+    image = torch.rand(1, 48, 64, 3, generator=torch.Generator().manual_seed(4))
+    applied = types_.AppliedControl(controlnet, image, vae, 1.0, 0.0, 1.0)
+    controlled = dataclasses.replace(handle, controls=(applied,))
+    loads = record_loads(mm, monkeypatch)
+    _sampler(comfy, controlled, conds, width=64, height=48, batch_size=2, steps=1)
+    n, tokens = 2 * 2, 12
+    forward = _fused(n, tokens, 4)
+    extra = 2 * n * tokens * INNER * 4
+    assert loads[-1] == (["ControlNetAdapter", "PixArtTransformer2DModel"], forward + extra)
+    assert list(applied.hints) == [(6, 8)] and all(type(s) is int for s in next(iter(applied.hints)))
+    assert applied.hints[(6, 8)].shape == (1, 4, 6, 8)
