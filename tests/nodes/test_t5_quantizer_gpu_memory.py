@@ -109,3 +109,15 @@ def test_a_t5_on_the_cpu_is_quantized_on_the_gpu(comfy, gpu_machine):
     assert _quantized_on(cache) == "cuda:0"
     assert handle.patcher.load_device == CPU and handle.patcher.offload_device == CPU
     assert (QUANTIZER_BYTES, CUDA) in asked
+
+
+def test_the_quantizer_gpu_is_comfyuis_device_only_when_that_is_cuda(comfy, monkeypatch):
+    """ComfyUI started with --cpu (these tests): no GPU to quantize on, so the T5 is quantized on the CPU without
+    asking ComfyUI to free memory there; with ComfyUI's device a CUDA GPU, that GPU."""
+    import comfy.model_management as mm
+
+    loading = _pack("nodes.comfy.loading")
+    assert mm.get_torch_device() == torch.device("cpu")
+    assert loading.quantizer_device() is None
+    monkeypatch.setattr(mm, "get_torch_device", lambda: CUDA)
+    assert loading.quantizer_device() == CUDA
