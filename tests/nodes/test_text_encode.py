@@ -160,3 +160,15 @@ def test_a_t5_on_the_gpu_gets_its_tokens_there_and_gives_embeddings_on_comfyuis_
         positive, negative = _encode_node(comfy, t5, f"a red fox {uuid.uuid4().hex}")
         assert {t.device for c in (positive, negative) for t in (c.embeds, c.mask)} == {mm.intermediate_device()}
     assert seen and set(seen) == {CUDA}
+
+
+def test_the_t5_loader_logs_the_file_its_quantization_dtype_and_device(comfy, caplog):
+    """One line per load naming what was loaded and how, as the widgets say it (ComfyUI runs on the CPU here, where
+    `auto` is fp32 for T5)."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    node = comfy.NODE_CLASS_MAPPINGS["PixArtSigmaT5Loader"]
+    node.execute(t5_name="tiny_t5xxl_fp16.safetensors", quantization="none", dtype="auto")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("PixArt T5 ")]
+    assert lines == ["PixArt T5 tiny_t5xxl_fp16.safetensors loaded (none, torch.float32, runs on cpu)"]
