@@ -172,3 +172,16 @@ def test_the_t5_loader_logs_the_file_its_quantization_dtype_and_device(comfy, ca
     node.execute(t5_name="tiny_t5xxl_fp16.safetensors", quantization="none", dtype="auto")
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("PixArt T5 ")]
     assert lines == ["PixArt T5 tiny_t5xxl_fp16.safetensors loaded (none, torch.float32, runs on cpu)"]
+
+
+def test_the_same_t5_file_in_another_dtype_is_encoded_anew(comfy):
+    """The embedding cache tells T5s apart by dtype too: the same file loaded in fp32 and in bf16 encodes one prompt
+    to different embeddings (bf16's rounding), each equal to its own T5's encoding, not the other's cached one."""
+    loader = comfy.NODE_CLASS_MAPPINGS["PixArtSigmaT5Loader"]
+    prompt = f"a red fox in the snow {uuid.uuid4().hex}"  # not in the embedding cache
+    fp32 = loader.execute(t5_name=T5_FILE, quantization="none", dtype="fp32").result[0]
+    bf16 = loader.execute(t5_name=T5_FILE, quantization="none", dtype="bf16").result[0]
+    first, _ = _encode_node(comfy, fp32, prompt)
+    second, _ = _encode_node(comfy, bf16, prompt)
+    assert not torch.equal(first.embeds, second.embeds)
+    assert torch.allclose(first.embeds, second.embeds, rtol=0.05, atol=0.05)  # the same T5, rounded
