@@ -209,6 +209,10 @@ def summarize(results: dict[str, dict], log: list[dict], store: dict[str, dict])
     out = {}
     for rel, meta in results.items():
         kept = store.get(rel, {})
+        rerun = survivors_rerun(meta, kept)
+        if rerun is not None:
+            out[rel] = rerun
+            continue
         funcs = per_function(meta, kept.get("functions"))
         letters = "".join(f["codes"] for f in funcs.values())
         c = Counter(STATUS_OF[x] for x in letters)
@@ -227,6 +231,28 @@ def summarize(results: dict[str, dict], log: list[dict], store: dict[str, dict])
                     "last_run": f"{run.get('end', run['start'])} ({run['commit']})" if run else kept.get("last_run", "-"),
                     "survivors": found, "functions": funcs}
     return out
+
+
+def survivors_rerun(meta: dict, kept: dict) -> dict | None:
+    """A module whose stored summary predates per-function codes, where this checkout re-ran only some of its
+    survivors (the function unchanged: each re-run mutant has the stored survivor's name): the stored summary with
+    those mutants' new results in its counts (a killed one leaves the survivors). None where that does not apply."""
+    decided = {k: status(v) for k, v in meta["exit_code_by_key"].items() if status(v) != "not checked"}
+    listed = {s[0]: s for s in kept.get("survivors", [])}
+    if "functions" in kept or not decided or not set(decided) <= set(listed) or len(meta["exit_code_by_key"]) != kept["mutants"]:
+        return None
+    counts, other, survivors = dict(kept["counts"]), kept.get("other", 0), []
+    for name, row in listed.items():
+        now = decided.get(name, row[1])
+        if now in ("survived", "no tests"):
+            survivors.append([name, now, *row[2:]])
+        counts[row[1]] -= 1
+        if now in counts:
+            counts[now] += 1
+        else:
+            other += 1
+    seconds = kept["seconds"] + round(sum(meta.get("durations_by_key", {}).get(k) or 0.0 for k in decided))
+    return {**kept, "counts": counts, "other": other, "survivors": survivors, "seconds": seconds}
 
 
 def stored() -> dict:
