@@ -236,11 +236,14 @@ def summarize(results: dict[str, dict], log: list[dict], store: dict[str, dict])
 def survivors_rerun(meta: dict, kept: dict) -> dict | None:
     """A module whose stored summary predates per-function codes, where this checkout re-ran only some of its
     survivors (the function unchanged: each re-run mutant has the stored survivor's name): the stored summary with
-    those mutants' new results in its counts (a killed one leaves the survivors). None where that does not apply."""
+    those mutants' new results in its counts (a killed one leaves the survivors; one already counted as killed stays
+    so, which also makes a second report over the same results give the same). None where that does not apply."""
     decided = {k: status(v) for k, v in meta["exit_code_by_key"].items() if status(v) != "not checked"}
     listed = {s[0]: s for s in kept.get("survivors", [])}
-    if "functions" in kept or not decided or not set(decided) <= set(listed) or len(meta["exit_code_by_key"]) != kept["mutants"]:
+    if "functions" in kept or not decided or len(meta["exit_code_by_key"]) != kept.get("mutants"):
         return None
+    if any(k not in listed and now not in ("killed", "timeout") for k, now in decided.items()):
+        return None  # a mutant the summary counts as killed that now is not: nothing here says how to recount it
     counts, other, survivors = dict(kept["counts"]), kept.get("other", 0), []
     for name, row in listed.items():
         now = decided.get(name, row[1])
@@ -251,8 +254,7 @@ def survivors_rerun(meta: dict, kept: dict) -> dict | None:
             counts[now] += 1
         else:
             other += 1
-    seconds = kept["seconds"] + round(sum(meta.get("durations_by_key", {}).get(k) or 0.0 for k in decided))
-    return {**kept, "counts": counts, "other": other, "survivors": survivors, "seconds": seconds}
+    return {**kept, "counts": counts, "other": other, "survivors": survivors}
 
 
 def stored() -> dict:
