@@ -43,3 +43,17 @@ def record_calls(obj, method: str) -> list[tuple[int, ...]]:
 
     setattr(obj, method, recording)
     return calls
+
+
+def record_previewers(monkeypatch) -> list:
+    """ComfyUI's latent_preview.get_previewer, recording the device each call is given, then making the previewer."""
+    import latent_preview
+
+    devices, real = [], latent_preview.get_previewer
+
+    def recording(device, latent_format):
+        devices.append(device)
+        return real(device, latent_format)
+
+    monkeypatch.setattr(latent_preview, "get_previewer", recording)
+    return devices

@@ -1,6 +1,6 @@
 """Inputs and small helpers that tests in more than one file share (fixtures are in conftest.py): prompts of a known
 T5 token count, the small sampling case (a 64 px image, seeded noise, a box to repaint), a recorder of the DiT's
-calls, cosine similarity, and diffusers' pipeline loop written out as the reference."""
+calls, cosine similarity, the other-latent-space refusals, and diffusers' pipeline loop written out as the reference."""
 from __future__ import annotations
 
 import inspect
@@ -77,3 +77,15 @@ LONG_PROMPT = "Visit HTTPS://EXAMPLE.COM for A <b>Red</b> Fox " + words(200)
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     """Cosine similarity of two tensors, flattened, in float64."""
     return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+
+
+# A latent of the other latent space for a DiT (same shapes, wrong colours): (variant, the latent's space, the
+# sampler's refusal, written out), for every node that samples from an input latent.
+OTHER_LATENT_SPACE = [
+    ("sigma-1024", "sd",
+     ("PixArt sampler: the input latent was encoded with the SD 1.x VAE (PixArt-α), but tiny-sigma-1024 (sigma-1024) "
+      "works in the SDXL latent space. Encode with the SDXL VAE (PixArt-Σ).")),
+    ("alpha-512", "sdxl",
+     ("PixArt sampler: the input latent was encoded with the SDXL VAE (PixArt-Σ), but tiny-alpha-512 (alpha-512) "
+      "works in the SD latent space. Encode with the SD 1.x VAE (PixArt-α).")),
+]

@@ -15,10 +15,11 @@ import pytest
 import reference_settings as reference
 import torch
 
+from cases import OTHER_LATENT_SPACE
 from harness import models as tiny
 from harness.comfyui import dit_handle, pack
 from harness.fake_cuda import CUDA, FakeCuda, comfy_sees
-from harness.recording import record_loads
+from harness.recording import record_loads, record_previewers
 from pixart_core import sampling
 
 CPU = torch.device("cpu")
@@ -54,14 +55,7 @@ def _messages(caplog) -> list[str]:
 
 # ----------------------------------------------------------------------------------------- refusals and logs
 
-@pytest.mark.parametrize("variant,space,message", [
-    ("sigma-1024", "sd",
-     ("PixArt sampler: the input latent was encoded with the SD 1.x VAE (PixArt-α), but tiny-sigma-1024 (sigma-1024) "
-      "works in the SDXL latent space. Encode with the SDXL VAE (PixArt-Σ).")),
-    ("alpha-512", "sdxl",
-     ("PixArt sampler: the input latent was encoded with the SDXL VAE (PixArt-Σ), but tiny-alpha-512 (alpha-512) "
-      "works in the SD latent space. Encode with the SD 1.x VAE (PixArt-α).")),
-])
+@pytest.mark.parametrize("variant,space,message", OTHER_LATENT_SPACE)
 def test_a_latent_of_the_other_latent_space_is_refused_before_loading(comfy, conds, monkeypatch, variant, space,
                                                                        message):
     import comfy.model_management as mm
@@ -166,16 +160,9 @@ def test_on_a_gpu_without_bf16_kernels_the_dit_computes_there_and_the_latent_com
     computes on the GPU (harness/fake_cuda.py refuses CPU tensors there, as CUDA does), ComfyUI's previewer is made
     for it, and the LATENT comes back on ComfyUI's intermediate device, the CPU."""
     import comfy.model_management as mm
-    import latent_preview
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-    previewers, real_previewer = [], latent_preview.get_previewer
-
-    def recording(device, latent_format):
-        previewers.append(device)
-        return real_previewer(device, latent_format)
-
-    monkeypatch.setattr(latent_preview, "get_previewer", recording)
+    previewers = record_previewers(monkeypatch)
     loading, types_, variants = pack("nodes.comfy.loading"), pack("nodes.types"), pack("pixart_core.variants")
     dit = tiny.make_dit().to(torch.bfloat16)
     handle = types_.DiTHandle(loading.wrap(dit, CUDA, CPU), variants.PRESETS["sigma-1024"], "tiny-sigma-1024", "t")

@@ -16,11 +16,12 @@ import pytest
 import reference_settings as reference
 import torch
 
+from cases import OTHER_LATENT_SPACE
 from harness import controlnet_files as cfiles
 from harness import models as tiny
 from harness.comfyui import dit_handle, pack
 from harness.fake_cuda import CUDA, FakeCuda, comfy_sees
-from harness.recording import record_loads
+from harness.recording import record_loads, record_previewers
 from pixart_core import sampling
 
 CPU = torch.device("cpu")
@@ -51,14 +52,7 @@ def _inner(dit) -> int:
 
 # ------------------------------------------------------------------------------------------- refusal and logs
 
-@pytest.mark.parametrize("variant,space,message", [
-    ("sigma-1024", "sd",
-     ("PixArt sampler: the input latent was encoded with the SD 1.x VAE (PixArt-α), but tiny-sigma-1024 (sigma-1024) "
-      "works in the SDXL latent space. Encode with the SDXL VAE (PixArt-Σ).")),
-    ("alpha-512", "sdxl",
-     ("PixArt sampler: the input latent was encoded with the SDXL VAE (PixArt-Σ), but tiny-alpha-512 (alpha-512) "
-      "works in the SD latent space. Encode with the SD 1.x VAE (PixArt-α).")),
-])
+@pytest.mark.parametrize("variant,space,message", OTHER_LATENT_SPACE)
 def test_a_latent_of_the_other_latent_space_is_refused_before_loading(comfy, conds, monkeypatch, variant, space,
                                                                        message):
     """SD-space latents for a PixArt-Σ DiT (SDXL latent space), and the reverse for PixArt-α: same shapes, wrong
@@ -154,16 +148,9 @@ def test_on_a_gpu_without_bf16_kernels_the_math_kernels_memory_is_asked(comfy, c
     tokens^2 x 4 bytes per pass). The DiT computes there, ComfyUI's previewer is made for that GPU (where a TAESD
     previewer would run), and the refined latent comes back to ComfyUI's intermediate device, the CPU."""
     import comfy.model_management as mm
-    import latent_preview
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-    previewers, real_previewer = [], latent_preview.get_previewer
-
-    def recording(device, latent_format):
-        previewers.append(device)
-        return real_previewer(device, latent_format)
-
-    monkeypatch.setattr(latent_preview, "get_previewer", recording)
+    previewers = record_previewers(monkeypatch)
     dit, handle = _dit_on(CUDA, torch.bfloat16)
     _inner(dit)
     inputs = []
